@@ -1,0 +1,34 @@
+# Run `make help` for the list of targets.
+PYTHON ?= python
+# Real models and datasets beside the checkout, used by some tests when present.
+SHARED := $(abspath $(wildcard ../shared))
+export TRANSFER_SHARED ?= $(SHARED)
+
+.PHONY: help install run sweep test lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install:  ## install transfer and its dev tools into the active Python (editable)
+	$(PYTHON) -m pip install -e ".[dev]"
+
+run:  ## run the default experiment (tiny model, rust_concepts, full fine-tuning) offline
+	$(PYTHON) -m transfer
+
+sweep:  ## a small sweep over two learning rates into multirun/
+	$(PYTHON) -m transfer -m optimizer.lr=1e-4,3e-4
+
+test:  ## run the test suite
+	$(PYTHON) -m pytest -q
+
+lint:  ## ruff: lint and formatting check
+	$(PYTHON) -m ruff check transfer tests
+	$(PYTHON) -m ruff format --check transfer tests
+
+format:  ## ruff: fix what can be fixed, then format
+	$(PYTHON) -m ruff check --fix transfer tests
+	$(PYTHON) -m ruff format transfer tests
+
+clean:  ## remove caches and single-run outputs (multirun/ is kept)
+	rm -rf outputs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,174 @@
+"""Real runs of `python -m transfer` in a subprocess: one run, one sweep, bad input."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAST, run_cli
+
+from transfer.models import build_model, byte_tokenizer, tiny_config
+from transfer.validate import compose_config
+
+
+def record_of(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def assert_sane(record: dict, steps: int) -> None:
+    assert record["status"] == "completed" and record["error"] is None
+    for when in ("baseline", "final"):
+        for split in ("validation", "test"):
+            result = record["eval"][when][split]
+            assert math.isfinite(result["perplexity"]) and result["perplexity"] > 1
+            assert math.isclose(result["perplexity"], math.exp(result["loss"]), rel_tol=1e-9)
+    # the model learns the training domain: held-out Rust topics get easier
+    assert record["eval"]["final"]["validation"]["perplexity"] < record["eval"]["baseline"]["validation"]["perplexity"]
+    assert record["eval"]["final"]["validation"]["tokens"] == record["eval"]["baseline"]["validation"]["tokens"]
+    train = record["train"]
+    assert train["steps"] == steps
+    cfg = record["config"]
+    assert train["tokens"] == steps * cfg["micro_batch_size"] * cfg["grad_accum_steps"] * cfg["block_size"]
+    assert train["seconds"] > 0 and train["tokens_per_second"] == pytest.approx(train["tokens"] / train["seconds"])
+    assert math.isfinite(train["loss_first"]) and train["loss_last"] < train["loss_first"]
+    p = record["params"]
+    assert 0 < p["trainable"] <= p["total"]
+    assert p["trainable_pct"] == pytest.approx(100 * p["trainable"] / p["total"], abs=1e-4)
+
+
+def test_single_run_writes_a_sane_record(tmp_path):
+    proc = run_cli([*FAST, "hydra.run.dir=run"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    record = record_of(run)
+    assert_sane(record, steps=30)
+    assert record["choices"] == {
+        "model": "tiny",
+        "strategy": "full",
+        "dataset": "rust_concepts",
+        "hardware": "auto",
+        "optimizer": "adamw",
+    }
+    # parameter counts are elements, and equal to the model's own numel sum
+    cfg = compose_config(FAST)
+    tok = byte_tokenizer()
+    model = build_model(tiny_config(cfg.model.tiny, tok), seed=cfg.model.tiny.seed)
+    assert record["params"]["total"] == sum(p.numel() for p in model.parameters())
+    assert record["params"]["trainable"] == record["params"]["total"]  # strategy=full
+    # the validation curve was recorded at steps 10 and 20, the last point is the final evaluation
+    assert [v["step"] for v in record["train"]["validation_curve"]] == [10, 20]
+    assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert (run / ".hydra" / "overrides.yaml").is_file()
+
+
+def test_tensorboard_holds_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = run_cli([*FAST, "max_steps=20", "hydra.run.dir=run"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "validation/loss", "validation/perplexity"} <= tags
+    assert [e.step for e in events.Scalars("validation/loss")] == [10, 20]  # in-loop at 10, final at 20
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert max(lrs) == pytest.approx(3e-4, rel=0.1) and lrs[-1] < lrs[1]  # warm-up, then cosine decay
+
+
+def test_two_job_sweep(tmp_path):
+    proc = run_cli(["-m", *FAST, "max_steps=20", "optimizer.lr=1e-4,1e-3"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(tmp_path.glob("multirun/*/*/*/metrics.json"))
+    assert [p.parent.name for p in jobs] == ["0", "1"]
+    records = [json.loads(p.read_text()) for p in jobs]
+    for r in records:
+        assert_sane(r, steps=20)
+    assert [r["config"]["optimizer"]["lr"] for r in records] == [1e-4, 1e-3]
+    assert records[0]["params"] == records[1]["params"]
+    # same seed, same data, same baseline: only the learning rate differs
+    assert records[0]["eval"]["baseline"] == records[1]["eval"]["baseline"]
+
+
+def test_seeded_runs_repeat_exactly(tmp_path):
+    args = [*FAST, "max_steps=10", "eval_interval=0"]
+    for name in ("a", "b"):
+        assert run_cli([*args, f"hydra.run.dir={name}"], cwd=tmp_path).returncode == 0
+    a, b = record_of(tmp_path / "a"), record_of(tmp_path / "b")
+    assert a["train"]["loss_curve"] == b["train"]["loss_curve"]
+    assert a["eval"]["final"] == b["eval"]["final"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["strategy=fulll"], "error: unknown strategy 'fulll'; allowed: "),
+        (["optimizer.lrr=1e-3"], "error: unknown key 'optimizer.lrr'; allowed keys there: name, lr"),
+        (["optimizer.lr=abc"], "error: optimizer.lr: Value 'abc' of type 'str' could not be converted to Float"),
+        (
+            ["-m", "optimizer.lr=1e-4,3e-4", "hardware=cpu,tpu"],
+            "error: unknown hardware 'tpu'; allowed: auto, cpu, cuda",
+        ),
+    ],
+)
+def test_bad_overrides_fail_fast_before_any_work(tmp_path, args, message):
+    started = time.perf_counter()
+    proc = run_cli(args, cwd=tmp_path)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == message or proc.stderr.strip().startswith(message), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+    assert elapsed < 30  # generous bound on a loaded CI machine; the figure is measured in the docs, not here
+
+
+def _write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing_file", "dataset.train_files: no such file '/nonexistent/train.jsonl'"),
+        ("empty_split", "the validation split is empty"),
+        ("block_too_big", "block_size=4096 exceeds the context of tiny (1024 tokens); allowed: 1..1024"),
+        ("not_a_dir", "model.name_or_path='/nonexistent/model' is not a directory"),
+        ("hub_offline", "model.name_or_path='Qwen/Qwen2-0.5B' is neither a local directory nor a model on the hub"),
+        ("wrong_field", "no field dataset.text_field='body'; allowed: text"),
+    ],
+)
+def test_bad_input_in_the_job_is_one_line_and_recorded(tmp_path, case, message):
+    train = _write_jsonl(
+        tmp_path / "train.jsonl", [f"Sentence number {i} about borrowing in Rust." for i in range(200)]
+    )
+    empty = _write_jsonl(tmp_path / "empty.jsonl", ["", "   "])
+    files = ["dataset=text_files", f"dataset.train_files=[{train}]"]
+    args = {
+        "missing_file": ["dataset=text_files", "dataset.train_files=[/nonexistent/train.jsonl]"],
+        "empty_split": [*files, f"dataset.validation_files=[{empty}]"],
+        "block_too_big": ["block_size=4096"],
+        "not_a_dir": ["model.name_or_path=/nonexistent/model"],
+        "hub_offline": ["model=qwen2_0_5b"],
+        "wrong_field": [*files, "dataset.text_field=body"],
+    }[case]
+    proc = run_cli([*args, "hydra.run.dir=run"], cwd=tmp_path)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = record_of(tmp_path / "run")
+    assert record["status"] == "failed" and message in record["error"]
+    if case == "hub_offline":
+        assert "offline" in record["error"]
+
+
+def test_a_completed_run_is_never_overwritten(tmp_path):
+    assert run_cli([*FAST, "max_steps=5", "eval_interval=0", "hydra.run.dir=run"], cwd=tmp_path).returncode == 0
+    files = sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    proc = run_cli([*FAST, "max_steps=6", "hydra.run.dir=run"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip() == "error: run already holds a completed run; choose another output folder (hydra.run.dir)"
+    )
+    assert {p: p.read_bytes() for p in files} == before

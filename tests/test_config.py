@@ -1,0 +1,121 @@
+"""Config composition through Hydra's compose API, and the schema's rejections."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from transfer import schema
+from transfer.errors import TransferError
+from transfer.validate import check_command_line, check_config, compose_config, group_options
+
+# Options that need a value the user must give.
+REQUIRED = {
+    ("model", "local"): ["model.name_or_path=/some/model"],
+    ("dataset", "text_files"): ["dataset.train_files=[/data/train.jsonl]"],
+    ("dataset", "hub"): ["dataset.path=Salesforce/wikitext"],
+}
+EXPECTED_TYPES = {
+    ("dataset", "text_files"): schema.TextFilesDataset,
+    ("dataset", "rust_concepts"): schema.TextFilesDataset,
+    ("dataset", "hub"): schema.HubDataset,
+    ("optimizer", "adamw"): schema.AdamWConfig,
+    ("optimizer", "sgd"): schema.SGDConfig,
+}
+ALL_CHOICES = [(g, o) for g in schema.GROUPS for o in group_options(g)]
+
+
+def test_every_group_has_options():
+    assert group_options("model") == ["local", "qwen2_0_5b", "qwen2_5_0_5b", "qwen3_0_6b", "smollm2_135m", "tiny"]
+    assert group_options("hardware") == ["auto", "cpu", "cuda"]
+    assert group_options("optimizer") == ["adamw", "sgd"]
+    assert {"rust_concepts", "text_files", "hub"} <= set(group_options("dataset"))
+    assert "full" in group_options("strategy")
+
+
+@pytest.mark.parametrize("group,option", ALL_CHOICES)
+def test_every_choice_composes(group, option):
+    cfg = compose_config([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    check_config(cfg)
+    assert cfg[group].name == option
+    expected = EXPECTED_TYPES.get((group, option))
+    if expected:
+        assert OmegaConf.get_type(cfg[group]) is expected
+
+
+def test_defaults():
+    cfg = compose_config([])
+    assert {g: cfg[g].name for g in schema.GROUPS} == {
+        "model": "tiny",
+        "strategy": "full",
+        "dataset": "rust_concepts",
+        "hardware": "auto",
+        "optimizer": "adamw",
+    }
+    assert cfg.model.name_or_path is None and cfg.model.trust_remote_code is False
+    assert cfg.dataset.train_files[0].endswith("transfer/corpora/rust_concepts/train.jsonl")
+
+
+def test_hub_presets_name_their_models():
+    names = {o: compose_config([f"model={o}"]).model.name_or_path for o in group_options("model")}
+    assert names["qwen2_0_5b"] == "Qwen/Qwen2-0.5B"
+    assert names["qwen2_5_0_5b"] == "Qwen/Qwen2.5-0.5B"
+    assert names["qwen3_0_6b"] == "Qwen/Qwen3-0.6B"
+    assert names["smollm2_135m"] == "HuggingFaceTB/SmolLM2-135M"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["strategy=nope"], "unknown strategy 'nope'; allowed: "),
+        (["model=gpt5"], "unknown model 'gpt5'; allowed: local, qwen2_0_5b"),
+        (["optimizer.lrr=1"], "unknown key 'optimizer.lrr'; allowed keys there: name, lr,"),
+        (["sed=3"], "unknown key 'sed'; allowed keys there: model, strategy"),
+        (["optimizer=adamw", "optimizer.momentum=0.9"], "unknown key 'optimizer.momentum'"),
+        (["optimizer.lr=fast"], "optimizer.lr: Value 'fast' of type 'str' could not be converted to Float"),
+        (["max_steps=ten"], "max_steps: Value 'ten' of type 'str' could not be converted to Integer"),
+        (["hardware.device=gpu"], "hardware.device: Invalid value 'gpu', expected one of [auto, cpu, cuda]"),
+        (["hardware.precision=fp8"], "hardware.precision: Invalid value 'fp8', expected one of [fp32, bf16, fp16]"),
+        (["dataset=text_files"], "dataset.train_files"),
+    ],
+)
+def test_schema_rejections_are_one_line(overrides, message):
+    with pytest.raises(TransferError) as e:
+        cfg = compose_config(overrides)
+        check_config(cfg)  # a mandatory value left unset is found here
+    text = str(e.value)
+    assert message in text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["max_steps=0"], "max_steps=0 must be at least 1"),
+        (["max_steps=null"], "max_steps and epochs are both null"),
+        (["epochs=-1"], "epochs=-1.0 must be positive"),
+        (["micro_batch_size=0"], "micro_batch_size=0 must be at least 1"),
+        (["optimizer.lr=-1e-3"], "optimizer.lr=-0.001 must be positive"),
+        (["optimizer.warmup_steps=10", "optimizer.warmup_ratio=0.1"], "are both set"),
+        (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] must be two numbers"),
+        (["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true"], "nesterov"),
+        (["dataset.holdout_fraction=1.5"], "dataset.holdout_fraction=1.5 must be in [0, 1)"),
+    ],
+)
+def test_range_checks(overrides, message):
+    cfg = compose_config(overrides)
+    with pytest.raises(TransferError, match=None) as e:
+        check_config(cfg)
+    assert message in str(e.value)
+
+
+def test_a_typo_anywhere_in_a_sweep_fails_at_start():
+    check_command_line(["-m", "strategy=full", "optimizer.lr=1e-4,3e-4"])
+    with pytest.raises(TransferError, match="unknown optimizer 'adamm'"):
+        check_command_line(["-m", "optimizer=sgd,adamm", "optimizer.lr=1e-4,3e-4"])
+    with pytest.raises(TransferError, match="optimizer.lr: Value 'x'"):
+        check_command_line(["-m", "optimizer.lr=1e-4,x"])
+
+
+def test_command_line_without_sweep_is_checked_too():
+    with pytest.raises(TransferError, match="unknown key 'block'"):
+        check_command_line(["block=32"])
+    check_command_line(["--help"])  # Hydra's own flags pass through

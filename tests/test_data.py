@@ -1,0 +1,101 @@
+"""Text -> blocks: every token counted once, splits fixed, bad data refused."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from transfer import schema
+from transfer.data import IGNORE, load_splits, load_texts, to_blocks, tokenize
+from transfer.errors import TransferError
+from transfer.models import byte_tokenizer
+from transfer.validate import compose_config
+
+
+def files_cfg(**kwargs):
+    return OmegaConf.merge(OmegaConf.structured(schema.TextFilesDataset), {"name": "t", **kwargs})
+
+
+def test_blocks_keep_every_token_for_evaluation_and_whole_blocks_for_training():
+    ids = list(range(10))
+    train = to_blocks(ids, 4, pad_id=99, keep_partial=False)
+    assert train.input_ids.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert train.tokens == 8
+    ev = to_blocks(ids, 4, pad_id=99, keep_partial=True)
+    assert ev.input_ids.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 99, 99]]
+    assert ev.labels[-1].tolist() == [8, 9, IGNORE, IGNORE]
+    assert ev.tokens == 10
+
+
+def test_tokenize_ends_every_document_with_end_of_text():
+    tok = byte_tokenizer()
+    ids = tokenize(["ab", "c"], tok)
+    assert ids == [tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b"), tok.eos_token_id,
+                   tok.convert_tokens_to_ids("c"), tok.eos_token_id]  # fmt: skip
+
+
+def test_default_corpus_is_split_by_topic():
+    cfg = compose_config([]).dataset
+    topics = {}
+    for split in ("train", "validation", "test"):
+        rows = [json.loads(line) for f in cfg[f"{split}_files"] for line in open(f)]
+        topics[split] = {r["topic"] for r in rows}
+        texts = [r["text"] for r in rows]
+        assert len(set(texts)) == len(texts), f"duplicate passages in {split}"
+    assert not topics["train"] & topics["validation"]
+    assert not topics["train"] & topics["test"]
+    assert not topics["validation"] & topics["test"]
+    texts = load_texts(cfg)
+    assert sum(len(t) for t in texts.values()) >= 250
+    assert len(set().union(*topics.values())) >= 13
+
+
+def test_missing_splits_are_held_out_from_train_deterministically(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"body": f"document {i}"}) + "\n" for i in range(100)))
+    cfg = files_cfg(train_files=[str(path)], text_field="body", holdout_fraction=0.1)
+    a, b = load_texts(cfg), load_texts(cfg)
+    assert a == b
+    assert [len(a[s]) for s in ("train", "validation", "test")] == [80, 10, 10]
+    assert set(a["train"]).isdisjoint(a["validation"]) and set(a["train"]).isdisjoint(a["test"])
+    assert set(a["validation"]).isdisjoint(a["test"])
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".parquet", ".json"])
+def test_file_types(tmp_path, suffix):
+    docs = [f"paragraph {i} about traits" for i in range(40)]
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n\n".join(docs))
+    else:
+        import pandas as pd
+
+        frame = pd.DataFrame({"text": docs})
+        {".csv": lambda: frame.to_csv(path, index=False), ".parquet": lambda: frame.to_parquet(path),
+         ".json": lambda: frame.to_json(path, orient="records", lines=True)}[suffix]()  # fmt: skip
+    texts = load_texts(files_cfg(train_files=[str(path)], holdout_fraction=0.1))
+    assert sorted(texts["train"] + texts["validation"] + texts["test"]) == sorted(docs)
+
+
+def test_a_train_split_shorter_than_a_block_is_refused(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": "tiny"}) + "\n" for _ in range(30)))
+    with pytest.raises(TransferError, match="fewer than one block"):
+        load_splits(files_cfg(train_files=[str(path)], holdout_fraction=0.1), byte_tokenizer(), 512)
+
+
+def test_unsupported_file_type(tmp_path):
+    path = tmp_path / "t.docx"
+    path.write_text("x")
+    with pytest.raises(TransferError, match=r"unsupported type; allowed: \.txt, \.jsonl"):
+        load_texts(files_cfg(train_files=[str(path)]))
+
+
+def test_same_evaluation_blocks_every_time():
+    cfg = compose_config(["block_size=64"])
+    a = load_splits(cfg.dataset, byte_tokenizer(), 64)
+    b = load_splits(cfg.dataset, byte_tokenizer(), 64)
+    for split in ("validation", "test"):
+        assert torch.equal(a[split].input_ids, b[split].input_ids)
+        assert a[split].tokens == sum(len(t.encode()) + 1 for t in load_texts(cfg.dataset)[split])

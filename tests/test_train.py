@@ -1,0 +1,80 @@
+"""The pieces of the training loop: step plan, data order, schedule, loss weighting."""
+
+import math
+
+import pytest
+import torch
+
+from transfer.data import to_blocks
+from transfer.evaluate import evaluate
+from transfer.hardware import resolve
+from transfer.models import load_model_and_tokenizer
+from transfer.optim import build_optimizer, build_scheduler
+from transfer.train import block_stream, plan_steps
+from transfer.validate import compose_config
+
+
+def test_plan_steps_takes_the_first_bound_reached():
+    cfg = compose_config(["max_steps=100", "epochs=null", "micro_batch_size=4", "grad_accum_steps=2"])
+    assert plan_steps(cfg, n_blocks=80) == (100, "max_steps")
+    cfg = compose_config(["max_steps=null", "epochs=2", "micro_batch_size=4", "grad_accum_steps=2"])
+    assert plan_steps(cfg, n_blocks=80) == (20, "epochs")
+    cfg = compose_config(["max_steps=15", "epochs=2", "micro_batch_size=4", "grad_accum_steps=2"])
+    assert plan_steps(cfg, n_blocks=80) == (15, "max_steps")
+
+
+def test_each_epoch_is_one_pass_in_a_seeded_order():
+    stream = block_stream(10, seed=3)
+    first, second = [next(stream) for _ in range(10)], [next(stream) for _ in range(10)]
+    assert sorted(first) == sorted(second) == list(range(10))
+    assert first != second
+    again = block_stream(10, seed=3)
+    assert [next(again) for _ in range(20)] == first + second
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedule_warms_up_then_follows_its_shape(schedule):
+    cfg = compose_config([f"optimizer.schedule={schedule}", "optimizer.warmup_ratio=0", "optimizer.warmup_steps=10",
+                          "optimizer.min_lr_ratio=0.1", "optimizer.lr=1.0"])  # fmt: skip
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg.optimizer, total_steps=110)
+    lrs = []
+    for _ in range(110):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:10] == sorted(lrs[:10]) and lrs[0] < 0.2 and lrs[10] == pytest.approx(1.0)
+    final = {"cosine": 0.1, "linear": 0.0, "constant": 1.0}[schedule]
+    assert lrs[-1] == pytest.approx(final, abs=0.02)
+    if schedule == "cosine":
+        assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5, abs=0.01)  # halfway down
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    cfg = compose_config(["optimizer.weight_decay=0.1"])
+    model, _ = load_model_and_tokenizer(cfg.model, 64)
+    opt = build_optimizer(model, cfg.optimizer, torch.device("cpu"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim >= 2), name
+
+
+def test_perplexity_is_token_weighted_over_the_whole_split():
+    cfg = compose_config([])
+    model, _ = load_model_and_tokenizer(cfg.model, 16)
+    ids = list(torch.randint(0, 257, (50,), generator=torch.Generator().manual_seed(0)).tolist())
+    blocks = to_blocks(ids, 16, pad_id=0, keep_partial=True)  # 3 full blocks + 2 tokens
+    hw = resolve(cfg.hardware)
+    got = evaluate(model, blocks, batch_size=2, hardware=hw)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, 50, 16):
+            chunk = torch.tensor([ids[start : start + 16]])
+            out = model(input_ids=chunk, labels=chunk)
+            n = chunk.shape[1] - 1
+            total += out.loss.item() * n
+            count += n
+    assert got["tokens"] == count == 15 * 3 + 1
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert evaluate(model, blocks, batch_size=4, hardware=hw)["loss"] == pytest.approx(got["loss"], rel=1e-6)

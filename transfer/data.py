@@ -1,0 +1,169 @@
+"""Text splits -> token blocks.
+
+Each split's documents are tokenized, joined with an end-of-text token and cut
+into blocks of `block_size` tokens. Training uses whole blocks only; evaluation
+keeps the last partial block too (padding masked out), so that every token of a
+split is scored, and the same blocks serve before and after training.
+"""
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from transfer.errors import TransferError, first_line
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "validation", "test")
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+IGNORE = -100  # label of positions that are not scored
+
+
+@dataclass
+class Blocks:
+    input_ids: torch.Tensor  # [n_blocks, block_size]
+    # input_ids with IGNORE on the padding of the last partial block. Padding sits
+    # after every real token, so causal attention never sees it: no mask needed.
+    labels: torch.Tensor
+    documents: int
+    tokens: int  # real (non-padding) tokens
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def summary(self) -> dict:
+        return {"documents": self.documents, "tokens": self.tokens, "blocks": len(self)}
+
+
+def load_splits(cfg, tokenizer, block_size: int) -> dict[str, Blocks]:
+    """Blocks for train, validation and test from the `dataset` config."""
+    texts = load_texts(cfg)
+    splits = {}
+    for name in SPLITS:
+        ids = tokenize(texts[name], tokenizer)
+        if not ids:
+            raise TransferError(
+                f"dataset {cfg.name!r}: the {name} split is empty (no text in field {cfg.text_field!r})"
+            )
+        pad = tokenizer.eos_token_id or 0
+        splits[name] = to_blocks(ids, block_size, pad, keep_partial=name != "train", documents=len(texts[name]))
+        if name == "train" and len(splits[name]) == 0:
+            raise TransferError(
+                f"dataset {cfg.name!r}: the train split has {len(ids)} tokens, fewer than one block "
+                f"(block_size={block_size}); allowed: block_size <= {len(ids)}, or more training text"
+            )
+    return splits
+
+
+def load_texts(cfg) -> dict[str, list[str]]:
+    """Non-empty documents per split; a missing validation or test split is held out from train."""
+    if "path" in cfg:
+        texts = {name: _hub_split(cfg, getattr(cfg, f"{name}_split")) for name in SPLITS}
+    else:
+        texts = {name: _files_split(cfg, name, list(getattr(cfg, f"{name}_files"))) for name in SPLITS}
+    missing = [name for name in ("validation", "test") if texts[name] is None]
+    if missing:
+        texts.update(_hold_out(cfg, texts["train"], missing))
+    return texts
+
+
+def _files_split(cfg, split: str, files: list[str]) -> list[str] | None:
+    if not files:
+        if split == "train":
+            raise TransferError(f"dataset.train_files is empty; allowed: one or more of {', '.join(BUILDERS)} files")
+        return None
+    suffixes = set()
+    for f in files:
+        path = Path(f).expanduser()
+        if not path.is_file():
+            raise TransferError(f"dataset.{split}_files: no such file {f!r}")
+        if path.suffix.lower() not in BUILDERS:
+            raise TransferError(f"dataset.{split}_files: {f!r} has an unsupported type; allowed: {', '.join(BUILDERS)}")
+        suffixes.add(BUILDERS[path.suffix.lower()])
+    if len(suffixes) > 1:
+        raise TransferError(f"dataset.{split}_files mixes file types {sorted(suffixes)}; use one type per split")
+    builder = suffixes.pop()
+    kwargs = {"sample_by": cfg.txt_sample_by.value} if builder == "text" else {}
+    import datasets
+
+    try:
+        table = datasets.load_dataset(
+            builder, data_files=[str(Path(f).expanduser()) for f in files], split="train", **kwargs
+        )
+    except Exception as e:
+        raise TransferError(f"dataset.{split}_files: cannot read {files}: {first_line(e)}") from None
+    return _column(cfg, table, f"dataset.{split}_files")
+
+
+def _hub_split(cfg, split: str | None) -> list[str] | None:
+    if split is None:
+        return None
+    import datasets
+
+    try:
+        table = datasets.load_dataset(cfg.path, cfg.config_name, split=split, revision=cfg.revision)
+    except ValueError as e:
+        raise TransferError(f"dataset.path={cfg.path!r}: split {split!r} not available ({first_line(e)})") from None
+    except Exception as e:
+        raise TransferError(
+            f"dataset.path={cfg.path!r} (config {cfg.config_name!r}) cannot be loaded from the hub, "
+            f"offline or unknown? ({first_line(e)})"
+        ) from None
+    return _column(cfg, table, f"dataset.path={cfg.path!r} split {split!r}")
+
+
+def _column(cfg, table, where: str) -> list[str]:
+    if cfg.text_field not in table.column_names:
+        raise TransferError(
+            f"{where}: no field dataset.text_field={cfg.text_field!r}; allowed: {', '.join(table.column_names)}"
+        )
+    return [t for t in table[cfg.text_field] if isinstance(t, str) and t.strip()]
+
+
+def _hold_out(cfg, train: list[str], names: list[str]) -> dict[str, list[str]]:
+    """Move a seeded random `holdout_fraction` of the training documents into each missing split."""
+    n_each = max(1, round(len(train) * cfg.holdout_fraction))
+    if cfg.holdout_fraction == 0 or len(train) <= n_each * len(names):
+        raise TransferError(
+            f"dataset {cfg.name!r} has no {' or '.join(names)} split and {len(train)} training documents "
+            f"cannot spare dataset.holdout_fraction={cfg.holdout_fraction} for it; "
+            "give split files or a fraction in (0, 1)"
+        )
+    order = list(range(len(train)))
+    random.Random(cfg.split_seed).shuffle(order)
+    held = {}
+    for i, name in enumerate(names):
+        held[name] = [train[j] for j in sorted(order[i * n_each : (i + 1) * n_each])]
+    keep = sorted(order[len(names) * n_each :])
+    train[:] = [train[j] for j in keep]
+    log.info("held out %s documents each for %s from the training split", n_each, ", ".join(names))
+    return held
+
+
+def tokenize(texts: list[str], tokenizer) -> list[int]:
+    """Token ids of all documents, each ending in the end-of-text token."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for start in range(0, len(texts), 1000):
+        for doc in tokenizer(texts[start : start + 1000])["input_ids"]:
+            ids.extend(doc)
+            if eos is not None and (not doc or doc[-1] != eos):
+                ids.append(eos)
+    return ids
+
+
+def to_blocks(ids: list[int], block_size: int, pad_id: int, keep_partial: bool, documents: int = 0) -> Blocks:
+    n_full = len(ids) // block_size
+    rows = torch.tensor(ids[: n_full * block_size], dtype=torch.long).view(n_full, block_size)
+    mask = torch.ones_like(rows)
+    rest = len(ids) - n_full * block_size
+    if keep_partial and rest:
+        tail = torch.full((1, block_size), pad_id, dtype=torch.long)
+        tail[0, :rest] = torch.tensor(ids[n_full * block_size :])
+        tail_mask = torch.zeros_like(tail)
+        tail_mask[0, :rest] = 1
+        rows, mask = torch.cat([rows, tail]), torch.cat([mask, tail_mask])
+    labels = rows.masked_fill(mask == 0, IGNORE)
+    return Blocks(rows, labels, documents=documents, tokens=int(mask.sum()))

@@ -1,0 +1,27 @@
+"""Perplexity over a whole split: exp of the token-weighted mean loss."""
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from transfer.data import Blocks
+from transfer.loss import summed_lm_loss
+
+
+@torch.no_grad()
+def evaluate(model, blocks: Blocks, batch_size: int, hardware, desc: str = "eval") -> dict:
+    """Deterministic: eval mode (no dropout), fixed blocks, fixed order, the run's precision."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(blocks), batch_size), desc=desc, leave=False, unit="batch"):
+        ids = blocks.input_ids[start : start + batch_size].to(hardware.device)
+        labels = blocks.labels[start : start + batch_size].to(hardware.device)
+        with hardware.autocast():
+            loss, n = summed_lm_loss(model, ids, labels)
+        total += loss.item()
+        count += n
+    model.train(was_training)
+    mean = total / count
+    return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": count}

@@ -1,0 +1,48 @@
+"""Where and in which precision a run computes."""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from transfer.errors import TransferError
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Hardware:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+
+    def autocast(self):
+        dtype = AUTOCAST_DTYPES[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling only for fp16, whose narrow range underflows small gradients."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def resolve(cfg) -> Hardware:
+    """The `hardware` config made concrete; refuses what this machine cannot do."""
+    wanted = cfg.device.value
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise TransferError(
+            "hardware.device=cuda but no CUDA device is available here; allowed on this machine: auto, cpu"
+        )
+    device = torch.device("cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu")
+    precision = cfg.precision.value
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TransferError(
+            f"hardware.precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; allowed: fp32, fp16"
+        )
+    if cfg.num_threads is not None and device.type == "cpu":
+        torch.set_num_threads(cfg.num_threads)
+    return Hardware(device, precision)

@@ -1,0 +1,136 @@
+"""Load a causal LM and its tokenizer: the in-code tiny model, a local directory, or a hub name."""
+
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+from transfer.errors import TransferError, first_line
+
+log = logging.getLogger(__name__)
+EOS = "<|endoftext|>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model_and_tokenizer(cfg, block_size: int):
+    """Return (model, tokenizer) for `cfg` (the `model` group), refusing a block_size beyond the context."""
+    if cfg.name_or_path is None:
+        tokenizer = byte_tokenizer()
+        config = tiny_config(cfg.tiny, tokenizer)
+        _check_context(config, block_size, "tiny")
+        return build_model(config, seed=cfg.tiny.seed, dtype=DTYPES[cfg.dtype.value]), tokenizer
+
+    where = cfg.name_or_path
+    local = Path(where).expanduser()
+    is_local = local.is_dir()
+    if not is_local and (where.startswith(("/", ".", "~")) or local.exists() or where.count("/") > 1):
+        raise TransferError(
+            f"model.name_or_path={where!r} is not a directory; "
+            "allowed: a model directory on disk or a hub name like Qwen/Qwen2-0.5B"
+        )
+    source = str(local) if is_local else where
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if not is_local and not _hub_reachable():
+        kwargs["local_files_only"] = True  # a cached copy still works offline
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        if is_local:
+            raise TransferError(
+                f"model.name_or_path={where!r}: cannot read a model config there ({first_line(e)})"
+            ) from None
+        offline = (
+            " (the Hugging Face hub is unreachable: offline, and no cached copy)"
+            if kwargs.get("local_files_only")
+            else ""
+        )
+        raise TransferError(
+            f"model.name_or_path={where!r} is neither a local directory nor a model on the hub{offline}; "
+            "allowed: an existing model directory, or a hub name when online (offline: model=tiny)"
+        ) from None
+    _check_context(config, block_size, where)
+    if cfg.tokenizer_from_json:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(source, **kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=DTYPES[cfg.dtype.value], **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise TransferError(
+            f"tokenizer of {where!r} has {len(tokenizer)} tokens but the model embeds only "
+            f"{model.get_input_embeddings().num_embeddings}; wrong tokenizer? (try model.tokenizer_from_json=true)"
+        )
+    return model, tokenizer
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """256 byte tokens + an end-of-text token; any text round-trips, nothing to download."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab[EOS] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+
+
+def tiny_config(tiny, tokenizer) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=64 * ((len(tokenizer) + 63) // 64),  # padded like real checkpoints
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def build_model(config, seed: int, dtype: torch.dtype = torch.float32):
+    """A model with freshly initialised weights, the same for the same seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def context_length(config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _check_context(config, block_size: int, where: str) -> None:
+    limit = context_length(config)
+    if limit is not None and block_size > limit:
+        raise TransferError(
+            f"block_size={block_size} exceeds the context of {where} ({limit} tokens); allowed: 1..{limit}"
+        )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick name lookup, so that offline machines fail in seconds, not after the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(previous)

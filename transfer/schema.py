@@ -1,0 +1,204 @@
+"""The structured-config schema: every key, type and allowed value of a run.
+
+Hydra merges each YAML file of `conf/` into these dataclasses, so an unknown key,
+a wrong type or an unknown enum value fails while the config is composed, before
+anything is loaded. Options of one group that need different keys (LoRA's rank,
+SGD's momentum) get their own subclass, stored under `schema/<group>/<option>` and
+named in the defaults list of that option's YAML file.
+
+Importing this module registers the schema and the `${corpus:...}` resolver; it
+imports neither torch nor transformers, so validation stays fast.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
+GROUPS = ("model", "strategy", "dataset", "hardware", "optimizer")
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class WeightDtype(Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Schedule(Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class TxtSampleBy(Enum):
+    paragraph = "paragraph"
+    line = "line"
+    document = "document"
+
+
+# ---------------------------------------------------------------- model
+@dataclass
+class TinyModelConfig:
+    """Shape of the in-code Qwen2 model used offline (weights random, seeded)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 1024
+    # Seeded apart from the run seed, so that every job of a sweep starts
+    # from the same weights, as jobs starting from one pretrained model would.
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Hub name or local directory; null builds the in-code model described by `tiny`.
+    name_or_path: str | None = None
+    revision: str | None = None
+    # Load tokenizer.json as a PreTrainedTokenizerFast instead of trusting
+    # AutoTokenizer's choice of class (wrong for some converted checkpoints).
+    tokenizer_from_json: bool = False
+    trust_remote_code: bool = False
+    # Dtype of the weights in memory; mixed precision is hardware.precision.
+    dtype: WeightDtype = WeightDtype.float32
+    tiny: TinyModelConfig | None = None
+
+
+# ---------------------------------------------------------------- strategy
+@dataclass
+class StrategyConfig:
+    name: str = MISSING
+
+
+# ---------------------------------------------------------------- dataset
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    text_field: str = "text"
+    # A split the source lacks is carved out of the training documents.
+    holdout_fraction: float = 0.05
+    # Fixed apart from the run seed: every job of a sweep sees the same splits.
+    split_seed: int = 0
+
+
+@dataclass
+class TextFilesDataset(DatasetConfig):
+    """Local .txt/.jsonl/.json/.csv/.parquet files, read by the `datasets` library."""
+
+    train_files: list[str] = MISSING
+    validation_files: list[str] = field(default_factory=list)
+    test_files: list[str] = field(default_factory=list)
+    txt_sample_by: TxtSampleBy = TxtSampleBy.paragraph
+
+
+@dataclass
+class HubDataset(DatasetConfig):
+    """A dataset on the Hugging Face hub."""
+
+    path: str = MISSING
+    config_name: str | None = None
+    revision: str | None = None
+    train_split: str = "train"
+    validation_split: str | None = "validation"
+    test_split: str | None = "test"
+
+
+# ---------------------------------------------------------------- hardware
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: Device = Device.auto
+    precision: Precision = Precision.fp32
+    # CPU threads for torch; null keeps torch's default.
+    num_threads: int | None = None
+
+
+# ---------------------------------------------------------------- optimizer
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    # Warm-up as a number of optimizer steps, or as a fraction of them; not both.
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: Schedule = Schedule.cosine
+    # Cosine decays to lr * min_lr_ratio.
+    min_lr_ratio: float = 0.0
+    # Max global gradient norm; null disables clipping (the norm is still logged).
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+# ---------------------------------------------------------------- the run
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+
+    seed: int = 1234
+    # Training length: optimizer steps, epochs over the training blocks, or both
+    # (whichever ends first).
+    max_steps: int | None = 200
+    epochs: float | None = None
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    block_size: int = 128
+    # Validate every N optimizer steps (0: only before and after training).
+    eval_interval: int = 50
+    eval_batch_size: int = 16
+    # Log the training loss to TensorBoard every N optimizer steps.
+    log_interval: int = 10
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, option, node in [
+        ("model", "base", ModelConfig),
+        ("strategy", "base", StrategyConfig),
+        ("dataset", "text_files", TextFilesDataset),
+        ("dataset", "hub", HubDataset),
+        ("hardware", "base", HardwareConfig),
+        ("optimizer", "adamw", AdamWConfig),
+        ("optimizer", "sgd", SGDConfig),
+    ]:
+        cs.store(group=f"schema/{group}", name=option, node=node)
+    if not OmegaConf.has_resolver("corpus"):
+        # ${corpus:rust_concepts/train.jsonl} -> a file shipped inside the package
+        OmegaConf.register_new_resolver("corpus", lambda rel: str(CORPORA_DIR / rel))
+
+
+register()
