@@ -65,7 +65,7 @@ def test_single_run_writes_a_sane_record(tmp_path):
 def test_tensorboard_holds_the_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    proc = run_cli([*FAST, "max_steps=20", "hydra.run.dir=run"], cwd=tmp_path)
+    proc = run_cli([*FAST, "max_steps=20", "log_interval=1", "hydra.run.dir=run"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = EventAccumulator(str(tmp_path / "run"))
     events.Reload()
@@ -73,7 +73,7 @@ def test_tensorboard_holds_the_scalars(tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm", "validation/loss", "validation/perplexity"} <= tags
     assert [e.step for e in events.Scalars("validation/loss")] == [10, 20]  # in-loop at 10, final at 20
     lrs = [e.value for e in events.Scalars("train/lr")]
-    assert max(lrs) == pytest.approx(3e-4, rel=0.1) and lrs[-1] < lrs[1]  # warm-up, then cosine decay
+    assert len(lrs) == 20 and max(lrs) == pytest.approx(3e-4) and lrs[0] < lrs[1] and lrs[-1] < 0.2 * 3e-4
 
 
 def test_two_job_sweep(tmp_path):

@@ -43,10 +43,10 @@ def check_command_line(argv: list[str]) -> None:
     except Exception as e:  # Hydra's grammar errors
         raise TransferError(f"cannot parse overrides {args.overrides}: {first_line(e)}") from None
     for overrides in jobs[:MAX_SWEEP_JOBS_CHECKED]:
-        cfg = compose_config(overrides, with_hydra=not args.multirun)
-        check_config(cfg)
+        check_config(compose_config(overrides))
     if not args.multirun:
-        _check_run_dir_is_free(Path(cfg.hydra.run.dir))
+        run_dir = compose_config(args.overrides, with_hydra=True).hydra.run.dir
+        _check_run_dir_is_free(Path(run_dir))
 
 
 def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
