@@ -3,6 +3,7 @@
 import logging
 import os
 import socket
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,13 +18,21 @@ EOS = "<|endoftext|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model_and_tokenizer(cfg, block_size: int):
-    """Return (model, tokenizer) for `cfg` (the `model` group), refusing a block_size beyond the context."""
+def load_model_and_tokenizer(cfg, block_size: int, quantize_4bit: bool = False):
+    """Return (model, tokenizer) for `cfg` (the `model` group), refusing a block_size beyond the context.
+
+    quantize_4bit loads the weights in 4-bit NF4 through bitsandbytes (QLoRA; CUDA only).
+    """
     if cfg.name_or_path is None:
         tokenizer = byte_tokenizer()
         config = tiny_config(cfg.tiny, tokenizer)
         _check_context(config, block_size, "tiny")
-        return build_model(config, seed=cfg.tiny.seed, dtype=DTYPES[cfg.dtype.value]), tokenizer
+        model = build_model(config, seed=cfg.tiny.seed, dtype=DTYPES[cfg.dtype.value])
+        if quantize_4bit:  # bitsandbytes quantizes while loading: go through a checkpoint
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                model = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[cfg.dtype.value], **_quantization())
+        return model, tokenizer
 
     where = cfg.name_or_path
     local = Path(where).expanduser()
@@ -58,6 +67,8 @@ def load_model_and_tokenizer(cfg, block_size: int):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(source, **kwargs)
     else:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if quantize_4bit:
+        kwargs.update(_quantization())
     model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=DTYPES[cfg.dtype.value], **kwargs)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise TransferError(
@@ -65,6 +76,19 @@ def load_model_and_tokenizer(cfg, block_size: int):
             f"{model.get_input_embeddings().num_embeddings}; wrong tokenizer? (try model.tokenizer_from_json=true)"
         )
     return model, tokenizer
+
+
+def _quantization() -> dict:
+    """QLoRA's recipe: NF4 weights, double quantization, bf16 compute, all on the current GPU."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

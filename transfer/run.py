@@ -24,7 +24,7 @@ from transfer.evaluate import evaluate
 from transfer.hardware import resolve
 from transfer.models import context_length, load_model_and_tokenizer
 from transfer.record import read_record, write_record
-from transfer.strategies import apply_strategy, count_parameters
+from transfer.strategies import apply_strategy, check_before_loading, parameter_report
 from transfer.train import train
 
 log = logging.getLogger("transfer")
@@ -62,20 +62,27 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         }
         transformers.set_seed(cfg.seed)
 
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
-        splits = load_splits(cfg.dataset, tokenizer, cfg.block_size)
-        record["data"] = {"block_size": cfg.block_size, **{name: b.summary() for name, b in splits.items()}}
-        model = apply_strategy(model, cfg.strategy)
-        record["params"] = count_parameters(model)
+        check_before_loading(cfg.strategy)
+        quantize = cfg.strategy.name == "qlora"
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size, quantize_4bit=quantize)
         record["model"] = {
             "class": type(model).__name__,
             "name_or_path": cfg.model.name_or_path or "tiny (built in code)",
             "layers": model.config.num_hidden_layers,
             "context": context_length(model.config),
             "vocab_size": model.config.vocab_size,
+            "weights": "4-bit NF4" if quantize else cfg.model.dtype.value,
         }
+        model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
+        record["params"] = parameter_report(model)
         log.info(_summary(record, choices))
-        model.to(hardware.device)
+        if cfg.dry_run:
+            record["status"] = "dry_run"
+            return record
+        splits = load_splits(cfg.dataset, tokenizer, cfg.block_size)
+        record["data"] = {"block_size": cfg.block_size, **{name: b.summary() for name, b in splits.items()}}
+        if not quantize:  # bitsandbytes placed the 4-bit weights already
+            model.to(hardware.device)
 
         with SummaryWriter(log_dir=str(out_dir)) as writer:
             record["eval"]["baseline"] = _evaluate_splits(model, splits, cfg, hardware, "baseline")
@@ -124,11 +131,16 @@ def _change_pct(before: float, after: float) -> float:
 
 def _summary(record: dict, choices: dict) -> str:
     p = record["params"]
-    d = record["data"]
+    parts = ", ".join(f"{k} {v:,}" for k, v in p["breakdown"].items() if v)
+    blocks = p["trainable_blocks"]
+    block_text = f"blocks {blocks[0]}-{blocks[-1]} of {p['num_blocks']}" if blocks else f"no block of {p['num_blocks']}"
+    tied = ""
+    if p["tied_embeddings"]:
+        tied = f" | tied embeddings, shared matrix {'trains' if p['shared_matrix_trains'] else 'frozen'}"
     return (
-        f"{' · '.join(str(v) for v in choices.values())} | params {p['total']:,} total, "
-        f"{p['trainable']:,} trainable ({p['trainable_pct']:.2f}%) | train {d['train']['blocks']:,} blocks "
-        f"x {d['block_size']} tokens | {record['hardware']['device']} {record['hardware']['precision']}"
+        f"{' · '.join(str(v) for v in choices.values())} | {p['trainable']:,} of {p['total']:,} parameters train "
+        f"({p['trainable_pct']:.2f}%: {parts or 'nothing'}; {block_text}){tied} | "
+        f"{record['hardware']['device']} {record['hardware']['precision']}"
     )
 
 

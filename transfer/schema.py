@@ -13,6 +13,7 @@ imports neither torch nor transformers, so validation stays fast.
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -86,6 +87,51 @@ class ModelConfig:
 @dataclass
 class StrategyConfig:
     name: str = MISSING
+
+
+@dataclass
+class FreezeLowerConfig(StrategyConfig):
+    # Frozen blocks, counted from the input: an integer count, or a fraction of the depth in (0, 1).
+    n_layers: Any = 0.5
+    # With tied embeddings the input embedding is the LM head: freezing the
+    # embeddings freezes the head too, unless this is true.
+    train_tied_embeddings: bool = False
+
+
+@dataclass
+class AdapterConfig(StrategyConfig):
+    """Top-block tuning: the top n_layers blocks, the final norm and the head train."""
+
+    n_layers: int = 2
+    train_tied_embeddings: bool = False
+
+
+@dataclass
+class LoraConfig(StrategyConfig):
+    """LoRA, DoRA and QLoRA (the strategy's name picks the variant)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Module names to adapt; null = every linear projection of the blocks.
+    target_modules: list[str] | None = None
+    use_rslora: bool = False
+    # Also train whole modules: "head" and/or "embeddings".
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IA3Config(StrategyConfig):
+    # null = peft's per-architecture default (attention k/v or q/v, and the MLP down projection).
+    target_modules: list[str] | None = None
+    feedforward_modules: list[str] | None = None
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScratchConfig(StrategyConfig):
+    # Seed of the fresh initialisation; null = the run's seed.
+    init_seed: int | None = None
 
 
 # ---------------------------------------------------------------- dataset
@@ -181,6 +227,8 @@ class Config:
     eval_batch_size: int = 16
     # Log the training loss to TensorBoard every N optimizer steps.
     log_interval: int = 10
+    # Load the model, apply the strategy, write the record with the counts, stop.
+    dry_run: bool = False
 
 
 def register() -> None:
@@ -189,6 +237,11 @@ def register() -> None:
     for group, option, node in [
         ("model", "base", ModelConfig),
         ("strategy", "base", StrategyConfig),
+        ("strategy", "freeze_lower", FreezeLowerConfig),
+        ("strategy", "adapter", AdapterConfig),
+        ("strategy", "lora", LoraConfig),
+        ("strategy", "ia3", IA3Config),
+        ("strategy", "scratch", ScratchConfig),
         ("dataset", "text_files", TextFilesDataset),
         ("dataset", "hub", HubDataset),
         ("hardware", "base", HardwareConfig),

@@ -1,39 +1,326 @@
 """Fine-tuning strategies: each decides which parameters of a model train.
 
 A strategy is a small function `(model, cfg) -> (model, trainable names)`: it may
-wrap the model (peft does), sets `requires_grad`, and returns the names of the
-parameters it made trainable, which the run checks against `requires_grad`.
+replace or wrap the model (scratch and peft do), sets `requires_grad`, and returns
+the names of the parameters it made trainable.
+
+Models are mapped through transformers' own accessors, not one model's parameter
+names: the decoder blocks are the ModuleList of the classes the model lists in
+`_no_split_modules`, the embeddings and head come from `get_input_embeddings()` /
+`get_output_embeddings()`, and the final norm is what else the decoder holds.
+
+Tied embeddings (one matrix for the input embeddings and the LM head) cannot be
+frozen on one side and trained on the other: freezing the embeddings freezes the
+head. Each strategy's config says whether the shared matrix trains, the record says
+what was done, and the matrix is counted once.
 """
 
-from transfer.errors import TransferError
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transfer.errors import TransferError, first_line
+
+log = logging.getLogger(__name__)
+PEFT_STRATEGIES = ("lora", "dora", "qlora", "ia3")
+MODULE_ROLES = ("head", "embeddings")
 
 
+@dataclass
+class Parts:
+    blocks: nn.ModuleList
+    embeddings: list[nn.Module]  # token embeddings first, then position embeddings if any
+    final_norm: list[nn.Module]
+    head: nn.Module | None
+    tied: bool
+
+
+def model_parts(model) -> Parts:
+    """The blocks, embeddings, final norm and head of a causal LM (peft-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    block_classes = set(getattr(base, "_no_split_modules", None) or [])
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    blocks = None
+    if decoder is not None:
+        for child in decoder.children():
+            if isinstance(child, nn.ModuleList) and len(child) and type(child[0]).__name__ in block_classes:
+                blocks = child
+    if blocks is None:
+        raise TransferError(
+            f"cannot map the architecture {type(base).__name__} (model_type {base.config.model_type!r}): "
+            "no decoder block list found; supported: Qwen2, Qwen3, Llama, GPT-2, GPT-NeoX and others "
+            "whose blocks transformers lists in _no_split_modules"
+        )
+    token_embeddings = base.get_input_embeddings()
+    head = base.get_output_embeddings()
+    embeddings = [token_embeddings] + [
+        m for m in decoder.children() if isinstance(m, nn.Embedding) and m is not token_embeddings
+    ]
+    final_norm = [
+        m
+        for m in decoder.children()
+        if m is not blocks and all(m is not e for e in embeddings) and any(True for _ in m.parameters())
+    ]
+    tied = head is not None and getattr(head, "weight", None) is token_embeddings.weight
+    return Parts(blocks, embeddings, final_norm, head, tied)
+
+
+# ---------------------------------------------------------------- freezing strategies
 def full(model, cfg):
     """Every parameter trains."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model, [name for name, _ in model.named_parameters()]
+    return model, _train_only(model, [model])
 
 
-STRATEGIES = {"full": full}
+def freeze_embeddings(model, cfg):
+    """Train every block, the final norm and the head; the input embeddings stay frozen."""
+    parts = model_parts(model)
+    return model, _train_only(model, [*parts.blocks, *parts.final_norm, *_head(parts, train_tied=False)])
 
 
-def apply_strategy(model, cfg):
-    if cfg.name not in STRATEGIES:
-        raise TransferError(f"strategy.name={cfg.name!r} is not implemented; allowed: {', '.join(STRATEGIES)}")
-    model, declared = STRATEGIES[cfg.name](model, cfg)
-    actual = [name for name, p in model.named_parameters() if p.requires_grad]
-    if sorted(declared) != sorted(actual):  # a strategy bug, not a user error
-        raise RuntimeError(
-            f"strategy {cfg.name} declared {len(declared)} trainable tensors but {len(actual)} require grad"
+def freeze_lower(model, cfg):
+    """Freeze the embeddings and the lowest n_layers blocks; train the blocks above, the final norm and the head."""
+    parts = model_parts(model)
+    n = frozen_block_count(cfg.n_layers, len(parts.blocks))
+    return model, _train_only(model, [*parts.blocks[n:], *parts.final_norm, *_head(parts, cfg.train_tied_embeddings)])
+
+
+def adapter(model, cfg):
+    """Top-block tuning: the top n_layers blocks, the final norm and the head train; nothing else."""
+    parts = model_parts(model)
+    depth = len(parts.blocks)
+    if not isinstance(cfg.n_layers, int) or not 1 <= cfg.n_layers <= depth:
+        raise TransferError(
+            f"strategy.n_layers={cfg.n_layers} for adapter: allowed 1..{depth} (the model has {depth} blocks)"
         )
-    return model
+    top = parts.blocks[depth - cfg.n_layers :]
+    return model, _train_only(model, [*top, *parts.final_norm, *_head(parts, cfg.train_tied_embeddings)])
 
 
-def count_parameters(model) -> dict:
-    """Element counts (not tensor counts); a matrix shared by two modules counts once."""
+def scratch(model, cfg, seed: int = 0):
+    """The no-transfer control: same architecture, fresh weights, everything trains."""
+    from transfer.models import build_model
+
+    fresh = build_model(model.config, seed=cfg.init_seed if cfg.init_seed is not None else seed, dtype=model.dtype)
+    return fresh, _train_only(fresh, [fresh])
+
+
+def frozen_block_count(n_layers, depth: int) -> int:
+    """n_layers as a count (int) or a fraction of the depth (float in (0, 1))."""
+    if isinstance(n_layers, bool) or not isinstance(n_layers, (int, float)):
+        raise TransferError(f"strategy.n_layers={n_layers!r}: allowed an integer 0..{depth} or a fraction in (0, 1)")
+    if isinstance(n_layers, float):
+        if not 0 < n_layers < 1:
+            raise TransferError(
+                f"strategy.n_layers={n_layers}: a fraction must be in (0, 1); for a count write an integer 0..{depth}"
+            )
+        return round(n_layers * depth)
+    if not 0 <= n_layers <= depth:
+        raise TransferError(f"strategy.n_layers={n_layers}: allowed 0..{depth} (the model has {depth} blocks)")
+    return n_layers
+
+
+def _head(parts: Parts, train_tied: bool) -> list[nn.Module]:
+    """The head, unless it is the (frozen) embedding matrix of a tied model."""
+    if parts.head is None or (parts.tied and not train_tied):
+        return []
+    return [parts.head]
+
+
+def _train_only(model, modules) -> list[str]:
+    keep = {id(p) for m in modules for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return [name for name, p in model.named_parameters() if id(p) in keep]
+
+
+# ---------------------------------------------------------------- peft strategies
+def lora(model, cfg):
+    """LoRA (and DoRA, QLoRA) through peft; only the adapters and modules_to_save train."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.r < 1 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1:
+        raise TransferError(
+            f"strategy r={cfg.r}, alpha={cfg.alpha}, dropout={cfg.dropout}: allowed r >= 1, alpha > 0, dropout in [0, 1)"
+        )
+    targets = _check_targets(model, cfg.target_modules)
+    if cfg.name == "qlora":
+        # Casts norms to fp32 and enables input gradients; checkpointing stays a separate choice.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets or "all-linear",
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.name == "dora",
+        modules_to_save=_module_names(model, cfg.modules_to_save),
+        # A tied head and embedding stay one matrix: a saved copy of one is the other's too.
+        ensure_weight_tying=model_parts(model).tied,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    return model, [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def ia3(model, cfg):
+    """IA3 through peft: learned scaling vectors; peft's per-architecture targets by default."""
+    from peft import IA3Config, get_peft_model
+
+    targets = _check_targets(model, cfg.target_modules)
+    feedforward = _check_targets(model, cfg.feedforward_modules, key="feedforward_modules")
+    try:
+        config = IA3Config(
+            target_modules=targets,
+            feedforward_modules=feedforward,
+            modules_to_save=_module_names(model, cfg.modules_to_save),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        raise TransferError(f"strategy=ia3 on {model.config.model_type!r}: {first_line(e)}") from None
+    return model, [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the linear projections inside the blocks (what LoRA can target)."""
+    names = set()
+    for block in model_parts(model).blocks:
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+                names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def _check_targets(model, targets, key: str = "target_modules") -> list[str] | None:
+    if targets is None:
+        return None
+    targets = list(targets)
+    module_names = [name for name, _ in model.named_modules()]
+    for t in targets:
+        if not any(name == t or name.endswith("." + t) for name in module_names):
+            raise TransferError(
+                f"strategy.{key}: {t!r} matches no module of {type(model).__name__}; "
+                f"allowed: {', '.join(linear_module_names(model))}"
+            )
+    return targets
+
+
+def _module_names(model, roles) -> list[str] | None:
+    """'head' / 'embeddings' -> the module names peft's modules_to_save expects for this architecture."""
+    if not roles:
+        return None
+    wanted = {"head": model.get_output_embeddings(), "embeddings": model.get_input_embeddings()}
+    names = []
+    for role in roles:
+        if role not in wanted:
+            raise TransferError(f"strategy.modules_to_save: {role!r} is unknown; allowed: {', '.join(MODULE_ROLES)}")
+        names += [name.split(".")[-1] for name, m in model.named_modules() if m is wanted[role]][:1]
+    return names
+
+
+# ---------------------------------------------------------------- the registry and accounting
+STRATEGIES = {
+    "full": full,
+    "freeze_embeddings": freeze_embeddings,
+    "freeze_lower": freeze_lower,
+    "adapter": adapter,
+    "lora": lora,
+    "dora": lora,
+    "qlora": lora,
+    "ia3": ia3,
+    "scratch": scratch,
+}
+
+
+def check_before_loading(cfg) -> None:
+    """What can be refused before a model is loaded: QLoRA without CUDA or bitsandbytes."""
+    if cfg.name not in STRATEGIES:
+        raise TransferError(f"strategy.name={cfg.name!r} is unknown; allowed: {', '.join(STRATEGIES)}")
+    if cfg.name == "qlora":
+        if not torch.cuda.is_available():
+            raise TransferError(
+                "strategy=qlora needs a CUDA GPU (bitsandbytes 4-bit weights) and there is none here; use strategy=lora"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise TransferError(
+                "strategy=qlora needs bitsandbytes: pip install bitsandbytes; or use strategy=lora"
+            ) from None
+
+
+def apply_strategy(model, cfg, seed: int = 0):
+    """Apply the strategy named by cfg.name; return (model, names of its trainable parameters)."""
+    check_before_loading(cfg)
+    fn = STRATEGIES[cfg.name]
+    model, declared = fn(model, cfg, seed) if fn is scratch else fn(model, cfg)
+    actual = [name for name, p in model.named_parameters() if p.requires_grad]
+    if sorted(declared) != sorted(actual):  # a bug in a strategy, not a user error
+        raise RuntimeError(
+            f"strategy {cfg.name} declared {len(declared)} trainable tensors; {len(actual)} require grad"
+        )
+    return model, declared
+
+
+def numel(p: torch.Tensor) -> int:
+    """Logical element count: bitsandbytes packs two 4-bit weights into each stored byte."""
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return math.prod(quant_state.shape)
+    return p.numel()
+
+
+def parameter_report(model) -> dict:
+    """Element counts (never tensor counts), trainable elements by part, tying, trainable blocks.
+
+    A matrix shared by the embeddings and the head is counted once, under embeddings.
+    Parameters that peft adds (LoRA matrices, IA3 vectors, DoRA magnitudes) count as adapter.
+    """
+    parts = model_parts(model)
+    part_of = {}
+    for p in parts.head.parameters() if parts.head is not None else []:
+        part_of[id(p)] = "head"
+    for module in parts.final_norm:
+        for p in module.parameters():
+            part_of[id(p)] = "final_norm"
+    for i, block in enumerate(parts.blocks):
+        for p in block.parameters():
+            part_of[id(p)] = i
+    for module in parts.embeddings:  # after the head: a tied matrix counts as embeddings
+        for p in module.parameters():
+            part_of[id(p)] = "embeddings"
+    # peft names what it adds with its tuner's prefix: "lora_" (LoRA, DoRA), "ia3_"
+    adapter_prefix = getattr(model.base_model, "prefix", None) if hasattr(model, "peft_config") else None
+
     total = trainable = 0
-    for p in model.parameters():  # parameters() yields a tied tensor once
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return {"total": total, "trainable": trainable, "trainable_pct": round(100.0 * trainable / total, 4)}
+    breakdown = dict.fromkeys(["embeddings", "blocks", "final_norm", "head", "adapter"], 0)
+    blocks_training = set()
+    for name, p in model.named_parameters():
+        n = numel(p)
+        total += n
+        if not p.requires_grad:
+            continue
+        trainable += n
+        part = part_of.get(id(p), "other")
+        if adapter_prefix and adapter_prefix in name:
+            part = "adapter"
+        elif isinstance(part, int):
+            blocks_training.add(part)
+            part = "blocks"
+        breakdown[part] = breakdown.get(part, 0) + n
+    shared = parts.embeddings[0].weight
+    peft_config = model.peft_config["default"] if hasattr(model, "peft_config") else None
+    return {
+        "total": total,
+        "trainable": trainable,
+        "trainable_pct": round(100.0 * trainable / total, 4),
+        "breakdown": breakdown,
+        "trainable_blocks": sorted(blocks_training),
+        "num_blocks": len(parts.blocks),
+        "tied_embeddings": parts.tied,
+        "shared_matrix_trains": bool(shared.requires_grad) if parts.tied else None,
+        "peft_target_modules": sorted(peft_config.target_modules) if peft_config else None,
+    }

@@ -1,0 +1,308 @@
+"""Strategies: exact parameter accounting, architecture coverage, and what really trains."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
+
+from transfer.data import load_splits
+from transfer.errors import TransferError
+from transfer.hardware import resolve
+from transfer.models import load_model_and_tokenizer
+from transfer.strategies import apply_strategy, check_before_loading, model_parts, parameter_report
+from transfer.train import train
+from transfer.validate import compose_config
+
+# ---------------------------------------------------------------- Qwen2-0.5B, by hand
+H, LAYERS, HEAD_DIM, KV_HEADS, INTER, VOCAB = 896, 24, 64, 2, 4864, 151_936
+KV = KV_HEADS * HEAD_DIM  # 128: k and v project to 2 heads of 64
+Q_PROJ = H * H + H  # weight + bias
+K_PROJ = V_PROJ = H * KV + KV
+O_PROJ = H * H  # no bias
+MLP = 3 * H * INTER  # gate, up, down
+NORMS = 2 * H  # input and post-attention RMSNorm
+BLOCK = Q_PROJ + K_PROJ + V_PROJ + O_PROJ + MLP + NORMS  # 14,912,384
+EMBED = VOCAB * H  # 136,134,656, shared with the head (tied)
+FINAL_NORM = H
+TOTAL = EMBED + LAYERS * BLOCK + FINAL_NORM
+# LoRA r=16 on q, k, v, o, gate, up, down: A is r x in, B is out x r
+R = 16
+LORA_BLOCK = R * ((H + H) + (H + KV) + (H + KV) + (H + H) + (H + INTER) + (H + INTER) + (INTER + H))
+# DoRA adds one magnitude per output feature of each adapted layer
+DORA_BLOCK = LORA_BLOCK + (H + KV + KV + H + INTER + INTER + H)
+# IA3 (peft's Qwen2 default): a vector over the outputs of q and v, and over the inputs of down (feed-forward)
+IA3_BLOCK = H + KV + INTER
+
+
+def qwen2_0_5b_shape():
+    config = Qwen2Config(
+        hidden_size=H,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=14,
+        num_key_value_heads=KV_HEADS,
+        intermediate_size=INTER,
+        vocab_size=VOCAB,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    )
+    with torch.device("meta"):  # shapes only: no memory, no time
+        return AutoModelForCausalLM.from_config(config)
+
+
+def apply_on_qwen2_shape(*overrides):
+    with torch.device("meta"):
+        model, _ = apply_strategy(qwen2_0_5b_shape(), compose_config(list(overrides)).strategy)
+    return parameter_report(model)
+
+
+def test_the_hand_derived_figures_are_the_published_ones():
+    assert BLOCK == 14_912_384
+    assert TOTAL == 494_032_768  # Qwen2-0.5B's parameter count
+
+
+@pytest.mark.parametrize(
+    "overrides,trainable,total",
+    [
+        (["strategy=full"], TOTAL, TOTAL),
+        (["strategy=scratch"], TOTAL, TOTAL),
+        (["strategy=freeze_embeddings"], 357_898_112, TOTAL),
+        # the tied matrix is the head: frozen with the embeddings by default ...
+        (["strategy=freeze_lower", "strategy.n_layers=12"], 12 * BLOCK + FINAL_NORM, TOTAL),
+        (["strategy=freeze_lower"], 12 * BLOCK + FINAL_NORM, TOTAL),  # default: half the depth
+        # ... and trained when the config says so
+        (["strategy=freeze_lower", "strategy.n_layers=12", "strategy.train_tied_embeddings=true"], 315_084_160, TOTAL),
+        (["strategy=adapter"], 2 * BLOCK + FINAL_NORM, TOTAL),
+        (["strategy=adapter", "strategy.train_tied_embeddings=true"], 2 * BLOCK + FINAL_NORM + EMBED, TOTAL),
+        (["strategy=lora"], LAYERS * LORA_BLOCK, TOTAL + LAYERS * LORA_BLOCK),
+        (["strategy=dora"], LAYERS * DORA_BLOCK, TOTAL + LAYERS * DORA_BLOCK),
+        (["strategy=ia3"], LAYERS * IA3_BLOCK, TOTAL + LAYERS * IA3_BLOCK),
+    ],
+)
+def test_qwen2_0_5b_counts(overrides, trainable, total):
+    report = apply_on_qwen2_shape(*overrides)
+    assert report["trainable"] == trainable
+    assert report["total"] == total
+    assert sum(report["breakdown"].values()) == trainable
+    assert report["tied_embeddings"] is True
+
+
+def test_qwen2_0_5b_freeze_embeddings_is_total_minus_the_shared_matrix():
+    assert 357_898_112 == TOTAL - EMBED
+    assert 315_084_160 == EMBED + 12 * BLOCK + FINAL_NORM
+
+
+def test_breakdown_and_trainable_blocks():
+    r = apply_on_qwen2_shape("strategy=freeze_lower", "strategy.n_layers=0.25")
+    assert r["trainable_blocks"] == list(range(6, 24))
+    assert r["breakdown"] == {"embeddings": 0, "blocks": 18 * BLOCK, "final_norm": H, "head": 0, "adapter": 0}
+    assert r["shared_matrix_trains"] is False
+    r = apply_on_qwen2_shape("strategy=adapter", "strategy.n_layers=3", "strategy.train_tied_embeddings=true")
+    assert r["trainable_blocks"] == [21, 22, 23]
+    assert r["breakdown"]["embeddings"] == EMBED and r["breakdown"]["head"] == 0  # counted once
+    assert r["shared_matrix_trains"] is True
+    r = apply_on_qwen2_shape("strategy=lora", "strategy.target_modules=[q_proj,v_proj]", "strategy.r=8")
+    assert r["trainable"] == LAYERS * 8 * ((H + H) + (H + KV))
+    assert r["trainable_blocks"] == [] and r["breakdown"]["adapter"] == r["trainable"]
+
+
+def test_lora_modules_to_save_trains_one_copy_of_the_tied_matrix():
+    r = apply_on_qwen2_shape("strategy=lora", "strategy.modules_to_save=[head]")
+    # peft trains a copy and keeps the original frozen; head and embeddings share the copy
+    assert r["trainable"] == LAYERS * LORA_BLOCK + EMBED
+    assert r["total"] == TOTAL + LAYERS * LORA_BLOCK + EMBED
+    assert r["breakdown"]["embeddings"] == EMBED and r["breakdown"]["head"] == 0
+    assert r["shared_matrix_trains"] is True
+
+
+# ---------------------------------------------------------------- other architectures
+def small(config_cls, **kw):
+    return AutoModelForCausalLM.from_config(config_cls(**kw))
+
+
+ARCHS = {
+    "qwen2": lambda: small(
+        Qwen2Config,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=300,
+    ),  # fmt: skip
+    "qwen3": lambda: small(
+        Qwen3Config,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=300,
+    ),  # fmt: skip
+    "llama": lambda: small(
+        LlamaConfig, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, vocab_size=300
+    ),  # fmt: skip
+    "gpt2": lambda: small(GPT2Config, n_embd=64, n_layer=4, n_head=4, vocab_size=300, bos_token_id=0, eos_token_id=0),
+    "gpt_neox": lambda: small(
+        GPTNeoXConfig, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, vocab_size=300
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_architectures_are_mapped_by_their_own_accessors(arch):
+    model = ARCHS[arch]()
+    parts = model_parts(model)
+    assert len(parts.blocks) == 4
+    every = {id(p) for p in model.parameters()}
+    mapped = {id(p) for m in [*parts.blocks, *parts.embeddings, *parts.final_norm, parts.head] for p in m.parameters()}
+    assert mapped == every, "some parameters belong to no part"
+    block = sum(p.numel() for p in parts.blocks[0].parameters())
+    emb = sum(p.numel() for m in parts.embeddings for p in m.parameters())
+    norm = sum(p.numel() for m in parts.final_norm for p in m.parameters())
+    head = 0 if parts.tied else parts.head.weight.numel()
+    assert emb + 4 * block + norm + head == sum(p.numel() for p in model.parameters())
+
+    model, _ = apply_strategy(model, compose_config(["strategy=freeze_lower", "strategy.n_layers=1"]).strategy)
+    report = parameter_report(model)
+    assert report["trainable"] == 3 * block + norm + head
+    assert report["trainable_blocks"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_covers_every_block_projection(arch):
+    model, _ = apply_strategy(ARCHS[arch](), compose_config(["strategy=lora", "strategy.r=4"]).strategy)
+    adapted = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    linear_in_blocks = {
+        name
+        for name, m in model.named_modules()
+        if ".h." in name or ".layers." in name
+        if type(m).__name__ in ("Linear", "Conv1D") and "lora" not in name and "base_layer" not in name
+    }
+    assert {a.split("base_model.model.")[-1] for a in adapted} == {
+        n.split("base_model.model.")[-1] for n in linear_in_blocks
+    }
+
+
+def test_an_architecture_without_a_block_list_is_named():
+    class Odd(torch.nn.Module):
+        config = Qwen2Config(model_type="qwen2")
+        _no_split_modules = []
+
+        def get_decoder(self):
+            return self
+
+    with pytest.raises(TransferError, match="cannot map the architecture Odd"):
+        model_parts(Odd())
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["strategy=freeze_lower", "strategy.n_layers=25"],
+            "strategy.n_layers=25: allowed 0..24 (the model has 24 blocks)",
+        ),
+        (["strategy=freeze_lower", "strategy.n_layers=-1"], "strategy.n_layers=-1: allowed 0..24"),
+        (["strategy=freeze_lower", "strategy.n_layers=1.5"], "a fraction must be in (0, 1)"),
+        (["strategy=freeze_lower", "strategy.n_layers=half"], "strategy.n_layers='half': allowed an integer 0..24"),
+        (["strategy=adapter", "strategy.n_layers=0"], "strategy.n_layers=0 for adapter: allowed 1..24"),
+        (["strategy=adapter", "strategy.n_layers=30"], "strategy.n_layers=30 for adapter: allowed 1..24"),
+        (
+            ["strategy=lora", "strategy.target_modules=[q_proj,qkv]"],
+            "'qkv' matches no module of Qwen2ForCausalLM; allowed: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+        ),  # noqa: E501
+        (["strategy=lora", "strategy.r=0"], "allowed r >= 1"),
+        (["strategy=lora", "strategy.modules_to_save=[lm_head]"], "'lm_head' is unknown; allowed: head, embeddings"),
+    ],
+)
+def test_bad_strategy_values_are_named(overrides, message):
+    with pytest.raises(TransferError) as e:
+        apply_on_qwen2_shape(*overrides)
+    assert message in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_qlora_without_cuda_is_refused_before_loading():
+    with pytest.raises(TransferError, match="strategy=qlora needs a CUDA GPU .* use strategy=lora"):
+        check_before_loading(compose_config(["strategy=qlora"]).strategy)
+
+
+# ---------------------------------------------------------------- real models: only what is declared trains
+STRATEGIES = [
+    ["strategy=full"],
+    ["strategy=freeze_embeddings"],
+    ["strategy=freeze_lower", "strategy.n_layers=2"],
+    ["strategy=adapter", "strategy.n_layers=2"],
+    ["strategy=adapter", "strategy.n_layers=1", "strategy.train_tied_embeddings=true"],
+    ["strategy=lora", "strategy.r=4"],
+    ["strategy=dora", "strategy.r=4"],
+    ["strategy=ia3"],
+    ["strategy=scratch"],
+]
+
+
+@pytest.mark.parametrize("model_dir", ["stories260k", "stories260k-qwen2"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: "-".join(o.split("=")[1] for o in s))
+def test_only_declared_parameters_change(shared, model_dir, strategy):
+    cfg = compose_config([
+        f"model.name_or_path={shared / 'models' / model_dir}", "model.tokenizer_from_json=true", *strategy,
+        "max_steps=4", "micro_batch_size=4", "block_size=64", "eval_interval=0",
+        "optimizer.lr=1e-3", "optimizer.warmup_ratio=0", "optimizer.weight_decay=0",
+    ])  # fmt: skip
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    model, declared = apply_strategy(model, cfg.strategy, seed=cfg.seed)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    splits = load_splits(cfg.dataset, tokenizer, cfg.block_size)
+    result = train(model, splits, cfg, resolve(cfg.hardware))
+    assert result["steps"] == 4
+    declared = set(declared)
+    assert declared, "a strategy that trains nothing"
+    for name, p in model.named_parameters():
+        if name in declared:
+            assert not torch.equal(p, before[name]), f"{name} is declared trainable but did not change"
+        else:
+            assert torch.equal(p, before[name]), f"{name} is frozen but changed"
+
+
+# ---------------------------------------------------------------- the run record and dry runs
+def test_dry_run_records_the_counts_and_stops(tmp_path):
+    proc = run_cli(["strategy=freeze_lower", "strategy.n_layers=1", "dry_run=true", "hydra.run.dir=run"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "dry_run"
+    p = record["params"]
+    assert p["trainable_blocks"] == [1, 2, 3] and p["num_blocks"] == 4
+    assert p["tied_embeddings"] is True and p["shared_matrix_trains"] is False
+    assert p["breakdown"]["embeddings"] == 0 and sum(p["breakdown"].values()) == p["trainable"]
+    assert "train" not in record and record["eval"] == {}
+    assert not list((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert "parameters train" in proc.stdout + proc.stderr  # the one-line summary
+
+
+def test_sweep_of_every_cpu_strategy_on_tiny(tmp_path):
+    names = ["full", "freeze_lower", "freeze_embeddings", "adapter", "lora", "dora", "ia3", "scratch"]
+    args = [
+        "-m",
+        f"strategy={','.join(names)}",
+        "max_steps=8",
+        "eval_interval=0",
+        "block_size=64",
+        "micro_batch_size=4",
+    ]
+    proc = run_cli(args, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("multirun/*/*/*/metrics.json"))]
+    assert [
+        r["choices"]["strategy"] for r in sorted(records, key=lambda r: names.index(r["choices"]["strategy"]))
+    ] == names
+    for r in records:
+        assert r["status"] == "completed", r["error"]
+        model, _ = load_model_and_tokenizer(compose_config([]).model, 64)
+        model, _ = apply_strategy(
+            model, compose_config([f"strategy={r['choices']['strategy']}"]).strategy, seed=r["config"]["seed"]
+        )
+        assert r["params"] == parameter_report(model)
