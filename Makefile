@@ -4,7 +4,7 @@ PYTHON ?= python
 SHARED := $(abspath $(wildcard ../shared))
 export TRANSFER_SHARED ?= $(SHARED)
 
-.PHONY: help install run sweep test lint format clean
+.PHONY: help install run sweep test lint format tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ lint:  ## ruff: lint and formatting check
 format:  ## ruff: fix what can be fixed, then format
 	$(PYTHON) -m ruff check --fix transfer tests
 	$(PYTHON) -m ruff format transfer tests
+
+tensorboard:  ## open TensorBoard on the newest sweep under multirun/ (or LOGDIR=...)
+	$(PYTHON) -m tensorboard.main --logdir $${LOGDIR:-$$(ls -d multirun/*/*/ 2>/dev/null | sort | tail -n 1 | grep . || echo outputs)}
 
 clean:  ## remove caches and single-run outputs (multirun/ is kept)
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 
 # Small, fast settings for real runs of the default experiment on a CPU.
-FAST = ["max_steps=30", "eval_interval=10", "block_size=64", "micro_batch_size=8", "eval_batch_size=32"]
+FAST = [
+    "max_steps=30", "eval_interval=10", "block_size=64", "micro_batch_size=8", "eval_batch_size=32",
+    "eval.reference.max_tokens=8192",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

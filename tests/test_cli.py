@@ -56,8 +56,8 @@ def test_single_run_writes_a_sane_record(tmp_path):
     model = build_model(tiny_config(cfg.model.tiny, tok), seed=cfg.model.tiny.seed)
     assert record["params"]["total"] == sum(p.numel() for p in model.parameters())
     assert record["params"]["trainable"] == record["params"]["total"]  # strategy=full
-    # the validation curve was recorded at steps 10 and 20, the last point is the final evaluation
-    assert [v["step"] for v in record["train"]["validation_curve"]] == [10, 20]
+    # validated every 10 steps and at the last one
+    assert [v["step"] for v in record["train"]["validation_curve"]] == [10, 20, 30]
     assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events"
     assert (run / ".hydra" / "overrides.yaml").is_file()
 
@@ -71,7 +71,7 @@ def test_tensorboard_holds_the_scalars(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "validation/loss", "validation/perplexity"} <= tags
-    assert [e.step for e in events.Scalars("validation/loss")] == [10, 20]  # in-loop at 10, final at 20
+    assert [e.step for e in events.Scalars("validation/loss")] == [0, 10, 20]  # baseline, then every 10 steps
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert len(lrs) == 20 and max(lrs) == pytest.approx(3e-4) and lrs[0] < lrs[1] and lrs[-1] < 0.2 * 3e-4
 

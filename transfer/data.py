@@ -74,16 +74,21 @@ def _files_split(cfg, split: str, files: list[str]) -> list[str] | None:
         if split == "train":
             raise TransferError(f"dataset.train_files is empty; allowed: one or more of {', '.join(BUILDERS)} files")
         return None
+    return read_files(cfg, files, f"dataset.{split}_files")
+
+
+def read_files(cfg, files: list[str], where: str) -> list[str]:
+    """The non-empty texts of local files, one type per call, through the `datasets` library."""
     suffixes = set()
     for f in files:
         path = Path(f).expanduser()
         if not path.is_file():
-            raise TransferError(f"dataset.{split}_files: no such file {f!r}")
+            raise TransferError(f"{where}: no such file {f!r}")
         if path.suffix.lower() not in BUILDERS:
-            raise TransferError(f"dataset.{split}_files: {f!r} has an unsupported type; allowed: {', '.join(BUILDERS)}")
+            raise TransferError(f"{where}: {f!r} has an unsupported type; allowed: {', '.join(BUILDERS)}")
         suffixes.add(BUILDERS[path.suffix.lower()])
     if len(suffixes) > 1:
-        raise TransferError(f"dataset.{split}_files mixes file types {sorted(suffixes)}; use one type per split")
+        raise TransferError(f"{where} mixes file types {sorted(suffixes)}; use one type per split")
     builder = suffixes.pop()
     kwargs = {"sample_by": cfg.txt_sample_by.value} if builder == "text" else {}
     import datasets
@@ -93,25 +98,29 @@ def _files_split(cfg, split: str, files: list[str]) -> list[str] | None:
             builder, data_files=[str(Path(f).expanduser()) for f in files], split="train", **kwargs
         )
     except Exception as e:
-        raise TransferError(f"dataset.{split}_files: cannot read {files}: {first_line(e)}") from None
-    return _column(cfg, table, f"dataset.{split}_files")
+        raise TransferError(f"{where}: cannot read {list(files)}: {first_line(e)}") from None
+    return _column(cfg, table, where)
 
 
 def _hub_split(cfg, split: str | None) -> list[str] | None:
     if split is None:
         return None
+    return read_hub(cfg, split, f"dataset.path={cfg.path!r} split {split!r}")
+
+
+def read_hub(cfg, split: str, where: str) -> list[str]:
+    """The non-empty texts of one split of a hub dataset."""
     import datasets
 
     try:
         table = datasets.load_dataset(cfg.path, cfg.config_name, split=split, revision=cfg.revision)
     except ValueError as e:
-        raise TransferError(f"dataset.path={cfg.path!r}: split {split!r} not available ({first_line(e)})") from None
+        raise TransferError(f"{where}: split not available ({first_line(e)})") from None
     except Exception as e:
         raise TransferError(
-            f"dataset.path={cfg.path!r} (config {cfg.config_name!r}) cannot be loaded from the hub, "
-            f"offline or unknown? ({first_line(e)})"
+            f"{where} (config {cfg.config_name!r}) cannot be loaded from the hub, offline or unknown? ({first_line(e)})"
         ) from None
-    return _column(cfg, table, f"dataset.path={cfg.path!r} split {split!r}")
+    return _column(cfg, table, where)
 
 
 def _column(cfg, table, where: str) -> list[str]:
@@ -140,6 +149,47 @@ def _hold_out(cfg, train: list[str], names: list[str]) -> dict[str, list[str]]:
     train[:] = [train[j] for j in keep]
     log.info("held out %s documents each for %s from the training split", n_each, ", ".join(names))
     return held
+
+
+def load_reference(cfg, tokenizer, block_size: int) -> Blocks | None:
+    """The reference (forgetting) corpus as evaluation blocks; None when eval.reference=none."""
+    if cfg.name == "none":
+        return None
+    if "files" in cfg:
+        texts = read_files(cfg, list(cfg.files), "eval.reference.files")
+    elif "path" in cfg:
+        texts = read_hub(cfg, cfg.split, f"eval.reference.path={cfg.path!r} split {cfg.split!r}")
+    else:
+        texts = python_docs_prose()
+    ids = tokenize(texts, tokenizer)
+    if not ids:
+        raise TransferError(
+            f"eval.reference={cfg.name!r} is empty (no text in field {cfg.text_field!r}); give it text, or eval/reference=none"
+        )
+    if cfg.max_tokens is not None:
+        if cfg.max_tokens < 2:
+            raise TransferError(f"eval.reference.max_tokens={cfg.max_tokens}: allowed 2 or more, or null for all")
+        ids = ids[: cfg.max_tokens]
+    return to_blocks(ids, block_size, tokenizer.eos_token_id or 0, keep_partial=True, documents=len(texts))
+
+
+def python_docs_prose() -> list[str]:
+    """Paragraphs of English prose from the Python documentation every CPython ships.
+
+    Code, grammar rules and headings are indented or underlined there; they are left out.
+    """
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        for para in topics[key].split("\n\n"):
+            lines = para.splitlines()
+            if not lines or lines[0].startswith(" ") or any(set(line) <= set("*=-~^") for line in lines if line):
+                continue
+            text = " ".join(line.strip() for line in lines)
+            if len(text) > 80 and text[-1] in ".:)" and sum(c.isalpha() for c in text) > 0.7 * len(text):
+                paragraphs.append(text)
+    return paragraphs
 
 
 def tokenize(texts: list[str], tokenizer) -> list[int]:

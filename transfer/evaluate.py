@@ -25,3 +25,26 @@ def evaluate(model, blocks: Blocks, batch_size: int, hardware, desc: str = "eval
     model.train(was_training)
     mean = total / count
     return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": count}
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, prompts, max_new_tokens: int, hardware) -> list[dict]:
+    """Greedy continuations of each prompt: deterministic, so before and after compare."""
+    was_training = model.training
+    model.eval()
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(hardware.device)
+        with hardware.autocast():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            )
+        samples.append(
+            {"prompt": prompt, "completion": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}
+        )
+    model.train(was_training)
+    return samples

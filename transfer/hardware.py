@@ -1,7 +1,9 @@
 """Where and in which precision a run computes."""
 
 import contextlib
+import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,31 @@ class Hardware:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        """Start a run's peak from now: the counters outlive a job when a sweep runs jobs in one process."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def peak_memory(self) -> dict:
+        if self.device.type == "cuda":
+            return {
+                "bytes": torch.cuda.max_memory_allocated(self.device),
+                "reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+                "kind": "cuda_max_memory_allocated",
+            }
+        status = Path("/proc/self/status")
+        if status.is_file():
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return {"bytes": int(line.split()[1]) * 1024, "kind": "cpu_peak_rss"}
+        # elsewhere the process-lifetime peak (kilobytes on Linux, bytes on macOS)
+        return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kind": "cpu_peak_rss_process"}
 
 
 def resolve(cfg) -> Hardware:

@@ -1,11 +1,13 @@
 """One experiment, start to finish: config -> model, data, strategy -> baseline
-evaluation -> training -> final evaluation -> `metrics.json`.
+evaluation and samples -> training -> final evaluation and samples -> `metrics.json`.
 
 The record is written when the run starts (status `running`), after the baseline,
 and at the end (`completed`, or `failed` with a one-line error), so a folder
-always tells how far its run got.
+always tells how far its run got. With resume=true a completed run is skipped and
+an interrupted one continues from its last checkpoint.
 """
 
+import json
 import logging
 import platform
 import time
@@ -18,9 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from transfer import validate
-from transfer.data import load_splits
+from transfer.checkpoint import find_resume_point
+from transfer.data import load_reference, load_splits
 from transfer.errors import TransferError, first_line
-from transfer.evaluate import evaluate
+from transfer.evaluate import evaluate, generate_samples
 from transfer.hardware import resolve
 from transfer.models import context_length, load_model_and_tokenizer
 from transfer.record import read_record, write_record
@@ -35,7 +38,11 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     out_dir = Path(out_dir)
     previous = read_record(out_dir)
     if previous and previous.get("status") == "completed":
+        if cfg.resume is True:
+            log.info("%s holds a completed run: skipped (resume=true)", out_dir)
+            return previous
         raise TransferError(f"{out_dir} already holds a completed run; choose another output folder (hydra.run.dir)")
+    resume_from = find_resume_point(cfg.resume, out_dir)  # before anything is written
     record = {
         "status": "running",
         "error": None,
@@ -55,6 +62,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     try:
         validate.check_config(cfg)
         hardware = resolve(cfg.hardware)
+        hardware.reset_peak_memory()
         record["hardware"] = {
             "device": str(hardware.device),
             "precision": hardware.precision,
@@ -80,31 +88,47 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             record["status"] = "dry_run"
             return record
         splits = load_splits(cfg.dataset, tokenizer, cfg.block_size)
+        reference = load_reference(cfg.eval.reference, tokenizer, cfg.block_size)
+        if reference is not None:
+            splits["reference"] = reference
         record["data"] = {"block_size": cfg.block_size, **{name: b.summary() for name, b in splits.items()}}
         if not quantize:  # bitsandbytes placed the 4-bit weights already
             model.to(hardware.device)
+        prompts = list(cfg.dataset.prompts)
 
         with SummaryWriter(log_dir=str(out_dir)) as writer:
             record["eval"]["baseline"] = _evaluate_splits(model, splits, cfg, hardware, "baseline")
+            for name, result in record["eval"]["baseline"].items():  # step 0 of each curve
+                writer.add_scalar(f"{name}/loss", result["loss"], 0)
+                writer.add_scalar(f"{name}/perplexity", result["perplexity"], 0)
+            before = generate_samples(model, tokenizer, prompts, cfg.eval.max_new_tokens, hardware)
             write_record(out_dir, record)
-            record["train"] = train(model, splits, cfg, hardware, writer)
+            record["train"] = train(
+                model, splits, cfg, hardware, writer, run_dir=out_dir, resume_from=resume_from,
+                baseline_loss=record["eval"]["baseline"]["validation"]["loss"],
+            )  # fmt: skip
             record["eval"]["final"] = _evaluate_splits(model, splits, cfg, hardware, "final")
             record["eval"]["change_pct"] = {
                 name: _change_pct(
                     record["eval"]["baseline"][name]["perplexity"], record["eval"]["final"][name]["perplexity"]
                 )
-                for name in EVAL_SPLITS
+                for name in record["eval"]["final"]
             }
-            steps = record["train"]["steps"]
-            for name in EVAL_SPLITS:
-                writer.add_scalar(f"{name}/loss", record["eval"]["final"][name]["loss"], steps)
-                writer.add_scalar(f"{name}/perplexity", record["eval"]["final"][name]["perplexity"], steps)
+            after = generate_samples(model, tokenizer, prompts, cfg.eval.max_new_tokens, hardware)
+            record["samples"] = [{**b, "completion_after": a["completion"]} for b, a in zip(before, after, strict=True)]
+            record["memory"] = hardware.peak_memory()
+            _write_samples(out_dir, writer, record["samples"])
+            _log_final(writer, record, choices, overrides)
         record["status"] = "completed"
+        final, base = record["eval"]["final"], record["eval"]["baseline"]
         log.info(
-            "validation perplexity %.3f -> %.3f (%+.1f%%) in %.1f s of training",
-            record["eval"]["baseline"]["validation"]["perplexity"],
-            record["eval"]["final"]["validation"]["perplexity"],
+            "validation perplexity %.3f -> %.3f (%+.1f%%)%s in %.1f s of training",
+            base["validation"]["perplexity"],
+            final["validation"]["perplexity"],
             record["eval"]["change_pct"]["validation"],
+            f"; reference {base['reference']['perplexity']:.3f} -> {final['reference']['perplexity']:.3f}"
+            if "reference" in final
+            else "",
             record["train"]["seconds"],
         )
     except BaseException as e:
@@ -119,10 +143,42 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
 
 
 def _evaluate_splits(model, splits, cfg, hardware, when: str) -> dict:
+    """Validation, test and (when configured) the reference corpus."""
     return {
         name: evaluate(model, splits[name], cfg.eval_batch_size, hardware, desc=f"{when} {name}")
-        for name in EVAL_SPLITS
+        for name in (*EVAL_SPLITS, "reference")
+        if name in splits
     }
+
+
+def _write_samples(out_dir: Path, writer, samples: list[dict]) -> None:
+    (out_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
+    for i, s in enumerate(samples):
+        text = f"**prompt:** {s['prompt']}\n\n**before:** {s['completion']}\n\n**after:** {s['completion_after']}"
+        writer.add_text(f"samples/{i}", text)
+
+
+def _log_final(writer, record: dict, choices: dict, overrides: list[str]) -> None:
+    """Final scalars, and the HParams dashboard: this run's choices against its results."""
+    from torch.utils.tensorboard.summary import hparams
+
+    steps = record["train"]["steps"]
+    metrics = {}
+    for name, result in record["eval"]["final"].items():
+        if name != "validation" or not record["train"]["validation_curve"]:  # the loop drew validation already
+            writer.add_scalar(f"{name}/loss", result["loss"], steps)
+            writer.add_scalar(f"{name}/perplexity", result["perplexity"], steps)
+        metrics[f"final/{name}_perplexity"] = result["perplexity"]
+    metrics["final/train_seconds"] = record["train"]["seconds"]
+    metrics["final/trainable_pct"] = record["params"]["trainable_pct"]
+    hp = {group: str(choice) for group, choice in choices.items()}
+    hp.update({o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o and not o.startswith("hydra")})
+    hp["trainable_params"] = record["params"]["trainable"]
+    experiment, start, end = hparams(hp, metrics)
+    for summary in (experiment, start, end):
+        writer.file_writer.add_summary(summary)
+    for key, value in metrics.items():
+        writer.add_scalar(key, value, steps)
 
 
 def _change_pct(before: float, after: float) -> float:

@@ -20,6 +20,7 @@ from omegaconf import MISSING, OmegaConf
 
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
 GROUPS = ("model", "strategy", "dataset", "hardware", "optimizer")
+REFERENCE_GROUP = "eval/reference"
 
 
 class Device(Enum):
@@ -44,6 +45,11 @@ class Schedule(Enum):
     cosine = "cosine"
     linear = "linear"
     constant = "constant"
+
+
+class FinalWeights(Enum):
+    best = "best"
+    last = "last"
 
 
 class TxtSampleBy(Enum):
@@ -143,6 +149,8 @@ class DatasetConfig:
     holdout_fraction: float = 0.05
     # Fixed apart from the run seed: every job of a sweep sees the same splits.
     split_seed: int = 0
+    # Greedy generations from these prompts are recorded before and after training.
+    prompts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -165,6 +173,63 @@ class HubDataset(DatasetConfig):
     train_split: str = "train"
     validation_split: str | None = "validation"
     test_split: str | None = "test"
+
+
+# ---------------------------------------------------------------- evaluation
+@dataclass
+class ReferenceConfig:
+    """General text scored before and after training: what a strategy made the model forget.
+
+    `python_docs` is the English prose of the Python documentation shipped with
+    every CPython (pydoc_data); `none` turns the reference off.
+    """
+
+    name: str = MISSING
+    text_field: str = "text"
+    # Score at most this many tokens (the first ones, so always the same); null = all.
+    max_tokens: int | None = 65536
+
+
+@dataclass
+class ReferenceFiles(ReferenceConfig):
+    files: list[str] = MISSING
+    txt_sample_by: TxtSampleBy = TxtSampleBy.paragraph
+
+
+@dataclass
+class ReferenceHub(ReferenceConfig):
+    path: str = MISSING
+    config_name: str | None = None
+    revision: str | None = None
+    split: str = "test"
+
+
+@dataclass
+class EvalConfig:
+    reference: ReferenceConfig = MISSING
+    # New tokens generated greedily for each of dataset.prompts.
+    max_new_tokens: int = 32
+    # Weights of the final evaluation: the best by validation loss, or the last.
+    weights: FinalWeights = FinalWeights.best
+
+
+@dataclass
+class EarlyStoppingConfig:
+    # Stop after this many validations without improvement (0: never stop early).
+    patience: int = 0
+    # An improvement must lower the validation loss by more than this.
+    min_delta: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    # Save every N optimizer steps (0: only at the end).
+    interval: int = 0
+    # Step checkpoints kept on disk (the best weights are kept apart).
+    keep: int = 2
+    # Non-peft strategies save their trainable weights; true saves the whole model.
+    full_model: bool = False
 
 
 # ---------------------------------------------------------------- hardware
@@ -230,6 +295,13 @@ class Config:
     # Load the model, apply the strategy, write the record with the counts, stop.
     dry_run: bool = False
 
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Continue a killed run: true = from the last checkpoint in the run's own folder
+    # (a completed run is skipped), or the path of a run folder or checkpoint.
+    resume: Any = False
+
 
 def register() -> None:
     cs = ConfigStore.instance()
@@ -245,6 +317,9 @@ def register() -> None:
         ("dataset", "text_files", TextFilesDataset),
         ("dataset", "hub", HubDataset),
         ("hardware", "base", HardwareConfig),
+        ("eval/reference", "base", ReferenceConfig),
+        ("eval/reference", "files", ReferenceFiles),
+        ("eval/reference", "hub", ReferenceHub),
         ("optimizer", "adamw", AdamWConfig),
         ("optimizer", "sgd", SGDConfig),
     ]:

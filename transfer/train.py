@@ -3,24 +3,52 @@
 One optimizer step = `grad_accum_steps` micro-batches of `micro_batch_size` whole
 blocks. Blocks are drawn from a seeded stream of per-epoch permutations, so every
 micro-batch is full (each step weighs the same number of tokens) and an epoch is
-exactly one pass over the training blocks. Time spent validating is not counted
-as training time.
+exactly one pass over the training blocks.
+
+Every `eval_interval` steps and at the last step the validation split is scored;
+the lowest validation loss marks the best weights (the untrained model counts, as
+step 0), early stopping watches it, and the final evaluation uses the best or the
+last weights as `eval.weights` says. Time spent validating or checkpointing is not
+training time.
 """
 
 import logging
 import math
 import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from transfer import checkpoint
 from transfer.errors import TransferError
 from transfer.evaluate import evaluate
 from transfer.loss import summed_lm_loss
 from transfer.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Everything about a run's training so far that a resume needs besides tensors."""
+
+    step: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    loss_first: float | None = None
+    loss_last: float | None = None
+    loss_curve: list = field(default_factory=list)
+    validation_curve: list = field(default_factory=list)
+    best_loss: float = math.inf
+    best_step: int | None = None
+    evals_since_best: int = 0
+    interval_loss: float = 0.0
+    interval_steps: int = 0
+    stop_reason: str | None = None
+    resumed_from_step: int | None = None
 
 
 def plan_steps(cfg, n_blocks: int) -> tuple[int, str]:
@@ -34,38 +62,56 @@ def plan_steps(cfg, n_blocks: int) -> tuple[int, str]:
     return min(candidates)
 
 
-def block_stream(n_blocks: int, seed: int):
-    """Indices of training blocks: a fresh seeded permutation per epoch, end to end."""
-    epoch = 0
+def block_stream(n_blocks: int, seed: int, start: int = 0):
+    """Indices of training blocks: a fresh seeded permutation per epoch, end to end, from position `start`."""
+    epoch, offset = divmod(start, n_blocks)
     while True:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        yield from torch.randperm(n_blocks, generator=g).tolist()
-        epoch += 1
+        yield from torch.randperm(n_blocks, generator=g)[offset:].tolist()
+        epoch, offset = epoch + 1, 0
 
 
-def train(model, splits, cfg, hardware, writer=None) -> dict:
+def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None, resume_from: Path | None = None,
+          baseline_loss: float = math.inf) -> dict:  # fmt: skip
     blocks = splits["train"].input_ids
     n_blocks, block_size = blocks.shape
     total_steps, bound = plan_steps(cfg, n_blocks)
     micro, accum = cfg.micro_batch_size, cfg.grad_accum_steps
+    validate_every = cfg.eval_interval
+    saving = cfg.checkpoint.enabled and run_dir is not None
+    checkpoints = run_dir / "checkpoints" if run_dir is not None else None
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.optimizer, hardware.device)
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
     scaler = hardware.grad_scaler()
     max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip is not None else math.inf
-    stream = block_stream(n_blocks, cfg.seed)
+    # the untrained weights are the best until validation says otherwise
+    progress = Progress(best_loss=baseline_loss, best_step=0 if validate_every else None)
+    best_weights = checkpoint.trainable_state(model) if validate_every else None
+    if resume_from is not None:
+        progress, best_weights = _resume(resume_from, model, optimizer, scheduler, scaler, best_weights)
+    stream = block_stream(n_blocks, cfg.seed, start=progress.samples)
 
-    loss_curve, validation_curve = [], []
-    loss_first = loss_last = None
-    interval_loss, interval_steps = torch.zeros((), device=hardware.device), 0
-    seconds = 0.0
+    def save_step_checkpoint():
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "progress": asdict(progress),
+        }
+        nbytes = checkpoint.save(checkpoints / f"step-{progress.step:06d}", model, cfg.checkpoint.full_model, state)
+        checkpoint.prune(checkpoints, cfg.checkpoint.keep)
+        return nbytes
+
     model.train()
-    progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True)
     hardware.synchronize()
     started = time.perf_counter()
+    saved_bytes = None
     with logging_redirect_tqdm():  # log lines print above the bar, not through it
-        for step in range(1, total_steps + 1):
+        for step in range(progress.step + 1, total_steps + 1):
             step_loss = torch.zeros((), device=hardware.device)
             for _ in range(accum):
                 idx = torch.tensor([next(stream) for _ in range(micro)])
@@ -82,63 +128,125 @@ def train(model, splits, cfg, hardware, writer=None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
-            interval_loss += step_loss
-            interval_steps += 1
-
-            if step in (1, total_steps) or step % cfg.log_interval == 0:
-                # .item() waits for the device: only on logging steps.
-                value = step_loss.item()
-                if not math.isfinite(value):
-                    raise TransferError(
-                        f"training loss became {value} at step {step}; lower optimizer.lr={cfg.optimizer.lr}?"
-                    )
-                if step == 1:
-                    loss_first = value
-                loss_last = value
-                mean = (interval_loss / interval_steps).item()
-                interval_loss.zero_()
-                interval_steps = 0
+            progress.step = step
+            progress.samples += micro * accum
+            value = step_loss.item()  # one wait for the device per optimizer step
+            if not math.isfinite(value):
+                raise TransferError(
+                    f"training loss became {value} at step {step}; lower optimizer.lr={cfg.optimizer.lr}?"
+                )
+            progress.loss_first = value if progress.loss_first is None else progress.loss_first
+            progress.loss_last = value
+            progress.interval_loss += value
+            progress.interval_steps += 1
+            logging_step = step in (1, total_steps) or step % cfg.log_interval == 0
+            if logging_step:
+                mean = progress.interval_loss / progress.interval_steps
+                progress.interval_loss, progress.interval_steps = 0.0, 0
                 hardware.synchronize()
-                elapsed = seconds + time.perf_counter() - started
-                tokens_per_s = step * accum * micro * block_size / elapsed
-                loss_curve.append({"step": step, "loss": mean})
-                progress.set_postfix(loss=f"{mean:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                elapsed = progress.seconds + time.perf_counter() - started
+                tokens_per_s = progress.samples * block_size / elapsed
+                progress.loss_curve.append({"step": step, "loss": mean})
+                bar.set_postfix(loss=f"{mean:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 if writer is not None:
                     writer.add_scalar("train/loss", mean, step)
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/grad_norm", grad_norm.item(), step)
                     writer.add_scalar("train/tokens_per_second", tokens_per_s, step)
-            progress.update(1)
+            bar.update(1)
 
-            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total_steps:
-                hardware.synchronize()
-                seconds += time.perf_counter() - started
+            validating = validate_every and (step % validate_every == 0 or step == total_steps)
+            saving_now = saving and cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+            if not (validating or saving_now):
+                continue
+            hardware.synchronize()
+            progress.seconds += time.perf_counter() - started
+            if validating:
                 result = evaluate(model, splits["validation"], cfg.eval_batch_size, hardware, desc="validate")
                 model.train()
-                validation_curve.append({"step": step, "loss": result["loss"], "perplexity": result["perplexity"]})
+                progress.validation_curve.append(
+                    {"step": step, "loss": result["loss"], "perplexity": result["perplexity"]}
+                )
                 log.info("step %d: validation loss %.4f, perplexity %.3f", step, result["loss"], result["perplexity"])
                 if writer is not None:
                     writer.add_scalar("validation/loss", result["loss"], step)
                     writer.add_scalar("validation/perplexity", result["perplexity"], step)
-                started = time.perf_counter()
+                if result["loss"] < progress.best_loss - cfg.early_stopping.min_delta:
+                    progress.best_loss, progress.best_step, progress.evals_since_best = result["loss"], step, 0
+                    best_weights = checkpoint.trainable_state(model)
+                    if saving:
+                        meta = {"step": step, "validation_loss": result["loss"]}
+                        checkpoint.save(checkpoints / "best", model, cfg.checkpoint.full_model, meta=meta)
+                else:
+                    progress.evals_since_best += 1
+                if cfg.early_stopping.patience and progress.evals_since_best >= cfg.early_stopping.patience:
+                    progress.stop_reason = "early_stop"
+                    log.info(
+                        "early stop at step %d: %d validations without improvement since step %d",
+                        step, progress.evals_since_best, progress.best_step,
+                    )  # fmt: skip
+            if saving_now:
+                saved_bytes = save_step_checkpoint()
+            started = time.perf_counter()
+            if progress.stop_reason:
+                break
     hardware.synchronize()
-    seconds += time.perf_counter() - started
-    progress.close()
+    progress.seconds += time.perf_counter() - started
+    bar.close()
+    progress.stop_reason = progress.stop_reason or bound
+    last_step = progress.step
+    if saving and not (cfg.checkpoint.interval and last_step % cfg.checkpoint.interval == 0 and saved_bytes):
+        saved_bytes = save_step_checkpoint()
 
-    samples = total_steps * accum * micro
-    tokens = samples * block_size
+    final_step = last_step
+    if cfg.eval.weights.value == "best" and best_weights is not None and progress.best_step != last_step:
+        checkpoint.restore_trainable(model, best_weights)
+        final_step = progress.best_step
+        log.info("final evaluation on the best weights, from step %d", final_step)
+
+    tokens = progress.samples * block_size
+    seconds = progress.seconds
     return {
         "seconds": seconds,
-        "steps": total_steps,
-        "epochs": samples / n_blocks,
-        "stop_reason": bound,
+        "steps": last_step,
+        "planned_steps": total_steps,
+        "epochs": progress.samples / n_blocks,
+        "stop_reason": progress.stop_reason,
         "tokens": tokens,
-        "samples": samples,
-        "tokens_per_second": tokens / seconds,
-        "samples_per_second": samples / seconds,
-        "loss_first": loss_first,
-        "loss_last": loss_last,
+        "samples": progress.samples,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "samples_per_second": progress.samples / seconds if seconds > 0 else None,
+        "loss_first": progress.loss_first,
+        "loss_last": progress.loss_last,
         "lr_last": scheduler.get_last_lr()[0],
-        "loss_curve": loss_curve,
-        "validation_curve": validation_curve,
+        "best_step": progress.best_step,
+        "best_validation_loss": progress.best_loss if progress.best_step is not None else None,
+        "final_weights": {"which": cfg.eval.weights.value if best_weights is not None else "last", "step": final_step},
+        "resumed_from_step": progress.resumed_from_step,
+        "checkpoint": {"folder": str(checkpoints) if saving else None, "bytes": saved_bytes},
+        "loss_curve": progress.loss_curve,
+        "validation_curve": progress.validation_curve,
     }
+
+
+def _resume(folder: Path, model, optimizer, scheduler, scaler, best_weights):
+    """Restore weights, optimizer, scheduler, scaler, RNG and progress from a step checkpoint."""
+    state = checkpoint.load_trainer_state(folder)
+    try:
+        checkpoint.load_weights(folder, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        progress = Progress(**state["progress"])
+    except (KeyError, RuntimeError, ValueError, OSError) as e:
+        raise TransferError(f"resume: checkpoint {folder} does not fit this run ({type(e).__name__}: {e})") from None
+    best = folder.parent / "best"
+    if progress.best_step and (best / "best.json").is_file():
+        current = checkpoint.trainable_state(model)
+        checkpoint.load_weights(best, model)
+        best_weights = checkpoint.trainable_state(model)
+        checkpoint.restore_trainable(model, current)
+    checkpoint.set_rng_state(state["rng"])
+    progress.resumed_from_step = progress.step
+    log.info("resumed from %s at step %d", folder, progress.step)
+    return progress, best_weights

@@ -45,8 +45,9 @@ def check_command_line(argv: list[str]) -> None:
     for overrides in jobs[:MAX_SWEEP_JOBS_CHECKED]:
         check_config(compose_config(overrides))
     if not args.multirun:
-        run_dir = compose_config(args.overrides, with_hydra=True).hydra.run.dir
-        _check_run_dir_is_free(Path(run_dir))
+        cfg = compose_config(args.overrides, with_hydra=True)
+        if cfg.resume is not True:  # resume=true skips a completed run instead
+            _check_run_dir_is_free(Path(cfg.hydra.run.dir))
 
 
 def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
@@ -70,8 +71,8 @@ def _check_run_dir_is_free(run_dir: Path) -> None:
 def explain(e: BaseException) -> str:
     """One line naming the bad key or value and what is allowed."""
     if isinstance(e, MissingConfigException):
-        m = re.search(r"Could not find '([^/']+)/([^']+)'", str(e))
-        if m and m.group(1) in schema.GROUPS:
+        m = re.search(r"Could not find '(.+)/([^/']+)'", str(e))
+        if m and m.group(1) in (*schema.GROUPS, schema.REFERENCE_GROUP):
             group, value = m.groups()
             return f"unknown {group} '{value}'; allowed: {', '.join(group_options(group))}"
         return first_line(e)
@@ -132,6 +133,23 @@ def check_config(cfg: DictConfig) -> None:
         raise TransferError(f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {opt.momentum})")
     if not 0 <= cfg.dataset.holdout_fraction < 1:
         raise TransferError(f"dataset.holdout_fraction={cfg.dataset.holdout_fraction} must be in [0, 1)")
+    if cfg.eval.max_new_tokens < 1:
+        raise TransferError(f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be at least 1")
+    stop = cfg.early_stopping
+    if stop.patience < 0 or stop.min_delta < 0:
+        raise TransferError(
+            f"early_stopping.patience={stop.patience}, min_delta={stop.min_delta}: allowed patience >= 0 (0: off), min_delta >= 0"
+        )
+    if stop.patience and not cfg.eval_interval:
+        raise TransferError(
+            f"early_stopping.patience={stop.patience} needs validation during training; set eval_interval > 0"
+        )
+    if cfg.checkpoint.interval < 0 or cfg.checkpoint.keep < 1:
+        raise TransferError(
+            f"checkpoint.interval={cfg.checkpoint.interval}, keep={cfg.checkpoint.keep}: allowed interval >= 0 (0: at the end), keep >= 1"
+        )
+    if not isinstance(cfg.resume, (bool, str)) and cfg.resume is not None:
+        raise TransferError(f"resume={cfg.resume!r}: allowed true, false, or the path of a run folder or checkpoint")
     threads = cfg.hardware.num_threads
     if threads is not None and threads < 1:
         raise TransferError(f"hardware.num_threads={threads} must be at least 1 (or null for torch's default)")
