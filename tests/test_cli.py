@@ -168,7 +168,18 @@ def test_a_completed_run_is_never_overwritten(tmp_path):
     before = {p: p.read_bytes() for p in files}
     proc = run_cli([*FAST, "max_steps=6", "hydra.run.dir=run"], cwd=tmp_path)
     assert proc.returncode == 2
-    assert (
-        proc.stderr.strip() == "error: run already holds a completed run; choose another output folder (hydra.run.dir)"
+    assert proc.stderr.strip() == (
+        "error: run already holds a run (status completed); "
+        "continue it with resume=true, or choose another output folder (hydra.run.dir)"
     )
     assert {p: p.read_bytes() for p in files} == before
+    # resume=true on a finished run: nothing to do, nothing touched (not even .hydra/)
+    proc = run_cli([*FAST, "max_steps=5", "eval_interval=0", "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
+    assert proc.returncode == 0 and "nothing to resume" in proc.stdout
+    assert {p: p.read_bytes() for p in files} == before
+
+
+def test_resume_true_without_the_run_folder_is_refused(tmp_path):
+    proc = run_cli(["resume=true"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: resume=true but outputs/") and "hydra.run.dir=<the run folder>" in proc.stderr

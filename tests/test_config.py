@@ -1,6 +1,7 @@
 """Config composition through Hydra's compose API, and the schema's rejections."""
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from transfer import schema
@@ -34,7 +35,11 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group,option", ALL_CHOICES)
 def test_every_choice_composes(group, option):
     cfg = compose_config([f"{group}={option}", *REQUIRED.get((group, option), [])])
-    check_config(cfg)
+    if option == "qlora" and not torch.cuda.is_available():
+        with pytest.raises(TransferError, match="strategy=qlora needs a CUDA GPU"):
+            check_config(cfg)  # refused at start-up, before any model is loaded
+    else:
+        check_config(cfg)
     assert cfg[group].name == option
     expected = EXPECTED_TYPES.get((group, option))
     if expected:
@@ -94,7 +99,13 @@ def test_schema_rejections_are_one_line(overrides, message):
         (["epochs=-1"], "epochs=-1.0 must be positive"),
         (["micro_batch_size=0"], "micro_batch_size=0 must be at least 1"),
         (["optimizer.lr=-1e-3"], "optimizer.lr=-0.001 must be positive"),
-        (["optimizer.warmup_steps=10", "optimizer.warmup_ratio=0.1"], "are both set"),
+        (["optimizer.warmup_steps=200"], "optimizer.warmup_steps=200 must be below max_steps=200"),
+        (["strategy=lora", "strategy.dropout=1.5"], "allowed r >= 1, alpha > 0, dropout in [0, 1)"),
+        (["strategy=freeze_lower", "strategy.n_layers=-2"], "strategy.n_layers=-2: allowed an integer from 0"),
+        (["strategy=adapter", "strategy.n_layers=0"], "strategy.n_layers=0 for adapter: allowed an integer from 1"),
+        (["strategy=lora", "strategy.modules_to_save=[lm_head]"], "'lm_head' is unknown; allowed: head, embeddings"),
+        (["eval.reference.max_tokens=1"], "eval.reference.max_tokens=1: allowed 2 or more"),
+        (["resume=/nonexistent"], "resume='/nonexistent': no such folder"),
         (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] must be two numbers"),
         (["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true"], "nesterov"),
         (["dataset.holdout_fraction=1.5"], "dataset.holdout_fraction=1.5 must be in [0, 1)"),
@@ -105,6 +116,23 @@ def test_range_checks(overrides, message):
     with pytest.raises(TransferError, match=None) as e:
         check_config(cfg)
     assert message in str(e.value)
+
+
+def test_warmup_steps_take_precedence_over_the_ratio():
+    check_config(compose_config(["optimizer.warmup_steps=10"]))  # the ratio in adamw.yaml is then unused
+
+
+def test_bad_strategy_values_in_a_sweep_fail_at_start():
+    with pytest.raises(TransferError, match="strategy r=0"):
+        check_command_line(["-m", "strategy=lora", "strategy.r=8,0"])
+
+
+def test_sweep_params_of_an_experiment_are_checked():
+    check_command_line(["-m", "+experiment=smoke"])
+    with pytest.raises(TransferError, match="unknown key 'strategy.n_layers'"):
+        check_command_line(["-m", "+experiment=smoke", "strategy.n_layers=3"])  # full has no n_layers
+    with pytest.raises(TransferError, match="unknown experiment 'smok'; allowed: smoke, strategy_comparison"):
+        check_command_line(["-m", "+experiment=smok"])
 
 
 def test_a_typo_anywhere_in_a_sweep_fails_at_start():

@@ -73,7 +73,9 @@ def test_record_has_reference_samples_memory_and_tensorboard(tmp_path):
     r = record_of(tmp_path / "run")
     for when in ("baseline", "final"):
         ref = r["eval"][when]["reference"]
-        assert math.isfinite(ref["perplexity"]) and ref["tokens"] == 8192 - 8192 // 64  # first token of each block unscored
+        assert (
+            math.isfinite(ref["perplexity"]) and ref["tokens"] == 8192 - 8192 // 64
+        )  # first token of each block unscored
     assert r["eval"]["change_pct"]["reference"] == pytest.approx(
         100 * (r["eval"]["final"]["reference"]["perplexity"] / r["eval"]["baseline"]["reference"]["perplexity"] - 1)
     )
@@ -141,6 +143,19 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path):
     assert resumed["train"]["tokens"] == straight["train"]["tokens"]
 
 
+def test_resume_under_another_config_is_refused(tmp_path):
+    args = [*FAST, "max_steps=10", "eval/reference=none"]
+    assert run_cli([*args, "hydra.run.dir=run"], cwd=tmp_path).returncode == 0
+    record = record_of(tmp_path / "run")
+    record["status"] = "running"
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(record))
+    proc = run_cli([*args, "optimizer.lr=1e-3", "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
+    assert proc.returncode == 1
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
+    assert len(errors) == 1
+    assert "was made with optimizer.lr=0.0003, this run has optimizer.lr=0.001 (1 difference(s))" in errors[0]
+
+
 def test_peft_checkpoint_loads_with_peft_and_scores_the_same(tmp_path):
     from peft import PeftModel
 
@@ -177,7 +192,7 @@ def test_resumed_sweep_skips_completed_jobs_and_finishes_the_others(tmp_path):
 @pytest.mark.parametrize(
     "case,message",
     [
-        ("missing", "resume='/nonexistent/run': no checkpoint there"),
+        ("missing", "resume='/nonexistent/run': no such folder"),
         ("corrupt", "is unreadable"),
         ("empty_reference", "eval.reference='text_files' is empty"),
     ],
@@ -197,7 +212,7 @@ def test_bad_resume_and_reference_are_one_line_and_lose_nothing(tmp_path, case, 
         args += ["eval/reference=text_files", f"eval.reference.files=[{empty}]"]
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     proc = run_cli([*args, "hydra.run.dir=run"], cwd=tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == (2 if case == "missing" else 1)  # 2: refused before Hydra started
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], proc.stdout[-2000:] + proc.stderr[-2000:]
     assert all(p.read_bytes() == data for p, data in before.items())

@@ -213,9 +213,11 @@ def test_an_architecture_without_a_block_list_is_named():
         (["strategy=adapter", "strategy.n_layers=30"], "strategy.n_layers=30 for adapter: allowed 1..24"),
         (
             ["strategy=lora", "strategy.target_modules=[q_proj,qkv]"],
-            "'qkv' matches no module of Qwen2ForCausalLM; allowed: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+            "'qkv' matches no linear projection of Qwen2ForCausalLM; allowed: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
         ),  # noqa: E501
         (["strategy=lora", "strategy.r=0"], "allowed r >= 1"),
+        (["strategy=lora", "strategy.target_modules=[norm]"], "'norm' matches no linear projection"),
+        (["strategy=ia3", "strategy.target_modules=[mlp]"], "'mlp' matches no linear projection"),
         (["strategy=lora", "strategy.modules_to_save=[lm_head]"], "'lm_head' is unknown; allowed: head, embeddings"),
     ],
 )

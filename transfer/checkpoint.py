@@ -24,6 +24,46 @@ from transfer.errors import TransferError, first_line
 
 WEIGHT_FILES = ("adapter_model.safetensors", "trainable.safetensors", "model.safetensors")
 STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "run_config.json"
+# settings a resumed run may change: they do not alter what is trained
+FREE_ON_RESUME = ("resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval")
+
+
+def resumable_config(cfg) -> dict:
+    """The run's config as far as it decides the training, for comparison on resume."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for key in ("hydra", *FREE_ON_RESUME):
+        config.pop(key, None)
+    return config
+
+
+def check_same_config(folder: Path, cfg) -> None:
+    """Refuse to continue a checkpoint under a different config: one line naming the first difference."""
+    path = folder / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TransferError(
+            f"resume: checkpoint {folder} is unreadable ({first_line(e)}); pick another with resume=PATH"
+        ) from None
+    differences = _differences(saved, resumable_config(cfg))
+    if differences:
+        key, old, new = differences[0]
+        raise TransferError(
+            f"resume: checkpoint {folder} was made with {key}={old!r}, this run has {key}={new!r} "
+            f"({len(differences)} difference(s)); repeat the interrupted run's overrides and add resume=true"
+        )
+
+
+def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in dict.fromkeys([*a, *b]):
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
 def is_peft(model) -> bool:
@@ -42,7 +82,8 @@ def restore_trainable(model, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def save(folder: Path, model, full_model: bool, trainer_state: dict | None = None, meta: dict | None = None) -> int:
+def save(folder: Path, model, full_model: bool, trainer_state: dict | None = None, meta: dict | None = None,
+         config: dict | None = None) -> int:  # fmt: skip
     """Write a checkpoint atomically; return the size in bytes of its weight files."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -55,6 +96,8 @@ def save(folder: Path, model, full_model: bool, trainer_state: dict | None = Non
         torch.save(trainer_state, tmp / STATE_FILE)
     if meta is not None:
         (tmp / "best.json").write_text(json.dumps(meta))
+    if config is not None:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from transfer import schema  # noqa: F401  (registers the config schema)
 from transfer.errors import TransferError
-from transfer.validate import CONF_DIR, check_command_line
+from transfer.validate import CONF_DIR, AlreadyDone, check_command_line
 
 log = logging.getLogger("transfer")
 _failed_jobs: list[str] = []
@@ -27,6 +27,7 @@ def _job(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     choices = {g: hc.runtime.choices.get(g) for g in schema.GROUPS}
+    choices["reference"] = hc.runtime.choices.get("eval/reference")
     try:
         run_experiment(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task))
     except TransferError as e:
@@ -40,6 +41,9 @@ def _job(cfg: DictConfig) -> None:
 def main() -> None:
     try:
         check_command_line(sys.argv[1:])
+    except AlreadyDone as e:
+        print(e)
+        sys.exit(0)
     except TransferError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

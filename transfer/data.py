@@ -1,9 +1,10 @@
 """Text splits -> token blocks.
 
 Each split's documents are tokenized, joined with an end-of-text token and cut
-into blocks of `block_size` tokens. Training uses whole blocks only; evaluation
-keeps the last partial block too (padding masked out), so that every token of a
-split is scored, and the same blocks serve before and after training.
+into non-overlapping blocks of `block_size` tokens. Training uses whole blocks
+only; evaluation keeps the last partial block too (padding masked out), so every
+token of a split is scored except the first of each block, which has no context
+to be predicted from; the same blocks serve before and after training.
 """
 
 import logging
@@ -166,11 +167,11 @@ def load_reference(cfg, tokenizer, block_size: int) -> Blocks | None:
         raise TransferError(
             f"eval.reference={cfg.name!r} is empty (no text in field {cfg.text_field!r}); give it text, or eval/reference=none"
         )
-    if cfg.max_tokens is not None:
-        if cfg.max_tokens < 2:
-            raise TransferError(f"eval.reference.max_tokens={cfg.max_tokens}: allowed 2 or more, or null for all")
+    documents = len(texts)
+    if cfg.max_tokens is not None and len(ids) > cfg.max_tokens:
         ids = ids[: cfg.max_tokens]
-    return to_blocks(ids, block_size, tokenizer.eos_token_id or 0, keep_partial=True, documents=len(texts))
+        documents = ids.count(tokenizer.eos_token_id) + (ids[-1] != tokenizer.eos_token_id)  # whole or in part
+    return to_blocks(ids, block_size, tokenizer.eos_token_id or 0, keep_partial=True, documents=documents)
 
 
 def python_docs_prose() -> list[str]:

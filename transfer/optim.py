@@ -26,9 +26,10 @@ def warmup_steps(cfg, total_steps: int) -> int:
 def build_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine (to lr * min_lr_ratio), linear (to 0) or constant.
 
-    The same curves as transformers' get_scheduler, written out because importing
-    transformers.optimization pulls in its Trainer stack (peft, bitsandbytes):
-    seconds of start-up for three formulas.
+    The curves of transformers' get_scheduler, except that warm-up starts at
+    lr / (warmup + 1) rather than 0, so no step is wasted at a zero rate. Written
+    out because importing transformers.optimization pulls in its Trainer stack
+    (peft, bitsandbytes): seconds of start-up for three formulas.
     """
     warmup = warmup_steps(cfg, total_steps)
     schedule, floor = cfg.schedule.value, cfg.min_lr_ratio

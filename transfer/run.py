@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from transfer import validate
-from transfer.checkpoint import find_resume_point
+from transfer.checkpoint import check_same_config, find_resume_point
 from transfer.data import load_reference, load_splits
 from transfer.errors import TransferError, first_line
 from transfer.evaluate import evaluate, generate_samples
@@ -43,6 +43,8 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             return previous
         raise TransferError(f"{out_dir} already holds a completed run; choose another output folder (hydra.run.dir)")
     resume_from = find_resume_point(cfg.resume, out_dir)  # before anything is written
+    if resume_from is not None:
+        check_same_config(resume_from, cfg)
     record = {
         "status": "running",
         "error": None,
@@ -193,8 +195,11 @@ def _summary(record: dict, choices: dict) -> str:
     tied = ""
     if p["tied_embeddings"]:
         tied = f" | tied embeddings, shared matrix {'trains' if p['shared_matrix_trains'] else 'frozen'}"
+    labels = dict(choices)
+    if record["model"]["name_or_path"] != "tiny (built in code)":  # model.name_or_path may override a preset
+        labels["model"] = Path(record["model"]["name_or_path"]).name
     return (
-        f"{' · '.join(str(v) for v in choices.values())} | {p['trainable']:,} of {p['total']:,} parameters train "
+        f"{' · '.join(str(v) for v in labels.values())} | {p['trainable']:,} of {p['total']:,} parameters train "
         f"({p['trainable_pct']:.2f}%: {parts or 'nothing'}; {block_text}){tied} | "
         f"{record['hardware']['device']} {record['hardware']['precision']}"
     )

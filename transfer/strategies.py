@@ -161,7 +161,10 @@ def lora(model, cfg):
         ensure_weight_tying=model_parts(model).tied,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        raise TransferError(f"strategy={cfg.name} on {model.config.model_type!r}: {first_line(e)}") from None
     return model, [name for name, p in model.named_parameters() if p.requires_grad]
 
 
@@ -184,25 +187,29 @@ def ia3(model, cfg):
     return model, [name for name, p in model.named_parameters() if p.requires_grad]
 
 
+LINEAR_TYPES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
+
+
 def linear_module_names(model) -> list[str]:
-    """Leaf names of the linear projections inside the blocks (what LoRA can target)."""
+    """Leaf names of the linear projections inside the blocks (what LoRA and IA3 can target)."""
     names = set()
     for block in model_parts(model).blocks:
         for name, module in block.named_modules():
-            if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+            if type(module).__name__ in LINEAR_TYPES:
                 names.add(name.split(".")[-1])
     return sorted(names)
 
 
 def _check_targets(model, targets, key: str = "target_modules") -> list[str] | None:
+    """Each name must match at least one linear projection (by its name or the end of its path)."""
     if targets is None:
         return None
     targets = list(targets)
-    module_names = [name for name, _ in model.named_modules()]
+    linear = [name for name, m in model.named_modules() if type(m).__name__ in LINEAR_TYPES]
     for t in targets:
-        if not any(name == t or name.endswith("." + t) for name in module_names):
+        if not any(name == t or name.endswith("." + t) for name in linear):
             raise TransferError(
-                f"strategy.{key}: {t!r} matches no module of {type(model).__name__}; "
+                f"strategy.{key}: {t!r} matches no linear projection of {type(model).__name__}; "
                 f"allowed: {', '.join(linear_module_names(model))}"
             )
     return targets

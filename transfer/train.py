@@ -12,6 +12,7 @@ last weights as `eval.weights` says. Time spent validating or checkpointing is n
 training time.
 """
 
+import json
 import logging
 import math
 import time
@@ -49,6 +50,7 @@ class Progress:
     interval_steps: int = 0
     stop_reason: str | None = None
     resumed_from_step: int | None = None
+    lr_last: float | None = None
 
 
 def plan_steps(cfg, n_blocks: int) -> tuple[int, str]:
@@ -92,6 +94,7 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
     if resume_from is not None:
         progress, best_weights = _resume(resume_from, model, optimizer, scheduler, scaler, best_weights)
     stream = block_stream(n_blocks, cfg.seed, start=progress.samples)
+    first_step = total_steps + 1 if progress.stop_reason else progress.step + 1  # an early stop stays stopped
 
     def save_step_checkpoint():
         state = {
@@ -101,7 +104,10 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
             "rng": checkpoint.rng_state(),
             "progress": asdict(progress),
         }
-        nbytes = checkpoint.save(checkpoints / f"step-{progress.step:06d}", model, cfg.checkpoint.full_model, state)
+        folder = checkpoints / f"step-{progress.step:06d}"
+        nbytes = checkpoint.save(
+            folder, model, cfg.checkpoint.full_model, state, config=checkpoint.resumable_config(cfg)
+        )
         checkpoint.prune(checkpoints, cfg.checkpoint.keep)
         return nbytes
 
@@ -111,7 +117,7 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
     started = time.perf_counter()
     saved_bytes = None
     with logging_redirect_tqdm():  # log lines print above the bar, not through it
-        for step in range(progress.step + 1, total_steps + 1):
+        for step in range(first_step, total_steps + 1):
             step_loss = torch.zeros((), device=hardware.device)
             for _ in range(accum):
                 idx = torch.tensor([next(stream) for _ in range(micro)])
@@ -126,7 +132,7 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            lr = progress.lr_last = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             progress.step = step
             progress.samples += micro * accum
@@ -218,7 +224,7 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
         "samples_per_second": progress.samples / seconds if seconds > 0 else None,
         "loss_first": progress.loss_first,
         "loss_last": progress.loss_last,
-        "lr_last": scheduler.get_last_lr()[0],
+        "lr_last": progress.lr_last,
         "best_step": progress.best_step,
         "best_validation_loss": progress.best_loss if progress.best_step is not None else None,
         "final_weights": {"which": cfg.eval.weights.value if best_weights is not None else "last", "step": final_step},
@@ -241,11 +247,16 @@ def _resume(folder: Path, model, optimizer, scheduler, scaler, best_weights):
     except (KeyError, RuntimeError, ValueError, OSError) as e:
         raise TransferError(f"resume: checkpoint {folder} does not fit this run ({type(e).__name__}: {e})") from None
     best = folder.parent / "best"
-    if progress.best_step and (best / "best.json").is_file():
-        current = checkpoint.trainable_state(model)
-        checkpoint.load_weights(best, model)
-        best_weights = checkpoint.trainable_state(model)
-        checkpoint.restore_trainable(model, current)
+    if progress.best_step:  # step 0 is the untrained model: best_weights holds it already
+        saved_step = json.loads((best / "best.json").read_text())["step"] if (best / "best.json").is_file() else None
+        if saved_step == progress.best_step:
+            current = checkpoint.trainable_state(model)
+            checkpoint.load_weights(best, model)
+            best_weights = checkpoint.trainable_state(model)
+            checkpoint.restore_trainable(model, current)
+        else:  # best/ was overwritten after this checkpoint; the same training finds that step again
+            log.warning("best weights of step %s are not on disk (best/ holds step %s)", progress.best_step, saved_step)
+            best_weights = None
     checkpoint.set_rng_state(state["rng"])
     progress.resumed_from_step = progress.step
     log.info("resumed from %s at step %d", folder, progress.step)

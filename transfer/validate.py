@@ -19,7 +19,6 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
-from transfer import schema
 from transfer.errors import TransferError, first_line
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -37,17 +36,25 @@ def check_command_line(argv: list[str]) -> None:
         return
     if args.config_path or args.config_dir or args.config_name not in (None, "config"):
         return  # a config tree of the user's own: Hydra reports on it
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(args.overrides)
-        jobs = BasicSweeper.split_arguments(parsed, None)[0] if args.multirun else [args.overrides]
+        parsed = parser.parse_overrides(args.overrides)
     except Exception as e:  # Hydra's grammar errors
         raise TransferError(f"cannot parse overrides {args.overrides}: {first_line(e)}") from None
+    # one composition without the swept values tells where the output goes and what the config sweeps
+    run = compose_config([o.input_line for o in parsed if not o.is_sweep_override()], with_hydra=True)
+    jobs = [list(args.overrides)]
+    if args.multirun:  # sweeps set in a config (hydra.sweeper.params) count as much as the command line's
+        given = {o.get_key_element() for o in parsed}
+        params = run.hydra.sweeper.get("params") or {}
+        overrides = [f"{k}={v}" for k, v in params.items() if k not in given] + list(args.overrides)
+        jobs = BasicSweeper.split_arguments(parser.parse_overrides(overrides), None)[0]
     for overrides in jobs[:MAX_SWEEP_JOBS_CHECKED]:
         check_config(compose_config(overrides))
-    if not args.multirun:
-        cfg = compose_config(args.overrides, with_hydra=True)
-        if cfg.resume is not True:  # resume=true skips a completed run instead
-            _check_run_dir_is_free(Path(cfg.hydra.run.dir))
+    if args.multirun:
+        _check_sweep_dir(Path(run.hydra.sweep.dir), run.resume)
+    else:
+        _check_run_dir(Path(run.hydra.run.dir), run.resume)
 
 
 def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
@@ -59,20 +66,41 @@ def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig
             raise TransferError(explain(e)) from None
 
 
-def _check_run_dir_is_free(run_dir: Path) -> None:
-    """Hydra rewrites .hydra/ in the run folder before the job starts: refuse a finished run's folder."""
+class AlreadyDone(Exception):
+    """The run asked for is complete: nothing to do (resume=true on a finished run)."""
+
+
+def _check_run_dir(run_dir: Path, resume) -> None:
+    """Hydra rewrites .hydra/ in the run folder before the job starts: decide here, not in the job."""
     from transfer.record import read_record
 
     previous = read_record(run_dir)
-    if previous and previous.get("status") == "completed":
-        raise TransferError(f"{run_dir} already holds a completed run; choose another output folder (hydra.run.dir)")
+    if resume is True:
+        if previous is None:
+            raise TransferError(f"resume=true but {run_dir} holds no run; name it: hydra.run.dir=<the run folder>")
+        if previous.get("status") == "completed":
+            raise AlreadyDone(f"{run_dir} holds a completed run: nothing to resume")
+    elif previous is not None:
+        raise TransferError(
+            f"{run_dir} already holds a run (status {previous.get('status')}); "
+            "continue it with resume=true, or choose another output folder (hydra.run.dir)"
+        )
+
+
+def _check_sweep_dir(sweep_dir: Path, resume) -> None:
+    if resume is True or not sweep_dir.is_dir():
+        return
+    if any((job / "metrics.json").is_file() for job in sweep_dir.iterdir() if job.is_dir()):
+        raise TransferError(
+            f"{sweep_dir} already holds a sweep; continue it with resume=true, or choose another hydra.sweep.dir"
+        )
 
 
 def explain(e: BaseException) -> str:
     """One line naming the bad key or value and what is allowed."""
     if isinstance(e, MissingConfigException):
         m = re.search(r"Could not find '(.+)/([^/']+)'", str(e))
-        if m and m.group(1) in (*schema.GROUPS, schema.REFERENCE_GROUP):
+        if m and (CONF_DIR / m.group(1)).is_dir():
             group, value = m.groups()
             return f"unknown {group} '{value}'; allowed: {', '.join(group_options(group))}"
         return first_line(e)
@@ -118,11 +146,8 @@ def check_config(cfg: DictConfig) -> None:
             f"optimizer.warmup_steps={opt.warmup_steps} / warmup_ratio={opt.warmup_ratio}: "
             "allowed are steps >= 0 and a ratio in [0, 1)"
         )
-    if opt.warmup_steps > 0 and opt.warmup_ratio > 0:
-        raise TransferError(
-            f"optimizer.warmup_steps={opt.warmup_steps} and optimizer.warmup_ratio={opt.warmup_ratio} "
-            "are both set; set one and leave the other at 0"
-        )
+    if cfg.max_steps is not None and opt.warmup_steps >= cfg.max_steps:
+        raise TransferError(f"optimizer.warmup_steps={opt.warmup_steps} must be below max_steps={cfg.max_steps}")
     if not 0 <= opt.min_lr_ratio <= 1:
         raise TransferError(f"optimizer.min_lr_ratio={opt.min_lr_ratio} must be in [0, 1]")
     if opt.grad_clip is not None and opt.grad_clip <= 0:
@@ -150,6 +175,47 @@ def check_config(cfg: DictConfig) -> None:
         )
     if not isinstance(cfg.resume, (bool, str)) and cfg.resume is not None:
         raise TransferError(f"resume={cfg.resume!r}: allowed true, false, or the path of a run folder or checkpoint")
+    if cfg.eval.reference.get("max_tokens") is not None and cfg.eval.reference.max_tokens < 2:
+        raise TransferError(
+            f"eval.reference.max_tokens={cfg.eval.reference.max_tokens}: allowed 2 or more, or null for all"
+        )
+    if isinstance(cfg.resume, str) and not Path(cfg.resume).expanduser().exists():
+        raise TransferError(
+            f"resume={cfg.resume!r}: no such folder; allowed: true, or a run folder or checkpoint folder"
+        )
+    check_strategy(cfg.strategy)
     threads = cfg.hardware.num_threads
     if threads is not None and threads < 1:
         raise TransferError(f"hardware.num_threads={threads} must be at least 1 (or null for torch's default)")
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """The strategy values that can be judged without the model (the rest is checked against it)."""
+    if "n_layers" in cfg:
+        n = cfg.n_layers
+        if cfg.name == "adapter" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise TransferError(f"strategy.n_layers={n!r} for adapter: allowed an integer from 1 to the model's depth")
+        if cfg.name == "freeze_lower":
+            if (
+                isinstance(n, bool)
+                or not isinstance(n, (int, float))
+                or n < 0
+                or (isinstance(n, float) and not 0 < n < 1)
+            ):
+                raise TransferError(
+                    f"strategy.n_layers={n!r}: allowed an integer from 0 to the model's depth, or a fraction in (0, 1)"
+                )
+    if "r" in cfg and (cfg.r < 1 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1):
+        raise TransferError(
+            f"strategy r={cfg.r}, alpha={cfg.alpha}, dropout={cfg.dropout}: allowed r >= 1, alpha > 0, dropout in [0, 1)"
+        )
+    for role in cfg.get("modules_to_save") or []:
+        if role not in ("head", "embeddings"):
+            raise TransferError(f"strategy.modules_to_save: {role!r} is unknown; allowed: head, embeddings")
+    if cfg.name == "qlora":  # only then is torch worth importing here
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TransferError(
+                "strategy=qlora needs a CUDA GPU (bitsandbytes 4-bit weights) and there is none here; use strategy=lora"
+            )
