@@ -4,7 +4,7 @@ PYTHON ?= python
 SHARED := $(abspath $(wildcard ../shared))
 export TRANSFER_SHARED ?= $(SHARED)
 
-.PHONY: help install run sweep test lint format tensorboard clean
+.PHONY: help install run sweep smoke tables test lint format tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -17,6 +17,12 @@ run:  ## run the default experiment (tiny model, rust_concepts, full fine-tuning
 
 sweep:  ## a small sweep over two learning rates into multirun/
 	$(PYTHON) -m transfer -m optimizer.lr=1e-4,3e-4
+
+smoke:  ## a few steps of every strategy on the tiny model (about a minute)
+	$(PYTHON) -m transfer -m +experiment=smoke
+
+tables:  ## comparison tables and plots of the newest sweep (SWEEP=... for another, ARGS=--all ...)
+	$(PYTHON) -m transfer.aggregate $(SWEEP) $(ARGS)
 
 test:  ## run the test suite
 	$(PYTHON) -m pytest -q

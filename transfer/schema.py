@@ -20,7 +20,6 @@ from omegaconf import MISSING, OmegaConf
 
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
 GROUPS = ("model", "strategy", "dataset", "hardware", "optimizer")
-REFERENCE_GROUP = "eval/reference"
 
 
 class Device(Enum):
@@ -301,6 +300,8 @@ class Config:
     # Continue a killed run: true = from the last checkpoint in the run's own folder
     # (a completed run is skipped), or the path of a run folder or checkpoint.
     resume: Any = False
+    # After a sweep, write its comparison tables and plots into <sweep>/tables/.
+    tables_after_sweep: bool = True
 
 
 def register() -> None:

@@ -1,0 +1,314 @@
+"""Comparison tables and plots from sweep output: `python -m transfer.aggregate [SWEEP ...]`.
+
+Each job folder of a sweep (`multirun/<date>/<time>/<job>/`) becomes one row of a
+pandas DataFrame: its overrides as columns, then what its `metrics.json` says. Jobs
+that differ only by seed are grouped into one row of the comparison table with the
+mean ± standard deviation and the number of seeds. Failed jobs and folders without a
+finished record stay in the tables with their status; nothing is dropped silently.
+
+Written into `<sweep>/tables/`: comparison.{md,csv,tex,html}, jobs.{csv,parquet} and
+the plots (PNG). A multirun calls this by itself at its end (TablesCallback).
+"""
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from hydra.experimental.callback import Callback
+
+from transfer.errors import TransferError
+from transfer.record import read_record
+
+log = logging.getLogger(__name__)
+DEFAULT_ROOT = Path("multirun")
+# metric columns: name -> (format, whether lower is better for sorting/plots)
+METRICS = [
+    "trainable_params", "trainable_pct", "train_seconds", "tokens_per_second", "samples_per_second",
+    "peak_memory_mb", "checkpoint_mb", "val_ppl_before", "val_ppl_after", "val_change_pct",
+    "test_ppl_before", "test_ppl_after", "test_change_pct", "ref_ppl_before", "ref_ppl_after", "ref_change_pct",
+    "best_step", "steps",
+]  # fmt: skip
+DESCRIPTIVE = ["strategy", "model", "dataset", "seed", "tied_embeddings", "stop_reason", "status", "error"]
+
+
+# ---------------------------------------------------------------- reading
+def find_sweeps(paths: list[str], all_sweeps: bool, root: Path = DEFAULT_ROOT) -> list[Path]:
+    """The sweep folders to read: those given, every one under root, or the newest."""
+    if paths:
+        sweeps = [Path(p) for p in paths]
+        for s in sweeps:
+            if not s.is_dir():
+                raise TransferError(f"sweep folder {str(s)!r} does not exist")
+        return sweeps
+    candidates = sorted(p for p in root.glob("*/*") if p.is_dir()) if root.is_dir() else []
+    if not candidates:
+        raise TransferError(
+            f"no sweep under {str(root)!r}; run a sweep first (python -m transfer -m ...) or name a folder"
+        )
+    return candidates if all_sweeps else candidates[-1:]
+
+
+def job_folders(sweep: Path) -> list[Path]:
+    """Sub-folders that Hydra made for jobs (they hold .hydra/) or that hold a record."""
+    jobs = [p for p in sweep.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").is_file())]
+    return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def read_jobs(sweeps: list[Path]) -> pd.DataFrame:
+    """One row per job of every sweep: override columns first, then the record's numbers."""
+    rows = [job_row(sweep, job) for sweep in sweeps for job in job_folders(sweep)]
+    if not rows:
+        raise TransferError(f"no job folders in {', '.join(str(s) for s in sweeps)}; is it a sweep folder?")
+    frame = pd.DataFrame(rows)
+    keys = dict.fromkeys(k for row in rows for k in row.pop("_override_keys"))
+    frame = frame.drop(columns="_override_keys")
+    frame.attrs["override_keys"] = list(keys)
+    # override columns first, in the order they were given
+    return frame[
+        [
+            "sweep",
+            "job",
+            *[k for k in keys if k not in ("sweep", "job")],
+            *[c for c in frame.columns if c not in keys and c not in ("sweep", "job")],
+        ]
+    ]
+
+
+def job_row(sweep: Path, job: Path) -> dict:
+    row = _job_record_row(sweep, job)
+    overrides = _overrides(job)
+    for key, value in overrides.items():
+        row.setdefault(key, value)  # the record's typed value (seed, strategy) wins over the override's text
+    row["_override_keys"] = list(overrides)
+    return row
+
+
+def _job_record_row(sweep: Path, job: Path) -> dict:
+    row = {"sweep": str(sweep), "job": job.name}
+    record = read_record(job)
+    if record is None or record.get("status") in (None, "running"):
+        row.update(status="incomplete", error="no finished record (killed or still running)")
+        return {**row, **_choices(job, record)}
+    cfg = record.get("config", {})
+    params = record.get("params", {})
+    train = record.get("train", {})
+    ev = record.get("eval", {})
+    row.update(_choices(job, record))
+    row.update(
+        seed=cfg.get("seed"),
+        status=record.get("status"),
+        error=record.get("error"),
+        tied_embeddings=params.get("tied_embeddings"),
+        trainable_params=params.get("trainable"),
+        total_params=params.get("total"),
+        trainable_pct=params.get("trainable_pct"),
+        train_seconds=train.get("seconds"),
+        tokens_per_second=train.get("tokens_per_second"),
+        samples_per_second=train.get("samples_per_second"),
+        steps=train.get("steps"),
+        best_step=train.get("best_step"),
+        stop_reason=train.get("stop_reason"),
+        peak_memory_mb=_mb(record.get("memory", {}).get("bytes")),
+        checkpoint_mb=_mb((train.get("checkpoint") or {}).get("bytes")),
+    )
+    for split, short in (("validation", "val"), ("test", "test"), ("reference", "ref")):
+        row[f"{short}_ppl_before"] = ev.get("baseline", {}).get(split, {}).get("perplexity")
+        row[f"{short}_ppl_after"] = ev.get("final", {}).get(split, {}).get("perplexity")
+        row[f"{short}_change_pct"] = ev.get("change_pct", {}).get(split)
+    row["validation_curve"] = train.get("validation_curve") or []
+    return row
+
+
+def _overrides(job: Path) -> dict:
+    path = job / ".hydra" / "overrides.yaml"
+    items = yaml.safe_load(path.read_text()) if path.is_file() else []
+    pairs = (o.split("=", 1) for o in items or [] if "=" in o)
+    return {k.lstrip("+~"): v for k, v in pairs if not k.lstrip("+~").startswith("hydra")}
+
+
+def _choices(job: Path, record: dict | None) -> dict:
+    """strategy, model, dataset: from the record, or from Hydra's files for a job without one."""
+    if record and record.get("choices"):
+        c = record["choices"]
+        path = (record.get("config", {}).get("model") or {}).get("name_or_path")
+        model = Path(path).name if path else c.get("model")
+        return {"strategy": c.get("strategy"), "model": model, "dataset": c.get("dataset")}
+    hydra_file = job / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return {}
+    choices = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("runtime", {}).get("choices", {})
+    return {g: choices.get(g) for g in ("strategy", "model", "dataset")}
+
+
+def _mb(n) -> float | None:
+    return n / 2**20 if isinstance(n, (int, float)) else None
+
+
+# ---------------------------------------------------------------- the comparison
+def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str = "val_ppl_after") -> pd.DataFrame:
+    """Jobs that differ only by seed, grouped: mean and std of every metric, and the seed count."""
+    keys = group_by or default_group_keys(jobs)
+    done = jobs[jobs["status"] == "completed"]
+    metrics = [m for m in METRICS if m in jobs.columns]
+    rows = []
+    for key, group in done.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        row["seeds"] = len(group)
+        for m in metrics:
+            values = pd.to_numeric(group[m], errors="coerce").dropna()
+            row[m] = values.mean() if len(values) else math.nan
+            row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+        row["status"] = "completed"
+        row["error"] = None
+        rows.append(row)
+    for _, job in jobs[jobs["status"] != "completed"].iterrows():  # failures stay visible
+        row = {k: job.get(k) for k in keys}
+        row.update(seeds=0, status=job["status"], error=job.get("error"), job=job["job"])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if sort in table.columns:
+        table = table.sort_values(sort, na_position="last", kind="stable")
+    table.attrs["group_keys"] = keys
+    return table.reset_index(drop=True)
+
+
+def default_group_keys(jobs: pd.DataFrame) -> list[str]:
+    """The overrides that vary across jobs, seed excepted; strategy when nothing varies."""
+    keys = [
+        k for k in jobs.attrs.get("override_keys", []) if k != "seed" and jobs[k].astype(str).nunique(dropna=False) > 1
+    ]
+    if "strategy" not in keys and "strategy" in jobs.columns:
+        keys = ["strategy", *keys]
+    return keys
+
+
+def for_people(table: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
+    """Formatted strings: thousands separators, 3 significant figures, mean ± std."""
+    keys = table.attrs.get("group_keys", [])
+    shown = columns or [
+        *keys, "seeds", "trainable_params", "trainable_pct", "val_ppl_before", "val_ppl_after", "val_change_pct",
+        "test_ppl_after", "ref_ppl_before", "ref_ppl_after", "train_seconds", "tokens_per_second", "peak_memory_mb",
+        "checkpoint_mb", "best_step", "status", "error",
+    ]  # fmt: skip
+    shown = [c for c in dict.fromkeys(shown) if c in table.columns]
+    out = pd.DataFrame(index=table.index)
+    for col in shown:
+        if col in METRICS:
+            out[col] = [
+                _cell(v, table.at[i, f"{col}_std"] if f"{col}_std" in table else math.nan, col)
+                for i, v in table[col].items()
+            ]
+        else:
+            out[col] = table[col].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    return out
+
+
+def _cell(value, std, col: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    fmt = _formatter(col)
+    if std is None or math.isnan(std) or std == 0:  # one seed, or a value no seed changes
+        return fmt(value)
+    return f"{fmt(value)} ± {_formatter(col.replace('change_', ''))(std)}"
+
+
+def _formatter(col: str):
+    if col in ("trainable_params", "steps", "best_step"):
+        return lambda v: f"{v:,.0f}"
+    if col.endswith("_pct"):
+        return lambda v: f"{v:+.1f}" if "change" in col else f"{v:.3g}"
+    if col in ("tokens_per_second", "samples_per_second"):
+        return lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+    if col == "train_seconds":
+        return lambda v: f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+    if col.endswith("_mb"):
+        return lambda v: f"{v:,.1f}"
+    return lambda v: f"{v:.3g}"  # perplexities: three significant figures
+
+
+# ---------------------------------------------------------------- output
+def write_tables(jobs: pd.DataFrame, table: pd.DataFrame, folder: Path, columns: list[str] | None = None) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    pretty = for_people(table, columns)
+    written = [
+        folder / f
+        for f in ("comparison.md", "comparison.csv", "comparison.tex", "comparison.html", "jobs.csv", "jobs.parquet")
+    ]
+    written[0].write_text(pretty.to_markdown(index=False) + "\n")
+    table.to_csv(written[1], index=False)
+    written[2].write_text(pretty.to_latex(index=False, escape=True))
+    written[3].write_text(pretty.to_html(index=False, na_rep=""))
+    flat = jobs.drop(columns=["validation_curve"], errors="ignore")
+    flat.to_csv(written[4], index=False)
+    flat.astype({c: "string" for c in flat.columns if flat[c].dtype == object}).to_parquet(written[5], index=False)
+    from transfer.plots import write_plots
+
+    return written + write_plots(jobs, table, folder)
+
+
+def aggregate(sweeps: list[Path], out: Path | None = None, sort: str = "val_ppl_after", group_by=None, columns=None):
+    """Read the sweeps, write the tables (into the sweep's tables/ folder), return (jobs, table, files)."""
+    jobs = read_jobs(sweeps)
+    table = comparison(jobs, group_by, sort)
+    files = write_tables(jobs, table, out or sweeps[-1] / "tables", columns)
+    return jobs, table, files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m transfer.aggregate", description=__doc__.splitlines()[0])
+    parser.add_argument("sweeps", nargs="*", help="sweep folders (default: the newest under multirun/)")
+    parser.add_argument("--all", action="store_true", help="every sweep under multirun/, in one table")
+    parser.add_argument("--root", default=str(DEFAULT_ROOT), help="where sweeps live (default: multirun)")
+    parser.add_argument("--sort", default="val_ppl_after", help="column to sort by (default: val_ppl_after)")
+    parser.add_argument(
+        "--group-by", help="comma-separated columns to group by (default: the swept overrides but seed)"
+    )
+    parser.add_argument("--columns", help="comma-separated columns to show")
+    parser.add_argument("--out", help="folder for the tables (default: <newest sweep>/tables)")
+    args = parser.parse_args(argv)
+    split = lambda s: [c.strip() for c in s.split(",") if c.strip()] if s else None  # noqa: E731
+    try:
+        sweeps = find_sweeps(args.sweeps, args.all, Path(args.root))
+        jobs = read_jobs(sweeps)
+        group_by, columns = split(args.group_by), split(args.columns)
+        for col in (group_by or []) + (columns or []) + [args.sort]:
+            if col not in jobs.columns and col not in ("seeds", *METRICS):
+                raise TransferError(
+                    f"unknown column {col!r}; allowed: {', '.join(c for c in jobs.columns if c != 'validation_curve')}"
+                )
+        table = comparison(jobs, group_by, args.sort)
+        out = Path(args.out) if args.out else sweeps[-1] / "tables"
+        files = write_tables(jobs, table, out, columns)
+    except TransferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(for_people(table, columns).to_markdown(index=False))
+    counts = jobs["status"].value_counts().to_dict()
+    print(
+        f"\n{len(jobs)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}) from {len(sweeps)} sweep(s); tables in {out}"
+    )
+    log.debug("wrote %s", files)
+    return 0
+
+
+class TablesCallback(Callback):
+    """Hydra callback: aggregate a sweep when it ends (config key `tables_after_sweep`)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if not config.get("tables_after_sweep", True):
+            return
+        sweep = Path(config.hydra.sweep.dir)
+        try:
+            _, table, _ = aggregate([sweep])
+            print(for_people(table).to_markdown(index=False))
+            print(f"\ntables and plots in {sweep / 'tables'}")
+        except TransferError as e:
+            log.warning("no tables for %s: %s", sweep, e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
