@@ -8,7 +8,7 @@ import pytest
 # Small, fast settings for real runs of the default experiment on a CPU.
 FAST = [
     "max_steps=30", "eval_interval=10", "block_size=64", "micro_batch_size=8", "eval_batch_size=32",
-    "eval.reference.max_tokens=8192",
+    "eval.reference.max_tokens=8192", "eval.max_new_tokens=8",
 ]  # fmt: skip
 
 

@@ -49,6 +49,7 @@ def test_single_run_writes_a_sane_record(tmp_path):
         "dataset": "rust_concepts",
         "hardware": "auto",
         "optimizer": "adamw",
+        "reference": "python_docs",
     }
     # parameter counts are elements, and equal to the model's own numel sum
     cfg = compose_config(FAST)
@@ -91,7 +92,7 @@ def test_two_job_sweep(tmp_path):
 
 
 def test_seeded_runs_repeat_exactly(tmp_path):
-    args = [*FAST, "max_steps=10", "eval_interval=0"]
+    args = [*FAST, "max_steps=10", "eval_interval=0", "eval/reference=none"]
     for name in ("a", "b"):
         assert run_cli([*args, f"hydra.run.dir={name}"], cwd=tmp_path).returncode == 0
     a, b = record_of(tmp_path / "a"), record_of(tmp_path / "b")

@@ -147,3 +147,14 @@ def test_command_line_without_sweep_is_checked_too():
     with pytest.raises(TransferError, match="unknown key 'block'"):
         check_command_line(["block=32"])
     check_command_line(["--help"])  # Hydra's own flags pass through
+
+
+def test_compose_works_in_a_fresh_process():
+    """validate.py alone must register the schema (a bench or notebook imports nothing else)."""
+    import subprocess
+    import sys
+
+    code = "from transfer.validate import compose_config; print(compose_config([]).eval.reference.name)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "python_docs"

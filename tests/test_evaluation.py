@@ -122,7 +122,7 @@ def _kill_after_first_checkpoint(args: list[str], cwd: Path) -> None:
 
 def test_kill_and_resume_gives_the_same_losses(tmp_path):
     # dropout on, so that the RNG state matters too
-    args = [*FAST, "max_steps=60", "eval_interval=20", "checkpoint.interval=10", "log_interval=1",
+    args = [*FAST, "max_steps=40", "eval_interval=20", "checkpoint.interval=10", "log_interval=1",
             "strategy=lora", "strategy.dropout=0.1", "eval/reference=none"]  # fmt: skip
     assert run_cli([*args, "hydra.run.dir=straight"], cwd=tmp_path).returncode == 0
     _kill_after_first_checkpoint([*args, "hydra.run.dir=run"], tmp_path)
@@ -131,7 +131,7 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path):
     proc = run_cli([*args, "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed, straight = record_of(tmp_path / "run"), record_of(tmp_path / "straight")
-    assert resumed["train"]["resumed_from_step"] in range(10, 60, 10)
+    assert resumed["train"]["resumed_from_step"] in range(10, 40, 10)
     # CPU float32 with the same ops in the same order is deterministic: the restored
     # weights, optimizer moments, schedule, RNG and data position give the very same
     # numbers; 1e-6 only leaves room for the last bit of a float32 sum.

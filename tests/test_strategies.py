@@ -294,6 +294,9 @@ def test_sweep_of_every_cpu_strategy_on_tiny(tmp_path):
         "eval_interval=0",
         "block_size=64",
         "micro_batch_size=4",
+        "eval.reference.max_tokens=2048",
+        "eval.max_new_tokens=4",
+        "checkpoint.enabled=false",
     ]
     proc = run_cli(args, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,6 +19,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
+from transfer import schema  # noqa: F401  (registers the schema that compose() validates against)
 from transfer.errors import TransferError, first_line
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
