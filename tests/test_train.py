@@ -78,3 +78,42 @@ def test_perplexity_is_token_weighted_over_the_whole_split():
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert evaluate(model, blocks, batch_size=4, hardware=hw)["loss"] == pytest.approx(got["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["strategy=full"],  # the head trains: fused gradients for the weight and the hidden states
+        ["strategy=adapter"],  # the tied head is frozen: fused gradients for the hidden states only
+        ["strategy=lora", "strategy.dropout=0"],
+        ["strategy=lora", "strategy.dropout=0", "strategy.modules_to_save=[head]"],  # a peft-wrapped head: recomputed
+    ],
+    ids=["full", "adapter", "lora", "lora-head"],
+)
+def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
+    from transfer.loss import summed_lm_loss
+    from transfer.strategies import apply_strategy
+
+    cfg = compose_config(overrides)
+    model, _ = load_model_and_tokenizer(cfg.model, 64)
+    model, _ = apply_strategy(model, cfg.strategy, seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100  # unscored positions must stay unscored in every chunk
+
+    def loss_and_grads(chunk):
+        model.zero_grad()
+        loss, n = summed_lm_loss(model, ids, labels, chunk_tokens=chunk)
+        (loss * 0.5).backward()  # a scale on the way back, as the mean over tokens and accumulation make
+        return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    whole, n_whole, grads_whole = loss_and_grads(0)
+    chunked, n_chunked, grads_chunked = loss_and_grads(50)  # 189 targets: 4 chunks, the last one short
+    assert n_whole == n_chunked == 3 * (63 - 4)  # labels[:, 1:5] unscored
+    # the same sums in another order: float32 rounding only
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=0)
+    assert grads_whole.keys() == grads_chunked.keys() and grads_whole
+    for name in grads_whole:
+        torch.testing.assert_close(grads_chunked[name], grads_whole[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation takes the chunked path without gradients
+        torch.testing.assert_close(summed_lm_loss(model, ids, labels, chunk_tokens=50)[0], whole, rtol=1e-5, atol=0)

@@ -19,7 +19,7 @@ def evaluate(model, blocks: Blocks, batch_size: int, hardware, desc: str = "eval
         ids = blocks.input_ids[start : start + batch_size].to(hardware.device)
         labels = blocks.labels[start : start + batch_size].to(hardware.device)
         with hardware.autocast():
-            loss, n = summed_lm_loss(model, ids, labels)
+            loss, n = summed_lm_loss(model, ids, labels, hardware.loss_chunk_tokens)
         total += loss.item()
         count += n
     model.train(was_training)

@@ -16,6 +16,7 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Hardware:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
+    loss_chunk_tokens: int = 0  # see transfer.loss
 
     def autocast(self):
         dtype = AUTOCAST_DTYPES[self.precision]
@@ -72,4 +73,4 @@ def resolve(cfg) -> Hardware:
         )
     if cfg.num_threads is not None and device.type == "cpu":
         torch.set_num_threads(cfg.num_threads)
-    return Hardware(device, precision)
+    return Hardware(device, precision, cfg.loss_chunk_tokens)

@@ -123,7 +123,7 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
                 idx = torch.tensor([next(stream) for _ in range(micro)])
                 ids = blocks[idx].to(hardware.device, non_blocking=True)
                 with hardware.autocast():
-                    loss_sum, count = summed_lm_loss(model, ids, ids)
+                    loss_sum, count = summed_lm_loss(model, ids, ids, hardware.loss_chunk_tokens)
                     loss = loss_sum / count
                 scaler.scale(loss / accum).backward()
                 step_loss += loss.detach() / accum

@@ -188,6 +188,10 @@ def check_config(cfg: DictConfig) -> None:
     threads = cfg.hardware.num_threads
     if threads is not None and threads < 1:
         raise TransferError(f"hardware.num_threads={threads} must be at least 1 (or null for torch's default)")
+    if cfg.hardware.loss_chunk_tokens < 0:
+        raise TransferError(
+            f"hardware.loss_chunk_tokens={cfg.hardware.loss_chunk_tokens}: allowed 0 (off) or a positive number of tokens"
+        )
 
 
 def check_strategy(cfg: DictConfig) -> None:
