@@ -10,16 +10,18 @@ an interrupted one continues from its last checkpoint.
 import json
 import logging
 import platform
+import random
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from transfer import validate
+from transfer import STARTED, validate
 from transfer.checkpoint import check_same_config, find_resume_point
 from transfer.data import load_reference, load_splits
 from transfer.errors import TransferError, first_line
@@ -70,11 +72,14 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             "precision": hardware.precision,
             "name": _device_name(hardware.device),
         }
-        transformers.set_seed(cfg.seed)
+        seed_everything(cfg.seed)
 
         check_before_loading(cfg.strategy)
         quantize = cfg.strategy.name == "qlora"
+        timing = record["timing"] = {}
+        clock = time.perf_counter()
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size, quantize_4bit=quantize)
+        timing["model_load"] = time.perf_counter() - clock
         record["model"] = {
             "class": type(model).__name__,
             "name_or_path": cfg.model.name_or_path or "tiny (built in code)",
@@ -89,6 +94,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         if cfg.dry_run:
             record["status"] = "dry_run"
             return record
+        clock = time.perf_counter()
         splits = load_splits(cfg.dataset, tokenizer, cfg.block_size)
         reference = load_reference(cfg.eval.reference, tokenizer, cfg.block_size)
         if reference is not None:
@@ -97,13 +103,21 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         if not quantize:  # bitsandbytes placed the 4-bit weights already
             model.to(hardware.device)
         prompts = list(cfg.dataset.prompts)
+        timing["data_load"] = time.perf_counter() - clock
 
         with SummaryWriter(log_dir=str(out_dir)) as writer:
+            clock = time.perf_counter()
             record["eval"]["baseline"] = _evaluate_splits(model, splits, cfg, hardware, "baseline")
             for name, result in record["eval"]["baseline"].items():  # step 0 of each curve
                 writer.add_scalar(f"{name}/loss", result["loss"], 0)
                 writer.add_scalar(f"{name}/perplexity", result["perplexity"], 0)
             before = generate_samples(model, tokenizer, prompts, cfg.eval.max_new_tokens, hardware)
+            timing["baseline_eval_and_samples"] = time.perf_counter() - clock
+            # from process start to the first training step, less the parts measured above: imports, config, set-up
+            timing["to_first_step"] = time.perf_counter() - STARTED
+            timing["startup_overhead"] = timing["to_first_step"] - sum(
+                timing[k] for k in ("model_load", "data_load", "baseline_eval_and_samples")
+            )
             write_record(out_dir, record)
             record["train"] = train(
                 model, splits, cfg, hardware, writer, run_dir=out_dir, resume_from=resume_from,
@@ -203,6 +217,13 @@ def _summary(record: dict, choices: dict) -> str:
         f"({p['trainable_pct']:.2f}%: {parts or 'nothing'}; {block_text}){tied} | "
         f"{record['hardware']['device']} {record['hardware']['precision']}"
     )
+
+
+def seed_everything(seed: int) -> None:
+    """transformers.set_seed's work, without importing its Trainer stack and peft: 5 s of start-up."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every CUDA device too
 
 
 def _device_name(device: torch.device) -> str:
