@@ -4,7 +4,7 @@ PYTHON ?= python
 SHARED := $(abspath $(wildcard ../shared))
 export TRANSFER_SHARED ?= $(SHARED)
 
-.PHONY: help install run sweep smoke tables test lint format tensorboard clean
+.PHONY: help install run sweep smoke tables bench bench-tables test lint format tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,16 +24,24 @@ smoke:  ## a few steps of every strategy on the tiny model (about a minute)
 tables:  ## comparison tables and plots of the newest sweep (SWEEP=... for another, ARGS=--all ...)
 	$(PYTHON) -m transfer.aggregate $(SWEEP) $(ARGS)
 
+bench:  ## ours against transformers.Trainer, eval throughput, start-up overhead (DEVICE=cuda on a GPU)
+	$(PYTHON) benchmarks/trainer_vs_hf.py --device $${DEVICE:-cpu}
+	$(PYTHON) benchmarks/eval_throughput.py --device $${DEVICE:-cpu}
+	$(PYTHON) benchmarks/startup.py
+
+bench-tables:  ## time the aggregator on 1,000 generated job folders
+	$(PYTHON) benchmarks/aggregate_scale.py --jobs 1000
+
 test:  ## run the test suite
 	$(PYTHON) -m pytest -q
 
 lint:  ## ruff: lint and formatting check
-	$(PYTHON) -m ruff check transfer tests
-	$(PYTHON) -m ruff format --check transfer tests
+	$(PYTHON) -m ruff check transfer tests benchmarks
+	$(PYTHON) -m ruff format --check transfer tests benchmarks
 
 format:  ## ruff: fix what can be fixed, then format
-	$(PYTHON) -m ruff check --fix transfer tests
-	$(PYTHON) -m ruff format transfer tests
+	$(PYTHON) -m ruff check --fix transfer tests benchmarks
+	$(PYTHON) -m ruff format transfer tests benchmarks
 
 tensorboard:  ## open TensorBoard on the newest sweep under multirun/ (or LOGDIR=...)
 	$(PYTHON) -m tensorboard.main --logdir $${LOGDIR:-$$(ls -d multirun/*/*/ 2>/dev/null | sort | tail -n 1 | grep . || echo outputs)}

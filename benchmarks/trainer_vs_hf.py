@@ -1,0 +1,229 @@
+"""Our trainer against transformers.Trainer on identical work: `make bench`.
+
+    python benchmarks/trainer_vs_hf.py                  # CPU: reduced Qwen2-0.5B shape, fp32
+    python benchmarks/trainer_vs_hf.py --device cuda    # GPU: the full Qwen2-0.5B shape, bf16, seq 1024, + MFU
+
+Same model (Qwen2 widths, random weights, seed 0), same token blocks in the same
+order, micro-batch, sequence length, precision, optimizer (AdamW, constant rate,
+clipping 1.0, no decay on biases and norms), strategy and number of optimizer steps.
+Each measurement runs in a fresh process (so peak memory is that run's), the two
+trainers alternate (A B, then B A) over the repeats so that machine drift cancels,
+and the table shows medians. Warm-up steps are excluded from the timing. The final
+training losses must agree: equal work, equal result.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+
+# Final losses of the two trainers may differ by this much (relative): same data,
+# order and optimizer, but different kernels summing in different orders.
+LOSS_RTOL = 2e-3
+ROWS = {
+    "full": ["strategy=full"],
+    "lora": ["strategy=lora", "strategy.dropout=0"],  # no dropout: the two would draw different masks
+    "freeze_lower": ["strategy=freeze_lower", "strategy.n_layers=0.5"],
+    "adapter": ["strategy=adapter", "strategy.n_layers=1"],
+}
+SHAPES = {
+    # Qwen2-0.5B widths, fewer blocks and a smaller vocabulary: a few minutes on 2 cores
+    "cpu": dict(layers=2, vocab=8192, seq=128, micro=2, steps=8, warmup=2, precision="fp32"),
+    # the same with Qwen2's whole 151,936-token vocabulary: where the logits dominate memory
+    "cpu-vocab": dict(layers=2, vocab=151_936, seq=256, micro=4, steps=6, warmup=2, precision="fp32"),
+    # the full Qwen2-0.5B shape
+    "cuda": dict(layers=24, vocab=151_936, seq=1024, micro=4, steps=30, warmup=5, precision="bf16"),
+    # for the test that keeps this script from rotting
+    "tiny": dict(
+        layers=1, vocab=512, seq=32, micro=2, steps=4, warmup=1, precision="fp32", hidden=64, inter=128, heads=4, kv=2
+    ),  # fmt: skip
+}
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM
+
+
+def model_config(shape: dict):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        hidden_size=shape.get("hidden", 896), intermediate_size=shape.get("inter", 4864),
+        num_attention_heads=shape.get("heads", 14), num_key_value_heads=shape.get("kv", 2),
+        num_hidden_layers=shape["layers"], vocab_size=shape["vocab"], max_position_embeddings=max(2048, shape["seq"]),
+        tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+def overrides(row: str, shape: dict, device: str, extra: list[str]) -> list[str]:
+    return [
+        *ROWS[row], f"micro_batch_size={shape['micro']}", "grad_accum_steps=1", f"block_size={shape['seq']}",
+        f"max_steps={shape['steps']}", "eval_interval=0", "log_interval=1", "optimizer.lr=1e-4",
+        "optimizer.weight_decay=0.01", "optimizer.warmup_ratio=0", "optimizer.schedule=constant",
+        "optimizer.grad_clip=1.0", f"hardware.device={device}", f"hardware.precision={shape['precision']}",
+        "checkpoint.enabled=false", *extra,
+    ]  # fmt: skip
+
+
+class StepClock:
+    """Stands in for the TensorBoard writer: notes when each optimizer step has finished, and its loss."""
+
+    def __init__(self, hardware):
+        self.hardware, self.times, self.losses = hardware, {}, {}
+
+    def add_scalar(self, tag, value, step):
+        if tag == "train/loss":
+            self.hardware.synchronize()
+            self.times[step], self.losses[step] = time.perf_counter(), value
+
+
+def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str]) -> dict:
+    """One measurement, in its own process."""
+    import torch
+
+    from transfer.data import Blocks
+    from transfer.hardware import resolve
+    from transfer.models import build_model
+    from transfer.strategies import apply_strategy, parameter_report
+    from transfer.train import block_stream, train
+    from transfer.validate import compose_config
+
+    shape = SHAPES[shape_name]
+    cfg = compose_config(overrides(row, shape, device, extra if impl == "ours" else []))
+    hardware = resolve(cfg.hardware)
+    model, _ = apply_strategy(build_model(model_config(shape), seed=0), cfg.strategy, seed=0)
+    params = parameter_report(model)
+    model.to(hardware.device)
+    n_blocks = shape["steps"] * shape["micro"]
+    ids = torch.randint(0, shape["vocab"], (n_blocks, shape["seq"]), generator=torch.Generator().manual_seed(0))
+    blocks = Blocks(ids, ids.clone(), documents=n_blocks, tokens=ids.numel())
+    stream = block_stream(n_blocks, cfg.seed)
+    order = [next(stream) for _ in range(n_blocks)]  # the order our trainer draws them in
+    hardware.reset_peak_memory()
+    clock = StepClock(hardware)
+    if impl == "ours":
+        train(model, {"train": blocks}, cfg, hardware, writer=clock)
+    else:
+        hf_train(model, blocks, order, cfg, shape, clock)
+    warm, last = shape["warmup"], shape["steps"]
+    seconds = clock.times[last] - clock.times[warm]
+    tokens = (last - warm) * shape["micro"] * shape["seq"]
+    result = {
+        "impl": impl, "row": row, "tokens_per_second": tokens / seconds, "peak_memory_bytes": hardware.peak_memory()["bytes"],
+        "final_loss": clock.losses[last], "trainable": params["trainable"], "total": params["total"],
+    }  # fmt: skip
+    if hardware.device.type == "cuda":
+        # 6 N per token for forward and backward of the weights (2 N for frozen ones' forward only
+        # is not subtracted: MFU against the model, as commonly reported), plus attention
+        n, layers, hidden, seq = params["total"], shape["layers"], 896, shape["seq"]
+        flops_per_token = 6 * n + 12 * layers * hidden * seq
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+        result["mfu"] = flops_per_token * result["tokens_per_second"] / (peak * 1e12) if peak else None
+    return result
+
+
+def hf_train(model, blocks, order, cfg, shape, clock) -> None:
+    from torch.utils.data import Dataset, SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Ordered(Dataset):
+        def __len__(self):
+            return len(order)
+
+        def __getitem__(self, i):
+            ids = blocks.input_ids[order[i]]
+            return {"input_ids": ids, "labels": ids}
+
+    class SameOrderTrainer(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.hardware.synchronize()
+            clock.times[state.global_step] = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                clock.losses[state.global_step] = logs["loss"]
+
+    opt = cfg.optimizer
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=shape["micro"], gradient_accumulation_steps=1,
+            max_steps=shape["steps"], learning_rate=opt.lr, weight_decay=opt.weight_decay,
+            adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_epsilon=opt.eps, max_grad_norm=opt.grad_clip,
+            lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
+            bf16=shape["precision"] == "bf16", use_cpu=cfg.hardware.device.value == "cpu", dataloader_num_workers=0,
+            disable_tqdm=True, seed=cfg.seed, optim="adamw_torch_fused" if cfg.hardware.device.value == "cuda" else "adamw_torch",
+        )  # fmt: skip
+        SameOrderTrainer(model=model, args=args, train_dataset=Ordered(), callbacks=[Clock()]).train()
+
+
+def measure(impl: str, row: str, shape: str, device: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--row", row, "--shape", shape, "--device", device, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{impl}/{row} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shape", choices=SHAPES, help="default: the device's")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "ours_overrides", nargs="*", help="overrides for our runs only, e.g. hardware.loss_chunk_tokens=0"
+    )
+    parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shape = args.shape or args.device
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.row, shape, args.device, args.ours_overrides)))
+        return
+
+    rows = args.rows.split(",")
+    results = {(row, impl): [] for row in rows for impl in ("ours", "hf")}
+    started = time.perf_counter()
+    for r in range(args.repeats):
+        for row in rows:
+            for impl in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):  # A B, then B A
+                results[row, impl].append(measure(impl, row, shape, args.device, args.ours_overrides))
+                print(f"  repeat {r + 1}/{args.repeats} {row:12s} {impl:4s} "
+                      f"{results[row, impl][-1]['tokens_per_second']:10,.0f} tok/s", file=sys.stderr, flush=True)  # fmt: skip
+
+    s = SHAPES[shape]
+    ours_extra = f" · ours with {' '.join(args.ours_overrides)}" if args.ours_overrides else ""
+    print(
+        f"# {date.today()} · device {args.device} · shape {shape}: {s}{ours_extra} · {args.repeats} repeats, medians\n"
+    )
+    head = "| row | trainable | ours tok/s | HF tok/s | ours/HF | ours peak MiB | HF peak MiB | ours/HF | ours loss | HF loss |"
+    print(head + (" ours MFU | HF MFU |" if args.device == "cuda" else ""))
+    print("|" + "---|" * (head.count("|") - 1 + (2 if args.device == "cuda" else 0)))
+    disagreements = []
+    for row in rows:
+        ours, hf = results[row, "ours"], results[row, "hf"]
+        med = lambda runs, key: statistics.median(x[key] for x in runs)  # noqa: E731
+        tps_o, tps_h = med(ours, "tokens_per_second"), med(hf, "tokens_per_second")
+        mem_o, mem_h = med(ours, "peak_memory_bytes") / 2**20, med(hf, "peak_memory_bytes") / 2**20
+        loss_o, loss_h = ours[0]["final_loss"], hf[0]["final_loss"]
+        if abs(loss_o - loss_h) > LOSS_RTOL * abs(loss_h):
+            disagreements.append(f"{row}: ours {loss_o:.6f} vs HF {loss_h:.6f}")
+        line = (f"| {row} | {ours[0]['trainable']:,} | {tps_o:,.0f} | {tps_h:,.0f} | {tps_o / tps_h:.2f} | "
+                f"{mem_o:,.0f} | {mem_h:,.0f} | {mem_o / mem_h:.2f} | {loss_o:.4f} | {loss_h:.4f} |")  # fmt: skip
+        if args.device == "cuda":
+            line += f" {med(ours, 'mfu') or 0:.1%} | {med(hf, 'mfu') or 0:.1%} |"
+        print(line)
+    print(f"\n{time.perf_counter() - started:.0f} s in all; final losses agree within {LOSS_RTOL:g} (relative)"
+          if not disagreements else f"\nFINAL LOSSES DISAGREE: {'; '.join(disagreements)}")  # fmt: skip
+    if disagreements:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The benchmark scripts run, so they cannot rot (tiny shapes; no time is asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_trainer_benchmark_runs_and_losses_agree():
+    out = _run("trainer_vs_hf.py", "--shape", "tiny", "--repeats", "1", "--rows", "lora")
+    assert len([line for line in out.splitlines() if line.startswith("| lora")]) == 1
+    assert "final losses agree" in out
+
+
+def test_eval_throughput_benchmark_runs_and_losses_agree():
+    # the script exits non-zero when our loss and the plain loop's disagree
+    out = _run("eval_throughput.py", "--shape", "tiny", "--blocks", "4", "--repeats", "1")
+    assert "| ours tok/s |" in out
+
+
+def test_startup_benchmark_reads_the_timing_of_a_real_run():
+    out = _run("startup.py", "--repeats", "1")
+    row = out.strip().splitlines()[-1]
+    assert row.count(" s |") == 6, out
