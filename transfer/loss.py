@@ -23,13 +23,16 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
     `labels is input_ids` means every token is scored (training blocks): the count
     then needs no look at the device, which would wait for it once per micro-batch.
     """
-    targets = labels[:, 1:].flatten()
-    count = targets.numel() if labels is input_ids else int((targets != IGNORE).sum())
+    # Position t predicts token t + 1. The targets move left, not the logits: slicing the
+    # logits would copy them (another 2.3 GiB in the example above); the last position
+    # of each row gets no target.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).flatten()
+    count = labels[:, 1:].numel() if labels is input_ids else int((targets != IGNORE).sum())
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not chunk_tokens or targets.numel() <= chunk_tokens or not _logits_are_the_head(base.config):
         logits = model(input_ids=input_ids).logits
-        return _loss(logits[:, :-1].flatten(0, 1), targets), count
-    hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1].flatten(0, 1)
+        return _loss(logits.flatten(0, 1), targets), count
+    hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state.flatten(0, 1)
     head = base.get_output_embeddings()
     if type(head) is torch.nn.Linear and head.bias is None and torch.is_grad_enabled():
         return _FusedHeadLoss.apply(hidden, head.weight, targets, chunk_tokens), count
