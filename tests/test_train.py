@@ -59,6 +59,14 @@ def test_no_weight_decay_on_biases_and_norms():
         assert (id(p) in decayed) == (p.ndim >= 2), name
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_uses_the_fused_kernel_on_cpu_unless_told_not_to(fused):
+    cfg = compose_config([f"optimizer.fused={fused}"])
+    model, _ = load_model_and_tokenizer(cfg.model, 64)
+    opt = build_optimizer(model, cfg.optimizer, torch.device("cpu"))
+    assert bool(opt.defaults["fused"]) is fused
+
+
 def test_perplexity_is_token_weighted_over_the_whole_split():
     cfg = compose_config([])
     model, _ = load_model_and_tokenizer(cfg.model, 16)
@@ -108,7 +116,7 @@ def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
         return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
     whole, n_whole, grads_whole = loss_and_grads(0)
-    chunked, n_chunked, grads_chunked = loss_and_grads(50)  # 189 targets: 4 chunks, the last one short
+    chunked, n_chunked, grads_chunked = loss_and_grads(50)  # 192 positions: 4 chunks, the last one short
     assert n_whole == n_chunked == 3 * (63 - 4)  # labels[:, 1:5] unscored
     # the same sums in another order: float32 rounding only
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=0)

@@ -264,6 +264,8 @@ class OptimizerConfig:
 class AdamWConfig(OptimizerConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    # torch's fused kernel (CUDA and CPU): one pass over all tensors per step, not one per tensor.
+    fused: bool = True
 
 
 @dataclass
