@@ -7,7 +7,7 @@ mean ± standard deviation and the number of seeds. Failed jobs and folders with
 finished record stay in the tables with their status; nothing is dropped silently.
 
 Written into `<sweep>/tables/`: comparison.{md,csv,tex,html}, jobs.{csv,parquet} and
-the plots (PNG). A multirun calls this by itself at its end (TablesCallback).
+the plots (PNG). A multirun calls this by itself at its end (transfer.callbacks.TablesCallback).
 """
 
 import argparse
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from hydra.experimental.callback import Callback
 
 from transfer.errors import TransferError
 from transfer.record import read_record
@@ -293,21 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.debug("wrote %s", files)
     return 0
-
-
-class TablesCallback(Callback):
-    """Hydra callback: aggregate a sweep when it ends (config key `tables_after_sweep`)."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        if not config.get("tables_after_sweep", True):
-            return
-        sweep = Path(config.hydra.sweep.dir)
-        try:
-            _, table, _ = aggregate([sweep])
-            print(for_people(table).to_markdown(index=False))
-            print(f"\ntables and plots in {sweep / 'tables'}")
-        except TransferError as e:
-            log.warning("no tables for %s: %s", sweep, e)
 
 
 if __name__ == "__main__":
