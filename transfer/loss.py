@@ -10,6 +10,8 @@ linear cross-entropy kernels do it, so nothing is computed twice; any other head
 (a peft wrapper, say) has each chunk recomputed in the backward pass instead.
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -36,13 +38,12 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
     head = base.get_output_embeddings()
     if type(head) is torch.nn.Linear and head.bias is None and torch.is_grad_enabled():
         return _FusedHeadLoss.apply(hidden, head.weight, targets, chunk_tokens), count
+    # recomputed in the backward pass when there is one; plainly computed in evaluation
+    chunk_loss = partial(checkpoint, _head_loss, use_reentrant=False) if torch.is_grad_enabled() else _head_loss
     total = 0
     for start in range(0, targets.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_head_loss, head, hidden[part], targets[part], use_reentrant=False)
-        else:
-            total = total + _head_loss(head, hidden[part], targets[part])
+        total = total + chunk_loss(head, hidden[part], targets[part])
     return total, count
 
 
