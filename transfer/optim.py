@@ -16,7 +16,7 @@ def build_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     # The fused kernel updates every tensor in one pass instead of a Python loop over them
-    # (on 2 CPU cores, 5x faster per step on Qwen2-sized matrices; docs/benchmarks.md).
+    # (on 2 CPU cores, about 5x faster per step on Qwen2-sized matrices; docs/benchmarks.md).
     fused = cfg.fused and device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
