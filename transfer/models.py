@@ -1,5 +1,6 @@
 """Load a causal LM and its tokenizer: the in-code tiny model, a local directory, or a hub name."""
 
+import contextlib
 import logging
 import os
 import socket
@@ -18,16 +19,19 @@ EOS = "<|endoftext|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model_and_tokenizer(cfg, block_size: int, quantize_4bit: bool = False):
+def load_model_and_tokenizer(cfg, block_size: int, quantize_4bit: bool = False, weights: bool = True):
     """Return (model, tokenizer) for `cfg` (the `model` group), refusing a block_size beyond the context.
 
     quantize_4bit loads the weights in 4-bit NF4 through bitsandbytes (QLoRA; CUDA only).
+    weights=False reads the config and the tokenizer but builds the model on the meta device:
+    every shape and parameter, no memory and no weights read (nor downloaded).
     """
     if cfg.name_or_path is None:
         tokenizer = byte_tokenizer()
         config = tiny_config(cfg.tiny, tokenizer)
         _check_context(config, block_size, "tiny")
-        model = build_model(config, seed=cfg.tiny.seed, dtype=DTYPES[cfg.dtype.value])
+        with torch.device("meta") if not weights else contextlib.nullcontext():
+            model = build_model(config, seed=cfg.tiny.seed, dtype=DTYPES[cfg.dtype.value])
         if quantize_4bit:  # bitsandbytes quantizes while loading: go through a checkpoint
             with tempfile.TemporaryDirectory() as tmp:
                 model.save_pretrained(tmp)
@@ -67,9 +71,15 @@ def load_model_and_tokenizer(cfg, block_size: int, quantize_4bit: bool = False):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(source, **kwargs)
     else:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    if quantize_4bit:
-        kwargs.update(_quantization())
-    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=DTYPES[cfg.dtype.value], **kwargs)
+    if not weights:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=DTYPES[cfg.dtype.value], trust_remote_code=cfg.trust_remote_code
+            )
+    else:
+        if quantize_4bit:
+            kwargs.update(_quantization())
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=DTYPES[cfg.dtype.value], **kwargs)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise TransferError(
             f"tokenizer of {where!r} has {len(tokenizer)} tokens but the model embeds only "

@@ -7,6 +7,7 @@ always tells how far its run got. With resume=true a completed run is skipped an
 an interrupted one continues from its last checkpoint.
 """
 
+import contextlib
 import json
 import logging
 import platform
@@ -76,9 +77,15 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
 
         check_before_loading(cfg.strategy)
         quantize = cfg.strategy.name == "qlora"
+        # The counts need shapes, not weights: a dry run builds the model on the meta device,
+        # so a 0.5B model takes a fraction of a second and a hub model is not downloaded.
+        # QLoRA's 4-bit layers exist only once bitsandbytes has quantized real weights.
+        shapes_only = cfg.dry_run and not quantize
         timing = record["timing"] = {}
         clock = time.perf_counter()
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size, quantize_4bit=quantize)
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, cfg.block_size, quantize_4bit=quantize, weights=not shapes_only
+        )
         timing["model_load"] = time.perf_counter() - clock
         record["model"] = {
             "class": type(model).__name__,
@@ -88,14 +95,17 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             "vocab_size": model.config.vocab_size,
             "weights": "4-bit NF4" if quantize else cfg.model.dtype.value,
         }
-        model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
+        if shapes_only:
+            record["model"]["weights"] = "not loaded (dry run: shapes on the meta device)"
+        with torch.device("meta") if shapes_only else contextlib.nullcontext():
+            model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
         record["params"] = parameter_report(model)
         log.info(_summary(record, choices))
         if cfg.dry_run:
             record["status"] = "dry_run"
             return record
         clock = time.perf_counter()
-        splits = load_splits(cfg.dataset, tokenizer, cfg.block_size)
+        splits = load_splits(cfg.dataset, tokenizer, cfg.block_size, cfg.eval.max_tokens)
         reference = load_reference(cfg.eval.reference, tokenizer, cfg.block_size)
         if reference is not None:
             splits["reference"] = reference
