@@ -105,6 +105,7 @@ def test_schema_rejections_are_one_line(overrides, message):
         (["strategy=adapter", "strategy.n_layers=0"], "strategy.n_layers=0 for adapter: allowed an integer from 1"),
         (["strategy=lora", "strategy.modules_to_save=[lm_head]"], "'lm_head' is unknown; allowed: head, embeddings"),
         (["eval.reference.max_tokens=1"], "eval.reference.max_tokens=1: allowed 2 or more"),
+        (["eval.max_tokens=0"], "eval.max_tokens=0: allowed 2 or more, or null for every token"),
         (["resume=/nonexistent"], "resume='/nonexistent': no such folder"),
         (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] must be two numbers"),
         (["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true"], "nesterov"),

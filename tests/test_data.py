@@ -99,3 +99,22 @@ def test_same_evaluation_blocks_every_time():
     for split in ("validation", "test"):
         assert torch.equal(a[split].input_ids, b[split].input_ids)
         assert a[split].tokens == sum(len(t.encode()) + 1 for t in load_texts(cfg.dataset)[split])
+
+
+def test_eval_max_tokens_keeps_the_first_tokens_of_validation_and_test():
+    cfg = compose_config(["block_size=64"])
+    whole = load_splits(cfg.dataset, byte_tokenizer(), 64)
+    capped = load_splits(cfg.dataset, byte_tokenizer(), 64, max_eval_tokens=1000)
+    assert torch.equal(capped["train"].input_ids, whole["train"].input_ids)  # training text is never cut
+    texts = load_texts(cfg.dataset)
+    for split in ("validation", "test"):
+        blocks = capped[split]
+        assert blocks.tokens == 1000 and len(blocks) == 16  # 15 whole blocks and 40 tokens
+        assert torch.equal(blocks.input_ids[:15], whole[split].input_ids[:15])
+        assert torch.equal(blocks.input_ids[15, :40], whole[split].input_ids[15, :40])
+        assert (blocks.labels[15, 40:] == IGNORE).all()
+        starts, position = [], 0  # where each document begins (bytes + end-of-text)
+        for text in texts[split]:
+            starts.append(position)
+            position += len(text.encode()) + 1
+        assert blocks.documents == sum(start < 1000 for start in starts)  # whole or in part

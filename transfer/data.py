@@ -38,8 +38,11 @@ class Blocks:
         return {"documents": self.documents, "tokens": self.tokens, "blocks": len(self)}
 
 
-def load_splits(cfg, tokenizer, block_size: int) -> dict[str, Blocks]:
-    """Blocks for train, validation and test from the `dataset` config."""
+def load_splits(cfg, tokenizer, block_size: int, max_eval_tokens: int | None = None) -> dict[str, Blocks]:
+    """Blocks for train, validation and test from the `dataset` config.
+
+    max_eval_tokens keeps the first that many tokens of validation and test (eval.max_tokens).
+    """
     texts = load_texts(cfg)
     splits = {}
     for name in SPLITS:
@@ -48,8 +51,11 @@ def load_splits(cfg, tokenizer, block_size: int) -> dict[str, Blocks]:
             raise TransferError(
                 f"dataset {cfg.name!r}: the {name} split is empty (no text in field {cfg.text_field!r})"
             )
+        documents = len(texts[name])
+        if name != "train":
+            ids, documents = first_tokens(ids, max_eval_tokens, tokenizer.eos_token_id, documents)
         pad = tokenizer.eos_token_id or 0
-        splits[name] = to_blocks(ids, block_size, pad, keep_partial=name != "train", documents=len(texts[name]))
+        splits[name] = to_blocks(ids, block_size, pad, keep_partial=name != "train", documents=documents)
         if name == "train" and len(splits[name]) == 0:
             raise TransferError(
                 f"dataset {cfg.name!r}: the train split has {len(ids)} tokens, fewer than one block "
@@ -167,11 +173,16 @@ def load_reference(cfg, tokenizer, block_size: int) -> Blocks | None:
         raise TransferError(
             f"eval.reference={cfg.name!r} is empty (no text in field {cfg.text_field!r}); give it text, or eval/reference=none"
         )
-    documents = len(texts)
-    if cfg.max_tokens is not None and len(ids) > cfg.max_tokens:
-        ids = ids[: cfg.max_tokens]
-        documents = ids.count(tokenizer.eos_token_id) + (ids[-1] != tokenizer.eos_token_id)  # whole or in part
+    ids, documents = first_tokens(ids, cfg.max_tokens, tokenizer.eos_token_id, len(texts))
     return to_blocks(ids, block_size, tokenizer.eos_token_id or 0, keep_partial=True, documents=documents)
+
+
+def first_tokens(ids: list[int], max_tokens: int | None, eos: int | None, documents: int) -> tuple[list[int], int]:
+    """The first max_tokens of a split (all when None), and how many documents they touch, whole or in part."""
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids, documents
+    ids = ids[:max_tokens]
+    return ids, ids.count(eos) + (ids[-1] != eos)
 
 
 def python_docs_prose() -> list[str]:

@@ -206,6 +206,9 @@ class ReferenceHub(ReferenceConfig):
 @dataclass
 class EvalConfig:
     reference: ReferenceConfig = MISSING
+    # Score only the first N tokens of the validation and test splits (the same ones before,
+    # during and after training), for quick checks on big splits; null = every token.
+    max_tokens: int | None = None
     # New tokens generated greedily for each of dataset.prompts.
     max_new_tokens: int = 32
     # Weights of the final evaluation: the best by validation loss, or the last.

@@ -176,6 +176,8 @@ def check_config(cfg: DictConfig) -> None:
         )
     if not isinstance(cfg.resume, (bool, str)) and cfg.resume is not None:
         raise TransferError(f"resume={cfg.resume!r}: allowed true, false, or the path of a run folder or checkpoint")
+    if cfg.eval.max_tokens is not None and cfg.eval.max_tokens < 2:
+        raise TransferError(f"eval.max_tokens={cfg.eval.max_tokens}: allowed 2 or more, or null for every token")
     if cfg.eval.reference.get("max_tokens") is not None and cfg.eval.reference.max_tokens < 2:
         raise TransferError(
             f"eval.reference.max_tokens={cfg.eval.reference.max_tokens}: allowed 2 or more, or null for all"
