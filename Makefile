@@ -18,7 +18,7 @@ run:  ## run the default experiment (tiny model, rust_concepts, full fine-tuning
 sweep:  ## a small sweep over two learning rates into multirun/
 	$(PYTHON) -m transfer -m optimizer.lr=1e-4,3e-4
 
-smoke:  ## a few steps of every strategy on the tiny model (about a minute)
+smoke:  ## a few steps of every strategy on the tiny model (under a minute)
 	$(PYTHON) -m transfer -m +experiment=smoke
 
 tables:  ## comparison tables and plots of the newest sweep (SWEEP=... for another, ARGS=--all ...)
