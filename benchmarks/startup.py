@@ -1,6 +1,6 @@
 """Start-up overhead: seconds from `python -m transfer` to the first training step, less model loading.
 
-    python benchmarks/startup.py --repeats 3
+    python benchmarks/startup.py --repeats 3 [OVERRIDE ...]
 
 Runs the default experiment on `tiny` for one step, each time in a fresh process,
 and reads the `timing` section the run record keeps: model load, data load, the
@@ -24,13 +24,16 @@ PARTS = ("startup_overhead", "model_load", "data_load", "baseline_eval_and_sampl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "overrides", nargs="*", help="more overrides for each run (the overhead does not depend on them)"
+    )
     args = parser.parse_args()
     timings, walls = [], []
     for r in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             cmd = [sys.executable, "-m", "transfer", "max_steps=1", "checkpoint.enabled=false",
-                   f"hydra.run.dir={tmp}/run"]  # fmt: skip
+                   *args.overrides, f"hydra.run.dir={tmp}/run"]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)
             walls.append(time.perf_counter() - started)
             if proc.returncode != 0:

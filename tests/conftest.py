@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,12 @@ import pytest
 # Small, fast settings for real runs of the default experiment on a CPU.
 FAST = [
     "max_steps=30", "eval_interval=10", "block_size=64", "micro_batch_size=8", "eval_batch_size=32",
-    "eval.reference.max_tokens=8192", "eval.max_new_tokens=8",
+    "eval.max_tokens=4096", "eval.reference.max_tokens=4096", "eval.max_new_tokens=8",
 ]  # fmt: skip
+# The shortest real run with a checkpoint: what the resume and overwrite tests start from.
+SHORT = [*FAST, "max_steps=10", "eval_interval=0", "eval/reference=none"]
+# A sweep of two jobs that differ only in the learning rate.
+SWEEP = ["-m", *FAST, "max_steps=20", "optimizer.lr=1e-4,1e-3"]
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +32,42 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
     return subprocess.run(
         [sys.executable, "-m", "transfer", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_ok(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """run_cli, and the run must succeed."""
+    proc = run_cli(args, cwd, timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def copy_run(folder: Path, to: Path) -> Path:
+    """A private copy of a shared run folder, for a test that changes or resumes it."""
+    shutil.copytree(folder, to, symlinks=True)
+    return to
+
+
+# Real runs shared by the tests that only read them: each costs a process start and a
+# training, and the suite must stay short (issue: `make test` under ten minutes).
+@pytest.fixture(scope="session")
+def fast_run(tmp_path_factory) -> Path:
+    """The default experiment in FAST settings, logging every step and checkpointing every 5."""
+    root = tmp_path_factory.mktemp("fast_run")
+    run_ok([*FAST, "log_interval=1", "checkpoint.interval=5", "checkpoint.keep=2", "hydra.run.dir=run"], root)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("short_run")
+    run_ok([*SHORT, "hydra.run.dir=run"], root)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def two_job_sweep(tmp_path_factory) -> Path:
+    """The sweep folder, where Hydra puts it by default: multirun/<date>/<time>/."""
+    root = tmp_path_factory.mktemp("two_job_sweep")
+    run_ok(SWEEP, root)
+    (sweep,) = root.glob("multirun/*/*")
+    return sweep

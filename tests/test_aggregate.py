@@ -11,7 +11,7 @@ from conftest import run_cli
 
 from transfer.aggregate import main
 
-STEPS = ["max_steps=12", "eval_interval=6", "block_size=64", "micro_batch_size=4", "eval.reference.max_tokens=4096",
+STEPS = ["max_steps=12", "eval_interval=6", "block_size=64", "micro_batch_size=4", "eval.max_tokens=4096", "eval.reference.max_tokens=4096",
          "checkpoint.enabled=false", "eval.max_new_tokens=4"]  # fmt: skip
 
 

@@ -1,4 +1,7 @@
-"""Real runs of `python -m transfer` in a subprocess: one run, one sweep, bad input."""
+"""Real runs of `python -m transfer` in a subprocess: one run, one sweep, bad input.
+
+The run and the sweep are shared fixtures (conftest.py): several tests read each.
+"""
 
 import json
 import math
@@ -6,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, run_cli
+from conftest import FAST, SHORT, copy_run, run_cli
 
 from transfer.models import build_model, byte_tokenizer, tiny_config
 from transfer.validate import compose_config
@@ -37,11 +40,8 @@ def assert_sane(record: dict, steps: int) -> None:
     assert p["trainable_pct"] == pytest.approx(100 * p["trainable"] / p["total"], abs=1e-4)
 
 
-def test_single_run_writes_a_sane_record(tmp_path):
-    proc = run_cli([*FAST, "hydra.run.dir=run"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "run"
-    record = record_of(run)
+def test_single_run_writes_a_sane_record(fast_run):
+    record = record_of(fast_run)
     assert_sane(record, steps=30)
     assert record["choices"] == {
         "model": "tiny",
@@ -59,29 +59,25 @@ def test_single_run_writes_a_sane_record(tmp_path):
     assert record["params"]["trainable"] == record["params"]["total"]  # strategy=full
     # validated every 10 steps and at the last one
     assert [v["step"] for v in record["train"]["validation_curve"]] == [10, 20, 30]
-    assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events"
-    assert (run / ".hydra" / "overrides.yaml").is_file()
+    assert list(fast_run.glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert (fast_run / ".hydra" / "overrides.yaml").is_file()
 
 
-def test_tensorboard_holds_the_scalars(tmp_path):
+def test_tensorboard_holds_the_scalars(fast_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    proc = run_cli([*FAST, "max_steps=20", "log_interval=1", "hydra.run.dir=run"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    events = EventAccumulator(str(tmp_path / "run"))
+    events = EventAccumulator(str(fast_run))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "validation/loss", "validation/perplexity"} <= tags
-    assert [e.step for e in events.Scalars("validation/loss")] == [0, 10, 20]  # baseline, then every 10 steps
-    lrs = [e.value for e in events.Scalars("train/lr")]
-    assert len(lrs) == 20 and max(lrs) == pytest.approx(3e-4) and lrs[0] < lrs[1] and lrs[-1] < 0.2 * 3e-4
+    assert [e.step for e in events.Scalars("validation/loss")] == [0, 10, 20, 30]  # baseline, then every 10 steps
+    lrs = [e.value for e in events.Scalars("train/lr")]  # log_interval=1
+    assert len(lrs) == 30 and max(lrs) == pytest.approx(3e-4) and lrs[0] < lrs[1] and lrs[-1] < 0.2 * 3e-4
 
 
-def test_two_job_sweep(tmp_path):
-    proc = run_cli(["-m", *FAST, "max_steps=20", "optimizer.lr=1e-4,1e-3"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted(tmp_path.glob("multirun/*/*/*/metrics.json"))
-    assert [p.parent.name for p in jobs] == ["0", "1"]
+def test_two_job_sweep(two_job_sweep):
+    jobs = sorted(two_job_sweep.glob("*/metrics.json"))
+    assert [p.parent.name for p in jobs] == ["0", "1"]  # multirun/<date>/<time>/<job>/
     records = [json.loads(p.read_text()) for p in jobs]
     for r in records:
         assert_sane(r, steps=20)
@@ -91,11 +87,9 @@ def test_two_job_sweep(tmp_path):
     assert records[0]["eval"]["baseline"] == records[1]["eval"]["baseline"]
 
 
-def test_seeded_runs_repeat_exactly(tmp_path):
-    args = [*FAST, "max_steps=10", "eval_interval=0", "eval/reference=none"]
-    for name in ("a", "b"):
-        assert run_cli([*args, f"hydra.run.dir={name}"], cwd=tmp_path).returncode == 0
-    a, b = record_of(tmp_path / "a"), record_of(tmp_path / "b")
+def test_seeded_runs_repeat_exactly(short_run, tmp_path):
+    assert run_cli([*SHORT, "hydra.run.dir=again"], cwd=tmp_path).returncode == 0
+    a, b = record_of(short_run), record_of(tmp_path / "again")
     assert a["train"]["loss_curve"] == b["train"]["loss_curve"]
     assert a["eval"]["final"] == b["eval"]["final"]
 
@@ -163,11 +157,11 @@ def test_bad_input_in_the_job_is_one_line_and_recorded(tmp_path, case, message):
         assert "offline" in record["error"]
 
 
-def test_a_completed_run_is_never_overwritten(tmp_path):
-    assert run_cli([*FAST, "max_steps=5", "eval_interval=0", "hydra.run.dir=run"], cwd=tmp_path).returncode == 0
-    files = sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file())
+def test_a_completed_run_is_never_overwritten(short_run, tmp_path):
+    run = copy_run(short_run, tmp_path / "run")
+    files = sorted(p for p in run.rglob("*") if p.is_file())
     before = {p: p.read_bytes() for p in files}
-    proc = run_cli([*FAST, "max_steps=6", "hydra.run.dir=run"], cwd=tmp_path)
+    proc = run_cli([*SHORT, "max_steps=6", "hydra.run.dir=run"], cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "error: run already holds a run (status completed); "
@@ -175,7 +169,7 @@ def test_a_completed_run_is_never_overwritten(tmp_path):
     )
     assert {p: p.read_bytes() for p in files} == before
     # resume=true on a finished run: nothing to do, nothing touched (not even .hydra/)
-    proc = run_cli([*FAST, "max_steps=5", "eval_interval=0", "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
+    proc = run_cli([*SHORT, "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
     assert proc.returncode == 0 and "nothing to resume" in proc.stdout
     assert {p: p.read_bytes() for p in files} == before
 

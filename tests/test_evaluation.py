@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_cli
+from conftest import FAST, SHORT, SWEEP, copy_run, run_cli, run_ok
 
 from transfer.data import load_splits
 from transfer.evaluate import evaluate
@@ -26,21 +26,32 @@ def record_of(folder: Path) -> dict:
 
 
 def overfit_args(tmp_path: Path) -> list[str]:
-    """Twelve passages to train on, unseen Rust topics to validate on, a high learning rate."""
-    small = tmp_path / "small.jsonl"
-    small.write_text("".join((CORPUS / "train.jsonl").read_text().splitlines(keepends=True)[:12]))
+    """Four passages to train on, twelve of unseen Rust topics to validate on, a high learning rate:
+    the validation loss bottoms out within a few validations."""
+    splits = {}
+    for split, n in (("train", 4), ("validation", 12), ("test", 12)):
+        splits[split] = tmp_path / f"{split}.jsonl"
+        splits[split].write_text("".join((CORPUS / f"{split}.jsonl").read_text().splitlines(keepends=True)[:n]))
     return [
-        "dataset=text_files", f"dataset.train_files=[{small}]",
-        f"dataset.validation_files=[{CORPUS / 'validation.jsonl'}]", f"dataset.test_files=[{CORPUS / 'test.jsonl'}]",
-        "max_steps=400", "eval_interval=10", "optimizer.lr=3e-3", "optimizer.warmup_ratio=0",
+        "dataset=text_files", f"dataset.train_files=[{splits['train']}]",
+        f"dataset.validation_files=[{splits['validation']}]", f"dataset.test_files=[{splits['test']}]",
+        "max_steps=400", "eval_interval=5", "optimizer.lr=3e-3", "optimizer.warmup_ratio=0",
         "block_size=64", "eval/reference=none", "checkpoint.enabled=false",
     ]  # fmt: skip
 
 
-def test_early_stopping_restores_the_best_weights(tmp_path):
-    proc = run_cli([*overfit_args(tmp_path), "early_stopping.patience=3", "hydra.run.dir=run"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = record_of(tmp_path / "run")
+@pytest.fixture(scope="module")
+def early_stopped(tmp_path_factory) -> dict[str, dict]:
+    """The overfitting run stopped early, once evaluated on the best weights and once on the last."""
+    root = tmp_path_factory.mktemp("early")
+    args = ["-m", *overfit_args(root), "early_stopping.patience=3", "eval.weights=best,last", "hydra.sweep.dir=sweep"]
+    run_ok(args, root)
+    records = [record_of(root / "sweep" / job) for job in ("0", "1")]
+    return {r["config"]["eval"]["weights"]: r for r in records}
+
+
+def test_early_stopping_restores_the_best_weights(early_stopped):
+    r = early_stopped["best"]
     train = r["train"]
     assert train["stop_reason"] == "early_stop"
     assert train["steps"] < train["planned_steps"] == 400
@@ -48,34 +59,36 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
     best_step = min(curve, key=curve.get)
     assert train["best_step"] == best_step
     # three validations after the best, none better: that is what stopped it
-    assert train["steps"] == best_step + 3 * 10
+    assert train["steps"] == best_step + 3 * 5
     assert train["final_weights"] == {"which": "best", "step": best_step}
     # the final evaluation ran on the restored best weights, not the last ones
     assert r["eval"]["final"]["validation"]["loss"] == pytest.approx(curve[best_step], rel=1e-6)
     assert r["eval"]["final"]["validation"]["loss"] < curve[train["steps"]]
 
 
-def test_last_weights_when_asked(tmp_path):
-    args = [*overfit_args(tmp_path), "max_steps=60", "eval.weights=last", "hydra.run.dir=run"]
-    assert run_cli(args, cwd=tmp_path).returncode == 0
-    r = record_of(tmp_path / "run")
-    assert r["train"]["final_weights"] == {"which": "last", "step": 60}
-    assert r["train"]["stop_reason"] == "max_steps"
-    last = r["train"]["validation_curve"][-1]
-    assert last["step"] == 60 and r["eval"]["final"]["validation"]["loss"] == pytest.approx(last["loss"], rel=1e-6)
+def test_last_weights_when_asked(early_stopped):
+    best, last = early_stopped["best"], early_stopped["last"]
+    # the same training (same seed, same stop), evaluated on the weights it stopped with
+    assert last["train"]["validation_curve"] == best["train"]["validation_curve"]
+    stop = last["train"]["steps"]
+    assert last["train"]["final_weights"] == {"which": "last", "step": stop}
+    assert last["train"]["stop_reason"] == "early_stop"
+    final = last["eval"]["final"]["validation"]["loss"]
+    assert final == pytest.approx(last["train"]["validation_curve"][-1]["loss"], rel=1e-6)
+    assert final > best["eval"]["final"]["validation"]["loss"]
 
 
-def test_record_has_reference_samples_memory_and_tensorboard(tmp_path):
+def test_record_has_reference_samples_memory_and_tensorboard(fast_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    proc = run_cli([*FAST, "eval.max_new_tokens=8", "hydra.run.dir=run"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = record_of(tmp_path / "run")
+    r = record_of(fast_run)
     for when in ("baseline", "final"):
         ref = r["eval"][when]["reference"]
-        assert (
-            math.isfinite(ref["perplexity"]) and ref["tokens"] == 8192 - 8192 // 64
-        )  # first token of each block unscored
+        assert math.isfinite(ref["perplexity"])
+        assert ref["tokens"] == 4096 - 4096 // 64  # the first token of each block is unscored
+    for split in ("validation", "test"):  # eval.max_tokens=4096
+        assert r["data"][split]["tokens"] == 4096 and r["data"][split]["blocks"] == 64
+        assert r["eval"]["baseline"][split]["tokens"] == r["eval"]["final"][split]["tokens"] == 4096 - 64
     assert r["eval"]["change_pct"]["reference"] == pytest.approx(
         100 * (r["eval"]["final"]["reference"]["perplexity"] / r["eval"]["baseline"]["reference"]["perplexity"] - 1)
     )
@@ -85,14 +98,13 @@ def test_record_has_reference_samples_memory_and_tensorboard(tmp_path):
         "Ownership in Rust means",
     ]
     assert all(len(s["completion"].encode()) <= 8 and len(s["completion_after"].encode()) <= 8 for s in r["samples"])
-    assert json.loads((tmp_path / "run" / "samples.json").read_text()) == r["samples"]
+    assert json.loads((fast_run / "samples.json").read_text()) == r["samples"]
     assert r["memory"]["bytes"] > 50e6 and r["memory"]["kind"] in ("cpu_peak_rss", "cpu_peak_rss_process")
     assert (
-        r["train"]["checkpoint"]["bytes"]
-        == (tmp_path / "run/checkpoints/step-000030/trainable.safetensors").stat().st_size
+        r["train"]["checkpoint"]["bytes"] == (fast_run / "checkpoints/step-000030/trainable.safetensors").stat().st_size
     )
 
-    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0})
+    events = EventAccumulator(str(fast_run), size_guidance={"tensors": 0})
     events.Reload()
     assert {"reference/perplexity", "final/validation_perplexity"} <= set(events.Tags()["scalars"])
     assert {"samples/0/text_summary", "samples/2/text_summary"} <= set(events.Tags()["tensors"])
@@ -100,13 +112,12 @@ def test_record_has_reference_samples_memory_and_tensorboard(tmp_path):
     assert "_hparams_/experiment" in plugins and "_hparams_/session_start_info" in plugins
 
 
-def test_checkpoints_rotate_and_keep_the_best(tmp_path):
-    args = [*FAST, "max_steps=30", "checkpoint.interval=5", "checkpoint.keep=2", "hydra.run.dir=run"]
-    assert run_cli(args, cwd=tmp_path).returncode == 0
-    folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+def test_checkpoints_rotate_and_keep_the_best(fast_run):
+    # checkpoint.interval=5, checkpoint.keep=2 over 30 steps
+    folders = sorted(p.name for p in (fast_run / "checkpoints").iterdir())
     assert folders == ["best", "step-000025", "step-000030"]
-    best = json.loads((tmp_path / "run/checkpoints/best/best.json").read_text())
-    assert best["step"] == record_of(tmp_path / "run")["train"]["best_step"]
+    best = json.loads((fast_run / "checkpoints/best/best.json").read_text())
+    assert best["step"] == record_of(fast_run)["train"]["best_step"]
 
 
 def _kill_after_first_checkpoint(args: list[str], cwd: Path) -> None:
@@ -120,17 +131,26 @@ def _kill_after_first_checkpoint(args: list[str], cwd: Path) -> None:
     proc.wait()
 
 
-def test_kill_and_resume_gives_the_same_losses(tmp_path):
-    # dropout on, so that the RNG state matters too
-    args = [*FAST, "max_steps=40", "eval_interval=20", "checkpoint.interval=10", "log_interval=1",
-            "strategy=lora", "strategy.dropout=0.1", "eval/reference=none"]  # fmt: skip
-    assert run_cli([*args, "hydra.run.dir=straight"], cwd=tmp_path).returncode == 0
-    _kill_after_first_checkpoint([*args, "hydra.run.dir=run"], tmp_path)
+# dropout on, so that the RNG state matters too
+LORA = [*FAST, "max_steps=40", "eval_interval=20", "checkpoint.interval=10", "log_interval=1",
+        "strategy=lora", "strategy.dropout=0.1", "eval/reference=none", "eval.weights=last"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> Path:
+    """A LoRA run straight through, evaluated on its last weights."""
+    root = tmp_path_factory.mktemp("lora")
+    run_ok([*LORA, "hydra.run.dir=straight"], root)
+    return root / "straight"
+
+
+def test_kill_and_resume_gives_the_same_losses(lora_run, tmp_path):
+    _kill_after_first_checkpoint([*LORA, "hydra.run.dir=run"], tmp_path)
     killed = record_of(tmp_path / "run")
     assert killed["status"] == "running", "the run finished before it could be killed"
-    proc = run_cli([*args, "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
+    proc = run_cli([*LORA, "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed, straight = record_of(tmp_path / "run"), record_of(tmp_path / "straight")
+    resumed, straight = record_of(tmp_path / "run"), record_of(lora_run)
     assert resumed["train"]["resumed_from_step"] in range(10, 40, 10)
     # CPU float32 with the same ops in the same order is deterministic: the restored
     # weights, optimizer moments, schedule, RNG and data position give the very same
@@ -143,49 +163,45 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path):
     assert resumed["train"]["tokens"] == straight["train"]["tokens"]
 
 
-def test_resume_under_another_config_is_refused(tmp_path):
-    args = [*FAST, "max_steps=10", "eval/reference=none"]
-    assert run_cli([*args, "hydra.run.dir=run"], cwd=tmp_path).returncode == 0
-    record = record_of(tmp_path / "run")
+def test_resume_under_another_config_is_refused(short_run, tmp_path):
+    run = copy_run(short_run, tmp_path / "run")
+    record = record_of(run)
     record["status"] = "running"
-    (tmp_path / "run" / "metrics.json").write_text(json.dumps(record))
-    proc = run_cli([*args, "optimizer.lr=1e-3", "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
+    (run / "metrics.json").write_text(json.dumps(record))
+    proc = run_cli([*SHORT, "optimizer.lr=1e-3", "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
     assert proc.returncode == 1
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
     assert len(errors) == 1
     assert "was made with optimizer.lr=0.0003, this run has optimizer.lr=0.001 (1 difference(s))" in errors[0]
 
 
-def test_peft_checkpoint_loads_with_peft_and_scores_the_same(tmp_path):
+def test_peft_checkpoint_loads_with_peft_and_scores_the_same(lora_run):
     from peft import PeftModel
 
-    overrides = [*FAST, "strategy=lora", "strategy.r=4", "eval.weights=last", "eval/reference=none"]
-    assert run_cli([*overrides, "hydra.run.dir=run"], cwd=tmp_path).returncode == 0
-    r = record_of(tmp_path / "run")
-    folder = tmp_path / "run" / "checkpoints" / "step-000030"
+    r = record_of(lora_run)
+    folder = lora_run / "checkpoints" / "step-000040"
     assert (folder / "adapter_config.json").is_file()
     assert r["train"]["checkpoint"]["bytes"] == (folder / "adapter_model.safetensors").stat().st_size
-    cfg = compose_config(overrides)
+    cfg = compose_config(LORA)
     base, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
     model = PeftModel.from_pretrained(base, folder)
-    splits = load_splits(cfg.dataset, tokenizer, cfg.block_size)
+    splits = load_splits(cfg.dataset, tokenizer, cfg.block_size, cfg.eval.max_tokens)
     result = evaluate(model, splits["validation"], cfg.eval_batch_size, resolve(cfg.hardware))
     assert result["loss"] == pytest.approx(r["eval"]["final"]["validation"]["loss"], rel=1e-6)
 
 
-def test_resumed_sweep_skips_completed_jobs_and_finishes_the_others(tmp_path):
-    args = ["-m", *FAST, "max_steps=10", "eval/reference=none", "optimizer.lr=1e-4,1e-3", "hydra.sweep.dir=sweep"]
-    assert run_cli(args, cwd=tmp_path).returncode == 0
-    done, interrupted = tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"
+def test_resumed_sweep_skips_completed_jobs_and_finishes_the_others(two_job_sweep, tmp_path):
+    sweep = copy_run(two_job_sweep, tmp_path / "sweep")
+    done, interrupted = sweep / "0", sweep / "1"
     done_bytes = (done / "metrics.json").read_bytes()
     record = record_of(interrupted)
     record["status"] = "running"  # as a killed job leaves it
     (interrupted / "metrics.json").write_text(json.dumps(record))
-    proc = run_cli([*args, "resume=true"], cwd=tmp_path)
+    proc = run_cli([*SWEEP, "resume=true", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (done / "metrics.json").read_bytes() == done_bytes  # skipped, untouched
     again = record_of(interrupted)
-    assert again["status"] == "completed" and again["train"]["resumed_from_step"] == 10
+    assert again["status"] == "completed" and again["train"]["resumed_from_step"] == 20
     assert again["eval"]["final"] == record["eval"]["final"]
 
 
@@ -197,10 +213,10 @@ def test_resumed_sweep_skips_completed_jobs_and_finishes_the_others(tmp_path):
         ("empty_reference", "eval.reference='text_files' is empty"),
     ],
 )
-def test_bad_resume_and_reference_are_one_line_and_lose_nothing(tmp_path, case, message):
-    args = [*FAST, "max_steps=10", "eval/reference=none"]
+def test_bad_resume_and_reference_are_one_line_and_lose_nothing(tmp_path, case, message, request):
+    args = list(SHORT)
     if case == "corrupt":
-        assert run_cli([*args, "hydra.run.dir=old"], cwd=tmp_path).returncode == 0
+        copy_run(request.getfixturevalue("short_run"), tmp_path / "old")
         state = tmp_path / "old" / "checkpoints" / "step-000010" / "trainer_state.pt"
         state.write_bytes(b"not a checkpoint")
         args += [f"resume={tmp_path / 'old'}"]

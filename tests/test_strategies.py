@@ -1,6 +1,7 @@
 """Strategies: exact parameter accounting, architecture coverage, and what really trains."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,6 +284,29 @@ def test_dry_run_records_the_counts_and_stops(tmp_path):
     assert "train" not in record and record["eval"] == {}
     assert not list((tmp_path / "run").glob("events.out.tfevents.*"))
     assert "parameters train" in proc.stdout + proc.stderr  # the one-line summary
+    assert record["model"]["weights"] == "not loaded (dry run: shapes on the meta device)"
+
+
+def test_dry_run_sweep_on_a_qwen2_0_5b_shaped_directory(tmp_path):
+    """A dry run needs the config and the tokenizer, not the weights: the 0.5B counts end to end in seconds."""
+    from transfer.models import byte_tokenizer
+
+    folder = tmp_path / "qwen2-0.5b-shape"
+    qwen2_0_5b_shape().config.save_pretrained(folder)  # config.json only: no weights on disk
+    byte_tokenizer().save_pretrained(folder)
+    args = ["-m", "strategy=full,freeze_lower,lora", "dry_run=true", f"model.name_or_path={folder}",
+            "model.tokenizer_from_json=true", "hydra.sweep.dir=sweep"]  # fmt: skip
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = {
+        r["choices"]["strategy"]: r for r in map(json.loads, map(Path.read_text, tmp_path.glob("sweep/*/metrics.json")))
+    }
+    assert {k: (r["status"], r["params"]["trainable"], r["params"]["total"]) for k, r in records.items()} == {
+        "full": ("dry_run", TOTAL, TOTAL),
+        "freeze_lower": ("dry_run", 12 * BLOCK + FINAL_NORM, TOTAL),
+        "lora": ("dry_run", LAYERS * LORA_BLOCK, TOTAL + LAYERS * LORA_BLOCK),
+    }
+    assert records["lora"]["params"]["tied_embeddings"] is True
 
 
 def test_sweep_of_every_cpu_strategy_on_tiny(tmp_path):
@@ -294,6 +318,7 @@ def test_sweep_of_every_cpu_strategy_on_tiny(tmp_path):
         "eval_interval=0",
         "block_size=64",
         "micro_batch_size=4",
+        "eval.max_tokens=2048",
         "eval.reference.max_tokens=2048",
         "eval.max_new_tokens=4",
         "checkpoint.enabled=false",
