@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import run_cli
@@ -307,6 +308,14 @@ def test_dry_run_sweep_on_a_qwen2_0_5b_shaped_directory(tmp_path):
         "lora": ("dry_run", LAYERS * LORA_BLOCK, TOTAL + LAYERS * LORA_BLOCK),
     }
     assert records["lora"]["params"]["tied_embeddings"] is True
+    # the sweep's comparison table shows the counts, and no empty perplexity columns
+    table = pd.read_csv(tmp_path / "sweep" / "tables" / "comparison.csv")
+    assert dict(zip(table["strategy"], table["trainable_params"], strict=True)) == {
+        k: r["params"]["trainable"] for k, r in records.items()
+    }
+    assert set(table["status"]) == {"dry_run"} and set(table["seeds"]) == {1}
+    header = (tmp_path / "sweep" / "tables" / "comparison.md").read_text().splitlines()[0]
+    assert "total_params" in header and "ppl" not in header
 
 
 def test_sweep_of_every_cpu_strategy_on_tiny(tmp_path):

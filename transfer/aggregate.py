@@ -26,12 +26,14 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = Path("multirun")
 # metric columns: name -> (format, whether lower is better for sorting/plots)
 METRICS = [
-    "trainable_params", "trainable_pct", "train_seconds", "tokens_per_second", "samples_per_second",
+    "trainable_params", "total_params", "trainable_pct", "train_seconds", "tokens_per_second", "samples_per_second",
     "peak_memory_mb", "checkpoint_mb", "val_ppl_before", "val_ppl_after", "val_change_pct",
     "test_ppl_before", "test_ppl_after", "test_change_pct", "ref_ppl_before", "ref_ppl_after", "ref_change_pct",
     "best_step", "steps",
 ]  # fmt: skip
 DESCRIPTIVE = ["strategy", "model", "dataset", "seed", "tied_embeddings", "stop_reason", "status", "error"]
+# Records that hold numbers: a finished run, or a dry run (parameter counts only).
+RESULTS = ("completed", "dry_run")
 
 
 # ---------------------------------------------------------------- reading
@@ -149,22 +151,26 @@ def _mb(n) -> float | None:
 
 # ---------------------------------------------------------------- the comparison
 def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str = "val_ppl_after") -> pd.DataFrame:
-    """Jobs that differ only by seed, grouped: mean and std of every metric, and the seed count."""
+    """Jobs that differ only by seed, grouped: mean and std of every metric, and the seed count.
+
+    Completed runs and dry runs are grouped apart (a dry run has counts, no perplexities).
+    """
     keys = group_by or default_group_keys(jobs)
-    done = jobs[jobs["status"] == "completed"]
+    done = jobs[jobs["status"].isin(RESULTS)]
     metrics = [m for m in METRICS if m in jobs.columns]
     rows = []
-    for key, group in done.groupby(keys, dropna=False, sort=False):
-        row = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+    for key, group in done.groupby([*keys, "status"], dropna=False, sort=False):
+        *values, status = key
+        row = dict(zip(keys, values, strict=True))
         row["seeds"] = len(group)
         for m in metrics:
             values = pd.to_numeric(group[m], errors="coerce").dropna()
             row[m] = values.mean() if len(values) else math.nan
             row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
-        row["status"] = "completed"
+        row["status"] = status
         row["error"] = None
         rows.append(row)
-    for _, job in jobs[jobs["status"] != "completed"].iterrows():  # failures stay visible
+    for _, job in jobs[~jobs["status"].isin(RESULTS)].iterrows():  # failures stay visible
         row = {k: job.get(k) for k in keys}
         row.update(seeds=0, status=job["status"], error=job.get("error"), job=job["job"])
         rows.append(row)
@@ -185,15 +191,25 @@ def default_group_keys(jobs: pd.DataFrame) -> list[str]:
     return keys
 
 
+# The comparison table's columns after the grouping keys, when none are asked for.
+DEFAULT_COLUMNS = [
+    "seeds", "trainable_params", "total_params", "trainable_pct", "val_ppl_before", "val_ppl_after",
+    "val_change_pct", "test_ppl_after", "ref_ppl_before", "ref_ppl_after", "train_seconds", "tokens_per_second",
+    "peak_memory_mb", "checkpoint_mb", "best_step", "status", "error",
+]  # fmt: skip
+
+
 def for_people(table: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
-    """Formatted strings: thousands separators, 3 significant figures, mean ± std."""
+    """Formatted strings: thousands separators, 3 significant figures, mean ± std.
+
+    By default the grouping keys and DEFAULT_COLUMNS, less the columns no row fills
+    (a dry-run sweep has counts but no perplexities; a sweep without failures no errors).
+    """
     keys = table.attrs.get("group_keys", [])
-    shown = columns or [
-        *keys, "seeds", "trainable_params", "trainable_pct", "val_ppl_before", "val_ppl_after", "val_change_pct",
-        "test_ppl_after", "ref_ppl_before", "ref_ppl_after", "train_seconds", "tokens_per_second", "peak_memory_mb",
-        "checkpoint_mb", "best_step", "status", "error",
-    ]  # fmt: skip
-    shown = [c for c in dict.fromkeys(shown) if c in table.columns]
+    if columns is None:
+        filled = [c for c in DEFAULT_COLUMNS if c in ("seeds", "status") or (c in table and table[c].notna().any())]
+        columns = [*keys, *filled]
+    shown = [c for c in dict.fromkeys(columns) if c in table.columns]
     out = pd.DataFrame(index=table.index)
     for col in shown:
         if col in METRICS:
@@ -216,7 +232,7 @@ def _cell(value, std, col: str) -> str:
 
 
 def _formatter(col: str):
-    if col in ("trainable_params", "steps", "best_step"):
+    if col in ("trainable_params", "total_params", "steps", "best_step"):
         return lambda v: f"{v:,.0f}"
     if col.endswith("_pct"):
         return lambda v: f"{v:+.1f}" if "change" in col else f"{v:.3g}"
