@@ -123,6 +123,17 @@ def test_newest_sweep_by_default(sweep, tmp_path, monkeypatch, capsys):
     assert "6 jobs" in capsys.readouterr().out
 
 
+def test_sweeps_that_vary_different_overrides_share_one_table(sweep, two_job_sweep, tmp_path, capsys):
+    """strategy and seed vary in one sweep, optimizer.lr in the other: each row lacks the other's keys."""
+    assert main([str(sweep), str(two_job_sweep), "--out", str(tmp_path)]) == 0
+    assert "8 jobs (6 completed, 1 failed, 1 incomplete) from 2 sweep(s)" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "comparison.csv")
+    completed = table[table["status"] == "completed"]
+    assert sorted(completed["optimizer.lr"].dropna()) == [1e-4, 1e-3]
+    assert completed["seeds"].tolist().count(2) == 2  # full and lora, over seeds 1 and 2
+    assert len(list(tmp_path.glob("*.png"))) == 4
+
+
 def test_notebook_runs_headless(sweep, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

@@ -17,7 +17,7 @@ def write_plots(jobs: pd.DataFrame, table: pd.DataFrame, folder: Path) -> list[P
     if done.empty:
         return []
     keys = table.attrs.get("group_keys", ["strategy"])
-    done["label"] = done[keys].astype(str).agg(" · ".join, axis=1)
+    done["label"] = [_label(values) for values in done[keys].itertuples(index=False)]
     paths = [
         _perplexity_vs_trainable(done, folder / "perplexity_vs_trainable.png"),
         _gain_vs_forgetting(done, folder / "gain_vs_forgetting.png"),
@@ -25,6 +25,11 @@ def write_plots(jobs: pd.DataFrame, table: pd.DataFrame, folder: Path) -> list[P
         _cost(done, folder / "time_and_memory.png"),
     ]
     return [p for p in paths if p is not None]
+
+
+def _label(values) -> str:
+    """A row's grouping values; missing ones (an override only some sweeps set) are left out."""
+    return " · ".join(str(v) for v in values if not pd.isna(v))
 
 
 def _style(ax, i: int) -> dict:
@@ -83,7 +88,7 @@ def _validation_curves(jobs: pd.DataFrame, keys: list[str], path: Path) -> Path 
             p for curve in group["validation_curve"] for p in curve
         ]
         mean = pd.DataFrame(points).groupby("step")["perplexity"].mean()
-        label = " · ".join(map(str, key if isinstance(key, tuple) else (key,)))
+        label = _label(key if isinstance(key, tuple) else (key,))
         ax.plot(mean.index, mean.values, label=label, markersize=4, **_style(ax, i))
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
