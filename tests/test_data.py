@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from transfer import schema
-from transfer.data import IGNORE, load_splits, load_texts, to_blocks, tokenize
+from transfer.data import IGNORE, first_tokens, load_splits, load_texts, to_blocks, tokenize, tokenize_documents
 from transfer.errors import TransferError
 from transfer.models import byte_tokenizer
 from transfer.validate import compose_config
@@ -118,3 +118,11 @@ def test_eval_max_tokens_keeps_the_first_tokens_of_validation_and_test():
             starts.append(position)
             position += len(text.encode()) + 1
         assert blocks.documents == sum(start < 1000 for start in starts)  # whole or in part
+
+
+def test_a_cut_split_counts_the_documents_it_touches():
+    ids, starts = tokenize_documents(["abc<|endoftext|>def", "ghi"], byte_tokenizer())  # end-of-text inside a text
+    assert starts == [0, 8] and len(ids) == 12
+    assert first_tokens(ids, starts, 8) == (ids[:8], 1)
+    assert first_tokens(ids, starts, 9) == (ids[:9], 2)
+    assert first_tokens(ids, starts, None) == (ids, 2)

@@ -7,6 +7,7 @@ token of a split is scored except the first of each block, which has no context
 to be predicted from; the same blocks serve before and after training.
 """
 
+import bisect
 import logging
 import random
 from dataclasses import dataclass
@@ -46,14 +47,12 @@ def load_splits(cfg, tokenizer, block_size: int, max_eval_tokens: int | None = N
     texts = load_texts(cfg)
     splits = {}
     for name in SPLITS:
-        ids = tokenize(texts[name], tokenizer)
+        ids, starts = tokenize_documents(texts[name], tokenizer)
         if not ids:
             raise TransferError(
                 f"dataset {cfg.name!r}: the {name} split is empty (no text in field {cfg.text_field!r})"
             )
-        documents = len(texts[name])
-        if name != "train":
-            ids, documents = first_tokens(ids, max_eval_tokens, tokenizer.eos_token_id, documents)
+        ids, documents = first_tokens(ids, starts, max_eval_tokens if name != "train" else None)
         pad = tokenizer.eos_token_id or 0
         splits[name] = to_blocks(ids, block_size, pad, keep_partial=name != "train", documents=documents)
         if name == "train" and len(splits[name]) == 0:
@@ -168,21 +167,20 @@ def load_reference(cfg, tokenizer, block_size: int) -> Blocks | None:
         texts = read_hub(cfg, cfg.split, f"eval.reference.path={cfg.path!r} split {cfg.split!r}")
     else:
         texts = python_docs_prose()
-    ids = tokenize(texts, tokenizer)
+    ids, starts = tokenize_documents(texts, tokenizer)
     if not ids:
         raise TransferError(
             f"eval.reference={cfg.name!r} is empty (no text in field {cfg.text_field!r}); give it text, or eval/reference=none"
         )
-    ids, documents = first_tokens(ids, cfg.max_tokens, tokenizer.eos_token_id, len(texts))
+    ids, documents = first_tokens(ids, starts, cfg.max_tokens)
     return to_blocks(ids, block_size, tokenizer.eos_token_id or 0, keep_partial=True, documents=documents)
 
 
-def first_tokens(ids: list[int], max_tokens: int | None, eos: int | None, documents: int) -> tuple[list[int], int]:
+def first_tokens(ids: list[int], starts: list[int], max_tokens: int | None) -> tuple[list[int], int]:
     """The first max_tokens of a split (all when None), and how many documents they touch, whole or in part."""
     if max_tokens is None or len(ids) <= max_tokens:
-        return ids, documents
-    ids = ids[:max_tokens]
-    return ids, ids.count(eos) + (ids[-1] != eos)
+        return ids, len(starts)
+    return ids[:max_tokens], bisect.bisect_left(starts, max_tokens)
 
 
 def python_docs_prose() -> list[str]:
@@ -206,14 +204,24 @@ def python_docs_prose() -> list[str]:
 
 def tokenize(texts: list[str], tokenizer) -> list[int]:
     """Token ids of all documents, each ending in the end-of-text token."""
+    return tokenize_documents(texts, tokenizer)[0]
+
+
+def tokenize_documents(texts: list[str], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of all documents, each ending in the end-of-text token, and where each document starts.
+
+    The starts count documents exactly, even with no end-of-text token or one inside a text.
+    """
     eos = tokenizer.eos_token_id
     ids: list[int] = []
+    starts: list[int] = []
     for start in range(0, len(texts), 1000):
         for doc in tokenizer(texts[start : start + 1000])["input_ids"]:
+            starts.append(len(ids))
             ids.extend(doc)
             if eos is not None and (not doc or doc[-1] != eos):
                 ids.append(eos)
-    return ids
+    return ids, starts
 
 
 def to_blocks(ids: list[int], block_size: int, pad_id: int, keep_partial: bool, documents: int = 0) -> Blocks:
