@@ -32,6 +32,19 @@ def test_tiny_model_is_seeded_and_shaped_by_config():
     assert len(tok) <= a.config.vocab_size
 
 
+@pytest.mark.parametrize("where", ["tiny", "local"])
+def test_without_weights_every_parameter_is_on_the_meta_device(where, request):
+    shared = request.getfixturevalue("shared") if where == "local" else None  # skips without ../shared
+    overrides = [f"model.name_or_path={shared / 'models' / 'stories260k'}"] if shared else []
+    cfg = compose_config(overrides)
+    real, _ = load_model_and_tokenizer(cfg.model, 64)
+    shapes, _ = load_model_and_tokenizer(cfg.model, 64, weights=False)
+    assert {p.device.type for p in shapes.parameters()} == {"meta"}
+    assert [(n, p.shape) for n, p in shapes.named_parameters()] == [(n, p.shape) for n, p in real.named_parameters()]
+    with pytest.raises(ValueError, match="quantize_4bit needs weights=True"):
+        load_model_and_tokenizer(cfg.model, 64, quantize_4bit=True, weights=False)
+
+
 def _perplexity(model, tokenizer, text):
     ids = torch.tensor([tokenizer(text)["input_ids"]])
     with torch.no_grad():

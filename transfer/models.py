@@ -26,6 +26,8 @@ def load_model_and_tokenizer(cfg, block_size: int, quantize_4bit: bool = False, 
     weights=False reads the config and the tokenizer but builds the model on the meta device:
     every shape and parameter, no memory and no weights read (nor downloaded).
     """
+    if quantize_4bit and not weights:
+        raise ValueError("4-bit weights are made by quantizing real weights: quantize_4bit needs weights=True")
     if cfg.name_or_path is None:
         tokenizer = byte_tokenizer()
         config = tiny_config(cfg.tiny, tokenizer)
