@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from transfer.aggregate import main
+from transfer.aggregate import comparison, main
 
 STEPS = ["max_steps=12", "eval_interval=6", "block_size=64", "micro_batch_size=4", "eval.max_tokens=4096", "eval.reference.max_tokens=4096",
          "checkpoint.enabled=false", "eval.max_new_tokens=4"]  # fmt: skip
@@ -132,6 +132,20 @@ def test_sweeps_that_vary_different_overrides_share_one_table(sweep, two_job_swe
     assert sorted(completed["optimizer.lr"].dropna()) == [1e-4, 1e-3]
     assert completed["seeds"].tolist().count(2) == 2  # full and lora, over seeds 1 and 2
     assert len(list(tmp_path.glob("*.png"))) == 4
+
+
+def test_jobs_scored_on_different_tokens_are_never_averaged():
+    """Two seeds of one strategy, but one scored on the first 4,096 validation tokens (eval.max_tokens)."""
+    jobs = pd.DataFrame({
+        "sweep": ["a", "b"], "job": ["0", "0"], "strategy": ["full", "full"], "seed": [1, 2],
+        "status": ["completed", "completed"], "error": [None, None], "val_ppl_after": [10.0, 20.0],
+        "val_tokens": [4096, 22134],
+    })  # fmt: skip
+    jobs.attrs["override_keys"] = ["strategy", "seed"]
+    table = comparison(jobs)
+    assert table["val_tokens"].tolist() == [4096, 22134] and table["seeds"].tolist() == [1, 1]
+    jobs["val_tokens"] = 4096
+    assert comparison(jobs)["seeds"].tolist() == [2]
 
 
 def test_notebook_runs_headless(sweep, monkeypatch):

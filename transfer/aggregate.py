@@ -115,6 +115,7 @@ def _job_record_row(sweep: Path, job: Path) -> dict:
         stop_reason=train.get("stop_reason"),
         peak_memory_mb=_mb(record.get("memory", {}).get("bytes")),
         checkpoint_mb=_mb((train.get("checkpoint") or {}).get("bytes")),
+        val_tokens=(record.get("data") or {}).get("validation", {}).get("tokens"),  # eval.max_tokens cuts it
     )
     for split, short in (("validation", "val"), ("test", "test"), ("reference", "ref")):
         row[f"{short}_ppl_before"] = ev.get("baseline", {}).get(split, {}).get("perplexity")
@@ -182,12 +183,18 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
 
 
 def default_group_keys(jobs: pd.DataFrame) -> list[str]:
-    """The overrides that vary across jobs, seed excepted; strategy when nothing varies."""
+    """The overrides that vary across jobs, seed excepted; strategy when nothing varies.
+
+    Jobs scored on different validation tokens (eval.max_tokens, set by a preset, say) are
+    never averaged together: val_tokens joins the keys when it varies.
+    """
     keys = [
         k for k in jobs.attrs.get("override_keys", []) if k != "seed" and jobs[k].astype(str).nunique(dropna=False) > 1
     ]
     if "strategy" not in keys and "strategy" in jobs.columns:
         keys = ["strategy", *keys]
+    if "val_tokens" in jobs.columns and jobs["val_tokens"].nunique() > 1:
+        keys.append("val_tokens")
     return keys
 
 
