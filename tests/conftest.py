@@ -13,8 +13,8 @@ FAST = [
 ]  # fmt: skip
 # The shortest real run with a checkpoint: what the resume and overwrite tests start from.
 SHORT = [*FAST, "max_steps=10", "eval_interval=0", "eval/reference=none"]
-# A sweep of two jobs that differ only in the learning rate.
-SWEEP = ["-m", *FAST, "max_steps=20", "optimizer.lr=1e-4,1e-3"]
+# A sweep of two jobs that differ only in the learning rate, with a checkpoint halfway.
+SWEEP = ["-m", *FAST, "max_steps=20", "checkpoint.interval=10", "optimizer.lr=1e-4,1e-3"]
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,12 +134,12 @@ def _kill_after_first_checkpoint(args: list[str], cwd: Path) -> None:
 
 # dropout on, so that the RNG state matters too
 LORA = [*FAST, "max_steps=40", "eval_interval=20", "checkpoint.interval=10", "log_interval=1",
-        "strategy=lora", "strategy.dropout=0.1", "eval/reference=none", "eval.weights=last"]  # fmt: skip
+        "strategy=lora", "strategy.dropout=0.1", "eval/reference=none"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory) -> Path:
-    """A LoRA run straight through, evaluated on its last weights."""
+    """A LoRA run straight through."""
     root = tmp_path_factory.mktemp("lora")
     run_ok([*LORA, "hydra.run.dir=straight"], root)
     return root / "straight"
@@ -168,23 +169,28 @@ def test_resume_under_another_config_is_refused(short_run, tmp_path):
     record = record_of(run)
     record["status"] = "running"
     (run / "metrics.json").write_text(json.dumps(record))
-    proc = run_cli([*SHORT, "optimizer.lr=1e-3", "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
+    # another learning rate, and other evaluation blocks: both change what the run measures
+    args = [*SHORT, "optimizer.lr=1e-3", "eval.max_tokens=2048", "resume=true", "hydra.run.dir=run"]
+    proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 1
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
     assert len(errors) == 1
-    assert "was made with optimizer.lr=0.0003, this run has optimizer.lr=0.001 (1 difference(s))" in errors[0]
+    assert "was made with optimizer.lr=0.0003, this run has optimizer.lr=0.001 (2 difference(s))" in errors[0]
 
 
 def test_peft_checkpoint_loads_with_peft_and_scores_the_same(lora_run):
     from peft import PeftModel
 
     r = record_of(lora_run)
-    folder = lora_run / "checkpoints" / "step-000040"
-    assert (folder / "adapter_config.json").is_file()
-    assert r["train"]["checkpoint"]["bytes"] == (folder / "adapter_model.safetensors").stat().st_size
+    last = lora_run / "checkpoints" / "step-000040"
+    assert (last / "adapter_config.json").is_file()
+    assert r["train"]["checkpoint"]["bytes"] == (last / "adapter_model.safetensors").stat().st_size
+    # the final evaluation ran on the best weights; peft loads them from checkpoints/best/
+    best = lora_run / "checkpoints" / "best"
+    assert json.loads((best / "best.json").read_text())["step"] == r["train"]["final_weights"]["step"]
     cfg = compose_config(LORA)
     base, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
-    model = PeftModel.from_pretrained(base, folder)
+    model = PeftModel.from_pretrained(base, best)
     splits = load_splits(cfg.dataset, tokenizer, cfg.block_size, cfg.eval.max_tokens)
     result = evaluate(model, splits["validation"], cfg.eval_batch_size, resolve(cfg.hardware))
     assert result["loss"] == pytest.approx(r["eval"]["final"]["validation"]["loss"], rel=1e-6)
@@ -195,14 +201,20 @@ def test_resumed_sweep_skips_completed_jobs_and_finishes_the_others(two_job_swee
     done, interrupted = sweep / "0", sweep / "1"
     done_bytes = (done / "metrics.json").read_bytes()
     record = record_of(interrupted)
-    record["status"] = "running"  # as a killed job leaves it
-    (interrupted / "metrics.json").write_text(json.dumps(record))
+    # as a job killed between its checkpoints of steps 10 and 20 leaves it
+    shutil.rmtree(interrupted / "checkpoints" / "step-000020")
+    (interrupted / "metrics.json").write_text(json.dumps({**record, "status": "running"}))
     proc = run_cli([*SWEEP, "resume=true", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (done / "metrics.json").read_bytes() == done_bytes  # skipped, untouched
     again = record_of(interrupted)
-    assert again["status"] == "completed" and again["train"]["resumed_from_step"] == 20
-    assert again["eval"]["final"] == record["eval"]["final"]
+    assert again["status"] == "completed" and again["train"]["resumed_from_step"] == 10
+    # steps 11 to 20 trained again from the checkpoint: the same losses, the same result
+    for a, b in zip(again["train"]["loss_curve"], record["train"]["loss_curve"], strict=True):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert again["eval"]["final"]["validation"]["loss"] == pytest.approx(
+        record["eval"]["final"]["validation"]["loss"], rel=1e-6
+    )
 
 
 @pytest.mark.parametrize(
