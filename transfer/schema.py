@@ -299,7 +299,8 @@ class Config:
     eval_batch_size: int = 16
     # Log the training loss to TensorBoard every N optimizer steps.
     log_interval: int = 10
-    # Load the model, apply the strategy, write the record with the counts, stop.
+    # Build the model on the meta device (shapes, no weights), apply the strategy,
+    # write the record with the counts, stop.
     dry_run: bool = False
 
     eval: EvalConfig = field(default_factory=EvalConfig)
