@@ -125,3 +125,39 @@ def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
         torch.testing.assert_close(grads_chunked[name], grads_whole[name], rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():  # evaluation takes the chunked path without gradients
         torch.testing.assert_close(summed_lm_loss(model, ids, labels, chunk_tokens=50)[0], whole, rtol=1e-5, atol=0)
+
+
+def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
+    import transfer.evaluate
+    import transfer.train
+    from transfer.data import load_splits
+    from transfer.errors import TransferError
+    from transfer.train import train
+
+    def no_memory(*args, **kwargs):  # what the CUDA caching allocator raises
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.25 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.50 GiB is free."
+        )
+
+    cfg = compose_config(
+        ["micro_batch_size=8", "grad_accum_steps=2", "block_size=64", "max_steps=2", "eval_interval=0"]
+    )
+    model, tokenizer = load_model_and_tokenizer(cfg.model, 64)
+    splits = load_splits(cfg.dataset, tokenizer, 64, max_eval_tokens=2048)
+    hw = resolve(cfg.hardware)
+    monkeypatch.setattr(transfer.train, "summed_lm_loss", no_memory)
+    with pytest.raises(TransferError) as e:
+        train(model, splits, cfg, hw)
+    assert str(e.value) == (
+        "out of memory on cpu training at micro_batch_size=8, block_size=64 (Tried to allocate 2.25 GiB); "
+        "to fit: micro_batch_size=4 grad_accum_steps=4 (the same batch per step), hardware.loss_chunk_tokens=1024, "
+        "a strategy that trains less (adapter, lora), hardware.precision=bf16"
+    )
+    assert e.value.__context__ is None or e.value.__suppress_context__  # no traceback holding the step's tensors
+    monkeypatch.setattr(transfer.evaluate, "summed_lm_loss", no_memory)
+    with pytest.raises(TransferError) as e:
+        evaluate(model, splits["validation"], 16, hw, desc="baseline validation")
+    assert str(e.value) == (
+        "out of memory on cpu evaluating (baseline validation) at eval_batch_size=16 (Tried to allocate 2.25 GiB); "
+        "to fit: eval_batch_size=8, hardware.precision=bf16"
+    )

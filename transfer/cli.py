@@ -36,6 +36,19 @@ def _job(cfg: DictConfig) -> None:
     except Exception:
         log.exception("run failed; its record is in %s", hc.runtime.output_dir)
         _failed_jobs.append(hc.runtime.output_dir)
+    finally:
+        _release_device_memory()
+
+
+def _release_device_memory() -> None:
+    """A sweep runs its jobs in one process: the next job starts with the GPU memory this one held."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main() -> None:

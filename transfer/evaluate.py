@@ -15,13 +15,15 @@ def evaluate(model, blocks: Blocks, batch_size: int, hardware, desc: str = "eval
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(blocks), batch_size), desc=desc, leave=False, unit="batch"):
-        ids = blocks.input_ids[start : start + batch_size].to(hardware.device)
-        labels = blocks.labels[start : start + batch_size].to(hardware.device)
-        with hardware.autocast():
-            loss, n = summed_lm_loss(model, ids, labels, hardware.loss_chunk_tokens)
-        total += loss.item()
-        count += n
+    fixes = [f"eval_batch_size={batch_size // 2}"] if batch_size > 1 else ["hardware.loss_chunk_tokens=1024"]
+    with hardware.explain_out_of_memory(f"evaluating ({desc}) at eval_batch_size={batch_size}", fixes):
+        for start in tqdm(range(0, len(blocks), batch_size), desc=desc, leave=False, unit="batch"):
+            ids = blocks.input_ids[start : start + batch_size].to(hardware.device)
+            labels = blocks.labels[start : start + batch_size].to(hardware.device)
+            with hardware.autocast():
+                loss, n = summed_lm_loss(model, ids, labels, hardware.loss_chunk_tokens)
+            total += loss.item()
+            count += n
     model.train(was_training)
     mean = total / count
     return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": count}

@@ -1,6 +1,7 @@
 """Where and in which precision a run computes."""
 
 import contextlib
+import re
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,22 @@ class Hardware:
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Loss scaling only for fp16, whose narrow range underflows small gradients."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    @contextlib.contextmanager
+    def explain_out_of_memory(self, doing: str, fixes: list[str]):
+        """The device running out of memory becomes a one-line error naming the settings and what would fit.
+
+        Raised from None, so the failed step's tensors are freed with the stack: the next job
+        of a sweep gets the memory back.
+        """
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            tried = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
+            if self.precision == "fp32":
+                fixes = [*fixes, "hardware.precision=bf16"]
+            detail = f" ({tried.group(0)})" if tried else ""
+            raise TransferError(f"out of memory on {self.device} {doing}{detail}; to fit: {', '.join(fixes)}") from None
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

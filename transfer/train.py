@@ -116,7 +116,10 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
     hardware.synchronize()
     started = time.perf_counter()
     saved_bytes = None
-    with logging_redirect_tqdm():  # log lines print above the bar, not through it
+    out_of_memory = hardware.explain_out_of_memory(
+        f"training at micro_batch_size={micro}, block_size={block_size}", memory_fixes(cfg, hardware)
+    )
+    with logging_redirect_tqdm(), out_of_memory:  # log lines print above the bar, not through it
         for step in range(first_step, total_steps + 1):
             step_loss = torch.zeros((), device=hardware.device)
             for _ in range(accum):
@@ -233,6 +236,18 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
         "loss_curve": progress.loss_curve,
         "validation_curve": progress.validation_curve,
     }
+
+
+def memory_fixes(cfg, hardware) -> list[str]:
+    """Settings that need less memory for the same training: the same batch per step in smaller pieces first."""
+    micro, accum = cfg.micro_batch_size, cfg.grad_accum_steps
+    if micro > 1:
+        fixes = [f"micro_batch_size={micro // 2} grad_accum_steps={accum * 2} (the same batch per step)"]
+    else:
+        fixes = [f"block_size={cfg.block_size // 2}"]
+    if not hardware.loss_chunk_tokens:
+        fixes.append("hardware.loss_chunk_tokens=1024")
+    return [*fixes, "a strategy that trains less (adapter, lora)"]
 
 
 def _resume(folder: Path, model, optimizer, scheduler, scaler, best_weights):
