@@ -153,7 +153,7 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
         "to fit: micro_batch_size=4 grad_accum_steps=4 (the same batch per step), hardware.loss_chunk_tokens=1024, "
         "a strategy that trains less (adapter, lora), hardware.precision=bf16"
     )
-    assert e.value.__context__ is None or e.value.__suppress_context__  # no traceback holding the step's tensors
+    assert e.value.__context__ is None or e.value.__suppress_context__  # reported alone, not as a chain
     monkeypatch.setattr(transfer.evaluate, "summed_lm_loss", no_memory)
     with pytest.raises(TransferError) as e:
         evaluate(model, splits["validation"], 16, hw, desc="baseline validation")

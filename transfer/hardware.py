@@ -33,8 +33,8 @@ class Hardware:
     def explain_out_of_memory(self, doing: str, fixes: list[str]):
         """The device running out of memory becomes a one-line error naming the settings and what would fit.
 
-        Raised from None, so the failed step's tensors are freed with the stack: the next job
-        of a sweep gets the memory back.
+        The failed step's tensors are freed once the job's error is handled; cli._job then
+        empties the CUDA cache, so the next job of a sweep gets the memory back.
         """
         try:
             yield
