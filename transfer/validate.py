@@ -176,12 +176,12 @@ def check_config(cfg: DictConfig) -> None:
         )
     if not isinstance(cfg.resume, (bool, str)) and cfg.resume is not None:
         raise TransferError(f"resume={cfg.resume!r}: allowed true, false, or the path of a run folder or checkpoint")
-    if cfg.eval.max_tokens is not None and cfg.eval.max_tokens < 2:
-        raise TransferError(f"eval.max_tokens={cfg.eval.max_tokens}: allowed 2 or more, or null for every token")
-    if cfg.eval.reference.get("max_tokens") is not None and cfg.eval.reference.max_tokens < 2:
-        raise TransferError(
-            f"eval.reference.max_tokens={cfg.eval.reference.max_tokens}: allowed 2 or more, or null for all"
-        )
+    for key, cap in (
+        ("eval.max_tokens", cfg.eval.max_tokens),
+        ("eval.reference.max_tokens", cfg.eval.reference.get("max_tokens")),
+    ):
+        if cap is not None and cap < 2:
+            raise TransferError(f"{key}={cap}: allowed 2 or more, or null for every token")
     if isinstance(cfg.resume, str) and not Path(cfg.resume).expanduser().exists():
         raise TransferError(
             f"resume={cfg.resume!r}: no such folder; allowed: true, or a run folder or checkpoint folder"
