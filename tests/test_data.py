@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from transfer import schema
-from transfer.data import IGNORE, first_tokens, load_splits, load_texts, to_blocks, tokenize, tokenize_documents
+from transfer.data import IGNORE, first_tokens, load_splits, load_texts, to_blocks, tokenize
 from transfer.errors import TransferError
 from transfer.models import byte_tokenizer
 from transfer.validate import compose_config
@@ -30,7 +30,7 @@ def test_blocks_keep_every_token_for_evaluation_and_whole_blocks_for_training():
 
 def test_tokenize_ends_every_document_with_end_of_text():
     tok = byte_tokenizer()
-    ids = tokenize(["ab", "c"], tok)
+    ids, _ = tokenize(["ab", "c"], tok)
     assert ids == [tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b"), tok.eos_token_id,
                    tok.convert_tokens_to_ids("c"), tok.eos_token_id]  # fmt: skip
 
@@ -121,7 +121,7 @@ def test_eval_max_tokens_keeps_the_first_tokens_of_validation_and_test():
 
 
 def test_a_cut_split_counts_the_documents_it_touches():
-    ids, starts = tokenize_documents(["abc<|endoftext|>def", "ghi"], byte_tokenizer())  # end-of-text inside a text
+    ids, starts = tokenize(["abc<|endoftext|>def", "ghi"], byte_tokenizer())  # end-of-text inside a text
     assert starts == [0, 8] and len(ids) == 12
     assert first_tokens(ids, starts, 8) == (ids[:8], 1)
     assert first_tokens(ids, starts, 9) == (ids[:9], 2)

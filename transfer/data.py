@@ -47,7 +47,7 @@ def load_splits(cfg, tokenizer, block_size: int, max_eval_tokens: int | None = N
     texts = load_texts(cfg)
     splits = {}
     for name in SPLITS:
-        ids, starts = tokenize_documents(texts[name], tokenizer)
+        ids, starts = tokenize(texts[name], tokenizer)
         if not ids:
             raise TransferError(
                 f"dataset {cfg.name!r}: the {name} split is empty (no text in field {cfg.text_field!r})"
@@ -167,7 +167,7 @@ def load_reference(cfg, tokenizer, block_size: int) -> Blocks | None:
         texts = read_hub(cfg, cfg.split, f"eval.reference.path={cfg.path!r} split {cfg.split!r}")
     else:
         texts = python_docs_prose()
-    ids, starts = tokenize_documents(texts, tokenizer)
+    ids, starts = tokenize(texts, tokenizer)
     if not ids:
         raise TransferError(
             f"eval.reference={cfg.name!r} is empty (no text in field {cfg.text_field!r}); give it text, or eval/reference=none"
@@ -202,12 +202,7 @@ def python_docs_prose() -> list[str]:
     return paragraphs
 
 
-def tokenize(texts: list[str], tokenizer) -> list[int]:
-    """Token ids of all documents, each ending in the end-of-text token."""
-    return tokenize_documents(texts, tokenizer)[0]
-
-
-def tokenize_documents(texts: list[str], tokenizer) -> tuple[list[int], list[int]]:
+def tokenize(texts: list[str], tokenizer) -> tuple[list[int], list[int]]:
     """Token ids of all documents, each ending in the end-of-text token, and where each document starts.
 
     The starts count documents exactly, even with no end-of-text token or one inside a text.
