@@ -161,8 +161,8 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
     metrics = [m for m in METRICS if m in jobs.columns]
     rows = []
     for key, group in done.groupby([*keys, "status"], dropna=False, sort=False):
-        *values, status = key
-        row = dict(zip(keys, values, strict=True))
+        *key_values, status = key
+        row = dict(zip(keys, key_values, strict=True))
         row["seeds"] = len(group)
         for m in metrics:
             values = pd.to_numeric(group[m], errors="coerce").dropna()
