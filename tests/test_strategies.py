@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_ok
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
 from transfer.data import load_splits
@@ -297,8 +297,7 @@ def test_dry_run_sweep_on_a_qwen2_0_5b_shaped_directory(tmp_path):
     byte_tokenizer().save_pretrained(folder)
     args = ["-m", "strategy=full,freeze_lower,lora", "dry_run=true", f"model.name_or_path={folder}",
             "model.tokenizer_from_json=true", "hydra.sweep.dir=sweep"]  # fmt: skip
-    proc = run_cli(args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_ok(args, tmp_path)
     records = {
         r["choices"]["strategy"]: r for r in map(json.loads, map(Path.read_text, tmp_path.glob("sweep/*/metrics.json")))
     }
