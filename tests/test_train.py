@@ -116,15 +116,40 @@ def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
         return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
     whole, n_whole, grads_whole = loss_and_grads(0)
-    chunked, n_chunked, grads_chunked = loss_and_grads(50)  # 192 positions: 4 chunks, the last one short
-    assert n_whole == n_chunked == 3 * (63 - 4)  # labels[:, 1:5] unscored
-    # the same sums in another order: float32 rounding only
-    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=0)
-    assert grads_whole.keys() == grads_chunked.keys() and grads_whole
-    for name in grads_whole:
-        torch.testing.assert_close(grads_chunked[name], grads_whole[name], rtol=1e-4, atol=1e-6, msg=name)
+    for chunk in (50, 4096):  # 192 positions: 4 chunks, the last one short; then all in one
+        chunked, n_chunked, grads_chunked = loss_and_grads(chunk)
+        assert n_whole == n_chunked == 3 * (63 - 4)  # labels[:, 1:5] unscored
+        # the same sums in another order: float32 rounding only
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=0)
+        assert grads_whole.keys() == grads_chunked.keys() and grads_whole
+        for name in grads_whole:
+            torch.testing.assert_close(grads_chunked[name], grads_whole[name], rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():  # evaluation takes the chunked path without gradients
         torch.testing.assert_close(summed_lm_loss(model, ids, labels, chunk_tokens=50)[0], whole, rtol=1e-5, atol=0)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_unchunked_one():
+    """The fused head multiplies in autocast's dtype, as the head's own forward does, and sums in float32."""
+    from transfer.loss import summed_lm_loss
+
+    model, _ = load_model_and_tokenizer(compose_config([]).model, 64)
+    ids = torch.randint(0, model.config.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(chunk):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = summed_lm_loss(model, ids, ids, chunk_tokens=chunk)
+        (loss / 100).backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    (whole, grads_whole), (chunked, grads_chunked) = loss_and_grads(0), loss_and_grads(50)
+    assert chunked.dtype == whole.dtype == torch.float32
+    # the same bf16 products summed in another order (1e-7 apart here); float32 products would be 2e-5 away
+    torch.testing.assert_close(chunked, whole, rtol=5e-6, atol=0)
+    assert grads_chunked["model.embed_tokens.weight"].dtype == torch.float32  # the tied head's, as its weight
+    for name in grads_whole:  # bf16 keeps 8 bits of mantissa: agree to its rounding, relative to the largest
+        scale = grads_whole[name].abs().max()
+        torch.testing.assert_close(grads_chunked[name] / scale, grads_whole[name] / scale, rtol=0, atol=2e-2, msg=name)
 
 
 def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
@@ -161,3 +186,9 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
         "out of memory on cpu evaluating (baseline validation) at eval_batch_size=16 (Tried to allocate 2.25 GiB); "
         "to fit: eval_batch_size=8, hardware.precision=bf16"
     )
+    # chunks small already: no chunk size is suggested
+    hw.loss_chunk_tokens = 512
+    with pytest.raises(TransferError) as e:
+        evaluate(model, splits["validation"], 1, hw, desc="validate")
+    assert str(e.value).endswith("at eval_batch_size=1 (Tried to allocate 2.25 GiB); to fit: hardware.precision=bf16")
+    assert "loss_chunk_tokens" not in " ".join(transfer.train.memory_fixes(cfg, hw))

@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transfer import checkpoint
 from transfer.errors import TransferError
 from transfer.evaluate import evaluate
-from transfer.loss import summed_lm_loss
+from transfer.loss import smaller_chunks, summed_lm_loss
 from transfer.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -245,9 +245,7 @@ def memory_fixes(cfg, hardware) -> list[str]:
         fixes = [f"micro_batch_size={micro // 2} grad_accum_steps={accum * 2} (the same batch per step)"]
     else:
         fixes = [f"block_size={cfg.block_size // 2}"]
-    if not hardware.loss_chunk_tokens:
-        fixes.append("hardware.loss_chunk_tokens=1024")
-    return [*fixes, "a strategy that trains less (adapter, lora)"]
+    return [*fixes, *smaller_chunks(hardware.loss_chunk_tokens), "a strategy that trains less (adapter, lora)"]
 
 
 def _resume(folder: Path, model, optimizer, scheduler, scaler, best_weights):
