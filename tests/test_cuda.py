@@ -1,0 +1,77 @@
+"""What only a CUDA GPU can show: half-precision training, QLoRA, CUDA peak memory, running out of it.
+
+Skipped where there is no CUDA device (CI has none). On a GPU machine they run with the
+rest of `make test`, or alone: `python -m pytest -q tests/test_cuda.py`.
+"""
+
+import pytest
+import torch
+from conftest import FAST, run_cli, run_ok
+
+from transfer.record import read_record
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+ON_CUDA = [*FAST, "hardware.device=cuda"]
+
+
+def perplexities(record: dict) -> tuple[float, float]:
+    """Validation perplexity before and after training."""
+    return (
+        record["eval"]["baseline"]["validation"]["perplexity"],
+        record["eval"]["final"]["validation"]["perplexity"],
+    )
+
+
+@pytest.mark.parametrize("chunks", [0, 128], ids=["whole-logits", "loss-chunks"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_training_learns_and_records_cuda_memory(tmp_path, precision, chunks):
+    run_ok([*ON_CUDA, f"hardware.precision={precision}", f"hardware.loss_chunk_tokens={chunks}",
+            "hydra.run.dir=run"], tmp_path)  # fmt: skip
+    record = read_record(tmp_path / "run")
+    assert record["hardware"]["device"].startswith("cuda") and record["hardware"]["precision"] == precision
+    before, after = perplexities(record)
+    assert after < 0.5 * before  # FAST on CPU in fp32 goes from about 300 to under 40
+    assert record["memory"]["kind"] == "cuda_max_memory_allocated"
+    # the tiny model's weights, gradients and AdamW state alone are 4 x 0.8 M float32 values
+    assert record["memory"]["bytes"] > 4 * 4 * record["params"]["total"]
+
+
+def test_qlora_trains_4bit_weights_and_counts_them_as_parameters(shared, tmp_path):
+    from transfer.models import load_model_and_tokenizer
+    from transfer.strategies import numel
+    from transfer.validate import compose_config
+
+    model = [f"model.name_or_path={shared / 'models' / 'stories260k-qwen2'}", "model.tokenizer_from_json=true"]
+    cfg = compose_config([*model, "strategy=qlora"])
+    quantized, _ = load_model_and_tokenizer(cfg.model, 64, quantize_4bit=True)
+    weight = quantized.model.layers[0].self_attn.q_proj.weight  # 64 x 64 in stories260k
+    assert type(weight).__name__ == "Params4bit"
+    assert numel(weight) == 64 * 64 == 2 * weight.numel()  # two 4-bit values per stored byte
+    del quantized, weight
+
+    run_ok(["-m", *ON_CUDA, *model, "hardware.precision=bf16", "strategy=lora,qlora", "strategy.r=8",
+            "optimizer.lr=1e-3", "hydra.sweep.dir=sweep"], tmp_path)  # fmt: skip
+    lora, qlora = (read_record(tmp_path / "sweep" / job) for job in ("0", "1"))
+    assert qlora["model"]["weights"] == "4-bit NF4" and lora["model"]["weights"] != "4-bit NF4"
+    # the same model and adapters: 4-bit weights are as many parameters as full-precision ones
+    for key in ("total", "trainable", "breakdown", "tied_embeddings", "peft_target_modules"):
+        assert qlora["params"][key] == lora["params"][key], key
+    assert qlora["params"]["trainable"] == qlora["params"]["breakdown"]["adapter"] > 0
+    before, after = perplexities(qlora)
+    assert after < before
+    assert qlora["train"]["loss_last"] < qlora["train"]["loss_first"]
+
+
+def test_running_out_of_cuda_memory_is_one_line_and_the_next_job_gets_the_memory(tmp_path):
+    # 2,000,000 blocks of 64 tokens in one micro-batch: the embeddings alone are 64 GiB of float32
+    proc = run_cli(["-m", *ON_CUDA, "micro_batch_size=2000000,8", "hydra.sweep.dir=sweep"], tmp_path, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed, completed = (read_record(tmp_path / "sweep" / job) for job in ("0", "1"))
+    assert failed["status"] == "failed" and completed["status"] == "completed", failed.get("error")
+    assert failed["error"].startswith("out of memory on cuda training at micro_batch_size=2000000, block_size=64")
+    assert "to fit: micro_batch_size=1000000 grad_accum_steps=2 (the same batch per step)" in failed["error"]
+    lines = [line for line in proc.stderr.splitlines() if "out of memory" in line]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    # the failed job's tensors were freed: the next job's peak is its own, far below the failed one's
+    assert completed["memory"]["bytes"] < 2**30
