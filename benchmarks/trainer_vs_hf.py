@@ -31,11 +31,14 @@ ROWS = {
     "freeze_lower": ["strategy=freeze_lower", "strategy.n_layers=0.5"],
     "adapter": ["strategy=adapter", "strategy.n_layers=1"],
 }
+TINY_WIDTHS = dict(hidden=128, inter=384, heads=4, kv=2)  # conf/model/tiny.yaml
 SHAPES = {
     # Qwen2-0.5B widths, fewer blocks and a smaller vocabulary: a few minutes on 2 cores
     "cpu": dict(layers=2, vocab=8192, seq=128, micro=2, steps=8, warmup=2, precision="fp32"),
     # the same with Qwen2's whole 151,936-token vocabulary: where the logits dominate memory
     "cpu-vocab": dict(layers=2, vocab=151_936, seq=128, micro=4, steps=4, warmup=1, precision="fp32"),
+    # the `tiny` model and the default run's batch: where the work around the kernels shows
+    "cpu-small": dict(layers=4, vocab=257, seq=128, micro=8, steps=200, warmup=20, precision="fp32", **TINY_WIDTHS),
     # the full Qwen2-0.5B shape
     "cuda": dict(layers=24, vocab=151_936, seq=1024, micro=4, steps=30, warmup=5, precision="bf16"),
     # for the test that keeps this script from rotting
@@ -113,6 +116,7 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str]) 
     result = {
         "impl": impl, "row": row, "tokens_per_second": tokens / seconds, "peak_memory_bytes": hardware.peak_memory()["bytes"],
         "final_loss": clock.losses[last], "trainable": params["trainable"], "total": params["total"],
+        "loss_chunk_tokens": cfg.hardware.loss_chunk_tokens,
     }  # fmt: skip
     if hardware.device.type == "cuda":
         # 6 N per token for forward and backward of the weights (2 N for frozen ones' forward only
@@ -199,7 +203,10 @@ def main() -> None:
                       f"{results[row, impl][-1]['tokens_per_second']:10,.0f} tok/s", file=sys.stderr, flush=True)  # fmt: skip
 
     s = SHAPES[shape]
-    ours_extra = f" · ours with {' '.join(args.ours_overrides)}" if args.ours_overrides else ""
+    chunks = results[rows[0], "ours"][0]["loss_chunk_tokens"]
+    ours_extra = f" · ours: loss_chunk_tokens={chunks}" + (
+        f", overrides {' '.join(args.ours_overrides)}" if args.ours_overrides else ""
+    )
     print(
         f"# {date.today()} · device {args.device} · shape {shape}: {s}{ours_extra} · {args.repeats} repeats, medians\n"
     )
