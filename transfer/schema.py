@@ -242,9 +242,10 @@ class HardwareConfig:
     precision: Precision = Precision.fp32
     # CPU threads for torch; null keeps torch's default.
     num_threads: int | None = None
-    # Compute the head and the loss over chunks of this many tokens, so that the full
-    # logits never exist at once (0: in one piece). See transfer/loss.py.
-    loss_chunk_tokens: int = 0
+    # Compute the head and the loss over chunks of at most this many tokens, with the
+    # head's gradients fused into the loss, so that the full logits never exist at once
+    # (0: autograd's path over the whole logits). See transfer/loss.py.
+    loss_chunk_tokens: int = 4096
 
 
 # ---------------------------------------------------------------- optimizer
