@@ -152,6 +152,65 @@ def test_chunked_loss_under_bf16_autocast_matches_the_unchunked_one():
         torch.testing.assert_close(grads_chunked[name] / scale, grads_whole[name] / scale, rtol=0, atol=2e-2, msg=name)
 
 
+@pytest.mark.parametrize(
+    "model_type, scaling",
+    [
+        ("falcon_h1", dict(lm_head_multiplier=0.05, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                           mamba_n_groups=1, mamba_d_state=16)),
+        ("recurrent_gemma", dict(logits_soft_cap=3.0, lru_width=64, attention_window_size=16, num_hidden_layers=3)),
+        ("granite", dict(logits_scaling=8.0)),
+    ],
+)  # fmt: skip
+def test_chunked_loss_keeps_logits_that_forward_scales_after_the_head(model_type, scaling):
+    """Each architecture names its scaling differently; the model is asked, not its config keys."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from transfer.loss import summed_lm_loss
+
+    config = AutoConfig.for_model(
+        model_type, **{"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+        "intermediate_size": 128, "vocab_size": 300, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2, **scaling},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(chunk):
+        model.zero_grad()
+        loss, _ = summed_lm_loss(model, ids, ids, chunk_tokens=chunk)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    (whole, grads_whole), (chunked, grads_chunked) = loss_and_grads(0), loss_and_grads(16)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=0)
+    for name in grads_whole:
+        torch.testing.assert_close(grads_chunked[name], grads_whole[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation in chunks too
+        torch.testing.assert_close(summed_lm_loss(model, ids, ids, chunk_tokens=16)[0], whole, rtol=1e-5, atol=0)
+
+
+def test_fused_head_gradient_does_not_overflow_in_fp16():
+    """A frequent token's gradient row sums over the chunk before the loss scale applies: past 65,504."""
+    from transfer.loss import _FusedHeadLoss
+
+    hidden = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
+    hidden[:, 0] = 20.0  # one large hidden dimension, as trained models have
+    weight = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)) * 0.02
+    targets = torch.full((4096,), 3)  # the same token everywhere
+
+    def head_gradient(autocast):
+        w = weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            loss = _FusedHeadLoss.apply(hidden.clone().requires_grad_(), w, targets, 4096)
+        (loss / 4096).backward()
+        return w.grad
+
+    reference, fp16 = head_gradient(False), head_gradient(True)
+    assert reference[3, 0] < -18  # the mean over tokens: the chunk's sum was about 4,096 x -18 = -75,000
+    assert fp16.isfinite().all()
+    torch.testing.assert_close(fp16, reference, rtol=1e-2, atol=1e-3)
+
+
 def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
     import transfer.evaluate
     import transfer.train
@@ -175,9 +234,11 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
         train(model, splits, cfg, hw)
     assert str(e.value) == (
         "out of memory on cpu training at micro_batch_size=8, block_size=64 (Tried to allocate 2.25 GiB); "
-        "to fit: micro_batch_size=4 grad_accum_steps=4 (the same batch per step), hardware.loss_chunk_tokens=1024, "
+        "to fit: micro_batch_size=4 grad_accum_steps=4 (the same batch per step), "
         "a strategy that trains less (adapter, lora), hardware.precision=bf16"
-    )
+    )  # 8 x 64 tokens: smaller loss chunks would change nothing
+    big = compose_config(["micro_batch_size=16", "block_size=1024"])  # 16,384 tokens in chunks of 4,096
+    assert transfer.train.memory_fixes(big, hw)[1] == "hardware.loss_chunk_tokens=1024"
     assert e.value.__context__ is None or e.value.__suppress_context__  # reported alone, not as a chain
     monkeypatch.setattr(transfer.evaluate, "summed_lm_loss", no_memory)
     with pytest.raises(TransferError) as e:
@@ -186,9 +247,9 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
         "out of memory on cpu evaluating (baseline validation) at eval_batch_size=16 (Tried to allocate 2.25 GiB); "
         "to fit: eval_batch_size=8, hardware.precision=bf16"
     )
-    # chunks small already: no chunk size is suggested
-    hw.loss_chunk_tokens = 512
+    # at eval_batch_size=1 only smaller chunks are left, where the chunks are not small already
     with pytest.raises(TransferError) as e:
         evaluate(model, splits["validation"], 1, hw, desc="validate")
     assert str(e.value).endswith("at eval_batch_size=1 (Tried to allocate 2.25 GiB); to fit: hardware.precision=bf16")
-    assert "loss_chunk_tokens" not in " ".join(transfer.train.memory_fixes(cfg, hw))
+    hw.loss_chunk_tokens = 512
+    assert "loss_chunk_tokens" not in " ".join(transfer.train.memory_fixes(big, hw))

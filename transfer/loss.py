@@ -8,13 +8,15 @@ of at most that many tokens, so at most one chunk of logits exists at a time.
 A plain bias-free linear head (nearly every causal LM) gets its gradients computed
 chunk by chunk in the forward pass, the way fused linear cross-entropy kernels do it:
 softmax minus one-hot is the gradient of the logits, known as soon as they are, so
-nothing is kept for the backward pass but the two gradients themselves. That does less
-work and holds less memory than autograd's path even in one chunk, so training takes it
+only the two gradients themselves are kept for the backward pass. That does less work
+and holds less memory than autograd's path even in one chunk, so training takes it
 whenever chunks are on (measured in docs/benchmarks.md). Any other head (a peft
 wrapper, say) has each chunk recomputed in the backward pass instead, which costs time:
-it is chunked only when the batch holds more tokens than a chunk.
+it is chunked only when the batch holds more tokens than a chunk. A model whose
+forward() changes the head's output (scales or caps the logits) keeps autograd's path.
 """
 
+import weakref
 from functools import partial
 
 import torch
@@ -25,6 +27,8 @@ from transfer.data import IGNORE
 
 # what an out-of-memory message suggests when chunks are off or larger
 SMALL_CHUNK_TOKENS = 1024
+# per model: does forward() return the head's output as it is? (see _logits_are_the_head)
+_HEAD_IS_LAST = weakref.WeakKeyDictionary()
 
 
 def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0):
@@ -42,7 +46,7 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
     head = base.get_output_embeddings()
     fused = type(head) is torch.nn.Linear and head.bias is None and torch.is_grad_enabled()
     one_chunk = targets.numel() <= chunk_tokens
-    if not chunk_tokens or not _logits_are_the_head(base.config) or (one_chunk and not fused):
+    if not chunk_tokens or (one_chunk and not fused) or not _logits_are_the_head(model, base, input_ids):
         logits = model(input_ids=input_ids).logits
         return _loss(logits.flatten(0, 1), targets), count
     hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state.flatten(0, 1)
@@ -57,9 +61,9 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
     return total, count
 
 
-def smaller_chunks(chunk_tokens: int) -> list[str]:
-    """For an out-of-memory message: smaller chunks of logits, unless they are small already."""
-    if 0 < chunk_tokens <= SMALL_CHUNK_TOKENS:
+def smaller_chunks(chunk_tokens: int, batch_tokens: int) -> list[str]:
+    """For an out-of-memory message: smaller chunks of logits, where that would make them smaller."""
+    if batch_tokens <= SMALL_CHUNK_TOKENS or 0 < chunk_tokens <= SMALL_CHUNK_TOKENS:
         return []
     return [f"hardware.loss_chunk_tokens={SMALL_CHUNK_TOKENS}"]
 
@@ -78,33 +82,38 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens):
-        # the matrix multiplies run in autocast's dtype when it is on, like the head's own forward
         device = hidden.device.type
+        # The logits and the hidden states' gradient are multiplied in autocast's dtype when it
+        # is on, like the head's own forward. The head's gradient sums a token's rows over the
+        # chunk before any loss scale applies, and a frequent token's sum can pass fp16's
+        # 65,504, which GradScaler cannot undo: in fp16 it is multiplied in float32.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        weight_grad_dtype = torch.float32 if dtype == torch.float16 else dtype
         w = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, targets.numel(), chunk_tokens):
-            part = slice(start, start + chunk_tokens)
-            h, t = hidden[part].to(dtype), targets[part]
-            logp = torch.log_softmax((h @ w.T).float(), dim=-1)  # float32 softmax, as in _loss
-            ignored = (t == IGNORE)[:, None]
-            safe = t.masked_fill(ignored[:, 0], 0)[:, None]
-            total -= logp.gather(1, safe).masked_fill_(ignored, 0).sum()
-            grad = logp.exp_()  # softmax, in place of the log-probabilities
-            grad.scatter_add_(1, safe, torch.full_like(grad[:, :1], -1.0)).masked_fill_(ignored, 0)
-            grad = grad.to(dtype)
-            if grad_hidden is not None:
-                grad_hidden[part] = grad @ w
-            if not weight.requires_grad:
-                continue
-            if grad_weight is None:
-                grad_weight = (grad.T @ h).float()
-            elif dtype == torch.float32:
-                grad_weight.addmm_(grad.T, h)
-            else:  # a half-precision product, accumulated in float32
-                grad_weight += grad.T @ h
+        with torch.autocast(device, enabled=False):  # the dtypes above, not autocast's per-op choice
+            for start in range(0, targets.numel(), chunk_tokens):
+                part = slice(start, start + chunk_tokens)
+                h, t = hidden[part].to(dtype), targets[part]
+                logp = torch.log_softmax((h @ w.T).float(), dim=-1)  # float32 softmax, as in _loss
+                ignored = (t == IGNORE)[:, None]
+                safe = t.masked_fill(ignored[:, 0], 0)[:, None]
+                total -= logp.gather(1, safe).masked_fill_(ignored, 0).sum()
+                grad = logp.exp_()  # softmax, in place of the log-probabilities
+                grad.scatter_add_(1, safe, torch.full_like(grad[:, :1], -1.0)).masked_fill_(ignored, 0)
+                if grad_hidden is not None:
+                    grad_hidden[part] = grad.to(dtype) @ w
+                if not weight.requires_grad:
+                    continue
+                g, h = grad.to(weight_grad_dtype), h.to(weight_grad_dtype)
+                if grad_weight is None:
+                    grad_weight = (g.T @ h).float()
+                elif g.dtype == torch.float32:
+                    grad_weight.addmm_(g.T, h)
+                else:  # a bf16 product, accumulated in float32
+                    grad_weight += g.T @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -121,9 +130,24 @@ class _FusedHeadLoss(torch.autograd.Function):
         )
 
 
-def _logits_are_the_head(config) -> bool:
-    """Some architectures scale or cap the head's output inside forward(); those keep the plain path."""
-    return not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+def _logits_are_the_head(model, base, input_ids: torch.Tensor) -> bool:
+    """Whether forward()'s logits are the head's output as it is, asked of the model itself once.
+
+    Some architectures scale or cap the logits after the head, each under its own config key
+    (Gemma 2's final_logit_softcapping, Granite's logits_scaling, Falcon-H1's
+    lm_head_multiplier, ...): comparing the two on a few tokens finds them all.
+    """
+    known = _HEAD_IS_LAST.get(base)
+    if known is None:
+        probe = input_ids[:1, :8]
+        was_training = model.training
+        model.eval()  # no dropout: the two passes must see the same network
+        with torch.no_grad():
+            logits = model(input_ids=probe).logits
+            direct = base.get_output_embeddings()(base.get_decoder()(input_ids=probe).last_hidden_state)
+        model.train(was_training)
+        known = _HEAD_IS_LAST[base] = logits.shape == direct.shape and torch.allclose(logits, direct)
+    return known
 
 
 def _head_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -245,7 +245,8 @@ def memory_fixes(cfg, hardware) -> list[str]:
         fixes = [f"micro_batch_size={micro // 2} grad_accum_steps={accum * 2} (the same batch per step)"]
     else:
         fixes = [f"block_size={cfg.block_size // 2}"]
-    return [*fixes, *smaller_chunks(hardware.loss_chunk_tokens), "a strategy that trains less (adapter, lora)"]
+    chunks = smaller_chunks(hardware.loss_chunk_tokens, micro * cfg.block_size)
+    return [*fixes, *chunks, "a strategy that trains less (adapter, lora)"]
 
 
 def _resume(folder: Path, model, optimizer, scheduler, scaler, best_weights):
