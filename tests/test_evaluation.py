@@ -14,6 +14,7 @@ import torch
 from conftest import FAST, SHORT, SWEEP, copy_run, run_cli, run_ok
 
 from transfer.data import load_splits
+from transfer.errors import TransferError
 from transfer.evaluate import evaluate
 from transfer.hardware import resolve
 from transfer.models import load_model_and_tokenizer
@@ -176,6 +177,20 @@ def test_resume_under_another_config_is_refused(short_run, tmp_path):
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
     assert len(errors) == 1
     assert "was made with optimizer.lr=0.0003, this run has optimizer.lr=0.001 (2 difference(s))" in errors[0]
+
+
+def test_resume_accepts_a_checkpoint_made_with_other_loss_chunks(tmp_path):
+    from transfer.checkpoint import CONFIG_FILE, check_same_config, resumable_config
+
+    cfg = compose_config([])
+    saved = resumable_config(cfg)
+    saved["hardware"]["loss_chunk_tokens"] = 0  # as saved before the default became 4096
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
+    check_same_config(tmp_path, cfg)  # the order of float sums is all that differs
+    saved["optimizer"]["lr"] = 1.0
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
+    with pytest.raises(TransferError, match=r"was made with optimizer.lr=1.0, .* \(1 difference\(s\)\)"):
+        check_same_config(tmp_path, cfg)
 
 
 def test_peft_checkpoint_loads_with_peft_and_scores_the_same(lora_run):

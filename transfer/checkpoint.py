@@ -25,17 +25,28 @@ from transfer.errors import TransferError, first_line
 WEIGHT_FILES = ("adapter_model.safetensors", "trainable.safetensors", "model.safetensors")
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "run_config.json"
-# settings a resumed run may change: they do not alter what is trained
-FREE_ON_RESUME = ("resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval")
+# settings a resumed run may change: they do not alter what is trained (loss chunks change
+# only the order of float sums, and runs from before their default changed must resume)
+FREE_ON_RESUME = (
+    "resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval",
+    "hardware.loss_chunk_tokens",
+)  # fmt: skip
 
 
 def resumable_config(cfg) -> dict:
     """The run's config as far as it decides the training, for comparison on resume."""
     from omegaconf import OmegaConf
 
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return _without_free_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+
+
+def _without_free_settings(config: dict) -> dict:
     for key in ("hydra", *FREE_ON_RESUME):
-        config.pop(key, None)
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(name, None)
     return config
 
 
@@ -48,7 +59,8 @@ def check_same_config(folder: Path, cfg) -> None:
         raise TransferError(
             f"resume: checkpoint {folder} is unreadable ({first_line(e)}); pick another with resume=PATH"
         ) from None
-    differences = _differences(saved, resumable_config(cfg))
+    # the saved config may hold settings made free on resume since it was written
+    differences = _differences(_without_free_settings(saved), resumable_config(cfg))
     if differences:
         key, old, new = differences[0]
         raise TransferError(
