@@ -37,7 +37,7 @@ SHAPES = {
     "cpu": dict(layers=2, vocab=8192, seq=128, micro=2, steps=8, warmup=2, precision="fp32"),
     # the same with Qwen2's whole 151,936-token vocabulary: where the logits dominate memory
     "cpu-vocab": dict(layers=2, vocab=151_936, seq=128, micro=4, steps=4, warmup=1, precision="fp32"),
-    # the `tiny` model and the default run's batch: where the work around the kernels shows
+    # the `tiny` model's widths (its vocabulary unpadded) at the default run's batch: where the work around the kernels shows
     "cpu-small": dict(layers=4, vocab=257, seq=128, micro=8, steps=200, warmup=20, precision="fp32", **TINY_WIDTHS),
     # the full Qwen2-0.5B shape
     "cuda": dict(layers=24, vocab=151_936, seq=1024, micro=4, steps=30, warmup=5, precision="bf16"),
