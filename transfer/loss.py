@@ -98,16 +98,22 @@ class _FusedHeadLoss(torch.autograd.Function):
                 part = slice(start, start + chunk_tokens)
                 h, t = hidden[part].to(dtype), targets[part]
                 logp = torch.log_softmax((h @ w.T).float(), dim=-1)  # float32 softmax, as in _loss
-                ignored = (t == IGNORE)[:, None]
-                safe = t.masked_fill(ignored[:, 0], 0)[:, None]
-                total -= logp.gather(1, safe).masked_fill_(ignored, 0).sum()
+                scored = (t != IGNORE)[:, None]
+                safe = t.masked_fill(~scored[:, 0], 0)[:, None]
+                total -= logp.gather(1, safe).masked_fill_(~scored, 0).sum()
                 grad = logp.exp_()  # softmax, in place of the log-probabilities
-                grad.scatter_add_(1, safe, torch.full_like(grad[:, :1], -1.0)).masked_fill_(ignored, 0)
+                grad.scatter_add_(1, safe, torch.full_like(grad[:, :1], -1.0))
+                # Unscored rows are zeroed in the (tokens x hidden) tensors, the hidden states'
+                # gradient and the hidden states that make the head's, rather than in this
+                # (tokens x vocabulary) one: one pass over it fewer.
+                g = grad.to(dtype)
                 if grad_hidden is not None:
-                    grad_hidden[part] = grad.to(dtype) @ w
+                    grad_hidden[part] = (g @ w) * scored
                 if not weight.requires_grad:
                     continue
-                g, h = grad.to(weight_grad_dtype), h.to(weight_grad_dtype)
+                h = h * scored
+                if weight_grad_dtype != dtype:
+                    g, h = grad, h.to(weight_grad_dtype)
                 if grad_weight is None:
                     grad_weight = (g.T @ h).float()
                 elif g.dtype == torch.float32:
