@@ -23,7 +23,7 @@ def shared() -> Path:
     value = os.environ.get("TRANSFER_SHARED")
     if not value or not Path(value).is_dir():
         pytest.skip("TRANSFER_SHARED is not set to the shared/ folder")
-    return Path(value)
+    return Path(value).resolve()  # tests run the CLI in other folders: a relative path would break there
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
