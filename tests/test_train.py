@@ -8,6 +8,7 @@ import torch
 from transfer.data import to_blocks
 from transfer.evaluate import evaluate
 from transfer.hardware import resolve
+from transfer.loss import _HEAD_IS_LAST
 from transfer.models import load_model_and_tokenizer
 from transfer.optim import build_optimizer, build_scheduler
 from transfer.train import block_stream, plan_steps
@@ -126,6 +127,8 @@ def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
             torch.testing.assert_close(grads_chunked[name], grads_whole[name], rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():  # evaluation takes the chunked path without gradients
         torch.testing.assert_close(summed_lm_loss(model, ids, labels, chunk_tokens=50)[0], whole, rtol=1e-5, atol=0)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    assert _HEAD_IS_LAST[base] is True  # the chunked path did run: the model was found to allow it
 
 
 def test_chunked_loss_under_bf16_autocast_matches_the_unchunked_one():
@@ -143,7 +146,7 @@ def test_chunked_loss_under_bf16_autocast_matches_the_unchunked_one():
         return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
     (whole, grads_whole), (chunked, grads_chunked) = loss_and_grads(0), loss_and_grads(50)
-    assert chunked.dtype == whole.dtype == torch.float32
+    assert chunked.dtype == whole.dtype == torch.float32 and _HEAD_IS_LAST[model] is True
     # the same bf16 products summed in another order (1e-7 apart here); float32 products would be 2e-5 away
     torch.testing.assert_close(chunked, whole, rtol=5e-6, atol=0)
     assert grads_chunked["model.embed_tokens.weight"].dtype == torch.float32  # the tied head's, as its weight
@@ -159,6 +162,8 @@ def test_chunked_loss_under_bf16_autocast_matches_the_unchunked_one():
                            mamba_n_groups=1, mamba_d_state=16)),
         ("recurrent_gemma", dict(logits_soft_cap=3.0, lru_width=64, attention_window_size=16, num_hidden_layers=3)),
         ("granite", dict(logits_scaling=8.0)),
+        # a cap that is nearly the identity on a new model's small logits is a cap all the same
+        ("gemma2", dict(final_logit_softcapping=30.0, initializer_range=0.002, head_dim=16)),
     ],
 )  # fmt: skip
 def test_chunked_loss_keeps_logits_that_forward_scales_after_the_head(model_type, scaling):
@@ -187,6 +192,24 @@ def test_chunked_loss_keeps_logits_that_forward_scales_after_the_head(model_type
         torch.testing.assert_close(grads_chunked[name], grads_whole[name], rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():  # evaluation in chunks too
         torch.testing.assert_close(summed_lm_loss(model, ids, ids, chunk_tokens=16)[0], whole, rtol=1e-5, atol=0)
+    assert _HEAD_IS_LAST[model] is False
+
+
+def test_a_decoder_that_cannot_run_alone_keeps_the_whole_logits_and_the_training_mode(monkeypatch):
+    from transfer.loss import summed_lm_loss
+
+    model, _ = load_model_and_tokenizer(compose_config([]).model, 64)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    whole, _ = summed_lm_loss(model, ids, ids, chunk_tokens=0)
+
+    def no_decoder():
+        raise RuntimeError("this decoder needs its wrapper")
+
+    monkeypatch.setattr(model, "get_decoder", no_decoder)
+    model.train()
+    chunked, _ = summed_lm_loss(model, ids, ids, chunk_tokens=16)
+    assert model.training and _HEAD_IS_LAST[model] is False
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)  # autograd's path: the very same sum
 
 
 def test_fused_head_gradient_does_not_overflow_in_fp16():

@@ -16,6 +16,7 @@ it is chunked only when the batch holds more tokens than a chunk. A model whose
 forward() changes the head's output (scales or caps the logits) keeps autograd's path.
 """
 
+import logging
 import weakref
 from functools import partial
 
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from transfer.data import IGNORE
+
+log = logging.getLogger(__name__)
 
 # what an out-of-memory message suggests when chunks are off or larger
 SMALL_CHUNK_TOKENS = 1024
@@ -106,7 +109,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 # Unscored rows are zeroed in the (tokens x hidden) tensors, the hidden states'
                 # gradient and the hidden states that make the head's, rather than in this
                 # (tokens x vocabulary) one: one pass over it fewer.
-                g = grad.to(dtype)
+                g = grad.to(dtype) if grad_hidden is not None or weight_grad_dtype == dtype else grad
                 if grad_hidden is not None:
                     grad_hidden[part] = (g @ w) * scored
                 if not weight.requires_grad:
@@ -145,21 +148,31 @@ def _logits_are_the_head(model, base, input_ids: torch.Tensor) -> bool:
     """
     known = _HEAD_IS_LAST.get(base)
     if known is None:
-        probe = input_ids[:1, :8]
-        was_training = model.training
-        model.eval()  # no dropout: the two passes must see the same network
+        known = _HEAD_IS_LAST[base] = _probe_head_is_last(model, base, input_ids[:1, :8])
+        if not known:
+            log.info("loss: %s changes the head's output in forward(): autograd's path, no chunks",
+                     type(base).__name__)  # fmt: skip
+    return known
+
+
+def _probe_head_is_last(model, base, probe: torch.Tensor) -> bool:
+    was_training = model.training
+    model.eval()  # no dropout: the two passes must see the same network
+    try:
         with torch.no_grad():
             logits = model(input_ids=probe).logits
             try:
                 direct = base.get_output_embeddings()(base.get_decoder()(input_ids=probe).last_hidden_state)
-            except (AttributeError, TypeError, ValueError, NotImplementedError):
-                direct = None  # a decoder that does not run on its own: autograd's path, as before chunks
+            except torch.OutOfMemoryError:
+                raise
+            except Exception:  # a decoder that does not run on its own: autograd's path, as before chunks
+                return False
+    finally:
         model.train(was_training)
-        # some models return float32 logits from a half-precision head: the values are what count
-        known = _HEAD_IS_LAST[base] = (
-            direct is not None and logits.shape == direct.shape and torch.allclose(logits.float(), direct.float())
-        )
-    return known
+    # Exactly equal: the same modules on the same input. A cap that is nearly the identity on
+    # small logits (a freshly initialised model) must not pass for none. Some models return
+    # float32 logits from a half-precision head: the values are what count.
+    return logits.shape == direct.shape and torch.equal(logits.float(), direct.float())
 
 
 def _head_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
