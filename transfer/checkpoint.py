@@ -45,8 +45,9 @@ def _without_free_settings(config: dict) -> dict:
         *parents, name = key.split(".")
         node = config
         for parent in parents:
-            node = node.get(parent, {})
-        node.pop(name, None)
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
     return config
 
 
@@ -55,6 +56,8 @@ def check_same_config(folder: Path, cfg) -> None:
     path = folder / CONFIG_FILE
     try:
         saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"{CONFIG_FILE} holds no config")
     except (OSError, ValueError) as e:
         raise TransferError(
             f"resume: checkpoint {folder} is unreadable ({first_line(e)}); pick another with resume=PATH"
