@@ -37,6 +37,32 @@ def test_half_precision_training_learns_and_records_cuda_memory(tmp_path, precis
     assert record["memory"]["bytes"] > 4 * 4 * record["params"]["total"]
 
 
+@pytest.mark.parametrize("precision", [torch.bfloat16, torch.float16])
+def test_the_fused_loss_runs_on_cuda_and_matches_the_whole_logits(precision):
+    """The default loss (fused, in chunks) must be found usable on a GPU, not silently switched off."""
+    from transfer.loss import _HEAD_IS_LAST, summed_lm_loss
+    from transfer.models import load_model_and_tokenizer
+    from transfer.validate import compose_config
+
+    model, _ = load_model_and_tokenizer(compose_config([]).model, 64)
+    model.cuda()
+    ids = torch.randint(0, model.config.vocab_size, (4, 64), device="cuda")
+
+    def loss_and_grads(chunk):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=precision):
+            loss, _ = summed_lm_loss(model, ids, ids, chunk_tokens=chunk)
+        (loss / 256).backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    (whole, grads_whole), (chunked, grads_chunked) = loss_and_grads(0), loss_and_grads(100)
+    assert _HEAD_IS_LAST[model] is True
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=0)
+    for name in grads_whole:  # half-precision products: agree to their rounding, relative to the largest
+        scale = grads_whole[name].abs().max()
+        torch.testing.assert_close(grads_chunked[name] / scale, grads_whole[name] / scale, rtol=0, atol=2e-2, msg=name)
+
+
 def test_qlora_trains_4bit_weights_and_counts_them_as_parameters(shared, tmp_path):
     from transfer.models import load_model_and_tokenizer
     from transfer.strategies import numel
