@@ -41,6 +41,21 @@ def run_ok(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complet
     return proc
 
 
+def loss_and_grads(model, ids, labels, chunk_tokens: int, scale: float = 1.0, autocast=None):
+    """summed_lm_loss and a backward pass scaled by `scale` (as the mean over tokens and accumulation
+    scale it), under autocast to that dtype if given: (loss, scored tokens, each trainable parameter's gradient).
+    """
+    import torch
+
+    from transfer.loss import summed_lm_loss
+
+    model.zero_grad()
+    with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
+        loss, count = summed_lm_loss(model, ids, labels, chunk_tokens=chunk_tokens)
+    (loss * scale).backward()
+    return loss.detach(), count, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
 def copy_run(folder: Path, to: Path) -> Path:
     """A private copy of a shared run folder, for a test that changes or resumes it."""
     shutil.copytree(folder, to, symlinks=True)

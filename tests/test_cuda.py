@@ -6,7 +6,7 @@ rest of `make test`, or alone: `python -m pytest -q tests/test_cuda.py`.
 
 import pytest
 import torch
-from conftest import FAST, run_cli, run_ok
+from conftest import FAST, loss_and_grads, run_cli, run_ok
 
 from transfer.record import read_record
 
@@ -40,7 +40,7 @@ def test_half_precision_training_learns_and_records_cuda_memory(tmp_path, precis
 @pytest.mark.parametrize("precision", [torch.bfloat16, torch.float16])
 def test_the_fused_loss_runs_on_cuda_and_matches_the_whole_logits(precision):
     """The default loss (fused, in chunks) must be found usable on a GPU, not silently switched off."""
-    from transfer.loss import _HEAD_IS_LAST, summed_lm_loss
+    from transfer.loss import _HEAD_IS_LAST
     from transfer.models import load_model_and_tokenizer
     from transfer.validate import compose_config
 
@@ -48,14 +48,8 @@ def test_the_fused_loss_runs_on_cuda_and_matches_the_whole_logits(precision):
     model.cuda()
     ids = torch.randint(0, model.config.vocab_size, (4, 64), device="cuda")
 
-    def loss_and_grads(chunk):
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=precision):
-            loss, _ = summed_lm_loss(model, ids, ids, chunk_tokens=chunk)
-        (loss / 256).backward()
-        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
-
-    (whole, grads_whole), (chunked, grads_chunked) = loss_and_grads(0), loss_and_grads(100)
+    whole, _, grads_whole = loss_and_grads(model, ids, ids, 0, scale=1 / 256, autocast=precision)
+    chunked, _, grads_chunked = loss_and_grads(model, ids, ids, 100, scale=1 / 256, autocast=precision)
     assert _HEAD_IS_LAST[model] is True
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=0)
     for name in grads_whole:  # half-precision products: agree to their rounding, relative to the largest

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import loss_and_grads
 
 from transfer.data import to_blocks
 from transfer.evaluate import evaluate
@@ -110,15 +111,9 @@ def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
     labels = ids.clone()
     labels[:, :5] = -100  # unscored positions must stay unscored in every chunk
 
-    def loss_and_grads(chunk):
-        model.zero_grad()
-        loss, n = summed_lm_loss(model, ids, labels, chunk_tokens=chunk)
-        (loss * 0.5).backward()  # a scale on the way back, as the mean over tokens and accumulation make
-        return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-
-    whole, n_whole, grads_whole = loss_and_grads(0)
+    whole, n_whole, grads_whole = loss_and_grads(model, ids, labels, 0, scale=0.5)
     for chunk in (50, 4096):  # 192 positions: 4 chunks, the last one short; then all in one
-        chunked, n_chunked, grads_chunked = loss_and_grads(chunk)
+        chunked, n_chunked, grads_chunked = loss_and_grads(model, ids, labels, chunk, scale=0.5)
         assert n_whole == n_chunked == 3 * (63 - 4)  # labels[:, 1:5] unscored
         # the same sums in another order: float32 rounding only
         torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=0)
@@ -133,19 +128,11 @@ def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
 
 def test_chunked_loss_under_bf16_autocast_matches_the_unchunked_one():
     """The fused head multiplies in autocast's dtype, as the head's own forward does, and sums in float32."""
-    from transfer.loss import summed_lm_loss
-
     model, _ = load_model_and_tokenizer(compose_config([]).model, 64)
     ids = torch.randint(0, model.config.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))
 
-    def loss_and_grads(chunk):
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = summed_lm_loss(model, ids, ids, chunk_tokens=chunk)
-        (loss / 100).backward()
-        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
-
-    (whole, grads_whole), (chunked, grads_chunked) = loss_and_grads(0), loss_and_grads(50)
+    whole, _, grads_whole = loss_and_grads(model, ids, ids, 0, scale=0.01, autocast=torch.bfloat16)
+    chunked, _, grads_chunked = loss_and_grads(model, ids, ids, 50, scale=0.01, autocast=torch.bfloat16)
     assert chunked.dtype == whole.dtype == torch.float32 and _HEAD_IS_LAST[model] is True
     # the same bf16 products summed in another order (1e-7 apart here); float32 products would be 2e-5 away
     torch.testing.assert_close(chunked, whole, rtol=5e-6, atol=0)
@@ -180,13 +167,8 @@ def test_chunked_loss_keeps_logits_that_forward_scales_after_the_head(model_type
     model = AutoModelForCausalLM.from_config(config)
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
 
-    def loss_and_grads(chunk):
-        model.zero_grad()
-        loss, _ = summed_lm_loss(model, ids, ids, chunk_tokens=chunk)
-        loss.backward()
-        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-
-    (whole, grads_whole), (chunked, grads_chunked) = loss_and_grads(0), loss_and_grads(16)
+    whole, _, grads_whole = loss_and_grads(model, ids, ids, 0)
+    chunked, _, grads_chunked = loss_and_grads(model, ids, ids, 16)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=0)
     for name in grads_whole:
         torch.testing.assert_close(grads_chunked[name], grads_whole[name], rtol=1e-4, atol=1e-6, msg=name)
