@@ -28,8 +28,8 @@ LOSS_RTOL = 2e-3
 ROWS = {
     "full": ["strategy=full"],
     "lora": ["strategy=lora", "strategy.dropout=0"],  # no dropout: the two would draw different masks
-    "freeze_lower": ["strategy=freeze_lower", "strategy.n_layers=0.5"],
-    "adapter": ["strategy=adapter", "strategy.n_layers=1"],
+    "freeze_lower": ["strategy=freeze_lower", "strategy.frozen_blocks=0.5"],
+    "adapter": ["strategy=adapter", "strategy.trained_blocks=1"],
 }
 TINY_WIDTHS = dict(hidden=128, inter=384, heads=4, kv=2)  # conf/model/tiny.yaml
 SHAPES = {

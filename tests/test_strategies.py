@@ -71,10 +71,14 @@ def test_the_hand_derived_figures_are_the_published_ones():
         (["strategy=scratch"], TOTAL, TOTAL),
         (["strategy=freeze_embeddings"], 357_898_112, TOTAL),
         # the tied matrix is the head: frozen with the embeddings by default ...
-        (["strategy=freeze_lower", "strategy.n_layers=12"], 12 * BLOCK + FINAL_NORM, TOTAL),
+        (["strategy=freeze_lower", "strategy.frozen_blocks=12"], 12 * BLOCK + FINAL_NORM, TOTAL),
         (["strategy=freeze_lower"], 12 * BLOCK + FINAL_NORM, TOTAL),  # default: half the depth
         # ... and trained when the config says so
-        (["strategy=freeze_lower", "strategy.n_layers=12", "strategy.train_tied_embeddings=true"], 315_084_160, TOTAL),
+        (
+            ["strategy=freeze_lower", "strategy.frozen_blocks=12", "strategy.train_tied_embeddings=true"],
+            315_084_160,
+            TOTAL,
+        ),
         (["strategy=adapter"], 2 * BLOCK + FINAL_NORM, TOTAL),
         (["strategy=adapter", "strategy.train_tied_embeddings=true"], 2 * BLOCK + FINAL_NORM + EMBED, TOTAL),
         (["strategy=lora"], LAYERS * LORA_BLOCK, TOTAL + LAYERS * LORA_BLOCK),
@@ -96,11 +100,11 @@ def test_qwen2_0_5b_freeze_embeddings_is_total_minus_the_shared_matrix():
 
 
 def test_breakdown_and_trainable_blocks():
-    r = apply_on_qwen2_shape("strategy=freeze_lower", "strategy.n_layers=0.25")
+    r = apply_on_qwen2_shape("strategy=freeze_lower", "strategy.frozen_blocks=0.25")
     assert r["trainable_blocks"] == list(range(6, 24))
     assert r["breakdown"] == {"embeddings": 0, "blocks": 18 * BLOCK, "final_norm": H, "head": 0, "adapter": 0}
     assert r["shared_matrix_trains"] is False
-    r = apply_on_qwen2_shape("strategy=adapter", "strategy.n_layers=3", "strategy.train_tied_embeddings=true")
+    r = apply_on_qwen2_shape("strategy=adapter", "strategy.trained_blocks=3", "strategy.train_tied_embeddings=true")
     assert r["trainable_blocks"] == [21, 22, 23]
     assert r["breakdown"]["embeddings"] == EMBED and r["breakdown"]["head"] == 0  # counted once
     assert r["shared_matrix_trains"] is True
@@ -167,7 +171,7 @@ def test_architectures_are_mapped_by_their_own_accessors(arch):
     head = 0 if parts.tied else parts.head.weight.numel()
     assert emb + 4 * block + norm + head == sum(p.numel() for p in model.parameters())
 
-    model, _ = apply_strategy(model, compose_config(["strategy=freeze_lower", "strategy.n_layers=1"]).strategy)
+    model, _ = apply_strategy(model, compose_config(["strategy=freeze_lower", "strategy.frozen_blocks=1"]).strategy)
     report = parameter_report(model)
     assert report["trainable"] == 3 * block + norm + head
     assert report["trainable_blocks"] == [1, 2, 3]
@@ -205,14 +209,23 @@ def test_an_architecture_without_a_block_list_is_named():
     "overrides,message",
     [
         (
-            ["strategy=freeze_lower", "strategy.n_layers=25"],
-            "strategy.n_layers=25: allowed 0..24 (the model has 24 blocks)",
+            ["strategy=freeze_lower", "strategy.frozen_blocks=25"],
+            "strategy.frozen_blocks=25: allowed an integer 0..24, or a fraction of the depth in (0, 1) (the model has 24 blocks)",
         ),
-        (["strategy=freeze_lower", "strategy.n_layers=-1"], "strategy.n_layers=-1: allowed 0..24"),
-        (["strategy=freeze_lower", "strategy.n_layers=1.5"], "a fraction must be in (0, 1)"),
-        (["strategy=freeze_lower", "strategy.n_layers=half"], "strategy.n_layers='half': allowed an integer 0..24"),
-        (["strategy=adapter", "strategy.n_layers=0"], "strategy.n_layers=0 for adapter: allowed 1..24"),
-        (["strategy=adapter", "strategy.n_layers=30"], "strategy.n_layers=30 for adapter: allowed 1..24"),
+        (["strategy=freeze_lower", "strategy.frozen_blocks=-1"], "strategy.frozen_blocks=-1: allowed an integer 0..24"),
+        (
+            ["strategy=freeze_lower", "strategy.frozen_blocks=1.5"],
+            "strategy.frozen_blocks=1.5: allowed an integer 0..24, or a fraction",
+        ),
+        (
+            ["strategy=freeze_lower", "strategy.frozen_blocks=half"],
+            "strategy.frozen_blocks='half': allowed an integer 0..24",
+        ),
+        (["strategy=adapter", "strategy.trained_blocks=0"], "strategy.trained_blocks=0: allowed an integer 1"),
+        (
+            ["strategy=adapter", "strategy.trained_blocks=30"],
+            "strategy.trained_blocks=30: allowed an integer 1..24 (the model has 24 blocks)",
+        ),
         (
             ["strategy=lora", "strategy.target_modules=[q_proj,qkv]"],
             "'qkv' matches no linear projection of Qwen2ForCausalLM; allowed: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
@@ -239,9 +252,9 @@ def test_qlora_without_cuda_is_refused_before_loading():
 STRATEGIES = [
     ["strategy=full"],
     ["strategy=freeze_embeddings"],
-    ["strategy=freeze_lower", "strategy.n_layers=2"],
-    ["strategy=adapter", "strategy.n_layers=2"],
-    ["strategy=adapter", "strategy.n_layers=1", "strategy.train_tied_embeddings=true"],
+    ["strategy=freeze_lower", "strategy.frozen_blocks=2"],
+    ["strategy=adapter", "strategy.trained_blocks=2"],
+    ["strategy=adapter", "strategy.trained_blocks=1", "strategy.train_tied_embeddings=true"],
     ["strategy=lora", "strategy.r=4"],
     ["strategy=dora", "strategy.r=4"],
     ["strategy=ia3"],
@@ -274,7 +287,9 @@ def test_only_declared_parameters_change(shared, model_dir, strategy):
 
 # ---------------------------------------------------------------- the run record and dry runs
 def test_dry_run_records_the_counts_and_stops(tmp_path):
-    proc = run_cli(["strategy=freeze_lower", "strategy.n_layers=1", "dry_run=true", "hydra.run.dir=run"], cwd=tmp_path)
+    proc = run_cli(
+        ["strategy=freeze_lower", "strategy.frozen_blocks=1", "dry_run=true", "hydra.run.dir=run"], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "dry_run"
@@ -333,6 +348,12 @@ def test_sweep_of_every_cpu_strategy_on_tiny(tmp_path):
     ]
     proc = run_cli(args, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "job 1 of 8: strategy=full" in output and "job 8 of 8: strategy=scratch" in output
+    assert "left at" in output.split("job 2 of 8")[1].splitlines()[0]  # the time left, from the jobs done
+    # the known third-party notices are gone (peft's tying notice, a FutureWarning, bitsandbytes' kernels)
+    assert "ensure_weight_tying" not in output and "FutureWarning" not in output and "kernels" not in output
+    assert "\r" not in output  # no progress bars in a log: plain lines
     records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("multirun/*/*/*/metrics.json"))]
     assert [
         r["choices"]["strategy"] for r in sorted(records, key=lambda r: names.index(r["choices"]["strategy"]))

@@ -77,7 +77,9 @@ class TinyModelConfig:
 class ModelConfig:
     name: str = MISSING
     # Hub name or local directory; null builds the in-code model described by `tiny`.
-    name_or_path: str | None = None
+    # Each option's YAML sets it: `???` there (model=local) must stay missing, and a YAML
+    # `???` does not override a schema default.
+    name_or_path: str | None = MISSING
     revision: str | None = None
     # Load tokenizer.json as a PreTrainedTokenizerFast instead of trusting
     # AutoTokenizer's choice of class (wrong for some converted checkpoints).
@@ -97,7 +99,7 @@ class StrategyConfig:
 @dataclass
 class FreezeLowerConfig(StrategyConfig):
     # Frozen blocks, counted from the input: an integer count, or a fraction of the depth in (0, 1).
-    n_layers: Any = 0.5
+    frozen_blocks: Any = 0.5
     # With tied embeddings the input embedding is the LM head: freezing the
     # embeddings freezes the head too, unless this is true.
     train_tied_embeddings: bool = False
@@ -105,9 +107,9 @@ class FreezeLowerConfig(StrategyConfig):
 
 @dataclass
 class AdapterConfig(StrategyConfig):
-    """Top-block tuning: the top n_layers blocks, the final norm and the head train."""
+    """Top-block tuning: the top trained_blocks blocks, the final norm and the head train."""
 
-    n_layers: int = 2
+    trained_blocks: int = 2
     train_tied_embeddings: bool = False
 
 

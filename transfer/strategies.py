@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from transfer.errors import TransferError, first_line
+from transfer.validate import check_block_count, check_strategy
 
 log = logging.getLogger(__name__)
 PEFT_STRATEGIES = ("lora", "dora", "qlora", "ia3")
-MODULE_ROLES = ("head", "embeddings")
 
 
 @dataclass
@@ -81,21 +81,17 @@ def freeze_embeddings(model, cfg):
 
 
 def freeze_lower(model, cfg):
-    """Freeze the embeddings and the lowest n_layers blocks; train the blocks above, the final norm and the head."""
+    """Freeze the embeddings and the lowest frozen_blocks blocks; train the blocks above, the final norm and the head."""
     parts = model_parts(model)
-    n = frozen_block_count(cfg.n_layers, len(parts.blocks))
+    n = check_block_count(cfg, len(parts.blocks))
     return model, _train_only(model, [*parts.blocks[n:], *parts.final_norm, *_head(parts, cfg.train_tied_embeddings)])
 
 
 def adapter(model, cfg):
-    """Top-block tuning: the top n_layers blocks, the final norm and the head train; nothing else."""
+    """Top-block tuning: the top trained_blocks blocks, the final norm and the head train; nothing else."""
     parts = model_parts(model)
-    depth = len(parts.blocks)
-    if not isinstance(cfg.n_layers, int) or not 1 <= cfg.n_layers <= depth:
-        raise TransferError(
-            f"strategy.n_layers={cfg.n_layers} for adapter: allowed 1..{depth} (the model has {depth} blocks)"
-        )
-    top = parts.blocks[depth - cfg.n_layers :]
+    n = check_block_count(cfg, len(parts.blocks))
+    top = parts.blocks[len(parts.blocks) - n :]
     return model, _train_only(model, [*top, *parts.final_norm, *_head(parts, cfg.train_tied_embeddings)])
 
 
@@ -105,21 +101,6 @@ def scratch(model, cfg, seed: int = 0):
 
     fresh = build_model(model.config, seed=cfg.init_seed if cfg.init_seed is not None else seed, dtype=model.dtype)
     return fresh, _train_only(fresh, [fresh])
-
-
-def frozen_block_count(n_layers, depth: int) -> int:
-    """n_layers as a count (int) or a fraction of the depth (float in (0, 1))."""
-    if isinstance(n_layers, bool) or not isinstance(n_layers, (int, float)):
-        raise TransferError(f"strategy.n_layers={n_layers!r}: allowed an integer 0..{depth} or a fraction in (0, 1)")
-    if isinstance(n_layers, float):
-        if not 0 < n_layers < 1:
-            raise TransferError(
-                f"strategy.n_layers={n_layers}: a fraction must be in (0, 1); for a count write an integer 0..{depth}"
-            )
-        return round(n_layers * depth)
-    if not 0 <= n_layers <= depth:
-        raise TransferError(f"strategy.n_layers={n_layers}: allowed 0..{depth} (the model has {depth} blocks)")
-    return n_layers
 
 
 def _head(parts: Parts, train_tied: bool) -> list[nn.Module]:
@@ -141,10 +122,6 @@ def lora(model, cfg):
     """LoRA (and DoRA, QLoRA) through peft; only the adapters and modules_to_save train."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.r < 1 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1:
-        raise TransferError(
-            f"strategy r={cfg.r}, alpha={cfg.alpha}, dropout={cfg.dropout}: allowed r >= 1, alpha > 0, dropout in [0, 1)"
-        )
     targets = _check_targets(model, cfg.target_modules)
     if cfg.name == "qlora":
         # Casts norms to fp32 and enables input gradients; checkpointing stays a separate choice.
@@ -158,7 +135,7 @@ def lora(model, cfg):
         use_dora=cfg.name == "dora",
         modules_to_save=_module_names(model, cfg.modules_to_save),
         # A tied head and embedding stay one matrix: a saved copy of one is the other's too.
-        ensure_weight_tying=model_parts(model).tied,
+        ensure_weight_tying=model_parts(model).tied and bool(cfg.modules_to_save),
         task_type="CAUSAL_LM",
     )
     try:
@@ -222,8 +199,6 @@ def _module_names(model, roles) -> list[str] | None:
     wanted = {"head": model.get_output_embeddings(), "embeddings": model.get_input_embeddings()}
     names = []
     for role in roles:
-        if role not in wanted:
-            raise TransferError(f"strategy.modules_to_save: {role!r} is unknown; allowed: {', '.join(MODULE_ROLES)}")
         names += [name.split(".")[-1] for name, m in model.named_modules() if m is wanted[role]][:1]
     return names
 
@@ -242,10 +217,11 @@ STRATEGIES = {
 }
 
 
-def check_before_loading(cfg) -> None:
-    """What can be refused before a model is loaded: QLoRA without CUDA or bitsandbytes."""
+def check_before_loading(cfg, depth: int | None = None) -> None:
+    """What can be refused before a model is loaded: the values, and QLoRA without CUDA or bitsandbytes."""
     if cfg.name not in STRATEGIES:
         raise TransferError(f"strategy.name={cfg.name!r} is unknown; allowed: {', '.join(STRATEGIES)}")
+    check_strategy(cfg, depth)
     if cfg.name == "qlora":
         if not torch.cuda.is_available():
             raise TransferError(
@@ -261,7 +237,7 @@ def check_before_loading(cfg) -> None:
 
 def apply_strategy(model, cfg, seed: int = 0):
     """Apply the strategy named by cfg.name; return (model, names of its trainable parameters)."""
-    check_before_loading(cfg)
+    check_before_loading(cfg, depth=len(model_parts(model).blocks))
     fn = STRATEGIES[cfg.name]
     model, declared = fn(model, cfg, seed) if fn is scratch else fn(model, cfg)
     actual = [name for name, p in model.named_parameters() if p.requires_grad]

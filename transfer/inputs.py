@@ -1,0 +1,261 @@
+"""What a run will read, checked before anything runs: data files, model folders, the GPU.
+
+Everything here is cheap and imports neither torch nor transformers: a sweep's every job is
+checked at start-up, so a bad file stops the sweep before its first job, not an hour in.
+Each problem is one line naming the file (and the line in it) and what is wrong.
+
+Data files are scanned whole up to SCAN_BYTES (the loader meets the rest of a bigger file
+and reports it the same way); results are cached per file version, so the jobs of a sweep
+that share a file read it once.
+"""
+
+import csv
+import ctypes
+import importlib.metadata
+import json
+import os
+import struct
+from pathlib import Path
+
+from transfer.errors import TransferError
+
+# file suffix -> the `datasets` builder that reads it
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+SCAN_BYTES = 256 * 2**20
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+_scanned: dict[tuple, None] = {}
+
+
+# ---------------------------------------------------------------- data files
+def check_data_files(files, where: str, text_field: str) -> None:
+    """Each file exists, is readable, of a supported type, and holds text in `text_field`."""
+    for f in files:
+        path = Path(f).expanduser()
+        if not path.exists():
+            raise TransferError(f"{where}: no such file {f!r}")
+        if not path.is_file():
+            raise TransferError(f"{where}: {f!r} is not a file")
+        suffix = path.suffix.lower()
+        if suffix not in BUILDERS:
+            raise TransferError(f"{where}: {f!r} has an unsupported type; allowed: {', '.join(BUILDERS)}")
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, text_field)
+        if key in _scanned:
+            continue
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(SCAN_BYTES)
+        except OSError as e:
+            raise TransferError(f"{where}: cannot read {f!r} ({e.strerror})") from None
+        if not head.strip():
+            raise TransferError(f"{where}: {f!r} is {'empty' if not head else 'only whitespace'}; it holds no text")
+        complete = stat.st_size <= SCAN_BYTES
+        if suffix == ".parquet":
+            _check_parquet(path, f, where, text_field)
+        else:
+            text = _decode(head, f, where, complete)
+            {".txt": lambda *a: None, ".csv": _check_csv, ".jsonl": _check_json, ".json": _check_json}[suffix](
+                text, f, where, text_field, complete
+            )
+        _scanned[key] = None
+
+
+def _decode(data: bytes, name: str, where: str, complete: bool) -> str:
+    if not complete:  # the scan may have cut a character in two
+        data = data[: data.rfind(b"\n") + 1] or data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise TransferError(
+            f"{where}: {name!r} line {line} is not UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _check_json(text: str, name: str, where: str, text_field: str, complete: bool) -> None:
+    """JSON Lines (one object a line), or one JSON document: an array of objects, as `datasets` reads it."""
+    stripped = text.lstrip()
+    if complete and stripped[:1] == "[":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TransferError(f"{where}: {name!r} line {e.lineno} is not JSON ({e.msg}, column {e.colno})") from None
+        items = rows if isinstance(rows, list) else [rows]
+        odd = next((r for r in items if not isinstance(r, dict)), None)
+        if odd is not None:
+            raise TransferError(
+                f"{where}: {name!r} holds a JSON {type(odd).__name__} where an object with a {text_field!r} field belongs"
+            )
+        _check_rows(items, name, where, text_field)
+        return
+    rows = []
+    lines = text.splitlines()
+    for number, line in enumerate(lines if complete else lines[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TransferError(f"{where}: {name!r} line {number} is not JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise TransferError(
+                f"{where}: {name!r} line {number} is a JSON {type(row).__name__}, not an object with a {text_field!r} field"
+            )
+        rows.append(row)
+    _check_rows(rows, name, where, text_field)
+
+
+def _check_rows(rows: list[dict], name: str, where: str, text_field: str) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    if text_field not in fields:
+        raise TransferError(f"{where}: {name!r} has no field {text_field!r}; allowed: {', '.join(fields) or 'none'}")
+    if not any(isinstance(r.get(text_field), str) and r[text_field].strip() for r in rows):
+        raise TransferError(f"{where}: {name!r} holds no text in its field {text_field!r}")
+
+
+def _check_csv(text: str, name: str, where: str, text_field: str, complete: bool) -> None:
+    reader = csv.reader(text.splitlines()[:2])
+    header = next(reader, [])
+    if text_field not in header:
+        raise TransferError(
+            f"{where}: {name!r} has no column {text_field!r} in its first row {header[:5]!r}; "
+            "a CSV file needs a header row naming its columns"
+        )
+
+
+def _check_parquet(path: Path, name: str, where: str, text_field: str) -> None:
+    with open(path, "rb") as fh:
+        start = fh.read(4)
+        fh.seek(max(0, path.stat().st_size - 4))
+        end = fh.read(4)
+    if start != b"PAR1" or end != b"PAR1":
+        raise TransferError(f"{where}: {name!r} is not a Parquet file (or is truncated): it lacks the PAR1 marks")
+    import pyarrow.parquet as pq
+
+    try:
+        fields = pq.read_schema(path).names
+    except Exception as e:
+        raise TransferError(f"{where}: {name!r} is an unreadable Parquet file ({str(e).splitlines()[0]})") from None
+    if text_field not in fields:
+        raise TransferError(f"{where}: {name!r} has no column {text_field!r}; allowed: {', '.join(fields)}")
+
+
+# ---------------------------------------------------------------- model folders
+def model_shape(model_cfg, weights: bool) -> tuple[int | None, int | None]:
+    """(depth, context) of the model a config names, from its shape or config.json; (None, None) for a hub name.
+
+    A local folder is checked for what loading it needs: a readable config.json, a tokenizer,
+    and (unless `weights` is false, as in a dry run) intact weight files.
+    """
+    if model_cfg.name_or_path is None:
+        return model_cfg.tiny.num_layers, model_cfg.tiny.max_position_embeddings
+    folder = Path(model_cfg.name_or_path).expanduser()
+    if not folder.is_dir():
+        return None, None  # a hub name, or not a folder: the loader says which
+    where = f"model.name_or_path={model_cfg.name_or_path!r}"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise TransferError(
+            f"{where}: no config.json in {folder}; allowed: a model folder (config.json, weights, tokenizer)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TransferError(f"{where}: {config_file} is unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise TransferError(f"{where}: {config_file} holds no model config")
+    needed = ("tokenizer.json",) if model_cfg.tokenizer_from_json else TOKENIZER_FILES
+    if not any((folder / f).is_file() for f in needed):
+        raise TransferError(f"{where}: no tokenizer in {folder}; allowed: {' or '.join(needed)}")
+    if weights:
+        _check_weights(folder, where)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    depth = next(
+        (text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)), None
+    )
+    context = next(
+        (text[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+         if isinstance(text.get(k), int)),
+        None,
+    )  # fmt: skip
+    return depth, context
+
+
+def _check_weights(folder: Path, where: str) -> None:
+    present = [f for f in WEIGHT_FILES if (folder / f).is_file()]
+    shards = sorted(folder.glob("model-*.safetensors"))
+    if not present and not shards:
+        raise TransferError(f"{where}: no weights in {folder}; allowed: {', '.join(WEIGHT_FILES)}")
+    files = [folder / f for f in present if f.endswith(".safetensors")]
+    for index in (f for f in present if f.endswith(".index.json")):
+        try:
+            names = set(json.loads((folder / index).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise TransferError(f"{where}: {folder / index} is unreadable ({e})") from None
+        for name in sorted(names):
+            if not (folder / name).is_file():
+                raise TransferError(f"{where}: {folder / index} names {name}, which is missing")
+            if name.endswith(".safetensors"):
+                files.append(folder / name)
+    for file in files:
+        problem = safetensors_problem(file)
+        if problem:
+            raise TransferError(f"{where}: {file} is corrupt ({problem})")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's framing, or None: its header and its length, without reading the data."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            if size < 8:
+                return f"{size} bytes, shorter than a header"
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > size - 8:
+                return f"header of {length:,} bytes in a file of {size:,}"
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError) as e:
+        return f"unreadable header: {e}"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + length + max(ends, default=0)
+    if expected != size:
+        return f"truncated: {size:,} bytes where its header says {expected:,}"
+    return None
+
+
+# ---------------------------------------------------------------- the GPU
+def cuda_available() -> bool | None:
+    """Whether torch would find a CUDA device, asked without importing torch: False, True, or None (cannot tell).
+
+    Reads the installed torch's build tag and asks NVIDIA's management library for devices,
+    which, unlike the CUDA driver, neither makes a context nor minds a later fork.
+    """
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if "+cpu" in version:
+        return False
+    if "+rocm" in version:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_uint(0)
+    if nvml.nvmlInit_v2() != 0:
+        return False
+    try:
+        return nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 and count.value > 0
+    finally:
+        nvml.nvmlShutdown()
