@@ -6,7 +6,20 @@ class TransferError(Exception):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the run stops at a step boundary, says `interrupted` in its record, and can be resumed."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message: what a one-line error report shows."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def innermost(e: BaseException) -> BaseException:
+    """The exception at the bottom of a chain of wrappers (`raise ... from`, or raised while handling)."""
+    seen = {id(e)}
+    while (e.__cause__ or e.__context__) is not None and id(e.__cause__ or e.__context__) not in seen:
+        e = e.__cause__ or e.__context__
+        seen.add(id(e))
+    return e

@@ -4,11 +4,15 @@
 (each combination of a sweep), so a typo in the last value of a sweep stops the
 sweep at start-up, not an hour in. Hydra's and OmegaConf's multi-line errors are
 turned into one line that names the bad key or value and what is allowed.
+It also decides, before Hydra writes into an output folder, whether that folder may
+be written: a finished run is never overwritten, a resumed one must be resumed under
+the config it was made with.
 This module must not import torch or transformers: it runs in well under a second.
 """
 
 import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -19,68 +23,164 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
-from transfer import schema  # noqa: F401  (registers the schema that compose() validates against)
+from transfer import inputs, schema
 from transfer.errors import TransferError, first_line
+from transfer.record import read_record
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 MAX_SWEEP_JOBS_CHECKED = 512
+# settings a resumed run may change: they do not alter what is trained (loss chunks change
+# only the order of float sums, and runs from before their default changed must resume)
+FREE_ON_RESUME = (
+    "resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval",
+    "hardware.loss_chunk_tokens",
+)  # fmt: skip
+# what strategy.modules_to_save may name, whatever the architecture calls them
+MODULE_ROLES = ("head", "embeddings")
+# keys that were renamed: (option's schema class, old key) -> new key
+RENAMED = {
+    (schema.FreezeLowerConfig, "n_layers"): "frozen_blocks",
+    (schema.AdapterConfig, "n_layers"): "trained_blocks",
+}
 
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def check_command_line(argv: list[str]) -> None:
-    """Raise TransferError if any job of this command line has a bad config."""
+@dataclass
+class Plan:
+    """What a checked command line will do: where it writes, and its jobs' configs (the first 512)."""
+
+    out_dir: Path
+    multirun: bool
+    jobs: int
+    configs: list[DictConfig]
+    # the command line as Hydra should get it (see hydra_overrides)
+    argv: list[str]
+    # job N of the sweep goes to sub-folder N (Hydra's default hydra.sweep.subdir)
+    by_number: bool = True
+
+    @property
+    def resume(self):
+        return self.configs[0].resume
+
+    def check_folder(self) -> None:
+        """May the output folder be written? Call it holding the folder's lock (transfer.lock)."""
+        if self.multirun:
+            check_sweep_dir(self.out_dir, self.resume, self.configs if self.by_number else [])
+        else:
+            check_run_dir(self.out_dir, self.resume, self.configs[0])
+
+
+def check_command_line(argv: list[str]) -> Plan | None:
+    """Raise TransferError if any job of this command line has a bad config; None for Hydra's own flags."""
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion:
-        return
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
+        return None
     if args.config_path or args.config_dir or args.config_name not in (None, "config"):
-        return  # a config tree of the user's own: Hydra reports on it
+        return None  # a config tree of the user's own: Hydra reports on it
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(args.overrides)
     except Exception as e:  # Hydra's grammar errors
         raise TransferError(f"cannot parse overrides {args.overrides}: {first_line(e)}") from None
-    # one composition without the swept values tells where the output goes and what the config sweeps
-    run = compose_config([o.input_line for o in parsed if not o.is_sweep_override()], with_hydra=True)
+    for o in parsed:
+        if "_target_" in o.input_line:
+            raise TransferError(
+                f"override {o.input_line!r} sets _target_, which would call any Python function; "
+                "allowed: config group choices and values of known keys"
+            )
+    # One composition for what Hydra itself reads (output folders, a preset's sweep params).
+    # It takes group choices and hydra settings only: a key of a group the command line sweeps
+    # (strategy=lora,dora strategy.r=8) is judged in each job, against that job's option.
+    preliminary = [o.input_line for o in parsed if not o.is_sweep_override() and _is_group_or_hydra(o)]
+    run = compose_config(preliminary, with_hydra=True)
     jobs = [list(args.overrides)]
+    swept = []
     if args.multirun:  # sweeps set in a config (hydra.sweeper.params) count as much as the command line's
         given = {o.get_key_element() for o in parsed}
         params = run.hydra.sweeper.get("params") or {}
-        overrides = [f"{k}={v}" for k, v in params.items() if k not in given] + list(args.overrides)
-        jobs = BasicSweeper.split_arguments(parser.parse_overrides(overrides), None)[0]
-    for overrides in jobs[:MAX_SWEEP_JOBS_CHECKED]:
-        check_config(compose_config(overrides))
+        overrides = parser.parse_overrides([f"{k}={v}" for k, v in params.items() if k not in given] + args.overrides)
+        jobs = BasicSweeper.split_arguments(overrides, None)[0]
+        swept = [o.key_or_group for o in overrides if o.is_sweep_override() and _is_group_or_hydra(o)]
+    configs = [compose_config(overrides) for overrides in jobs[:MAX_SWEEP_JOBS_CHECKED]]
+    for cfg in configs:
+        check_config(cfg)
+    # the folder is pinned: a ${now:...} in its name must not move on to the next second before Hydra reads it
+    key, out_dir = ("hydra.sweep.dir", run.hydra.sweep.dir) if args.multirun else ("hydra.run.dir", run.hydra.run.dir)
+    pinned = "'" + str(out_dir).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    argv = [a for a in argv if a not in args.overrides] + hydra_overrides(parsed, swept) + [f"{key}={pinned}"]
     if args.multirun:
-        _check_sweep_dir(Path(run.hydra.sweep.dir), run.resume)
-    else:
-        _check_run_dir(Path(run.hydra.run.dir), run.resume)
+        by_number = OmegaConf.to_container(run.hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}"
+        return Plan(Path(out_dir), True, len(jobs), configs, argv, by_number)
+    return Plan(Path(out_dir), False, 1, configs, argv)
+
+
+def hydra_overrides(parsed, swept_groups: list[str]) -> list[str]:
+    """The overrides as Hydra must get them to run what check_command_line checked.
+
+    Hydra composes a sweep-level config from the overrides that sweep nothing, with each swept
+    group at its default: a key of a swept group (strategy=lora,dora strategy.r=8) fails there,
+    against the default option. Every job was checked against its own option already, so such
+    a key goes to Hydra as a sweep of one value (strategy.r=choice(8)), applied in each job.
+    """
+    prefixes = tuple(group.replace("/", ".") + "." for group in swept_groups)
+    return [
+        f"{o.get_key_element()}=choice({o.get_value_element_as_str()})"
+        if not o.is_sweep_override() and o.key_or_group.startswith(prefixes) and not o.is_delete()
+        else o.input_line
+        for o in parsed
+    ]
+
+
+def _is_group_or_hydra(o) -> bool:
+    key = o.key_or_group
+    return key.startswith("hydra") or (CONF_DIR / key).is_dir()
 
 
 def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
-    """Compose the run config as `python -m transfer` would, with one-line errors."""
+    """Compose the run config as `python -m transfer` would, with one-line errors; every key must be in the schema."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
-            return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
         except Exception as e:
             raise TransferError(explain(e)) from None
+    check_keys(cfg)
+    return cfg
+
+
+def check_keys(node: DictConfig, prefix: str = "") -> None:
+    """Every key is one the schema knows: `+key=value` adds keys Hydra does not check."""
+    object_type = OmegaConf.get_type(node)
+    allowed = _fields(object_type)
+    for key in node.keys():
+        if prefix == "" and key == "hydra":
+            continue
+        if allowed and key not in allowed:
+            raise TransferError(unknown_key(f"{prefix}{key}", object_type))
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            check_keys(child, f"{prefix}{key}.")
 
 
 class AlreadyDone(Exception):
     """The run asked for is complete: nothing to do (resume=true on a finished run)."""
 
 
-def _check_run_dir(run_dir: Path, resume) -> None:
-    """Hydra rewrites .hydra/ in the run folder before the job starts: decide here, not in the job."""
-    from transfer.record import read_record
+def check_run_dir(run_dir: Path, resume, cfg: DictConfig) -> None:
+    """Hydra rewrites .hydra/ in the run folder before the job starts: decide here, not in the job.
 
-    previous = read_record(run_dir)
+    The caller holds the folder's lock (transfer.lock), so no other process is writing in it.
+    """
+    previous = read_previous(run_dir)
     if resume is True:
-        if previous is None:
+        if previous is None and not (run_dir / "checkpoints").is_dir():
             raise TransferError(f"resume=true but {run_dir} holds no run; name it: hydra.run.dir=<the run folder>")
         if previous.get("status") == "completed":
             raise AlreadyDone(f"{run_dir} holds a completed run: nothing to resume")
+        if isinstance(previous.get("config"), dict):
+            refuse_differences(previous["config"], cfg, f"resume: {run_dir} was run with", "this run has")
     elif previous is not None:
         raise TransferError(
             f"{run_dir} already holds a run (status {previous.get('status')}); "
@@ -88,13 +188,76 @@ def _check_run_dir(run_dir: Path, resume) -> None:
         )
 
 
-def _check_sweep_dir(sweep_dir: Path, resume) -> None:
-    if resume is True or not sweep_dir.is_dir():
+def check_sweep_dir(sweep_dir: Path, resume, configs: list[DictConfig]) -> None:
+    """A sweep folder holding jobs is resumed under the configs its jobs ran with, or not at all.
+
+    `configs` are the new sweep's jobs in Hydra's order (job N in sub-folder N); empty when the
+    sub-folders are named otherwise, and each job then checks itself (run.run_experiment).
+    """
+    if not sweep_dir.is_dir():
         return
-    if any((job / "metrics.json").is_file() for job in sweep_dir.iterdir() if job.is_dir()):
+    if resume is not True:
+        if any((job / "metrics.json").is_file() for job in sweep_dir.iterdir() if job.is_dir()):
+            raise TransferError(
+                f"{sweep_dir} already holds a sweep; continue it with resume=true, or choose another hydra.sweep.dir"
+            )
+        return
+    for number, cfg in enumerate(configs):
+        previous = read_previous(sweep_dir / str(number))
+        if previous and isinstance(previous.get("config"), dict):
+            refuse_differences(
+                previous["config"], cfg, f"resume: job {number} of {sweep_dir} ran with", "this sweep gives it"
+            )
+
+
+def read_previous(folder: Path) -> dict | None:
+    try:
+        return read_record(folder)
+    except ValueError as e:
         raise TransferError(
-            f"{sweep_dir} already holds a sweep; continue it with resume=true, or choose another hydra.sweep.dir"
+            f"{folder / 'metrics.json'} is unreadable ({e}); move it away to run or resume in this folder"
+        ) from None
+
+
+def refuse_differences(saved: dict, cfg: DictConfig, then: str, now: str) -> None:
+    differences = config_differences(saved, cfg)
+    if differences:
+        key, old, new = differences[0]
+        raise TransferError(
+            f"{then} {key}={old!r}, {now} {key}={new!r} ({len(differences)} difference(s)); "
+            "repeat the interrupted command's overrides and add resume=true"
         )
+
+
+def resumable_config(cfg) -> dict:
+    """The run's config as far as it decides the training, for comparison on resume."""
+    return _without_free_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+
+
+def config_differences(saved: dict, cfg) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) for each setting that decides the training and differs."""
+    # the saved config may hold settings made free on resume since it was written
+    return _differences(_without_free_settings(saved), resumable_config(cfg))
+
+
+def _without_free_settings(config: dict) -> dict:
+    for key in ("hydra", *FREE_ON_RESUME):
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
+    return config
+
+
+def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in dict.fromkeys([*a, *b]):
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
 def explain(e: BaseException) -> str:
@@ -108,12 +271,21 @@ def explain(e: BaseException) -> str:
     cause = e.__cause__ or e
     key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
-        allowed = _fields(getattr(cause, "object_type", None))
-        hint = f"; allowed keys there: {', '.join(allowed)}" if allowed else ""
-        return f"unknown key '{key}'{hint}"
+        return unknown_key(key, getattr(cause, "object_type", None))
     if isinstance(cause, (ValidationError, MissingMandatoryValue)) and key:
         return f"{key}: {first_line(cause)}"
     return first_line(e)
+
+
+def unknown_key(key: str, object_type) -> str:
+    *parents, name = key.split(".")
+    renamed = RENAMED.get((object_type, name))
+    if renamed:
+        new = ".".join([*parents, renamed])
+        return f"{key} was renamed: write {new}= instead (it names what the number counts)"
+    allowed = _fields(object_type)
+    hint = f"; allowed keys there: {', '.join(allowed)}" if allowed else ""
+    return f"unknown key '{key}'{hint}"
 
 
 def _fields(object_type) -> list[str]:
@@ -121,7 +293,7 @@ def _fields(object_type) -> list[str]:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Checks the schema cannot express: ranges and combinations of values."""
+    """Checks the schema cannot express: ranges and combinations of values, and what the run will read."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise TransferError(f"{missing[0]} must be set (it has no default for this choice)")
@@ -182,11 +354,18 @@ def check_config(cfg: DictConfig) -> None:
     ):
         if cap is not None and cap < 2:
             raise TransferError(f"{key}={cap}: allowed 2 or more, or null for every token")
-    if isinstance(cfg.resume, str) and not Path(cfg.resume).expanduser().exists():
-        raise TransferError(
-            f"resume={cfg.resume!r}: no such folder; allowed: true, or a run folder or checkpoint folder"
-        )
-    check_strategy(cfg.strategy)
+    if isinstance(cfg.resume, str):
+        path = Path(cfg.resume).expanduser()
+        if not path.exists():
+            raise TransferError(
+                f"resume={cfg.resume!r}: no such folder; allowed: true, or a run folder or checkpoint folder"
+            )
+        # a checkpoint folder holds the trainer state (transfer.checkpoint.STATE_FILE); a run folder holds them
+        if not (path / "trainer_state.pt").is_file() and not any(path.glob("checkpoints/step-*/trainer_state.pt")):
+            raise TransferError(
+                f"resume={cfg.resume!r}: no checkpoint there; allowed: true, a run folder with checkpoints/, "
+                "or a checkpoint folder"
+            )
     threads = cfg.hardware.num_threads
     if threads is not None and threads < 1:
         raise TransferError(f"hardware.num_threads={threads} must be at least 1 (or null for torch's default)")
@@ -194,35 +373,83 @@ def check_config(cfg: DictConfig) -> None:
         raise TransferError(
             f"hardware.loss_chunk_tokens={cfg.hardware.loss_chunk_tokens}: allowed 0 (off) or a positive number of tokens"
         )
+    check_hardware(cfg)
+    check_inputs(cfg)
 
 
-def check_strategy(cfg: DictConfig) -> None:
-    """The strategy values that can be judged without the model (the rest is checked against it)."""
-    if "n_layers" in cfg:
-        n = cfg.n_layers
-        if cfg.name == "adapter" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise TransferError(f"strategy.n_layers={n!r} for adapter: allowed an integer from 1 to the model's depth")
-        if cfg.name == "freeze_lower":
-            if (
-                isinstance(n, bool)
-                or not isinstance(n, (int, float))
-                or n < 0
-                or (isinstance(n, float) and not 0 < n < 1)
-            ):
-                raise TransferError(
-                    f"strategy.n_layers={n!r}: allowed an integer from 0 to the model's depth, or a fraction in (0, 1)"
-                )
+def check_strategy(cfg: DictConfig, depth: int | None = None) -> None:
+    """The strategy's values, and its block count against the model's depth when that is known."""
+    check_block_count(cfg, depth)
     if "r" in cfg and (cfg.r < 1 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1):
         raise TransferError(
             f"strategy r={cfg.r}, alpha={cfg.alpha}, dropout={cfg.dropout}: allowed r >= 1, alpha > 0, dropout in [0, 1)"
         )
     for role in cfg.get("modules_to_save") or []:
-        if role not in ("head", "embeddings"):
-            raise TransferError(f"strategy.modules_to_save: {role!r} is unknown; allowed: head, embeddings")
-    if cfg.name == "qlora":  # only then is torch worth importing here
-        import torch
+        if role not in MODULE_ROLES:
+            raise TransferError(f"strategy.modules_to_save: {role!r} is unknown; allowed: {', '.join(MODULE_ROLES)}")
 
-        if not torch.cuda.is_available():
-            raise TransferError(
-                "strategy=qlora needs a CUDA GPU (bitsandbytes 4-bit weights) and there is none here; use strategy=lora"
-            )
+
+def check_block_count(cfg: DictConfig, depth: int | None) -> int | None:
+    """How many blocks freeze_lower freezes or adapter trains, checked against the depth when it is known.
+
+    freeze_lower's frozen_blocks: a count from 0 to the depth, or a fraction of the depth in (0, 1);
+    adapter's trained_blocks: a count from 1 to the depth. None for other strategies (or an unknown depth).
+    """
+    deep = f" (the model has {depth} blocks)" if depth is not None else ""
+    top = depth if depth is not None else "the model's depth"
+    if "frozen_blocks" in cfg:
+        n = cfg.frozen_blocks
+        if isinstance(n, float) and 0 < n < 1:
+            return round(n * depth) if depth is not None else None
+        if isinstance(n, int) and not isinstance(n, bool) and 0 <= n and (depth is None or n <= depth):
+            return n
+        raise TransferError(
+            f"strategy.frozen_blocks={n!r}: allowed an integer 0..{top}, or a fraction of the depth in (0, 1){deep}"
+        )
+    if "trained_blocks" in cfg:
+        n = cfg.trained_blocks
+        if isinstance(n, int) and not isinstance(n, bool) and 1 <= n and (depth is None or n <= depth):
+            return n
+        raise TransferError(f"strategy.trained_blocks={n!r}: allowed an integer 1..{top}{deep}")
+    return None
+
+
+def check_hardware(cfg: DictConfig) -> None:
+    """A GPU where the config needs one, and no fp16 on the CPU, asked without importing torch."""
+    device, precision = cfg.hardware.device.value, cfg.hardware.precision.value
+    needs_cuda = device == "cuda" or cfg.strategy.name == "qlora"
+    cuda = inputs.cuda_available() if needs_cuda or device == "auto" else False
+    if cuda is not False:
+        return
+    if device == "cuda":
+        raise TransferError(
+            "hardware.device=cuda but no CUDA device is available here; allowed on this machine: auto, cpu"
+        )
+    if cfg.strategy.name == "qlora":
+        raise TransferError(
+            "strategy=qlora needs a CUDA GPU (bitsandbytes 4-bit weights) and there is none here; use strategy=lora"
+        )
+    if precision == "fp16":
+        raise TransferError(
+            f"hardware.precision=fp16 on the CPU (hardware.device={device}): allowed there fp32 or bf16; "
+            "fp16 autocast is slow on CPUs and needs loss scaling"
+        )
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """The files the run will read, and the model's depth and context against the settings."""
+    if "train_files" in cfg.dataset:
+        for split in ("train", "validation", "test"):
+            where = f"dataset.{split}_files"
+            inputs.check_data_files(cfg.dataset[f"{split}_files"], where, cfg.dataset.text_field)
+    if "files" in cfg.eval.reference:
+        inputs.check_data_files(cfg.eval.reference.files, "eval.reference.files", cfg.eval.reference.text_field)
+    # a dry run reads no weights; QLoRA's dry run does (its 4-bit layers come from real weights)
+    weights = not cfg.dry_run or cfg.strategy.name == "qlora"
+    depth, context = inputs.model_shape(cfg.model, weights=weights)
+    where = cfg.model.name_or_path or "tiny"
+    if context is not None and cfg.block_size > context:
+        raise TransferError(
+            f"block_size={cfg.block_size} exceeds the context of {where} ({context} tokens); allowed: 1..{context}"
+        )
+    check_strategy(cfg.strategy, depth)
