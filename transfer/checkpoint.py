@@ -8,11 +8,20 @@ Weights: peft strategies save only the adapter, in peft's own format (loadable w
 `PeftModel.from_pretrained`); the others save their trainable tensors
 (`trainable.safetensors`), or the whole model with checkpoint.full_model=true.
 Each checkpoint is written to a temporary folder and renamed into place, so a
-killed run never leaves half a checkpoint behind.
+killed run never leaves half a checkpoint behind, and a failed write (a full disk)
+leaves no temporary folder either. `manifest.json` holds the size and SHA-256 of
+every other file: a resume verifies them, and the weights' values, before it trusts
+a checkpoint, and falls back to the newest intact one.
+
+The trainer state is read with `torch.load(weights_only=True)`: tensors and plain values
+only, so a checkpoint from elsewhere cannot run code when it is loaded.
 """
 
+import hashlib
 import json
+import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -21,34 +30,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from transfer.errors import TransferError, first_line
+from transfer.inputs import safetensors_problem
+from transfer.validate import config_differences
 
+log = logging.getLogger(__name__)
 WEIGHT_FILES = ("adapter_model.safetensors", "trainable.safetensors", "model.safetensors")
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "run_config.json"
-# settings a resumed run may change: they do not alter what is trained (loss chunks change
-# only the order of float sums, and runs from before their default changed must resume)
-FREE_ON_RESUME = (
-    "resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval",
-    "hardware.loss_chunk_tokens",
-)  # fmt: skip
-
-
-def resumable_config(cfg) -> dict:
-    """The run's config as far as it decides the training, for comparison on resume."""
-    from omegaconf import OmegaConf
-
-    return _without_free_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-
-
-def _without_free_settings(config: dict) -> dict:
-    for key in ("hydra", *FREE_ON_RESUME):
-        *parents, name = key.split(".")
-        node = config
-        for parent in parents:
-            node = node.get(parent) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(name, None)
-    return config
+MANIFEST = "manifest.json"
 
 
 def check_same_config(folder: Path, cfg) -> None:
@@ -62,23 +51,13 @@ def check_same_config(folder: Path, cfg) -> None:
         raise TransferError(
             f"resume: checkpoint {folder} is unreadable ({first_line(e)}); pick another with resume=PATH"
         ) from None
-    # the saved config may hold settings made free on resume since it was written
-    differences = _differences(_without_free_settings(saved), resumable_config(cfg))
+    differences = config_differences(saved, cfg)
     if differences:
         key, old, new = differences[0]
         raise TransferError(
             f"resume: checkpoint {folder} was made with {key}={old!r}, this run has {key}={new!r} "
             f"({len(differences)} difference(s)); repeat the interrupted run's overrides and add resume=true"
         )
-
-
-def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in dict.fromkeys([*a, *b]):
-            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
-        return out
-    return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
 def is_peft(model) -> bool:
@@ -101,26 +80,91 @@ def save(folder: Path, model, full_model: bool, trainer_state: dict | None = Non
          config: dict | None = None) -> int:  # fmt: skip
     """Write a checkpoint atomically; return the size in bytes of its weight files."""
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if is_peft(model) or full_model:
-        model.save_pretrained(tmp)
-    else:
-        save_file({n: t.contiguous() for n, t in trainable_state(model).items()}, tmp / "trainable.safetensors")
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / STATE_FILE)
-    if meta is not None:
-        (tmp / "best.json").write_text(json.dumps(meta))
-    if config is not None:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if is_peft(model) or full_model:
+            model.save_pretrained(tmp)
+        else:
+            save_file({n: t.contiguous() for n, t in trainable_state(model).items()}, tmp / "trainable.safetensors")
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / STATE_FILE)
+        if meta is not None:
+            (tmp / "best.json").write_text(json.dumps(meta))
+        if config is not None:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        files = {
+            p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+        }
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except Exception as e:  # a full disk surfaces as OSError, safetensors' own error or torch's RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise TransferError(
+            f"cannot write the checkpoint {folder} ({reason}); free space there, or set checkpoint.enabled=false"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return weights_bytes(folder)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def weights_bytes(folder: Path) -> int:
     return sum((folder / f).stat().st_size for f in WEIGHT_FILES if (folder / f).is_file())
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when it is intact.
+
+    Every file the manifest lists must be there with its size and checksum; the weights must
+    be well framed and finite; the trainer state must load as tensors and plain values. One
+    that holds anything else raises UnsafeCheckpoint: such a file was not made by a run of
+    ours, and nothing in its folder is trusted.
+    """
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        listed = manifest["files"]
+    except FileNotFoundError:
+        listed = None  # made before checkpoints had manifests: the checks below still apply
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST}: unreadable ({first_line(e)})"
+    for name, entry in (listed or {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name}: missing"
+        if path.stat().st_size != entry.get("bytes"):
+            return f"{name}: {path.stat().st_size:,} bytes where {entry.get('bytes'):,} were written (truncated?)"
+        if _sha256(path) != entry.get("sha256"):
+            return f"{name}: its checksum differs from the one written with it (changed or damaged)"
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        problem = safetensors_problem(path)
+        if problem:
+            return f"{name}: {problem}"
+        bad = [key for key, t in load_file(path).items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            return f"{name}: {bad[0]} holds NaN or infinite values"
+    if (folder / STATE_FILE).is_file():
+        try:
+            load_trainer_state(folder)
+        except UnsafeCheckpoint:
+            raise
+        except TransferError:
+            return f"{STATE_FILE}: not a trainer state"
+    return None
 
 
 def load_weights(folder: Path, model) -> None:
@@ -153,20 +197,43 @@ def prune(run_checkpoints: Path, keep: int) -> None:
 
 
 def find_resume_point(resume, run_dir: Path) -> Path | None:
-    """The checkpoint folder `resume` points at: true = the run's own last one (None if it has none)."""
+    """The intact checkpoint folder `resume` points at: true = the run's own newest intact one (None if it has none).
+
+    A damaged checkpoint is passed over for the one before it, with a warning naming the bad
+    file; when every one is damaged, or the one named by a path is, the run is refused.
+    """
     if resume is False or resume is None:
         return None
     if resume is True:
         folders = step_folders(run_dir / "checkpoints")
-        return folders[-1] if folders else None
+        if not folders:
+            log.warning("resume: %s has no checkpoint; starting from step 0", run_dir)
+            return None
+        return _newest_intact(folders, str(run_dir / "checkpoints"))
     path = Path(str(resume)).expanduser()
     if (path / STATE_FILE).is_file():
-        return path
+        return _newest_intact([path], str(path))
     folders = step_folders(path / "checkpoints")
     if folders:
-        return folders[-1]
+        return _newest_intact(folders, str(path / "checkpoints"))
     raise TransferError(
         f"resume={resume!r}: no checkpoint there; allowed: true, a run folder with checkpoints/, or a checkpoint folder"
+    )
+
+
+def _newest_intact(folders: list[Path], where: str) -> Path:
+    problems = []
+    for folder in reversed(folders):
+        problem = damage(folder)
+        if problem is None:
+            if problems:
+                log.warning("resume: falling back to %s", folder.name)
+            return folder
+        problems.append(f"{folder.name}/{problem}")
+        log.warning("resume: checkpoint %s is damaged: %s", folder, problem)
+    raise TransferError(
+        f"resume: no intact checkpoint in {where} ({'; '.join(problems)}); "
+        "start the run again without resume, in another folder"
     )
 
 
@@ -184,10 +251,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class UnsafeCheckpoint(TransferError):
+    """A trainer state that holds more than tensors and plain values: made elsewhere, never loaded."""
+
+
 def load_trainer_state(folder: Path) -> dict:
+    """The trainer state, as tensors and plain values only: nothing in it runs when it is read."""
+    path = folder / STATE_FILE
     try:
-        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-    except Exception as e:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # a class or function to import and call: what weights_only refuses
+            raise UnsafeCheckpoint(
+                f"resume: {path} holds objects other than tensors and plain values, which a checkpoint of ours "
+                "never does; refused, since loading it could run code (resume only from checkpoints you made)"
+            ) from None
         raise TransferError(
-            f"resume: checkpoint {folder} is unreadable ({first_line(e)}); pick another with resume=PATH"
+            f"resume: {path} is unreadable (not a trainer state); pick another with resume=PATH"
         ) from None
+    except Exception as e:
+        raise TransferError(f"resume: {path} is unreadable ({first_line(e)}); pick another with resume=PATH") from None
