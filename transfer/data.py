@@ -10,16 +10,17 @@ to be predicted from; the same blocks serve before and after training.
 import bisect
 import logging
 import random
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from transfer.errors import TransferError, first_line
+from transfer.errors import TransferError, first_line, innermost
+from transfer.inputs import BUILDERS, check_data_files
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE = -100  # label of positions that are not scored
 
 
@@ -31,6 +32,7 @@ class Blocks:
     labels: torch.Tensor
     documents: int
     tokens: int  # real (non-padding) tokens
+    texts: list[str] = field(default_factory=list, repr=False)  # the documents, kept for validation only
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -55,6 +57,8 @@ def load_splits(cfg, tokenizer, block_size: int, max_eval_tokens: int | None = N
         ids, documents = first_tokens(ids, starts, max_eval_tokens if name != "train" else None)
         pad = tokenizer.eos_token_id or 0
         splits[name] = to_blocks(ids, block_size, pad, keep_partial=name != "train", documents=documents)
+        if name == "validation":
+            splits[name].texts = texts[name]
         if name == "train" and len(splits[name]) == 0:
             raise TransferError(
                 f"dataset {cfg.name!r}: the train split has {len(ids)} tokens, fewer than one block "
@@ -85,27 +89,29 @@ def _files_split(cfg, split: str, files: list[str]) -> list[str] | None:
 
 def read_files(cfg, files: list[str], where: str) -> list[str]:
     """The non-empty texts of local files, one type per call, through the `datasets` library."""
-    suffixes = set()
-    for f in files:
-        path = Path(f).expanduser()
-        if not path.is_file():
-            raise TransferError(f"{where}: no such file {f!r}")
-        if path.suffix.lower() not in BUILDERS:
-            raise TransferError(f"{where}: {f!r} has an unsupported type; allowed: {', '.join(BUILDERS)}")
-        suffixes.add(BUILDERS[path.suffix.lower()])
+    check_data_files(files, where, cfg.text_field)  # done at start-up already: cached, unless a file changed
+    suffixes = {BUILDERS[Path(f).suffix.lower()] for f in files}
     if len(suffixes) > 1:
         raise TransferError(f"{where} mixes file types {sorted(suffixes)}; use one type per split")
     builder = suffixes.pop()
     kwargs = {"sample_by": cfg.txt_sample_by.value} if builder == "text" else {}
     import datasets
 
+    quiet_progress_bars(datasets)
+
     try:
         table = datasets.load_dataset(
             builder, data_files=[str(Path(f).expanduser()) for f in files], split="train", **kwargs
         )
-    except Exception as e:
-        raise TransferError(f"{where}: cannot read {list(files)}: {first_line(e)}") from None
+    except Exception as e:  # datasets wraps the reader's error: the innermost one says what is wrong
+        raise TransferError(f"{where}: cannot read {list(files)}: {first_line(innermost(e))}") from None
     return _column(cfg, table, where)
+
+
+def quiet_progress_bars(datasets) -> None:
+    """Bars on a terminal only: in a log file their carriage returns make a flood of partial lines."""
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
 
 
 def _hub_split(cfg, split: str | None) -> list[str] | None:
@@ -117,6 +123,8 @@ def _hub_split(cfg, split: str | None) -> list[str] | None:
 def read_hub(cfg, split: str, where: str) -> list[str]:
     """The non-empty texts of one split of a hub dataset."""
     import datasets
+
+    quiet_progress_bars(datasets)
 
     try:
         table = datasets.load_dataset(cfg.path, cfg.config_name, split=split, revision=cfg.revision)
@@ -174,6 +182,12 @@ def load_reference(cfg, tokenizer, block_size: int) -> Blocks | None:
         )
     ids, documents = first_tokens(ids, starts, cfg.max_tokens)
     return to_blocks(ids, block_size, tokenizer.eos_token_id or 0, keep_partial=True, documents=documents)
+
+
+def opening_words(texts: list[str], n: int = 3, words: int = 6) -> list[str]:
+    """Prompts for samples when none are configured: the first words of the first documents long enough to go on."""
+    long_enough = [t.split() for t in texts if len(t.split()) >= 2 * words]
+    return [" ".join(w[:words]) for w in (long_enough or [t.split() for t in texts if t.split()])[:n]]
 
 
 def first_tokens(ids: list[int], starts: list[int], max_tokens: int | None) -> tuple[list[int], int]:

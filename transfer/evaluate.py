@@ -20,7 +20,7 @@ def evaluate(model, blocks: Blocks, batch_size: int, hardware, desc: str = "eval
         [f"eval_batch_size={batch_size // 2}"] if batch_size > 1 else smaller_chunks(hardware.loss_chunk_tokens, block)
     )
     with hardware.explain_out_of_memory(f"evaluating ({desc}) at eval_batch_size={batch_size}", fixes):
-        for start in tqdm(range(0, len(blocks), batch_size), desc=desc, leave=False, unit="batch"):
+        for start in tqdm(range(0, len(blocks), batch_size), desc=desc, leave=False, unit="batch", disable=None):
             ids = blocks.input_ids[start : start + batch_size].to(hardware.device)
             labels = blocks.labels[start : start + batch_size].to(hardware.device)
             with hardware.autocast():

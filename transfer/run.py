@@ -24,12 +24,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from transfer import STARTED, validate
 from transfer.checkpoint import check_same_config, find_resume_point
-from transfer.data import load_reference, load_splits
+from transfer.data import load_reference, load_splits, opening_words
 from transfer.errors import TransferError, first_line
 from transfer.evaluate import evaluate, generate_samples
 from transfer.hardware import resolve
 from transfer.models import context_length, load_model_and_tokenizer
-from transfer.record import read_record, write_record
+from transfer.record import write_record
 from transfer.strategies import apply_strategy, check_before_loading, parameter_report
 from transfer.train import train
 
@@ -37,15 +37,20 @@ log = logging.getLogger("transfer")
 EVAL_SPLITS = ("validation", "test")
 
 
-def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: list[str] = ()) -> dict:
+def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: list[str] = (),
+                   started: float = STARTED) -> dict:  # fmt: skip
+    """`started`: when this job began (the process's start for its first job, whose imports count)."""
     out_dir = Path(out_dir)
-    previous = read_record(out_dir)
+    previous = validate.read_previous(out_dir)
     if previous and previous.get("status") == "completed":
         if cfg.resume is True:
+            # the command line was compared with it at start-up where the sweep's layout allowed; again here
+            if isinstance(previous.get("config"), dict):
+                validate.refuse_differences(previous["config"], cfg, f"resume: {out_dir} ran with", "this job has")
             log.info("%s holds a completed run: skipped (resume=true)", out_dir)
             return previous
         raise TransferError(f"{out_dir} already holds a completed run; choose another output folder (hydra.run.dir)")
-    resume_from = find_resume_point(cfg.resume, out_dir)  # before anything is written
+    resume_from = find_resume_point(cfg.resume, out_dir)  # verified, before anything is written
     if resume_from is not None:
         check_same_config(resume_from, cfg)
     record = {
@@ -113,18 +118,30 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         if not quantize:  # bitsandbytes placed the 4-bit weights already
             model.to(hardware.device)
         prompts = list(cfg.dataset.prompts)
+        record["samples_from"] = "dataset.prompts"
+        if not prompts:
+            prompts = opening_words(splits["validation"].texts)
+            record["samples_from"] = "the opening words of validation documents"
+            log.info("dataset.prompts is empty: samples continue the opening words of %d validation documents",
+                     len(prompts))  # fmt: skip
         timing["data_load"] = time.perf_counter() - clock
 
-        with SummaryWriter(log_dir=str(out_dir)) as writer:
+        # A resumed run rewrites its curves from the checkpoint's step on: TensorBoard hides what
+        # the killed run logged after it (purge_step), and step 0, logged then, is not logged twice.
+        # A run started again in its folder (nothing to resume from) hides all of the earlier one's.
+        resumed_step = int(resume_from.name.split("-")[-1]) if resume_from is not None else None
+        purge_step = 0 if resumed_step is None else resumed_step + 1
+        with SummaryWriter(log_dir=str(out_dir), purge_step=purge_step) as writer:
             clock = time.perf_counter()
             record["eval"]["baseline"] = _evaluate_splits(model, splits, cfg, hardware, "baseline")
-            for name, result in record["eval"]["baseline"].items():  # step 0 of each curve
-                writer.add_scalar(f"{name}/loss", result["loss"], 0)
+            for name, result in record["eval"]["baseline"].items() if resumed_step is None else ():
+                writer.add_scalar(f"{name}/loss", result["loss"], 0)  # step 0 of each curve
                 writer.add_scalar(f"{name}/perplexity", result["perplexity"], 0)
             before = generate_samples(model, tokenizer, prompts, cfg.eval.max_new_tokens, hardware)
             timing["baseline_eval_and_samples"] = time.perf_counter() - clock
-            # from process start to the first training step, less the parts measured above: imports, config, set-up
-            timing["to_first_step"] = time.perf_counter() - STARTED
+            # from the job's start to its first training step, less the parts measured above: imports, config, set-up
+            timing["clock_from"] = "process start" if started == STARTED else "job start"
+            timing["to_first_step"] = time.perf_counter() - started
             timing["startup_overhead"] = timing["to_first_step"] - sum(
                 timing[k] for k in ("model_load", "data_load", "baseline_eval_and_samples")
             )
@@ -157,6 +174,10 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             else "",
             record["train"]["seconds"],
         )
+    except KeyboardInterrupt as e:
+        record["status"] = "interrupted"
+        record["error"] = f"interrupted ({'SIGTERM' if str(e) == 'SIGTERM' else 'Ctrl-C'}); resume it with resume=true"
+        raise
     except BaseException as e:
         record["status"] = "failed"
         record["error"] = first_line(e) if isinstance(e, TransferError) else f"{type(e).__name__}: {first_line(e)}"
@@ -164,7 +185,12 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     finally:
         record["finished_at"] = _now()
         record["wall_seconds"] = time.perf_counter() - wall_start
-        write_record(out_dir, record)
+        try:
+            write_record(out_dir, record)
+        except TransferError as e:  # a full disk
+            if record["status"] == "completed":
+                raise
+            log.error("%s", e)  # and the error that ended the run is reported after this
     return record
 
 

@@ -10,11 +10,20 @@ the lowest validation loss marks the best weights (the untrained model counts, a
 step 0), early stopping watches it, and the final evaluation uses the best or the
 last weights as `eval.weights` says. Time spent validating or checkpointing is not
 training time.
+
+Ctrl-C or SIGTERM stops the loop between two steps, where weights, optimizer, RNG and
+data position agree: it saves a checkpoint there and raises Interrupted, so that
+resume=true continues exactly. A second Ctrl-C stops at once.
 """
 
+import collections
+import contextlib
 import json
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,10 +33,12 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from transfer import checkpoint
-from transfer.errors import TransferError
+from transfer.errors import Interrupted, TransferError
 from transfer.evaluate import evaluate
+from transfer.fmt import duration
 from transfer.loss import smaller_chunks, summed_lm_loss
 from transfer.optim import build_optimizer, build_scheduler
+from transfer.validate import resumable_config
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,9 @@ class Progress:
     stop_reason: str | None = None
     resumed_from_step: int | None = None
     lr_last: float | None = None
+    # the first step of each process's stretch of training (allocation, kernel choice): kept out of the steady rate
+    warmup_seconds: float = 0.0
+    warmup_samples: int = 0
 
 
 def plan_steps(cfg, n_blocks: int) -> tuple[int, str]:
@@ -71,6 +85,48 @@ def block_stream(n_blocks: int, seed: int, start: int = 0):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         yield from torch.randperm(n_blocks, generator=g)[offset:].tolist()
         epoch, offset = epoch + 1, 0
+
+
+class StopRequests:
+    """Ctrl-C and SIGTERM, noted rather than raised, for the loop to act on between two steps."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def _note(self, signum, frame):
+        if self.signal is not None:  # asked twice: stop now
+            raise Interrupted(self.signal)
+        self.signal = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+        os.write(2, b"\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)\n")
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+            yield self
+            return
+        previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+class Pace:
+    """Training tokens per second over the last few logged steps, the first step of this process left out."""
+
+    def __init__(self, block_size: int, window: int = 6):
+        self.block_size = block_size
+        self.marks = collections.deque(maxlen=window)  # (training seconds, samples)
+
+    def mark(self, seconds: float, samples: int) -> None:
+        self.marks.append((seconds, samples))
+
+    def tokens_per_second(self, seconds: float, samples: int) -> float | None:
+        if not self.marks or seconds <= self.marks[0][0]:
+            return None
+        then, done = self.marks[0]
+        return (samples - done) * self.block_size / (seconds - then)
 
 
 def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None, resume_from: Path | None = None,
@@ -105,22 +161,32 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
             "progress": asdict(progress),
         }
         folder = checkpoints / f"step-{progress.step:06d}"
-        nbytes = checkpoint.save(
-            folder, model, cfg.checkpoint.full_model, state, config=checkpoint.resumable_config(cfg)
-        )
+        nbytes = checkpoint.save(folder, model, cfg.checkpoint.full_model, state, config=resumable_config(cfg))
         checkpoint.prune(checkpoints, cfg.checkpoint.keep)
         return nbytes
 
     model.train()
-    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True)
+    # a bar on a terminal; in a log file (nohup, a cluster) its carriage returns would flood it: lines instead
+    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+    pace = Pace(block_size)
     hardware.synchronize()
     started = time.perf_counter()
     saved_bytes = None
     out_of_memory = hardware.explain_out_of_memory(
         f"training at micro_batch_size={micro}, block_size={block_size}", memory_fixes(cfg, hardware)
     )
-    with logging_redirect_tqdm(), out_of_memory:  # log lines print above the bar, not through it
+    stop = StopRequests()
+    seconds_before = progress.seconds  # of training before this process's stretch (a resumed run's)
+    with logging_redirect_tqdm(), out_of_memory, stop.installed():  # log lines print above the bar, not through it
         for step in range(first_step, total_steps + 1):
+            if stop.signal:  # between two steps: the state on disk is the state of a step's end
+                hardware.synchronize()
+                progress.seconds += time.perf_counter() - started
+                if saving and not (checkpoints / f"step-{progress.step:06d}").is_dir():
+                    save_step_checkpoint()
+                log.info("stopped after step %d by %s; checkpoint %s", progress.step, stop.signal,
+                         "saved" if saving else "off (checkpoint.enabled=false): a resume starts over")  # fmt: skip
+                raise Interrupted(stop.signal)
             step_loss = torch.zeros((), device=hardware.device)
             for _ in range(accum):
                 idx = torch.tensor([next(stream) for _ in range(micro)])
@@ -148,20 +214,33 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
             progress.loss_last = value
             progress.interval_loss += value
             progress.interval_steps += 1
+            if step == first_step:  # this process's first step: allocations and kernel choices, not the pace
+                trained = progress.seconds + time.perf_counter() - started
+                progress.warmup_seconds += trained - seconds_before
+                progress.warmup_samples += micro * accum
+                pace.mark(trained, progress.samples)
             logging_step = step in (1, total_steps) or step % cfg.log_interval == 0
             if logging_step:
                 mean = progress.interval_loss / progress.interval_steps
                 progress.interval_loss, progress.interval_steps = 0.0, 0
                 hardware.synchronize()
-                elapsed = progress.seconds + time.perf_counter() - started
-                tokens_per_s = progress.samples * block_size / elapsed
+                trained = progress.seconds + time.perf_counter() - started
+                tokens_per_s = pace.tokens_per_second(trained, progress.samples)
+                if step != first_step:
+                    pace.mark(trained, progress.samples)
                 progress.loss_curve.append({"step": step, "loss": mean})
-                bar.set_postfix(loss=f"{mean:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                rate = f"{tokens_per_s:,.0f}" if tokens_per_s else "-"
+                bar.set_postfix(loss=f"{mean:.4g}", tok_s=rate)
+                if bar.disable:
+                    left = (total_steps - step) * micro * accum * block_size / tokens_per_s if tokens_per_s else None
+                    log.info("step %d/%d · loss %.4g · %s tok/s%s", step, total_steps, mean, rate,
+                             f" · {duration(left)} of training left" if left is not None else "")  # fmt: skip
                 if writer is not None:
                     writer.add_scalar("train/loss", mean, step)
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/grad_norm", grad_norm.item(), step)
-                    writer.add_scalar("train/tokens_per_second", tokens_per_s, step)
+                    if tokens_per_s:
+                        writer.add_scalar("train/tokens_per_second", tokens_per_s, step)
             bar.update(1)
 
             validating = validate_every and (step % validate_every == 0 or step == total_steps)
@@ -225,6 +304,12 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
         "samples": progress.samples,
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         "samples_per_second": progress.samples / seconds if seconds > 0 else None,
+        # the same, without the first step of each process (allocations, kernel choices): the steady pace
+        "tokens_per_second_after_first_step": (
+            (progress.samples - progress.warmup_samples) * block_size / (seconds - progress.warmup_seconds)
+            if progress.samples > progress.warmup_samples and seconds > progress.warmup_seconds
+            else None
+        ),
         "loss_first": progress.loss_first,
         "loss_last": progress.loss_last,
         "lr_last": progress.lr_last,
@@ -258,12 +343,17 @@ def _resume(folder: Path, model, optimizer, scheduler, scaler, best_weights):
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
-    except (KeyError, RuntimeError, ValueError, OSError) as e:
+    except (KeyError, RuntimeError, ValueError, TypeError, OSError) as e:
         raise TransferError(f"resume: checkpoint {folder} does not fit this run ({type(e).__name__}: {e})") from None
     best = folder.parent / "best"
     if progress.best_step:  # step 0 is the untrained model: best_weights holds it already
         saved_step = json.loads((best / "best.json").read_text())["step"] if (best / "best.json").is_file() else None
-        if saved_step == progress.best_step:
+        problem = checkpoint.damage(best) if saved_step == progress.best_step else None
+        if problem:
+            log.warning("best weights of step %s are damaged (%s): the final evaluation cannot use them",
+                        saved_step, problem)  # fmt: skip
+            best_weights = None
+        elif saved_step == progress.best_step:
             current = checkpoint.trainable_state(model)
             checkpoint.load_weights(best, model)
             best_weights = checkpoint.trainable_state(model)
