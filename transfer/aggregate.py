@@ -80,17 +80,24 @@ def read_jobs(sweeps: list[Path]) -> pd.DataFrame:
 
 
 def job_row(sweep: Path, job: Path) -> dict:
-    row = _job_record_row(sweep, job)
-    overrides = _overrides(job)
+    try:
+        record = read_record(job)
+    except ValueError as e:  # not JSON: the job stays in the table, marked, and the others are read
+        record = {"status": "unreadable", "error": f"metrics.json is unreadable ({str(e).splitlines()[0]})"}
+    row = _job_record_row(sweep, job, record)
+    # The overrides the job ran with, as its record keeps them: Hydra rewrites .hydra/overrides.yaml
+    # whenever a sweep is launched again over the folder, even for jobs it then skips.
+    overrides = _overrides(record.get("overrides") if record and "overrides" in record else _hydra_overrides(job))
     for key, value in overrides.items():
         row.setdefault(key, value)  # the record's typed value (seed, strategy) wins over the override's text
     row["_override_keys"] = list(overrides)
     return row
 
 
-def _job_record_row(sweep: Path, job: Path) -> dict:
+def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
     row = {"sweep": str(sweep), "job": job.name}
-    record = read_record(job)
+    if record is not None and record.get("status") == "unreadable":
+        return {**row, **record, **_choices(job, None)}
     if record is None or record.get("status") in (None, "running"):
         row.update(status="incomplete", error="no finished record (killed or still running)")
         return {**row, **_choices(job, record)}
@@ -125,10 +132,16 @@ def _job_record_row(sweep: Path, job: Path) -> dict:
     return row
 
 
-def _overrides(job: Path) -> dict:
+def _hydra_overrides(job: Path) -> list[str]:
     path = job / ".hydra" / "overrides.yaml"
-    items = yaml.safe_load(path.read_text()) if path.is_file() else []
-    pairs = (o.split("=", 1) for o in items or [] if "=" in o)
+    try:
+        return (yaml.safe_load(path.read_text()) if path.is_file() else None) or []
+    except (OSError, yaml.YAMLError):
+        return []
+
+
+def _overrides(items: list[str]) -> dict:
+    pairs = (o.split("=", 1) for o in items if isinstance(o, str) and "=" in o)
     return {k.lstrip("+~"): v for k, v in pairs if not k.lstrip("+~").startswith("hydra")}
 
 
@@ -183,13 +196,16 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
 
 
 def default_group_keys(jobs: pd.DataFrame) -> list[str]:
-    """The overrides that vary across jobs, seed excepted; strategy when nothing varies.
+    """The overrides that vary across the jobs with results, seed excepted; strategy when nothing varies.
 
     Jobs scored on different validation tokens (eval.max_tokens, set by a preset, say) are
     never averaged together: val_tokens joins the keys when it varies.
     """
+    # among the jobs with results: a failed or unreadable job's missing overrides do not make a column vary
+    done = jobs[jobs["status"].isin(RESULTS)]
+    done = jobs if done.empty else done
     keys = [
-        k for k in jobs.attrs.get("override_keys", []) if k != "seed" and jobs[k].astype(str).nunique(dropna=False) > 1
+        k for k in jobs.attrs.get("override_keys", []) if k != "seed" and done[k].astype(str).nunique(dropna=False) > 1
     ]
     if "strategy" not in keys and "strategy" in jobs.columns:
         keys = ["strategy", *keys]
