@@ -17,16 +17,20 @@ STEPS = ["max_steps=12", "eval_interval=6", "block_size=64", "micro_batch_size=4
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """tiny, two strategies x two seeds; plus a job failed by a bad override and one without a record."""
+    """tiny, two strategies x two seeds; plus a job failed in the job, one without a record, one with a damaged record."""
     root = tmp_path_factory.mktemp("agg")
     proc = run_cli(["-m", "strategy=full,lora", "seed=1,2", *STEPS, "hydra.sweep.dir=sweep"], cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = root / "sweep"
     assert (sweep / "tables" / "comparison.md").is_file(), "the end-of-sweep callback wrote no tables"
-    failed = run_cli(["strategy=full", *STEPS, "block_size=4096", f"hydra.run.dir={sweep / '4'}"], cwd=root)
-    assert failed.returncode == 1
+    # a target that only the loaded model can refuse: the job fails, and says so in its record
+    bad = ["strategy=lora", "strategy.target_modules=[qkv]", *STEPS, f"hydra.run.dir={sweep / '4'}"]
+    assert run_cli(bad, cwd=root).returncode == 1
     (sweep / "5" / ".hydra").mkdir(parents=True)
     (sweep / "5" / ".hydra" / "overrides.yaml").write_text("- strategy=lora\n- seed=3\n")
+    (sweep / "6" / ".hydra").mkdir(parents=True)
+    (sweep / "6" / ".hydra" / "overrides.yaml").write_text("- strategy=full\n- seed=4\n")
+    (sweep / "6" / "metrics.json").write_text('{"status": "completed", "eval": {')  # cut short
     return sweep
 
 
@@ -37,9 +41,9 @@ def records(sweep: Path) -> list[dict]:
 def test_table_rows_means_and_stds(sweep, capsys):
     assert main([str(sweep)]) == 0
     printed = capsys.readouterr().out
-    assert "6 jobs (4 completed, 1 failed, 1 incomplete)" in printed
+    assert "7 jobs (4 completed, 1 failed, 1 incomplete, 1 unreadable)" in printed
     table = pd.read_csv(sweep / "tables" / "comparison.csv")
-    assert list(table["status"]) == ["completed", "completed", "failed", "incomplete"]
+    assert list(table["status"]) == ["completed", "completed", "failed", "incomplete", "unreadable"]
     assert set(table["strategy"][:2]) == {"full", "lora"}
     # sorted by final validation perplexity
     assert table["val_ppl_after"][0] <= table["val_ppl_after"][1]
@@ -58,16 +62,19 @@ def test_table_rows_means_and_stds(sweep, capsys):
             assert row[column] == pytest.approx(statistics.mean(values), rel=1e-12)
             assert row[f"{column}_std"] == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-12)
     failed = table[table["status"] == "failed"].iloc[0]
-    assert "block_size=4096 exceeds the context of tiny" in failed["error"]
+    assert "'qkv' matches no linear projection" in failed["error"]
     incomplete = table[table["status"] == "incomplete"].iloc[0]
     assert incomplete["strategy"] == "lora" and int(incomplete["job"]) == 5
+    unreadable = table[table["status"] == "unreadable"].iloc[0]
+    assert unreadable["strategy"] == "full" and int(unreadable["job"]) == 6
+    assert unreadable["error"].startswith("metrics.json is unreadable (")
 
 
 def test_jobs_frame_has_override_columns_and_every_job(sweep):
     assert main([str(sweep)]) == 0
     jobs = pd.read_parquet(sweep / "tables" / "jobs.parquet")
     assert list(jobs.columns[:4]) == ["sweep", "job", "strategy", "seed"]
-    assert len(jobs) == 6 and set(jobs["status"]) == {"completed", "failed", "incomplete"}
+    assert len(jobs) == 7 and set(jobs["status"]) == {"completed", "failed", "incomplete", "unreadable"}
     assert "max_steps" in jobs.columns and "trainable_params" in jobs.columns and "ref_ppl_before" in jobs.columns
     assert pd.read_csv(sweep / "tables" / "jobs.csv").shape == jobs.shape
 
@@ -76,7 +83,7 @@ def test_every_output_exists_and_parses(sweep):
     assert main([str(sweep)]) == 0
     out = sweep / "tables"
     md = (out / "comparison.md").read_text()
-    assert md.startswith("| strategy") and md.count("\n") == 6  # header, rule, 4 rows
+    assert md.startswith("| strategy   |   seeds |") and md.count("\n") == 7  # header, rule, 5 rows
     assert "±" in md and "829,568" in md  # mean ± std; thousands separators
     assert "\\begin{tabular}" in (out / "comparison.tex").read_text()
     assert "<table" in (out / "comparison.html").read_text()
@@ -120,13 +127,13 @@ def test_newest_sweep_by_default(sweep, tmp_path, monkeypatch, capsys):
     (root / "2026-01-02" / "00-00-00").symlink_to(sweep)
     monkeypatch.chdir(tmp_path)
     assert main([]) == 0  # the newest: 2026-01-02
-    assert "6 jobs" in capsys.readouterr().out
+    assert "7 jobs" in capsys.readouterr().out
 
 
 def test_sweeps_that_vary_different_overrides_share_one_table(sweep, two_job_sweep, tmp_path, capsys):
     """strategy and seed vary in one sweep, optimizer.lr in the other: each row lacks the other's keys."""
     assert main([str(sweep), str(two_job_sweep), "--out", str(tmp_path)]) == 0
-    assert "8 jobs (6 completed, 1 failed, 1 incomplete) from 2 sweep(s)" in capsys.readouterr().out
+    assert "9 jobs (6 completed, 1 failed, 1 incomplete, 1 unreadable) from 2 sweep(s)" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "comparison.csv")
     completed = table[table["status"] == "completed"]
     assert sorted(completed["optimizer.lr"].dropna()) == [1e-4, 1e-3]
@@ -160,7 +167,7 @@ def test_notebook_runs_headless(sweep, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
-    assert any("6 jobs" in o.get("text", "") and "'completed': 4" in o.get("text", "") for o in outputs)
+    assert any("7 jobs" in o.get("text", "") and "'completed': 4" in o.get("text", "") for o in outputs)
 
 
 def test_scale_benchmark_runs(tmp_path):

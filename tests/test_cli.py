@@ -85,6 +85,11 @@ def test_two_job_sweep(two_job_sweep):
     assert records[0]["params"] == records[1]["params"]
     # same seed, same data, same baseline: only the learning rate differs
     assert records[0]["eval"]["baseline"] == records[1]["eval"]["baseline"]
+    # each job's start-up clock starts in the job: the second's does not count the first's training
+    first, second = records[0]["timing"], records[1]["timing"]
+    assert first["clock_from"] == "process start" and second["clock_from"] == "job start"
+    assert 0 < second["startup_overhead"] < first["startup_overhead"]
+    assert second["to_first_step"] < records[0]["wall_seconds"]
 
 
 def test_seeded_runs_repeat_exactly(short_run, tmp_path):
@@ -117,46 +122,6 @@ def test_bad_overrides_fail_fast_before_any_work(tmp_path, args, message):
     assert elapsed < 30  # generous bound on a loaded CI machine; the figure is measured in the docs, not here
 
 
-def _write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
-
-
-@pytest.mark.parametrize(
-    "case,message",
-    [
-        ("missing_file", "dataset.train_files: no such file '/nonexistent/train.jsonl'"),
-        ("empty_split", "the validation split is empty"),
-        ("block_too_big", "block_size=4096 exceeds the context of tiny (1024 tokens); allowed: 1..1024"),
-        ("not_a_dir", "model.name_or_path='/nonexistent/model' is not a directory"),
-        ("hub_offline", "model.name_or_path='Qwen/Qwen2-0.5B' is neither a local directory nor a model on the hub"),
-        ("wrong_field", "no field dataset.text_field='body'; allowed: text"),
-    ],
-)
-def test_bad_input_in_the_job_is_one_line_and_recorded(tmp_path, case, message):
-    train = _write_jsonl(
-        tmp_path / "train.jsonl", [f"Sentence number {i} about borrowing in Rust." for i in range(200)]
-    )
-    empty = _write_jsonl(tmp_path / "empty.jsonl", ["", "   "])
-    files = ["dataset=text_files", f"dataset.train_files=[{train}]"]
-    args = {
-        "missing_file": ["dataset=text_files", "dataset.train_files=[/nonexistent/train.jsonl]"],
-        "empty_split": [*files, f"dataset.validation_files=[{empty}]"],
-        "block_too_big": ["block_size=4096"],
-        "not_a_dir": ["model.name_or_path=/nonexistent/model"],
-        "hub_offline": ["model=qwen2_0_5b"],
-        "wrong_field": [*files, "dataset.text_field=body"],
-    }[case]
-    proc = run_cli([*args, "hydra.run.dir=run"], cwd=tmp_path)
-    assert proc.returncode == 1
-    errors = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and message in errors[0], proc.stdout[-2000:] + proc.stderr[-2000:]
-    record = record_of(tmp_path / "run")
-    assert record["status"] == "failed" and message in record["error"]
-    if case == "hub_offline":
-        assert "offline" in record["error"]
-
-
 def test_a_completed_run_is_never_overwritten(short_run, tmp_path):
     run = copy_run(short_run, tmp_path / "run")
     files = sorted(p for p in run.rglob("*") if p.is_file())
@@ -178,3 +143,37 @@ def test_resume_true_without_the_run_folder_is_refused(tmp_path):
     proc = run_cli(["resume=true"], cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: resume=true but outputs/") and "hydra.run.dir=<the run folder>" in proc.stderr
+
+
+def test_a_built_wheel_runs_outside_the_source_tree(tmp_path):
+    """`pip install .` (not editable) must find the configs and the corpus inside the installed package."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(repo / name, source / name)
+    shutil.copytree(repo / "transfer", source / "transfer", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "-q"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("transfer-*.whl")
+    installed = subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel],
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site"), "HF_HUB_OFFLINE": "1"}
+    where = subprocess.run([sys.executable, "-c", "import transfer; print(transfer.__file__)"], cwd=elsewhere,
+                           env=env, capture_output=True, text=True)  # fmt: skip
+    assert where.stdout.strip() == str(tmp_path / "site" / "transfer" / "__init__.py")
+    proc = subprocess.run([sys.executable, "-m", "transfer", "dry_run=true", "hydra.run.dir=run"], cwd=elsewhere,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((elsewhere / "run" / "metrics.json").read_text())
+    assert record["status"] == "dry_run"
+    assert record["config"]["dataset"]["train_files"][0].startswith(str(tmp_path / "site" / "transfer" / "corpora"))

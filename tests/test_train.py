@@ -25,6 +25,18 @@ def test_plan_steps_takes_the_first_bound_reached():
     assert plan_steps(cfg, n_blocks=80) == (15, "max_steps")
 
 
+def test_the_pace_leaves_out_the_first_step_and_looks_at_the_last_few():
+    from transfer.train import Pace
+
+    pace = Pace(block_size=100, window=3)
+    assert pace.tokens_per_second(5.0, 8) is None  # nothing to measure from yet
+    pace.mark(5.0, 8)  # the end of a slow first step: 5 s for 8 samples
+    assert pace.tokens_per_second(6.0, 16) == pytest.approx(8 * 100 / 1.0)  # 800 tok/s, not 1,600 / 6
+    for t, n in ((6.0, 16), (7.0, 24), (8.0, 32)):
+        pace.mark(t, n)
+    assert pace.tokens_per_second(8.5, 40) == pytest.approx(24 * 100 / 2.5)  # from the oldest of the last 3 marks
+
+
 def test_each_epoch_is_one_pass_in_a_seeded_order():
     stream = block_stream(10, seed=3)
     first, second = [next(stream) for _ in range(10)], [next(stream) for _ in range(10)]
