@@ -18,8 +18,8 @@ from datetime import date
 import torch
 from trainer_vs_hf import SHAPES, model_config
 
-from transfer.data import Blocks
-from transfer.evaluate import evaluate
+from transfer.data.blocks import to_blocks
+from transfer.evaluation.perplexity import perplexity
 from transfer.hardware import resolve
 from transfer.models import build_model
 from transfer.validate import compose_config
@@ -28,12 +28,12 @@ LOSS_RTOL = 1e-4
 
 
 @torch.no_grad()
-def plain_loop(model, blocks: Blocks, batch_size: int, hardware) -> float:
+def plain_loop(model, blocks: torch.Tensor, batch_size: int, hardware) -> float:
     """What a researcher writes without us: mean of the model's own loss per batch."""
     model.eval()
     losses = []
     for start in range(0, len(blocks), batch_size):
-        ids = blocks.input_ids[start : start + batch_size].to(hardware.device)
+        ids = blocks[start : start + batch_size].to(hardware.device)
         with hardware.autocast():
             losses.append(model(input_ids=ids, labels=ids).loss.item())
     return sum(losses) / len(losses)
@@ -52,7 +52,7 @@ def main() -> None:
                                        *args.overrides]).hardware)  # fmt: skip
     model = build_model(model_config(shape), seed=0).to(hardware.device)
     ids = torch.randint(0, shape["vocab"], (args.blocks, shape["seq"]), generator=torch.Generator().manual_seed(0))
-    blocks = Blocks(ids, ids.clone(), documents=args.blocks, tokens=ids.numel())
+    blocks = to_blocks(ids.flatten().tolist(), shape["seq"], keep_partial=True)
     batch = shape["micro"] * 2
     tokens = args.blocks * (shape["seq"] - 1)  # scored tokens: every position but the first of a block
 
@@ -64,8 +64,8 @@ def main() -> None:
         return tokens / (time.perf_counter() - started), loss
 
     runs = {
-        "ours": lambda: evaluate(model, blocks, batch, hardware)["loss"],
-        "plain": lambda: plain_loop(model, blocks, batch, hardware),
+        "ours": lambda: perplexity(model, blocks, batch, hardware, pad_id=0)["loss"],
+        "plain": lambda: plain_loop(model, ids, batch, hardware),
     }
     timed(runs["ours"])  # warm-up: first calls allocate and pick kernels
     results = {name: [] for name in runs}

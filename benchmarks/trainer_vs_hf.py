@@ -86,11 +86,12 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str]) 
     """One measurement, in its own process."""
     import torch
 
-    from transfer.data import Blocks
+    from transfer.data.blocks import to_blocks
     from transfer.hardware import resolve
-    from transfer.models import build_model
+    from transfer.models import build_model, byte_tokenizer
+    from transfer.objectives import build_objective
     from transfer.strategies import apply_strategy, parameter_report
-    from transfer.train import block_stream, train
+    from transfer.train import train
     from transfer.validate import compose_config
 
     shape = SHAPES[shape_name]
@@ -101,13 +102,14 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str]) 
     model.to(hardware.device)
     n_blocks = shape["steps"] * shape["micro"]
     ids = torch.randint(0, shape["vocab"], (n_blocks, shape["seq"]), generator=torch.Generator().manual_seed(0))
-    blocks = Blocks(ids, ids.clone(), documents=n_blocks, tokens=ids.numel())
-    stream = block_stream(n_blocks, cfg.seed)
-    order = [next(stream) for _ in range(n_blocks)]  # the order our trainer draws them in
+    blocks = to_blocks(ids.flatten().tolist(), shape["seq"], keep_partial=False)
+    objective = build_objective(cfg, byte_tokenizer())  # the language-modelling loss; its data is made here
+    stream = objective.stream(blocks, cfg.seed, 0, shape["micro"])
+    order = [stream.next() for _ in range(n_blocks)]  # the order our trainer draws them in
     hardware.reset_peak_memory()
     clock = StepClock(hardware)
     if impl == "ours":
-        train(model, {"train": blocks}, cfg, hardware, writer=clock)
+        train(model, objective, {"train": blocks}, cfg, hardware, writer=clock)
     else:
         hf_train(model, blocks, order, cfg, shape, clock)
     warm, last = shape["warmup"], shape["steps"]
@@ -138,7 +140,7 @@ def hf_train(model, blocks, order, cfg, shape, clock) -> None:
             return len(order)
 
         def __getitem__(self, i):
-            ids = blocks.input_ids[order[i]]
+            ids = blocks.get(order[i])[0]
             return {"input_ids": ids, "labels": ids}
 
     class SameOrderTrainer(Trainer):

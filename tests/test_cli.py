@@ -46,6 +46,7 @@ def test_single_run_writes_a_sane_record(fast_run):
     assert record["choices"] == {
         "model": "tiny",
         "strategy": "full",
+        "objective": "lm",
         "dataset": "rust_concepts",
         "hardware": "auto",
         "optimizer": "adamw",

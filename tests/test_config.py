@@ -16,6 +16,11 @@ REQUIRED = {
     ("model", "local"): ["model.name_or_path=some-org/some-model"],  # a hub name: not looked up until a job runs
     ("dataset", "text_files"): [f"dataset.train_files=[{CORPUS / 'train.jsonl'}]"],
     ("dataset", "hub"): ["dataset.path=Salesforce/wikitext"],
+    # instruction tuning needs examples, which the default Rust prose is not
+    ("objective", "sft"): [
+        "dataset=text_files",
+        f"dataset.train_files=[{Path(__file__).parent / 'data' / 'instructions.jsonl'}]",
+    ],
 }
 EXPECTED_TYPES = {
     ("dataset", "text_files"): schema.TextFilesDataset,
@@ -54,6 +59,7 @@ def test_defaults():
     assert {g: cfg[g].name for g in schema.GROUPS} == {
         "model": "tiny",
         "strategy": "full",
+        "objective": "lm",
         "dataset": "rust_concepts",
         "hardware": "auto",
         "optimizer": "adamw",

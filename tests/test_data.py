@@ -7,30 +7,45 @@ import torch
 from omegaconf import OmegaConf
 
 from transfer import schema
-from transfer.data import IGNORE, first_tokens, load_splits, load_texts, to_blocks, tokenize
+from transfer.data.blocks import first_tokens, to_blocks, tokenize
+from transfer.data.sequences import IGNORE, evaluation_batches
+from transfer.data.sources import load_texts
 from transfer.errors import TransferError
 from transfer.models import byte_tokenizer
+from transfer.objectives import build_objective
 from transfer.validate import compose_config
+
+EOS = byte_tokenizer().eos_token_id
 
 
 def files_cfg(**kwargs):
     return OmegaConf.merge(OmegaConf.structured(schema.TextFilesDataset), {"name": "t", **kwargs})
 
 
+def lm_splits(overrides: list[str], max_eval_tokens: int | None = None, dataset=None) -> dict:
+    """The splits the lm objective makes of a composed config (its dataset, or the one given)."""
+    cfg = compose_config(overrides)
+    if dataset is not None:
+        cfg.dataset = dataset
+    return build_objective(cfg, byte_tokenizer()).prepare(max_eval_tokens)
+
+
 def test_blocks_keep_every_token_for_evaluation_and_whole_blocks_for_training():
     ids = list(range(10))
-    train = to_blocks(ids, 4, pad_id=99, keep_partial=False)
-    assert train.input_ids.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert train.tokens == 8
-    ev = to_blocks(ids, 4, pad_id=99, keep_partial=True)
-    assert ev.input_ids.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 99, 99]]
-    assert ev.labels[-1].tolist() == [8, 9, IGNORE, IGNORE]
-    assert ev.tokens == 10
+    train = to_blocks(ids, 4, keep_partial=False)
+    assert [train.get(i)[0].tolist() for i in range(len(train))] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert train.tokens == 8 and train.scored() == 2 * 3  # a block's first token is predicted from nothing
+    ev = to_blocks(ids, 4, keep_partial=True)
+    assert ev.lengths().tolist() == [4, 4, 2] and ev.tokens == 10
+    (batch,) = evaluation_batches(ev, 3, pad_id=99)  # the short last block is padded, its padding unscored
+    assert batch.input_ids.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 99, 99]]
+    assert batch.labels[-1].tolist() == [8, 9, IGNORE, IGNORE]
+    assert batch.normaliser == 3 + 3 + 1 and batch.tokens == 10
 
 
 def test_tokenize_ends_every_document_with_end_of_text():
     tok = byte_tokenizer()
-    ids, _ = tokenize(["ab", "c"], tok)
+    ids, _ = tokenize(["ab", "c"], tok, EOS)
     assert ids == [tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b"), tok.eos_token_id,
                    tok.convert_tokens_to_ids("c"), tok.eos_token_id]  # fmt: skip
 
@@ -82,7 +97,7 @@ def test_a_train_split_shorter_than_a_block_is_refused(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"text": "tiny"}) + "\n" for _ in range(30)))
     with pytest.raises(TransferError, match="fewer than one block"):
-        load_splits(files_cfg(train_files=[str(path)], holdout_fraction=0.1), byte_tokenizer(), 512)
+        lm_splits(["block_size=512"], dataset=files_cfg(train_files=[str(path)], holdout_fraction=0.1))
 
 
 def test_unsupported_file_type(tmp_path):
@@ -94,25 +109,22 @@ def test_unsupported_file_type(tmp_path):
 
 def test_same_evaluation_blocks_every_time():
     cfg = compose_config(["block_size=64"])
-    a = load_splits(cfg.dataset, byte_tokenizer(), 64)
-    b = load_splits(cfg.dataset, byte_tokenizer(), 64)
+    a, b = lm_splits(["block_size=64"]), lm_splits(["block_size=64"])
     for split in ("validation", "test"):
-        assert torch.equal(a[split].input_ids, b[split].input_ids)
+        assert torch.equal(a[split].ids, b[split].ids) and torch.equal(a[split].starts, b[split].starts)
         assert a[split].tokens == sum(len(t.encode()) + 1 for t in load_texts(cfg.dataset)[split])
 
 
 def test_eval_max_tokens_keeps_the_first_tokens_of_validation_and_test():
     cfg = compose_config(["block_size=64"])
-    whole = load_splits(cfg.dataset, byte_tokenizer(), 64)
-    capped = load_splits(cfg.dataset, byte_tokenizer(), 64, max_eval_tokens=1000)
-    assert torch.equal(capped["train"].input_ids, whole["train"].input_ids)  # training text is never cut
+    whole = lm_splits(["block_size=64"])
+    capped = lm_splits(["block_size=64"], max_eval_tokens=1000)
+    assert torch.equal(capped["train"].ids, whole["train"].ids)  # training text is never cut
     texts = load_texts(cfg.dataset)
     for split in ("validation", "test"):
         blocks = capped[split]
-        assert blocks.tokens == 1000 and len(blocks) == 16  # 15 whole blocks and 40 tokens
-        assert torch.equal(blocks.input_ids[:15], whole[split].input_ids[:15])
-        assert torch.equal(blocks.input_ids[15, :40], whole[split].input_ids[15, :40])
-        assert (blocks.labels[15, 40:] == IGNORE).all()
+        assert blocks.tokens == 1000 and blocks.lengths().tolist() == [64] * 15 + [40]  # 15 whole blocks and 40 tokens
+        assert torch.equal(blocks.ids, whole[split].ids[:1000])
         starts, position = [], 0  # where each document begins (bytes + end-of-text)
         for text in texts[split]:
             starts.append(position)
@@ -121,7 +133,7 @@ def test_eval_max_tokens_keeps_the_first_tokens_of_validation_and_test():
 
 
 def test_a_cut_split_counts_the_documents_it_touches():
-    ids, starts = tokenize(["abc<|endoftext|>def", "ghi"], byte_tokenizer())  # end-of-text inside a text
+    ids, starts = tokenize(["abc<|endoftext|>def", "ghi"], byte_tokenizer(), EOS)  # end-of-text inside a text
     assert starts == [0, 8] and len(ids) == 12
     assert first_tokens(ids, starts, 8) == (ids[:8], 1)
     assert first_tokens(ids, starts, 9) == (ids[:9], 2)

@@ -13,11 +13,10 @@ import pytest
 import torch
 from conftest import FAST, SHORT, SWEEP, copy_run, run_cli, run_ok
 
-from transfer.data import load_splits
 from transfer.errors import TransferError
-from transfer.evaluate import evaluate
 from transfer.hardware import resolve
 from transfer.models import load_model_and_tokenizer
+from transfer.objectives import build_objective
 from transfer.validate import compose_config
 
 CORPUS = Path(__file__).resolve().parent.parent / "transfer" / "corpora" / "rust_concepts"
@@ -69,7 +68,8 @@ def test_early_stopping_restores_the_best_weights(early_stopped):
 
 
 def test_samples_without_prompts_continue_the_opening_words_of_validation_documents(early_stopped, tmp_path):
-    from transfer.data import load_texts, opening_words
+    from transfer.data.sources import load_texts
+    from transfer.objectives.lm import opening_words
 
     r = early_stopped["best"]
     assert r["samples_from"] == "the opening words of validation documents"
@@ -99,7 +99,7 @@ def test_record_has_reference_samples_memory_and_tensorboard(fast_run):
         assert math.isfinite(ref["perplexity"])
         assert ref["tokens"] == 4096 - 4096 // 64  # the first token of each block is unscored
     for split in ("validation", "test"):  # eval.max_tokens=4096
-        assert r["data"][split]["tokens"] == 4096 and r["data"][split]["blocks"] == 64
+        assert r["data"][split]["tokens"] == 4096 and r["data"][split]["sequences"] == 64
         assert r["eval"]["baseline"][split]["tokens"] == r["eval"]["final"][split]["tokens"] == 4096 - 64
     assert r["eval"]["change_pct"]["reference"] == pytest.approx(
         100 * (r["eval"]["final"]["reference"]["perplexity"] / r["eval"]["baseline"]["reference"]["perplexity"] - 1)
@@ -225,8 +225,9 @@ def test_peft_checkpoint_loads_with_peft_and_scores_the_same(lora_run):
     cfg = compose_config(LORA)
     base, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
     model = PeftModel.from_pretrained(base, best)
-    splits = load_splits(cfg.dataset, tokenizer, cfg.block_size, cfg.eval.max_tokens)
-    result = evaluate(model, splits["validation"], cfg.eval_batch_size, resolve(cfg.hardware))
+    objective = build_objective(cfg, tokenizer)
+    splits = objective.prepare(cfg.eval.max_tokens)
+    result = objective.evaluate(model, splits["validation"], cfg.eval_batch_size, resolve(cfg.hardware), "check")
     assert result["loss"] == pytest.approx(r["eval"]["final"]["validation"]["loss"], rel=1e-6)
 
 
@@ -282,10 +283,11 @@ def test_real_model_learns_rust_and_forgetting_is_measured(shared, tmp_path):
 def test_evaluation_is_deterministic_under_no_grad():
     cfg = compose_config(["block_size=64"])
     model, tokenizer = load_model_and_tokenizer(cfg.model, 64)
-    splits = load_splits(cfg.dataset, tokenizer, 64)
+    objective = build_objective(cfg, tokenizer)
+    splits = objective.prepare(None)
     model.train()
-    a = evaluate(model, splits["test"], 8, resolve(cfg.hardware))
-    b = evaluate(model, splits["test"], 32, resolve(cfg.hardware))
+    a = objective.evaluate(model, splits["test"], 8, resolve(cfg.hardware), "a")
+    b = objective.evaluate(model, splits["test"], 32, resolve(cfg.hardware), "b")
     assert model.training, "evaluation must hand the model back in the mode it found it"
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     assert all(p.grad is None for p in model.parameters())

@@ -232,7 +232,7 @@ CONFIG_CASES = [
          make=_text_files(_write("broken.jsonl", b'{"text": "fine"}\n{"text": "cut\n{"text": "fine"}\n'))),
     Case("a JSON line that is not an object", [], "line 2 is a JSON list, not an object",
          make=_text_files(_write("lists.jsonl", b'{"text": "a"}\n["a", "b"]\n'))),
-    Case("a JSON array of strings", [], "holds a JSON str where an object with a 'text' field belongs",
+    Case("a JSON array of strings", [], "holds a JSON str where an object with fields belongs",
          make=_text_files(_write("strings.json", b'["a", "b"]'))),
     Case("no such text field", ["dataset.text_field=body"], "has no field 'body'; allowed: text",
          make=lambda f, fx: ["dataset=text_files", f"dataset.train_files=[{_good(f)}]"]),

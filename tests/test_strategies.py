@@ -9,10 +9,10 @@ import torch
 from conftest import run_cli, run_ok
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
-from transfer.data import load_splits
 from transfer.errors import TransferError
 from transfer.hardware import resolve
 from transfer.models import load_model_and_tokenizer
+from transfer.objectives import build_objective
 from transfer.strategies import apply_strategy, check_before_loading, model_parts, parameter_report
 from transfer.train import train
 from transfer.validate import compose_config
@@ -273,8 +273,8 @@ def test_only_declared_parameters_change(shared, model_dir, strategy):
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
     model, declared = apply_strategy(model, cfg.strategy, seed=cfg.seed)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    splits = load_splits(cfg.dataset, tokenizer, cfg.block_size)
-    result = train(model, splits, cfg, resolve(cfg.hardware))
+    objective = build_objective(cfg, tokenizer)
+    result = train(model, objective, objective.prepare(None), cfg, resolve(cfg.hardware))
     assert result["steps"] == 4
     declared = set(declared)
     assert declared, "a strategy that trains nothing"

@@ -6,44 +6,62 @@ import pytest
 import torch
 from conftest import loss_and_grads
 
-from transfer.data import to_blocks
-from transfer.evaluate import evaluate
+from transfer.data.blocks import to_blocks
+from transfer.data.sequences import ExampleStream
+from transfer.evaluation.perplexity import perplexity
 from transfer.hardware import resolve
 from transfer.loss import _HEAD_IS_LAST
 from transfer.models import load_model_and_tokenizer
+from transfer.objectives import build_objective
 from transfer.optim import build_optimizer, build_scheduler
-from transfer.train import block_stream, plan_steps
+from transfer.train import plan_steps
 from transfer.validate import compose_config
 
 
 def test_plan_steps_takes_the_first_bound_reached():
-    cfg = compose_config(["max_steps=100", "epochs=null", "micro_batch_size=4", "grad_accum_steps=2"])
-    assert plan_steps(cfg, n_blocks=80) == (100, "max_steps")
-    cfg = compose_config(["max_steps=null", "epochs=2", "micro_batch_size=4", "grad_accum_steps=2"])
-    assert plan_steps(cfg, n_blocks=80) == (20, "epochs")
-    cfg = compose_config(["max_steps=15", "epochs=2", "micro_batch_size=4", "grad_accum_steps=2"])
-    assert plan_steps(cfg, n_blocks=80) == (15, "max_steps")
+    per_epoch = 80 / (4 * 2)  # 80 examples, 4 x 2 a step
+    cfg = compose_config(["max_steps=100", "epochs=null"])
+    assert plan_steps(cfg, per_epoch) == (100, "max_steps")
+    cfg = compose_config(["max_steps=null", "epochs=2"])
+    assert plan_steps(cfg, per_epoch) == (20, "epochs")
+    cfg = compose_config(["max_steps=15", "epochs=2"])
+    assert plan_steps(cfg, per_epoch) == (15, "max_steps")
+    assert plan_steps(compose_config(["max_steps=null", "epochs=0.5"]), 9.5) == (5, "epochs")  # a part step counts
 
 
 def test_the_pace_leaves_out_the_first_step_and_looks_at_the_last_few():
     from transfer.train import Pace
 
-    pace = Pace(block_size=100, window=3)
-    assert pace.tokens_per_second(5.0, 8) is None  # nothing to measure from yet
-    pace.mark(5.0, 8)  # the end of a slow first step: 5 s for 8 samples
-    assert pace.tokens_per_second(6.0, 16) == pytest.approx(8 * 100 / 1.0)  # 800 tok/s, not 1,600 / 6
-    for t, n in ((6.0, 16), (7.0, 24), (8.0, 32)):
-        pace.mark(t, n)
-    assert pace.tokens_per_second(8.5, 40) == pytest.approx(24 * 100 / 2.5)  # from the oldest of the last 3 marks
+    pace = Pace(window=3)
+    assert pace.tokens_per_second(5.0, 800) is None  # nothing to measure from yet
+    pace.mark(5.0, 800, 1)  # the end of a slow first step: 5 s for 800 tokens
+    assert pace.tokens_per_second(6.0, 1600) == pytest.approx(800 / 1.0)  # 800 tok/s, not 1,600 / 6
+    for t, n, step in ((6.0, 1600, 2), (7.0, 2400, 3), (8.0, 3200, 4)):
+        pace.mark(t, n, step)
+    assert pace.tokens_per_second(8.5, 4000) == pytest.approx(2400 / 2.5)  # from the oldest of the last 3 marks
+    assert pace.seconds_left(8.0, 4, last_step=10) == pytest.approx(6 * 2.0 / 2)  # 1 s a step lately, 6 to go
 
 
-def test_each_epoch_is_one_pass_in_a_seeded_order():
-    stream = block_stream(10, seed=3)
-    first, second = [next(stream) for _ in range(10)], [next(stream) for _ in range(10)]
+def test_each_epoch_is_one_pass_in_a_seeded_order_that_restarts_anywhere():
+    stream = ExampleStream(torch.ones(10), seed=3)
+    first, second = [stream.next() for _ in range(10)], [stream.next() for _ in range(10)]
     assert sorted(first) == sorted(second) == list(range(10))
     assert first != second
-    again = block_stream(10, seed=3)
-    assert [next(again) for _ in range(20)] == first + second
+    assert [ExampleStream(torch.ones(10), seed=3, start=7).next() for _ in range(1)] == [first[7]]
+    again = ExampleStream(torch.ones(10), seed=3, start=13)
+    assert [again.next() for _ in range(7)] == second[3:]
+
+
+def test_length_grouping_keeps_each_epoch_a_permutation_and_batches_alike():
+    lengths = torch.randint(1, 200, (256,), generator=torch.Generator().manual_seed(0))
+    stream = ExampleStream(lengths, seed=1, group=32)
+    order = [stream.next() for _ in range(256)]
+    assert sorted(order) == list(range(256))
+    runs = [lengths[order[i : i + 32]] for i in range(0, 256, 32)]
+    assert all(run.tolist() == sorted(run.tolist(), reverse=True) for run in runs)  # longest first within a run
+    ungrouped = ExampleStream(lengths, seed=1)
+    plain = [ungrouped.next() for _ in range(256)]
+    assert sorted(plain[:32]) == sorted(order[:32])  # the same examples, reordered within the run
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
@@ -85,9 +103,9 @@ def test_perplexity_is_token_weighted_over_the_whole_split():
     cfg = compose_config([])
     model, _ = load_model_and_tokenizer(cfg.model, 16)
     ids = list(torch.randint(0, 257, (50,), generator=torch.Generator().manual_seed(0)).tolist())
-    blocks = to_blocks(ids, 16, pad_id=0, keep_partial=True)  # 3 full blocks + 2 tokens
+    blocks = to_blocks(ids, 16, keep_partial=True)  # 3 full blocks + 2 tokens
     hw = resolve(cfg.hardware)
-    got = evaluate(model, blocks, batch_size=2, hardware=hw)
+    got = perplexity(model, blocks, 2, hw, pad_id=0)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, 50, 16):
@@ -99,7 +117,7 @@ def test_perplexity_is_token_weighted_over_the_whole_split():
     assert got["tokens"] == count == 15 * 3 + 1
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
-    assert evaluate(model, blocks, batch_size=4, hardware=hw)["loss"] == pytest.approx(got["loss"], rel=1e-6)
+    assert perplexity(model, blocks, 4, hw, pad_id=0)["loss"] == pytest.approx(got["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -229,9 +247,9 @@ def test_fused_head_gradient_does_not_overflow_in_fp16():
 
 
 def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
-    import transfer.evaluate
+    import transfer.evaluation.perplexity
+    import transfer.objectives.base
     import transfer.train
-    from transfer.data import load_splits
     from transfer.errors import TransferError
     from transfer.train import train
 
@@ -244,11 +262,12 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
         ["micro_batch_size=8", "grad_accum_steps=2", "block_size=64", "max_steps=2", "eval_interval=0"]
     )
     model, tokenizer = load_model_and_tokenizer(cfg.model, 64)
-    splits = load_splits(cfg.dataset, tokenizer, 64, max_eval_tokens=2048)
+    objective = build_objective(cfg, tokenizer)
+    splits = objective.prepare(2048)
     hw = resolve(cfg.hardware)
-    monkeypatch.setattr(transfer.train, "summed_lm_loss", no_memory)
+    monkeypatch.setattr(transfer.objectives.base, "summed_lm_loss", no_memory)
     with pytest.raises(TransferError) as e:
-        train(model, splits, cfg, hw)
+        train(model, objective, splits, cfg, hw)
     assert str(e.value) == (
         "out of memory on cpu training at micro_batch_size=8, block_size=64 (Tried to allocate 2.25 GiB); "
         "to fit: micro_batch_size=4 grad_accum_steps=4 (the same batch per step), "
@@ -257,16 +276,16 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
     big = compose_config(["micro_batch_size=16", "block_size=1024"])  # 16,384 tokens in chunks of 4,096
     assert transfer.train.memory_fixes(big, hw)[1] == "hardware.loss_chunk_tokens=1024"
     assert e.value.__context__ is None or e.value.__suppress_context__  # reported alone, not as a chain
-    monkeypatch.setattr(transfer.evaluate, "summed_lm_loss", no_memory)
+    monkeypatch.setattr(transfer.evaluation.perplexity, "summed_lm_loss", no_memory)
     with pytest.raises(TransferError) as e:
-        evaluate(model, splits["validation"], 16, hw, desc="baseline validation")
+        objective.evaluate(model, splits["validation"], 16, hw, "baseline validation")
     assert str(e.value) == (
         "out of memory on cpu evaluating (baseline validation) at eval_batch_size=16 (Tried to allocate 2.25 GiB); "
         "to fit: eval_batch_size=8, hardware.precision=bf16"
     )
     # at eval_batch_size=1 only smaller chunks are left, where the chunks are not small already
     with pytest.raises(TransferError) as e:
-        evaluate(model, splits["validation"], 1, hw, desc="validate")
+        objective.evaluate(model, splits["validation"], 1, hw, "validate")
     assert str(e.value).endswith("at eval_batch_size=1 (Tried to allocate 2.25 GiB); to fit: hardware.precision=bf16")
     hw.loss_chunk_tokens = 512
     assert "loss_chunk_tokens" not in " ".join(transfer.train.memory_fixes(big, hw))

@@ -33,19 +33,24 @@ _scanned: dict[tuple, None] = {}
 
 
 # ---------------------------------------------------------------- data files
-def check_data_files(files, where: str, text_field: str) -> None:
-    """Each file exists, is readable, of a supported type, and holds text in `text_field`."""
+def check_data_files(files, where: str, needs: list[tuple[str, ...]], hint: str | None = None) -> None:
+    """Each file exists, is readable, of a supported type, and has the fields of one of `needs`.
+
+    `needs` lists alternatives, each the fields a row must have: [("text",)] for text (which must
+    then hold some), [("prompt", "completion"), ("messages",)] for examples of either format.
+    `hint` (how to make a missing file) follows the error for a missing file.
+    """
     for f in files:
         path = Path(f).expanduser()
         if not path.exists():
-            raise TransferError(f"{where}: no such file {f!r}")
+            raise TransferError(f"{where}: no such file {f!r}" + (f"; {hint}" if hint else ""))
         if not path.is_file():
             raise TransferError(f"{where}: {f!r} is not a file")
         suffix = path.suffix.lower()
         if suffix not in BUILDERS:
             raise TransferError(f"{where}: {f!r} has an unsupported type; allowed: {', '.join(BUILDERS)}")
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, text_field)
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, tuple(needs))
         if key in _scanned:
             continue
         try:
@@ -57,11 +62,11 @@ def check_data_files(files, where: str, text_field: str) -> None:
             raise TransferError(f"{where}: {f!r} is {'empty' if not head else 'only whitespace'}; it holds no text")
         complete = stat.st_size <= SCAN_BYTES
         if suffix == ".parquet":
-            _check_parquet(path, f, where, text_field)
+            _check_parquet(path, f, where, needs)
         else:
             text = _decode(head, f, where, complete)
             {".txt": lambda *a: None, ".csv": _check_csv, ".jsonl": _check_json, ".json": _check_json}[suffix](
-                text, f, where, text_field, complete
+                text, f, where, needs, complete
             )
         _scanned[key] = None
 
@@ -79,7 +84,7 @@ def _decode(data: bytes, name: str, where: str, complete: bool) -> str:
         ) from None
 
 
-def _check_json(text: str, name: str, where: str, text_field: str, complete: bool) -> None:
+def _check_json(text: str, name: str, where: str, needs: list[tuple[str, ...]], complete: bool) -> None:
     """JSON Lines (one object a line), or one JSON document: an array of objects, as `datasets` reads it."""
     stripped = text.lstrip()
     if complete and stripped[:1] == "[":
@@ -91,9 +96,9 @@ def _check_json(text: str, name: str, where: str, text_field: str, complete: boo
         odd = next((r for r in items if not isinstance(r, dict)), None)
         if odd is not None:
             raise TransferError(
-                f"{where}: {name!r} holds a JSON {type(odd).__name__} where an object with a {text_field!r} field belongs"
+                f"{where}: {name!r} holds a JSON {type(odd).__name__} where an object with fields belongs"
             )
-        _check_rows(items, name, where, text_field)
+        _check_rows(items, name, where, needs)
         return
     rows = []
     lines = text.splitlines()
@@ -106,31 +111,44 @@ def _check_json(text: str, name: str, where: str, text_field: str, complete: boo
             raise TransferError(f"{where}: {name!r} line {number} is not JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(row, dict):
             raise TransferError(
-                f"{where}: {name!r} line {number} is a JSON {type(row).__name__}, not an object with a {text_field!r} field"
+                f"{where}: {name!r} line {number} is a JSON {type(row).__name__}, not an object with fields"
             )
         rows.append(row)
-    _check_rows(rows, name, where, text_field)
+    _check_rows(rows, name, where, needs)
 
 
-def _check_rows(rows: list[dict], name: str, where: str, text_field: str) -> None:
+def _missing(fields: list[str], needs: list[tuple[str, ...]]) -> str | None:
+    """None when the fields hold one of the alternatives; else what is missing, said for people."""
+    if any(all(f in fields for f in alternative) for alternative in needs):
+        return None
+    if len(needs) == 1 and len(needs[0]) == 1:
+        return f"no field {needs[0][0]!r}"
+    return f"none of the fields an example needs ({', '.join('+'.join(a) for a in needs)})"
+
+
+def _check_rows(rows: list[dict], name: str, where: str, needs: list[tuple[str, ...]]) -> None:
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    if text_field not in fields:
-        raise TransferError(f"{where}: {name!r} has no field {text_field!r}; allowed: {', '.join(fields) or 'none'}")
-    if not any(isinstance(r.get(text_field), str) and r[text_field].strip() for r in rows):
-        raise TransferError(f"{where}: {name!r} holds no text in its field {text_field!r}")
+    missing = _missing(fields, needs)
+    if missing:
+        raise TransferError(f"{where}: {name!r} has {missing}; allowed: {', '.join(fields) or 'none'}")
+    if len(needs) == 1 and len(needs[0]) == 1:  # text: some of it must be there
+        (field,) = needs[0]
+        if not any(isinstance(r.get(field), str) and r[field].strip() for r in rows):
+            raise TransferError(f"{where}: {name!r} holds no text in its field {field!r}")
 
 
-def _check_csv(text: str, name: str, where: str, text_field: str, complete: bool) -> None:
+def _check_csv(text: str, name: str, where: str, needs: list[tuple[str, ...]], complete: bool) -> None:
     reader = csv.reader(text.splitlines()[:2])
     header = next(reader, [])
-    if text_field not in header:
+    missing = _missing(header, needs)
+    if missing:
         raise TransferError(
-            f"{where}: {name!r} has no column {text_field!r} in its first row {header[:5]!r}; "
+            f"{where}: {name!r} has {missing} in its first row {header[:5]!r}; "
             "a CSV file needs a header row naming its columns"
         )
 
 
-def _check_parquet(path: Path, name: str, where: str, text_field: str) -> None:
+def _check_parquet(path: Path, name: str, where: str, needs: list[tuple[str, ...]]) -> None:
     with open(path, "rb") as fh:
         start = fh.read(4)
         fh.seek(max(0, path.stat().st_size - 4))
@@ -143,8 +161,9 @@ def _check_parquet(path: Path, name: str, where: str, text_field: str) -> None:
         fields = pq.read_schema(path).names
     except Exception as e:
         raise TransferError(f"{where}: {name!r} is an unreadable Parquet file ({str(e).splitlines()[0]})") from None
-    if text_field not in fields:
-        raise TransferError(f"{where}: {name!r} has no column {text_field!r}; allowed: {', '.join(fields)}")
+    missing = _missing(fields, needs)
+    if missing:
+        raise TransferError(f"{where}: {name!r} has {missing}; allowed: {', '.join(fields)}")
 
 
 # ---------------------------------------------------------------- model folders

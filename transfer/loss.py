@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from transfer.data import IGNORE
+from transfer.data.sequences import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +34,33 @@ SMALL_CHUNK_TOKENS = 1024
 _HEAD_IS_LAST = weakref.WeakKeyDictionary()
 
 
-def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0):
+def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0,
+                   position_ids: torch.Tensor | None = None):  # fmt: skip
     """(sum of next-token cross-entropies, number of scored tokens) for one batch.
 
     `labels is input_ids` means every token is scored (training blocks): the count
     then needs no look at the device, which would wait for it once per micro-batch.
+    Otherwise only the scored positions meet the head: a prompt's tokens cost nothing there.
+    `position_ids` restarting within a row mark packed examples, which do not attend to each other.
     """
     # Position t predicts token t + 1. The targets move left, not the logits: slicing the
     # logits would copy them (another 2.3 GiB in the example above); the last position
     # of each row gets no target.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).flatten()
-    count = labels[:, 1:].numel() if labels is input_ids else int((targets != IGNORE).sum())
+    all_scored = labels is input_ids
+    keep = None if all_scored else (targets != IGNORE).nonzero().squeeze(1)
+    count = labels[:, 1:].numel() if all_scored else len(keep)
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     fused = type(head) is torch.nn.Linear and head.bias is None and torch.is_grad_enabled()
-    one_chunk = targets.numel() <= chunk_tokens
+    one_chunk = (targets.numel() if all_scored else count) <= chunk_tokens
     if not chunk_tokens or (one_chunk and not fused) or not _logits_are_the_head(model, base, input_ids):
-        logits = model(input_ids=input_ids).logits
+        logits = model(**inputs).logits
         return _loss(logits.flatten(0, 1), targets), count
-    hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state.flatten(0, 1)
+    hidden = base.get_decoder()(**inputs).last_hidden_state.flatten(0, 1)
+    if keep is not None:
+        hidden, targets = hidden[keep], targets[keep]
     if fused:
         return _FusedHeadLoss.apply(hidden, head.weight, targets, chunk_tokens), count
     # recomputed in the backward pass when there is one; plainly computed in evaluation
@@ -62,6 +70,33 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
         part = slice(start, start + chunk_tokens)
         total = total + chunk_loss(head, hidden[part], targets[part])
     return total, count
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Each row's summed log-probability of its scored targets, [rows], in float32.
+
+    Only the scored positions meet the head, in chunks of `chunk_tokens`: the logits of a
+    151,936-token vocabulary never exist for a whole batch. A model that changes the head's
+    output in forward() is asked for its logits instead.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if _logits_are_the_head(model, base, input_ids):
+        hidden = base.get_decoder()(**inputs).last_hidden_state[rows, cols]
+    else:
+        hidden, head = model(**inputs).logits[rows, cols], torch.nn.Identity()
+    picked = targets[rows, cols]
+    step = chunk_tokens or len(picked) or 1
+    logp = [
+        torch.log_softmax(head(hidden[i : i + step]).float(), dim=-1).gather(1, picked[i : i + step, None]).squeeze(1)
+        for i in range(0, len(picked), step)
+    ]
+    total = torch.zeros(len(input_ids), dtype=torch.float32, device=input_ids.device)
+    return total.index_add_(0, rows, torch.cat(logp)) if logp else total
 
 
 def smaller_chunks(chunk_tokens: int, batch_tokens: int) -> list[str]:
@@ -160,9 +195,11 @@ def _probe_head_is_last(model, base, probe: torch.Tensor) -> bool:
     model.eval()  # no dropout: the two passes must see the same network
     try:
         with torch.no_grad():
-            logits = model(input_ids=probe).logits
+            logits = model(input_ids=probe, use_cache=False).logits
             try:
-                direct = base.get_output_embeddings()(base.get_decoder()(input_ids=probe).last_hidden_state)
+                direct = base.get_output_embeddings()(
+                    base.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state
+                )
             except torch.OutOfMemoryError:
                 raise
             except Exception:  # a decoder that does not run on its own: autograd's path, as before chunks

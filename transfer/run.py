@@ -1,10 +1,11 @@
-"""One experiment, start to finish: config -> model, data, strategy -> baseline
-evaluation and samples -> training -> final evaluation and samples -> `metrics.json`.
+"""One experiment, start to finish, in phases: load -> adapt (strategy) -> data (objective) ->
+evaluate -> train -> evaluate -> record (`metrics.json`).
 
 The record is written when the run starts (status `running`), after the baseline,
-and at the end (`completed`, or `failed` with a one-line error), so a folder
-always tells how far its run got. With resume=true a completed run is skipped and
-an interrupted one continues from its last checkpoint.
+and at the end (`completed`, `failed` or `interrupted`, with a one-line error), so a
+folder always tells how far its run got. With resume=true a completed run is skipped and
+an interrupted one continues from its last checkpoint. What differs between strategies is
+the strategy's business (strategies.py), between objectives the objective's (objectives/).
 """
 
 import contextlib
@@ -24,16 +25,20 @@ from torch.utils.tensorboard import SummaryWriter
 
 from transfer import STARTED, validate
 from transfer.checkpoint import check_same_config, find_resume_point
-from transfer.data import load_reference, load_splits, opening_words
+from transfer.data.blocks import separator_id, text_blocks
+from transfer.data.sources import reference_texts
 from transfer.errors import TransferError, first_line
-from transfer.evaluate import evaluate, generate_samples
+from transfer.evaluation.perplexity import perplexity
+from transfer.evaluation.samples import generate_samples
 from transfer.hardware import resolve
 from transfer.models import context_length, load_model_and_tokenizer
+from transfer.objectives import build_objective
 from transfer.record import write_record
-from transfer.strategies import apply_strategy, check_before_loading, parameter_report
-from transfer.train import train
+from transfer.strategies import apply_strategy, check_before_loading, loading_options, parameter_report
+from transfer.train import describe_metrics, log_metrics, train
 
 log = logging.getLogger("transfer")
+RECORD_VERSION = 2  # 2: objectives; metrics per split by name; train.tokens counts real tokens
 EVAL_SPLITS = ("validation", "test")
 
 
@@ -54,6 +59,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     if resume_from is not None:
         check_same_config(resume_from, cfg)
     record = {
+        "record_version": RECORD_VERSION,
         "status": "running",
         "error": None,
         "choices": dict(choices),
@@ -64,33 +70,30 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-        },
+        },  # fmt: skip
         "eval": {},
     }
     write_record(out_dir, record)
     wall_start = time.perf_counter()
+    timing = record["timing"] = {}
     try:
         validate.check_config(cfg)
         hardware = resolve(cfg.hardware)
         hardware.reset_peak_memory()
-        record["hardware"] = {
-            "device": str(hardware.device),
-            "precision": hardware.precision,
-            "name": _device_name(hardware.device),
-        }
+        record["hardware"] = {"device": str(hardware.device), "precision": hardware.precision,
+                              "name": _device_name(hardware.device)}  # fmt: skip
         seed_everything(cfg.seed)
 
+        # load and adapt
         check_before_loading(cfg.strategy)
-        quantize = cfg.strategy.name == "qlora"
-        # The counts need shapes, not weights: a dry run builds the model on the meta device,
-        # so a 0.5B model takes a fraction of a second and a hub model is not downloaded.
-        # QLoRA's 4-bit layers exist only once bitsandbytes has quantized real weights.
-        shapes_only = cfg.dry_run and not quantize
-        timing = record["timing"] = {}
+        loading = loading_options(cfg.strategy)
+        # The counts need shapes, not weights: a dry run builds the model on the meta device, so a
+        # 0.5B model takes a fraction of a second and a hub model is not downloaded; a strategy whose
+        # layers exist only once real weights are quantized (QLoRA) says it needs them.
+        shapes_only = cfg.dry_run and not loading["needs_weights"]
         clock = time.perf_counter()
-        model, tokenizer = load_model_and_tokenizer(
-            cfg.model, cfg.block_size, quantize_4bit=quantize, weights=not shapes_only
-        )
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size, quantize_4bit=loading["quantize_4bit"],
+                                                    weights=not shapes_only)  # fmt: skip
         timing["model_load"] = time.perf_counter() - clock
         record["model"] = {
             "class": type(model).__name__,
@@ -98,10 +101,10 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             "layers": model.config.num_hidden_layers,
             "context": context_length(model.config),
             "vocab_size": model.config.vocab_size,
-            "weights": "4-bit NF4" if quantize else cfg.model.dtype.value,
+            "weights": "not loaded (dry run: shapes on the meta device)"
+            if shapes_only
+            else loading["weights"] or cfg.model.dtype.value,
         }
-        if shapes_only:
-            record["model"]["weights"] = "not loaded (dry run: shapes on the meta device)"
         with torch.device("meta") if shapes_only else contextlib.nullcontext():
             model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
         record["params"] = parameter_report(model)
@@ -109,21 +112,19 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         if cfg.dry_run:
             record["status"] = "dry_run"
             return record
+
+        # data: the objective's splits, and the reference corpus for forgetting
         clock = time.perf_counter()
-        splits = load_splits(cfg.dataset, tokenizer, cfg.block_size, cfg.eval.max_tokens)
-        reference = load_reference(cfg.eval.reference, tokenizer, cfg.block_size)
+        objective = build_objective(cfg, tokenizer)
+        splits = objective.prepare(cfg.eval.max_tokens)
+        reference = _reference(cfg, tokenizer)
         if reference is not None:
             splits["reference"] = reference
-        record["data"] = {"block_size": cfg.block_size, **{name: b.summary() for name, b in splits.items()}}
-        if not quantize:  # bitsandbytes placed the 4-bit weights already
+        record["objective"] = objective.describe()
+        record["data"] = {"block_size": cfg.block_size, **{name: seqs.summary() for name, seqs in splits.items()}}
+        if not loading["placed"]:
             model.to(hardware.device)
-        prompts = list(cfg.dataset.prompts)
-        record["samples_from"] = "dataset.prompts"
-        if not prompts:
-            prompts = opening_words(splits["validation"].texts)
-            record["samples_from"] = "the opening words of validation documents"
-            log.info("dataset.prompts is empty: samples continue the opening words of %d validation documents",
-                     len(prompts))  # fmt: skip
+        sample_inputs, record["samples_from"] = objective.sample_inputs(splits, list(cfg.dataset.prompts))
         timing["data_load"] = time.perf_counter() - clock
 
         # A resumed run rewrites its curves from the checkpoint's step on: TensorBoard hides what
@@ -132,12 +133,14 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         resumed_step = int(resume_from.name.split("-")[-1]) if resume_from is not None else None
         purge_step = 0 if resumed_step is None else resumed_step + 1
         with SummaryWriter(log_dir=str(out_dir), purge_step=purge_step) as writer:
+            # evaluate
             clock = time.perf_counter()
-            record["eval"]["baseline"] = _evaluate_splits(model, splits, cfg, hardware, "baseline")
-            for name, result in record["eval"]["baseline"].items() if resumed_step is None else ():
-                writer.add_scalar(f"{name}/loss", result["loss"], 0)  # step 0 of each curve
-                writer.add_scalar(f"{name}/perplexity", result["perplexity"], 0)
-            before = generate_samples(model, tokenizer, prompts, cfg.eval.max_new_tokens, hardware)
+            baseline = record["eval"]["baseline"] = _evaluate_splits(
+                objective, model, splits, cfg, hardware, "baseline"
+            )
+            for name, result in baseline.items() if resumed_step is None else ():
+                log_metrics(writer, name, result, 0)  # step 0 of each curve
+            before = generate_samples(model, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware)
             timing["baseline_eval_and_samples"] = time.perf_counter() - clock
             # from the job's start to its first training step, less the parts measured above: imports, config, set-up
             timing["clock_from"] = "process start" if started == STARTED else "job start"
@@ -146,34 +149,36 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
                 timing[k] for k in ("model_load", "data_load", "baseline_eval_and_samples")
             )
             write_record(out_dir, record)
-            record["train"] = train(
-                model, splits, cfg, hardware, writer, run_dir=out_dir, resume_from=resume_from,
-                baseline_loss=record["eval"]["baseline"]["validation"]["loss"],
-            )  # fmt: skip
-            record["eval"]["final"] = _evaluate_splits(model, splits, cfg, hardware, "final")
+
+            # train
+            record["train"] = train(model, objective, splits, cfg, hardware, writer, run_dir=out_dir,
+                                    resume_from=resume_from, baseline=baseline["validation"])  # fmt: skip
+
+            # evaluate again, the same splits
+            final = record["eval"]["final"] = _evaluate_splits(objective, model, splits, cfg, hardware, "final")
             record["eval"]["change_pct"] = {
-                name: _change_pct(
-                    record["eval"]["baseline"][name]["perplexity"], record["eval"]["final"][name]["perplexity"]
-                )
-                for name in record["eval"]["final"]
+                name: _change_pct(baseline[name]["perplexity"], final[name]["perplexity"]) for name in final
             }
-            after = generate_samples(model, tokenizer, prompts, cfg.eval.max_new_tokens, hardware)
+            record["eval"]["change"] = {
+                name: {k: final[name][k] - v for k, v in baseline[name].items() if isinstance(v, float)
+                       and isinstance(final[name].get(k), float)}
+                for name in final
+            }  # fmt: skip
+            after = generate_samples(model, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware)
+
+            # record
             record["samples"] = [{**b, "completion_after": a["completion"]} for b, a in zip(before, after, strict=True)]
             record["memory"] = hardware.peak_memory()
             _write_samples(out_dir, writer, record["samples"])
             _log_final(writer, record, choices, overrides)
         record["status"] = "completed"
-        final, base = record["eval"]["final"], record["eval"]["baseline"]
         log.info(
-            "validation perplexity %.3f -> %.3f (%+.1f%%)%s in %.1f s of training",
-            base["validation"]["perplexity"],
-            final["validation"]["perplexity"],
-            record["eval"]["change_pct"]["validation"],
-            f"; reference {base['reference']['perplexity']:.3f} -> {final['reference']['perplexity']:.3f}"
-            if "reference" in final
-            else "",
+            "validation %s -> %s%s in %.3g s of training",
+            describe_metrics(baseline["validation"]), describe_metrics(final["validation"]),
+            f"; reference perplexity {baseline['reference']['perplexity']:.4g} -> {final['reference']['perplexity']:.4g}"
+            if "reference" in final else "",
             record["train"]["seconds"],
-        )
+        )  # fmt: skip
     except KeyboardInterrupt as e:
         record["status"] = "interrupted"
         record["error"] = f"interrupted ({'SIGTERM' if str(e) == 'SIGTERM' else 'Ctrl-C'}); resume it with resume=true"
@@ -194,19 +199,34 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     return record
 
 
-def _evaluate_splits(model, splits, cfg, hardware, when: str) -> dict:
-    """Validation, test and (when configured) the reference corpus."""
-    return {
-        name: evaluate(model, splits[name], cfg.eval_batch_size, hardware, desc=f"{when} {name}")
-        for name in (*EVAL_SPLITS, "reference")
-        if name in splits
+def _reference(cfg, tokenizer):
+    """The reference (forgetting) corpus as blocks, joined by the end-of-text token; None for eval/reference=none."""
+    texts = reference_texts(cfg.eval.reference)
+    if texts is None:
+        return None
+    _, eos = separator_id(tokenizer, "eos")
+    where = f"eval.reference={cfg.eval.reference.name!r} (field {cfg.eval.reference.text_field!r})"
+    return text_blocks(texts, tokenizer, cfg.block_size, eos, keep_partial=True,
+                       max_tokens=cfg.eval.reference.max_tokens, where=where)  # fmt: skip
+
+
+def _evaluate_splits(objective, model, splits, cfg, hardware, when: str) -> dict:
+    """Validation and test by the objective's evaluators; the reference corpus by perplexity."""
+    results = {
+        name: objective.evaluate(model, splits[name], cfg.eval_batch_size, hardware, f"{when} {name}")
+        for name in EVAL_SPLITS
     }
+    if "reference" in splits:
+        results["reference"] = perplexity(model, splits["reference"], cfg.eval_batch_size, hardware,
+                                          objective.pad_id, f"{when} reference")  # fmt: skip
+    return results
 
 
 def _write_samples(out_dir: Path, writer, samples: list[dict]) -> None:
     (out_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
     for i, s in enumerate(samples):
-        text = f"**prompt:** {s['prompt']}\n\n**before:** {s['completion']}\n\n**after:** {s['completion_after']}"
+        reference = f"\n\n**reference:** {s['reference']}" if "reference" in s else ""
+        text = f"**prompt:** {s['prompt']}{reference}\n\n**before:** {s['completion']}\n\n**after:** {s['completion_after']}"
         writer.add_text(f"samples/{i}", text)
 
 
@@ -218,9 +238,8 @@ def _log_final(writer, record: dict, choices: dict, overrides: list[str]) -> Non
     metrics = {}
     for name, result in record["eval"]["final"].items():
         if name != "validation" or not record["train"]["validation_curve"]:  # the loop drew validation already
-            writer.add_scalar(f"{name}/loss", result["loss"], steps)
-            writer.add_scalar(f"{name}/perplexity", result["perplexity"], steps)
-        metrics[f"final/{name}_perplexity"] = result["perplexity"]
+            log_metrics(writer, name, result, steps)
+        metrics.update({f"final/{name}_{k}": v for k, v in result.items() if isinstance(v, float) and k != "loss"})
     metrics["final/train_seconds"] = record["train"]["seconds"]
     metrics["final/trainable_pct"] = record["params"]["trainable_pct"]
     hp = {group: str(choice) for group, choice in choices.items()}

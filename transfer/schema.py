@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
-GROUPS = ("model", "strategy", "dataset", "hardware", "optimizer")
+GROUPS = ("model", "strategy", "objective", "dataset", "hardware", "optimizer")
 
 
 class Device(Enum):
@@ -55,6 +55,30 @@ class TxtSampleBy(Enum):
     paragraph = "paragraph"
     line = "line"
     document = "document"
+
+
+class ExampleFormat(Enum):
+    auto = "auto"
+    prompt_completion = "prompt_completion"
+    alpaca = "alpaca"
+    messages = "messages"
+
+
+class Template(Enum):
+    auto = "auto"
+    chat = "chat"
+    plain = "plain"
+    none = "none"
+
+
+class Truncation(Enum):
+    truncate = "truncate"
+    drop = "drop"
+
+
+class Batching(Enum):
+    padded = "padded"
+    packed = "packed"
 
 
 # ---------------------------------------------------------------- model
@@ -141,6 +165,36 @@ class ScratchConfig(StrategyConfig):
     init_seed: int | None = None
 
 
+# ---------------------------------------------------------------- objective
+@dataclass
+class ObjectiveConfig:
+    name: str = MISSING
+    # The validation metric that picks the best weights and that early stopping watches
+    # (its direction is known: loss falls, auc rises); the objective lists what it measures.
+    select: str = "loss"
+
+
+@dataclass
+class LMObjectiveConfig(ObjectiveConfig):
+    # The token that joins documents into the stream cut into blocks: "eos" (the tokenizer's
+    # end-of-text), "none", or a token of the vocabulary such as "<|endoftext|>".
+    separator: str = "eos"
+
+
+@dataclass
+class SFTObjectiveConfig(ObjectiveConfig):
+    # auto: the tokenizer's chat template, else the plain one; see transfer/data/chat.py
+    template: Template = Template.auto
+    # false: the loss counts the assistant's answers only
+    train_on_prompt: bool = False
+    # An example longer than block_size: cut (the prompt's start first, then the answer's end), or dropped.
+    truncation: Truncation = Truncation.truncate
+    # padded: examples of like length padded to the longest; packed: laid end to end in rows of block_size
+    batching: Batching = Batching.padded
+    # Validation examples whose answers are generated before and after training.
+    samples: int = 3
+
+
 # ---------------------------------------------------------------- dataset
 @dataclass
 class DatasetConfig:
@@ -152,6 +206,20 @@ class DatasetConfig:
     split_seed: int = 0
     # Greedy generations from these prompts are recorded before and after training.
     prompts: list[str] = field(default_factory=list)
+    # Examples for objective=sft: their format and the names of their fields (transfer/data/chat.py).
+    format: ExampleFormat = ExampleFormat.auto
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"  # ShareGPT's "conversations" is found too
+    # A task's answers, e.g. ["Yes", "No"]: each is scored after the prompt (accuracy, log-loss, AUC).
+    choices: list[str] | None = None
+    # The field that holds the right choice; null: the answer itself.
+    label_field: str | None = None
+    # How to make the files when they are missing (a task's builder), said with the error.
+    build_hint: str | None = None
 
 
 @dataclass
@@ -285,6 +353,7 @@ class SGDConfig(OptimizerConfig):
 class Config:
     model: ModelConfig = MISSING
     strategy: StrategyConfig = MISSING
+    objective: ObjectiveConfig = MISSING
     dataset: DatasetConfig = MISSING
     hardware: HardwareConfig = MISSING
     optimizer: OptimizerConfig = MISSING
@@ -327,6 +396,8 @@ def register() -> None:
         ("strategy", "lora", LoraConfig),
         ("strategy", "ia3", IA3Config),
         ("strategy", "scratch", ScratchConfig),
+        ("objective", "lm", LMObjectiveConfig),
+        ("objective", "sft", SFTObjectiveConfig),
         ("dataset", "text_files", TextFilesDataset),
         ("dataset", "hub", HubDataset),
         ("hardware", "base", HardwareConfig),

@@ -235,6 +235,14 @@ def check_before_loading(cfg, depth: int | None = None) -> None:
             ) from None
 
 
+def loading_options(cfg) -> dict:
+    """How a strategy wants its model loaded: QLoRA's base is quantized to 4-bit NF4 while it loads,
+    which needs the real weights (even for a dry run) and places them on the GPU itself."""
+    quantized = cfg.name == "qlora"
+    return {"quantize_4bit": quantized, "needs_weights": quantized, "placed": quantized,
+            "weights": "4-bit NF4" if quantized else None}  # fmt: skip
+
+
 def apply_strategy(model, cfg, seed: int = 0):
     """Apply the strategy named by cfg.name; return (model, names of its trainable parameters)."""
     check_before_loading(cfg, depth=len(model_parts(model).blocks))

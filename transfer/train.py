@@ -1,14 +1,16 @@
-"""The training loop, in plain PyTorch: read it top to bottom.
+"""The training loop, in plain PyTorch: read it top to bottom. The objective is a component.
 
-One optimizer step = `grad_accum_steps` micro-batches of `micro_batch_size` whole
-blocks. Blocks are drawn from a seeded stream of per-epoch permutations, so every
-micro-batch is full (each step weighs the same number of tokens) and an epoch is
-exactly one pass over the training blocks.
+One optimizer step = `grad_accum_steps` micro-batches that the objective draws from its
+seeded, restartable stream of training examples (`micro_batch_size` examples each, or
+rows of packed examples). The objective gives each micro-batch's loss as a sum and a
+normaliser (the targets it scores); each sum is divided by the normalisers of the whole
+step, so the update is the same however the step is split, and however many tokens a
+mask leaves in each piece.
 
-Every `eval_interval` steps and at the last step the validation split is scored;
-the lowest validation loss marks the best weights (the untrained model counts, as
-step 0), early stopping watches it, and the final evaluation uses the best or the
-last weights as `eval.weights` says. Time spent validating or checkpointing is not
+Every `eval_interval` steps and at the last step the validation split is judged; the
+best value of the objective's `select` metric marks the best weights (the untrained model
+counts, as step 0), early stopping watches it, and the final evaluation uses the best or
+the last weights as `eval.weights` says. Time spent validating or checkpointing is not
 training time.
 
 Ctrl-C or SIGTERM stops the loop between two steps, where weights, optimizer, RNG and
@@ -34,9 +36,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from transfer import checkpoint
 from transfer.errors import Interrupted, TransferError
-from transfer.evaluate import evaluate
 from transfer.fmt import duration
-from transfer.loss import smaller_chunks, summed_lm_loss
+from transfer.loss import smaller_chunks
 from transfer.optim import build_optimizer, build_scheduler
 from transfer.validate import resumable_config
 
@@ -48,13 +49,16 @@ class Progress:
     """Everything about a run's training so far that a resume needs besides tensors."""
 
     step: int = 0
-    samples: int = 0
+    samples: int = 0  # examples drawn from the stream: where it restarts
+    tokens: int = 0  # real tokens trained on, padding left out
+    scored_tokens: int = 0
+    positions: int = 0  # tokens and padding: what the model computed
     seconds: float = 0.0
     loss_first: float | None = None
     loss_last: float | None = None
     loss_curve: list = field(default_factory=list)
     validation_curve: list = field(default_factory=list)
-    best_loss: float = math.inf
+    best_value: float = math.inf
     best_step: int | None = None
     evals_since_best: int = 0
     interval_loss: float = 0.0
@@ -64,27 +68,17 @@ class Progress:
     lr_last: float | None = None
     # the first step of each process's stretch of training (allocation, kernel choice): kept out of the steady rate
     warmup_seconds: float = 0.0
-    warmup_samples: int = 0
+    warmup_tokens: int = 0
 
 
-def plan_steps(cfg, n_blocks: int) -> tuple[int, str]:
+def plan_steps(cfg, steps_per_epoch: float) -> tuple[int, str]:
     """(optimizer steps, what bounds them): max_steps, epochs, or the first of the two."""
-    per_step = cfg.micro_batch_size * cfg.grad_accum_steps
     candidates = []
     if cfg.max_steps is not None:
         candidates.append((cfg.max_steps, "max_steps"))
     if cfg.epochs is not None:
-        candidates.append((max(1, math.ceil(cfg.epochs * n_blocks / per_step)), "epochs"))
+        candidates.append((max(1, math.ceil(cfg.epochs * steps_per_epoch - 1e-9)), "epochs"))
     return min(candidates)
-
-
-def block_stream(n_blocks: int, seed: int, start: int = 0):
-    """Indices of training blocks: a fresh seeded permutation per epoch, end to end, from position `start`."""
-    epoch, offset = divmod(start, n_blocks)
-    while True:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        yield from torch.randperm(n_blocks, generator=g)[offset:].tolist()
-        epoch, offset = epoch + 1, 0
 
 
 class StopRequests:
@@ -115,26 +109,31 @@ class StopRequests:
 class Pace:
     """Training tokens per second over the last few logged steps, the first step of this process left out."""
 
-    def __init__(self, block_size: int, window: int = 6):
-        self.block_size = block_size
-        self.marks = collections.deque(maxlen=window)  # (training seconds, samples)
+    def __init__(self, window: int = 6):
+        self.marks = collections.deque(maxlen=window)  # (training seconds, tokens, step)
 
-    def mark(self, seconds: float, samples: int) -> None:
-        self.marks.append((seconds, samples))
+    def mark(self, seconds: float, tokens: int, step: int) -> None:
+        self.marks.append((seconds, tokens, step))
 
-    def tokens_per_second(self, seconds: float, samples: int) -> float | None:
+    def tokens_per_second(self, seconds: float, tokens: int) -> float | None:
         if not self.marks or seconds <= self.marks[0][0]:
             return None
-        then, done = self.marks[0]
-        return (samples - done) * self.block_size / (seconds - then)
+        then, done, _ = self.marks[0]
+        return (tokens - done) / (seconds - then)
+
+    def seconds_left(self, seconds: float, step: int, last_step: int) -> float | None:
+        if not self.marks or step <= self.marks[0][2]:
+            return None
+        then, _, first = self.marks[0]
+        return (last_step - step) * (seconds - then) / (step - first)
 
 
-def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None, resume_from: Path | None = None,
-          baseline_loss: float = math.inf) -> dict:  # fmt: skip
-    blocks = splits["train"].input_ids
-    n_blocks, block_size = blocks.shape
-    total_steps, bound = plan_steps(cfg, n_blocks)
+def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | None = None,
+          resume_from: Path | None = None, baseline: dict | None = None) -> dict:  # fmt: skip
+    """Train `model` on `objective`'s training split; `baseline` is the untrained model's validation result."""
+    examples = splits["train"]
     micro, accum = cfg.micro_batch_size, cfg.grad_accum_steps
+    total_steps, bound = plan_steps(cfg, objective.steps_per_epoch(examples, micro * accum))
     validate_every = cfg.eval_interval
     saving = cfg.checkpoint.enabled and run_dir is not None
     checkpoints = run_dir / "checkpoints" if run_dir is not None else None
@@ -145,11 +144,12 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
     scaler = hardware.grad_scaler()
     max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip is not None else math.inf
     # the untrained weights are the best until validation says otherwise
-    progress = Progress(best_loss=baseline_loss, best_step=0 if validate_every else None)
+    best = baseline[objective.select] if baseline else objective.worst()
+    progress = Progress(best_value=best, best_step=0 if validate_every else None)
     best_weights = checkpoint.trainable_state(model) if validate_every else None
     if resume_from is not None:
         progress, best_weights = _resume(resume_from, model, optimizer, scheduler, scaler, best_weights)
-    stream = block_stream(n_blocks, cfg.seed, start=progress.samples)
+    stream = objective.stream(examples, cfg.seed, progress.samples, micro)
     first_step = total_steps + 1 if progress.stop_reason else progress.step + 1  # an early stop stays stopped
 
     def save_step_checkpoint():
@@ -168,12 +168,12 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
     model.train()
     # a bar on a terminal; in a log file (nohup, a cluster) its carriage returns would flood it: lines instead
     bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
-    pace = Pace(block_size)
+    pace = Pace()
     hardware.synchronize()
     started = time.perf_counter()
     saved_bytes = None
     out_of_memory = hardware.explain_out_of_memory(
-        f"training at micro_batch_size={micro}, block_size={block_size}", memory_fixes(cfg, hardware)
+        f"training at micro_batch_size={micro}, block_size={cfg.block_size}", memory_fixes(cfg, hardware)
     )
     stop = StopRequests()
     seconds_before = progress.seconds  # of training before this process's stretch (a resumed run's)
@@ -187,15 +187,15 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
                 log.info("stopped after step %d by %s; checkpoint %s", progress.step, stop.signal,
                          "saved" if saving else "off (checkpoint.enabled=false): a resume starts over")  # fmt: skip
                 raise Interrupted(stop.signal)
+            # the whole step's batches first: their scored targets are what every sum is divided by
+            batches = [objective.batch(examples, stream, micro) for _ in range(accum)]
+            normaliser = sum(b.normaliser for b in batches)
             step_loss = torch.zeros((), device=hardware.device)
-            for _ in range(accum):
-                idx = torch.tensor([next(stream) for _ in range(micro)])
-                ids = blocks[idx].to(hardware.device, non_blocking=True)
+            for batch in batches:
                 with hardware.autocast():
-                    loss_sum, count = summed_lm_loss(model, ids, ids, hardware.loss_chunk_tokens)
-                    loss = loss_sum / count
-                scaler.scale(loss / accum).backward()
-                step_loss += loss.detach() / accum
+                    loss_sum, _, _ = objective.loss(model, batch.to(hardware.device), hardware.loss_chunk_tokens)
+                scaler.scale(loss_sum / normaliser).backward()
+                step_loss += loss_sum.detach()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             scaler.step(optimizer)
@@ -204,8 +204,11 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
             lr = progress.lr_last = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             progress.step = step
-            progress.samples += micro * accum
-            value = step_loss.item()  # one wait for the device per optimizer step
+            progress.samples = stream.position
+            progress.tokens += sum(b.tokens for b in batches)
+            progress.scored_tokens += normaliser
+            progress.positions += sum(b.positions for b in batches)
+            value = step_loss.item() / normaliser  # one wait for the device per optimizer step
             if not math.isfinite(value):
                 raise TransferError(
                     f"training loss became {value} at step {step}; lower optimizer.lr={cfg.optimizer.lr}?"
@@ -217,22 +220,22 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
             if step == first_step:  # this process's first step: allocations and kernel choices, not the pace
                 trained = progress.seconds + time.perf_counter() - started
                 progress.warmup_seconds += trained - seconds_before
-                progress.warmup_samples += micro * accum
-                pace.mark(trained, progress.samples)
+                progress.warmup_tokens += sum(b.tokens for b in batches)
+                pace.mark(trained, progress.tokens, step)
             logging_step = step in (1, total_steps) or step % cfg.log_interval == 0
             if logging_step:
                 mean = progress.interval_loss / progress.interval_steps
                 progress.interval_loss, progress.interval_steps = 0.0, 0
                 hardware.synchronize()
                 trained = progress.seconds + time.perf_counter() - started
-                tokens_per_s = pace.tokens_per_second(trained, progress.samples)
+                tokens_per_s = pace.tokens_per_second(trained, progress.tokens)
+                left = pace.seconds_left(trained, step, total_steps)
                 if step != first_step:
-                    pace.mark(trained, progress.samples)
+                    pace.mark(trained, progress.tokens, step)
                 progress.loss_curve.append({"step": step, "loss": mean})
                 rate = f"{tokens_per_s:,.0f}" if tokens_per_s else "-"
                 bar.set_postfix(loss=f"{mean:.4g}", tok_s=rate)
                 if bar.disable:
-                    left = (total_steps - step) * micro * accum * block_size / tokens_per_s if tokens_per_s else None
                     log.info("step %d/%d · loss %.4g · %s tok/s%s", step, total_steps, mean, rate,
                              f" · {duration(left)} of training left" if left is not None else "")  # fmt: skip
                 if writer is not None:
@@ -250,20 +253,18 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
             hardware.synchronize()
             progress.seconds += time.perf_counter() - started
             if validating:
-                result = evaluate(model, splits["validation"], cfg.eval_batch_size, hardware, desc="validate")
+                result = objective.evaluate(model, splits["validation"], cfg.eval_batch_size, hardware, "validate")
                 model.train()
-                progress.validation_curve.append(
-                    {"step": step, "loss": result["loss"], "perplexity": result["perplexity"]}
-                )
-                log.info("step %d: validation loss %.4f, perplexity %.3f", step, result["loss"], result["perplexity"])
+                progress.validation_curve.append({"step": step, **result})
+                log.info("step %d: validation %s", step, describe_metrics(result))
                 if writer is not None:
-                    writer.add_scalar("validation/loss", result["loss"], step)
-                    writer.add_scalar("validation/perplexity", result["perplexity"], step)
-                if result["loss"] < progress.best_loss - cfg.early_stopping.min_delta:
-                    progress.best_loss, progress.best_step, progress.evals_since_best = result["loss"], step, 0
+                    log_metrics(writer, "validation", result, step)
+                value = result[objective.select]
+                if value is not None and objective.better(value, progress.best_value, cfg.early_stopping.min_delta):
+                    progress.best_value, progress.best_step, progress.evals_since_best = value, step, 0
                     best_weights = checkpoint.trainable_state(model)
                     if saving:
-                        meta = {"step": step, "validation_loss": result["loss"]}
+                        meta = {"step": step, objective.select: value}
                         checkpoint.save(checkpoints / "best", model, cfg.checkpoint.full_model, meta=meta)
                 else:
                     progress.evals_since_best += 1
@@ -292,35 +293,48 @@ def train(model, splits, cfg, hardware, writer=None, run_dir: Path | None = None
         final_step = progress.best_step
         log.info("final evaluation on the best weights, from step %d", final_step)
 
-    tokens = progress.samples * block_size
-    seconds = progress.seconds
+    tokens, seconds = progress.tokens, progress.seconds
     return {
         "seconds": seconds,
         "steps": last_step,
         "planned_steps": total_steps,
-        "epochs": progress.samples / n_blocks,
+        "epochs": progress.samples / len(examples),
         "stop_reason": progress.stop_reason,
-        "tokens": tokens,
+        "tokens": tokens,  # real tokens, padding left out
+        "scored_tokens": progress.scored_tokens,  # the targets the loss counted (an answer's, for sft)
+        "padding_share": 1 - tokens / progress.positions if progress.positions else None,
         "samples": progress.samples,
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         "samples_per_second": progress.samples / seconds if seconds > 0 else None,
         # the same, without the first step of each process (allocations, kernel choices): the steady pace
         "tokens_per_second_after_first_step": (
-            (progress.samples - progress.warmup_samples) * block_size / (seconds - progress.warmup_seconds)
-            if progress.samples > progress.warmup_samples and seconds > progress.warmup_seconds
+            (tokens - progress.warmup_tokens) / (seconds - progress.warmup_seconds)
+            if tokens > progress.warmup_tokens and seconds > progress.warmup_seconds
             else None
         ),
         "loss_first": progress.loss_first,
         "loss_last": progress.loss_last,
         "lr_last": progress.lr_last,
         "best_step": progress.best_step,
-        "best_validation_loss": progress.best_loss if progress.best_step is not None else None,
+        "select": objective.select,
+        "best_value": progress.best_value if progress.best_step is not None else None,
         "final_weights": {"which": cfg.eval.weights.value if best_weights is not None else "last", "step": final_step},
         "resumed_from_step": progress.resumed_from_step,
         "checkpoint": {"folder": str(checkpoints) if saving else None, "bytes": saved_bytes},
         "loss_curve": progress.loss_curve,
         "validation_curve": progress.validation_curve,
     }
+
+
+def describe_metrics(result: dict) -> str:
+    """'loss 2.31, perplexity 10.1, auc 0.612': the metrics of an evaluation, for a log line."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
+
+
+def log_metrics(writer, split: str, result: dict, step: int) -> None:
+    for key, value in result.items():
+        if isinstance(value, float):
+            writer.add_scalar(f"{split}/{key}", value, step)
 
 
 def memory_fixes(cfg, hardware) -> list[str]:

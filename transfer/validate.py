@@ -373,6 +373,7 @@ def check_config(cfg: DictConfig) -> None:
         raise TransferError(
             f"hardware.loss_chunk_tokens={cfg.hardware.loss_chunk_tokens}: allowed 0 (off) or a positive number of tokens"
         )
+    check_objective(cfg)
     check_hardware(cfg)
     check_inputs(cfg)
 
@@ -436,14 +437,43 @@ def check_hardware(cfg: DictConfig) -> None:
         )
 
 
+def example_fields(dataset: DictConfig) -> list[tuple[str, ...]]:
+    """The fields a row of examples must have, one alternative per format (`sft`)."""
+    d = dataset
+    formats = {
+        "prompt_completion": [(d.prompt_field, d.completion_field)],
+        "alpaca": [(d.instruction_field, d.output_field)],
+        "messages": [(d.messages_field,), ("conversations",)],
+    }
+    chosen = d.format.value
+    return [alt for name, alts in formats.items() if chosen in ("auto", name) for alt in alts]
+
+
+def check_objective(cfg: DictConfig) -> None:
+    objective, dataset = cfg.objective, cfg.dataset
+    allowed = ["loss", "perplexity"]
+    if objective.name == "sft" and dataset.choices:
+        allowed += ["accuracy", "log_loss"] + (["auc"] if len(dataset.choices) == 2 else [])
+    if objective.select not in allowed:
+        choices_hint = "; accuracy, auc and log_loss need dataset.choices" if objective.name == "sft" else ""
+        raise TransferError(f"objective.select={objective.select!r}: allowed {', '.join(allowed)}{choices_hint}")
+    if dataset.choices is not None:
+        stripped = [c.strip() for c in dataset.choices]
+        if len(stripped) < 2 or len(set(stripped)) != len(stripped) or not all(stripped):
+            raise TransferError(f"dataset.choices={list(dataset.choices)}: allowed two or more different answers")
+    if objective.get("samples") is not None and objective.samples < 0:
+        raise TransferError(f"objective.samples={objective.samples} must be 0 or more")
+
+
 def check_inputs(cfg: DictConfig) -> None:
     """The files the run will read, and the model's depth and context against the settings."""
     if "train_files" in cfg.dataset:
+        needs = example_fields(cfg.dataset) if cfg.objective.name == "sft" else [(cfg.dataset.text_field,)]
         for split in ("train", "validation", "test"):
             where = f"dataset.{split}_files"
-            inputs.check_data_files(cfg.dataset[f"{split}_files"], where, cfg.dataset.text_field)
+            inputs.check_data_files(cfg.dataset[f"{split}_files"], where, needs, cfg.dataset.build_hint)
     if "files" in cfg.eval.reference:
-        inputs.check_data_files(cfg.eval.reference.files, "eval.reference.files", cfg.eval.reference.text_field)
+        inputs.check_data_files(cfg.eval.reference.files, "eval.reference.files", [(cfg.eval.reference.text_field,)])
     # a dry run reads no weights; QLoRA's dry run does (its 4-bit layers come from real weights)
     weights = not cfg.dry_run or cfg.strategy.name == "qlora"
     depth, context = inputs.model_shape(cfg.model, weights=weights)

@@ -1,0 +1,68 @@
+"""Classification as generation: score each choice's log-likelihood after the prompt.
+
+For every example, each of the dataset's `choices` (e.g. "Yes", "No") is put in the
+assistant's place and the log-probabilities of its tokens are summed. The choice with the
+highest sum is the prediction; the sums, normalised over the choices, are the probabilities.
+Accuracy, log-loss (the mean of -log p(gold)) and, for two choices, ROC-AUC with the first
+choice as the positive class. The same evaluator scores multiple-choice questions.
+"""
+
+import torch
+from tqdm.auto import tqdm
+
+from transfer.data.sequences import Sequences, evaluation_batches
+from transfer.loss import sequence_logprobs
+
+
+@torch.no_grad()
+def choice_scores(model, seqs: Sequences, n_choices: int, batch_size: int, hardware, pad_id: int,
+                  desc: str = "choices") -> torch.Tensor:  # fmt: skip
+    """[examples, choices]: each choice's summed log-probability; `seqs` holds example 0's choices, then 1's, ..."""
+    was_training = model.training
+    model.eval()
+    sums = []
+    batches = evaluation_batches(seqs, batch_size, pad_id)
+    for batch in tqdm(batches, total=-(-len(seqs) // batch_size), desc=desc, leave=False, unit="batch", disable=None):
+        batch = batch.to(hardware.device)
+        with hardware.autocast():
+            sums.append(
+                sequence_logprobs(model, batch.input_ids, batch.labels, hardware.loss_chunk_tokens or 4096).cpu()
+            )
+    model.train(was_training)
+    return torch.cat(sums).view(-1, n_choices)
+
+
+def choice_metrics(scores: torch.Tensor, gold: torch.Tensor) -> dict:
+    """Accuracy, log-loss and (two choices) ROC-AUC from [examples, choices] log-likelihoods and gold indices."""
+    probs = torch.softmax(scores.double(), dim=-1)
+    picked = probs[torch.arange(len(gold)), gold]
+    result = {
+        "accuracy": float((scores.argmax(-1) == gold).double().mean()),
+        "log_loss": float(-picked.clamp_min(1e-300).log().mean()),
+        "choice_examples": len(gold),
+    }
+    if scores.shape[1] == 2:
+        result["auc"] = roc_auc(probs[:, 0], gold == 0)
+    return result
+
+
+def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """The probability that a random positive scores above a random negative (ties count half); None with one class.
+
+    Mann-Whitney U from average ranks: O(n log n).
+    """
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = torch.argsort(scores.double(), stable=True)
+    sorted_scores = scores.double()[order]
+    ranks = torch.empty(len(scores), dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # tied scores share the mean of their ranks
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    mean_rank = ends - (counts.double() - 1) / 2
+    ranks[order] = mean_rank[inverse]
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))

@@ -1,0 +1,135 @@
+"""`sft`: instruction fine-tuning. The loss counts the assistant's answers, framed by the chat template.
+
+Rows become conversations (data/chat.py: formats, templates, masking, truncation); a dataset
+that names its `choices` is also judged by scoring each choice after the prompt (accuracy,
+log-loss, ROC-AUC: evaluation/choices.py), which `objective.select` may pick the best weights by.
+"""
+
+import torch
+
+from transfer.data.chat import (
+    Example,
+    answer_tokens,
+    detect_format,
+    fit,
+    generation_prompt,
+    template_of,
+    to_example,
+    training_tokens,
+)
+from transfer.data.sequences import IGNORE, Sequences
+from transfer.data.sources import SPLITS, load_rows
+from transfer.errors import TransferError
+from transfer.evaluation.choices import choice_metrics, choice_scores
+from transfer.evaluation.perplexity import perplexity
+from transfer.objectives.base import TokenObjective
+from transfer.validate import example_fields
+
+
+def choice_metric_names(choices) -> tuple[str, ...]:
+    if not choices:
+        return ()
+    return ("accuracy", "log_loss", "auc") if len(choices) == 2 else ("accuracy", "log_loss")
+
+
+class InstructionTuning(TokenObjective):
+    name = "sft"
+
+    def __init__(self, cfg, dataset_cfg, tokenizer, block_size):
+        super().__init__(cfg, dataset_cfg, tokenizer, block_size)
+        self.template = template_of(tokenizer, cfg.template.value)
+        self.choices = list(dataset_cfg.choices) if dataset_cfg.choices else None
+        self.metrics = ("loss", "perplexity", *choice_metric_names(self.choices))
+        self._choice_seqs: dict[int, tuple[Sequences, torch.Tensor]] = {}
+
+    def prepare(self, max_eval_tokens):
+        rows = load_rows(self.dataset_cfg, example_fields(self.dataset_cfg))
+        name = self.dataset_cfg.name
+        self.format = detect_format(rows["train"][0], self.dataset_cfg, f"dataset {name!r}") if rows["train"] else None
+        return {split: self._examples(rows[split], split, None if split == "train" else max_eval_tokens)
+                for split in SPLITS}  # fmt: skip
+
+    def _examples(self, rows: list[dict], split: str, max_tokens: int | None) -> Sequences:
+        ids_list, labels_list, meta = [], [], []
+        counts = {"truncated_prompt": 0, "truncated_response": 0, "dropped_too_long": 0, "dropped_no_answer": 0}
+        for number, row in enumerate(rows, start=1):
+            where = f"dataset {self.dataset_cfg.name!r} {split} row {number}"
+            example = to_example(row, self.format, self.dataset_cfg, where)
+            gold = self._gold(row, example, where)
+            ids, labels = training_tokens(example, self.tokenizer, self.template, self.cfg.train_on_prompt)
+            if len(ids) > self.block_size and self.cfg.truncation.value == "drop":
+                counts["dropped_too_long"] += 1
+                continue
+            ids, labels, cut = fit(ids, labels, self.block_size)
+            if cut:
+                counts[f"truncated_{cut}"] += 1
+            if all(label == IGNORE for label in labels[1:]):  # nothing left to learn from
+                counts["dropped_no_answer"] += 1
+                continue
+            if max_tokens is not None and ids_list and sum(map(len, ids_list)) + len(ids) > max_tokens:
+                break
+            ids_list.append(ids)
+            labels_list.append(labels)
+            meta.append({"example": example, "gold": gold})
+        if not ids_list:
+            raise TransferError(
+                f"dataset {self.dataset_cfg.name!r}: no {split} example is left of {len(rows)} "
+                f"({', '.join(f'{k} {v}' for k, v in counts.items() if v) or 'the split is empty'}); "
+                f"allowed: a larger block_size, objective.truncation=truncate, or examples with answers"
+            )
+        info = {"examples": len(rows), **counts, "format": self.format, "template": self.template}
+        return Sequences.from_lists(ids_list, labels_list, documents=len(rows), meta=meta, info=info)
+
+    def _gold(self, row: dict, example, where: str) -> int | None:
+        if not self.choices:
+            return None
+        field = self.dataset_cfg.label_field
+        answer = row.get(field) if field else example.answer
+        stripped = [c.strip() for c in self.choices]
+        if not isinstance(answer, str) or answer.strip() not in stripped:
+            raise TransferError(f"{where}: the answer {answer!r} is not one of dataset.choices {self.choices}")
+        return stripped.index(answer.strip())
+
+    def evaluate(self, model, split, batch_size, hardware, desc):
+        result = perplexity(model, split, batch_size, hardware, self.pad_id, desc)
+        if self.choices:
+            seqs, gold = self._choice_sequences(split)
+            scores = choice_scores(model, seqs, len(self.choices), batch_size, hardware, self.pad_id, f"{desc} choices")
+            result.update(choice_metrics(scores, gold))
+        return result
+
+    def _choice_sequences(self, split: Sequences) -> tuple[Sequences, torch.Tensor]:
+        """Every example answered with every choice, labelled on the choice: made once per split."""
+        if id(split) not in self._choice_seqs:
+            ids_list, labels_list = [], []
+            for item in split.meta:
+                for choice in self.choices:
+                    ids, labels = answer_tokens(item["example"], choice, self.tokenizer, self.template)
+                    ids, labels, _ = fit(ids, labels, self.block_size)
+                    ids_list.append(ids)
+                    labels_list.append(labels)
+            gold = torch.tensor([item["gold"] for item in split.meta])
+            self._choice_seqs[id(split)] = (Sequences.from_lists(ids_list, labels_list), gold)
+        return self._choice_seqs[id(split)]
+
+    def sample_inputs(self, splits, prompts):
+        """The first validation examples' prompts through the template (or dataset.prompts as questions)."""
+        if prompts:
+            examples = [Example([{"role": "user", "content": p}, {"role": "assistant", "content": ""}], raw=(p, ""))
+                        for p in prompts]  # fmt: skip
+            source = "dataset.prompts"
+        else:
+            examples = [item["example"] for item in splits["validation"].meta[: self.cfg.samples]]
+            source = "the first validation examples"
+        inputs = []
+        for example in examples:
+            text = generation_prompt(example, self.tokenizer, self.template)
+            ids = self.tokenizer(text, add_special_tokens=self.template != "chat")["input_ids"]
+            user = next((m["content"] for m in reversed(example.messages) if m["role"] == "user"), "")
+            inputs.append({"prompt": user, "reference": example.answer, "input_ids": ids})
+        return inputs, source
+
+    def describe(self):
+        return {**super().describe(), "template": self.template, "train_on_prompt": self.cfg.train_on_prompt,
+                "truncation": self.cfg.truncation.value, "batching": self.cfg.batching.value,
+                "choices": self.choices}  # fmt: skip
