@@ -104,7 +104,7 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str]) 
     ids = torch.randint(0, shape["vocab"], (n_blocks, shape["seq"]), generator=torch.Generator().manual_seed(0))
     blocks = to_blocks(ids.flatten().tolist(), shape["seq"], keep_partial=False)
     objective = build_objective(cfg, byte_tokenizer())  # the language-modelling loss; its data is made here
-    stream = objective.stream(blocks, cfg.seed, 0, shape["micro"])
+    stream = objective.stream(blocks, cfg.seed, 0, shape["micro"] * cfg.grad_accum_steps)
     order = [stream.next() for _ in range(n_blocks)]  # the order our trainer draws them in
     hardware.reset_peak_memory()
     clock = StepClock(hardware)

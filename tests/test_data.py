@@ -138,3 +138,16 @@ def test_a_cut_split_counts_the_documents_it_touches():
     assert first_tokens(ids, starts, 8) == (ids[:8], 1)
     assert first_tokens(ids, starts, 9) == (ids[:9], 2)
     assert first_tokens(ids, starts, None) == (ids, 2)
+
+
+def test_the_token_that_joins_documents_is_chosen_and_recorded():
+    eos = lm_splits(["block_size=64"])["validation"]
+    joined_by_nothing = lm_splits(["block_size=64", "objective.separator=none"])["validation"]
+    assert eos.tokens - joined_by_nothing.tokens == eos.documents  # one end-of-text token a document
+    cfg = compose_config(["objective.separator=none"])
+    objective = build_objective(cfg, byte_tokenizer())
+    objective.prepare(None)
+    assert objective.describe()["separator"] is None
+    objective = build_objective(compose_config([]), byte_tokenizer())
+    objective.prepare(None)
+    assert objective.describe()["separator"] == "<|endoftext|>"

@@ -28,6 +28,7 @@ import torch
 from conftest import FAST, SHORT, SWEEP, copy_run, run_cli
 
 CORPUS = Path(__file__).resolve().parent.parent / "transfer" / "corpora" / "rust_concepts"
+INSTRUCTIONS = Path(__file__).resolve().parent / "data" / "instructions.jsonl"
 # the arguments of the shared `fast_run` (conftest): a resumed or restarted run must end as it did
 FAST_RUN = [*FAST, "log_interval=1", "checkpoint.interval=5", "checkpoint.keep=2"]
 
@@ -270,6 +271,18 @@ CONFIG_CASES = [
          make=_finished_sweep, fixtures=["two_job_sweep"]),
     Case("sweep resume under another config", [*SWEEP, "optimizer.lr=1e-2,1e-3", "resume=true"],
          "resume: job 0 of ", make=_finished_sweep, fixtures=["two_job_sweep"]),
+    # objectives
+    Case("instruction tuning on plain text", ["objective=sft"],
+         "has none of the fields an example needs (prompt+completion, instruction+output, messages, conversations)"),
+    Case("a task metric without choices", ["objective=sft", "objective.select=auc"],
+         "objective.select='auc': allowed loss, perplexity; accuracy, auc and log_loss need dataset.choices",
+         make=lambda f, fx: ["dataset=text_files", f"dataset.train_files=[{INSTRUCTIONS}]"]),
+    Case("a task metric for language modelling", ["objective.select=accuracy"],
+         "objective.select='accuracy': allowed loss, perplexity"),
+    Case("one choice", ["objective=sft", "dataset.choices=[Yes]"], "dataset.choices=['Yes']: allowed two or more",
+         make=lambda f, fx: ["dataset=text_files", f"dataset.train_files=[{INSTRUCTIONS}]"]),
+    Case("a task's files not built yet", ["objective=sft", "dataset=movielens"],
+         "no such file 'data/movielens/train.jsonl'; build them first: python -m transfer.tasks.movielens"),
 ]  # fmt: skip
 
 DRIVER = r"""
@@ -392,12 +405,26 @@ JOB_CASES = [
          "model.name_or_path='Qwen/Qwen2-0.5B' is neither a local directory nor a model on the hub (the Hugging Face hub is unreachable", code=1),  # noqa: E501
     Case("a LoRA target the model lacks", ["strategy=lora", "strategy.target_modules=[qkv]"],
          "'qkv' matches no linear projection of Qwen2ForCausalLM; allowed: down_proj, gate_proj,", code=1),
+    Case("a document separator the tokenizer lacks", ["objective.separator='<|nope|>'"],
+         "objective.separator='<|nope|>' is no token of this tokenizer; allowed: eos, none, or one of <|endoftext|>",
+         code=1),
+    Case("the chat template of a tokenizer without one", ["objective=sft", "objective.template=chat"],
+         "objective.template=chat but this tokenizer has no chat template; allowed: auto, plain, none", code=1,
+         make=lambda f, fx: ["dataset=text_files", f"dataset.train_files=[{INSTRUCTIONS}]"]),
+    Case("an answer that is not one of the choices", ["objective=sft", "dataset.choices=[Yes,No]"],
+         "validation row 2: the answer 'Maybe' is not one of dataset.choices ['Yes', 'No']", code=1,
+         make=lambda f, fx: ["dataset=text_files", *(f"dataset.{s}_files=[{_jsonl(f, s + '.jsonl', rows)}]"
+                             for s, rows in (("train", [{"prompt": "Q?", "completion": "Yes"}] * 30),
+                                             ("validation", [{"prompt": "Q?", "completion": "No"},
+                                                             {"prompt": "Q?", "completion": "Maybe"}]),
+                                             ("test", [{"prompt": "Q?", "completion": "No"}])))]),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", JOB_CASES, ids=[c.name for c in JOB_CASES])
 def test_job_level_cases_are_one_line_and_recorded(case, tmp_path):
-    proc = run_cli([*SHORT, *case.args, "hydra.run.dir=run"], tmp_path)
+    extra = case.make(tmp_path, {}) if case.make else []
+    proc = run_cli([*SHORT, *case.args, *extra, "hydra.run.dir=run"], tmp_path)
     assert proc.returncode == case.code
     line = one_error_line(proc.stdout + proc.stderr, case.message)
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -20,17 +20,20 @@ import pandas as pd
 import yaml
 
 from transfer.errors import TransferError
+from transfer.evaluation import DIRECTION
 from transfer.record import read_record
 
 log = logging.getLogger(__name__)
 DEFAULT_ROOT = Path("multirun")
-# metric columns: name -> (format, whether lower is better for sorting/plots)
-METRICS = [
+# the numbers of a run that are not evaluation metrics; those are read from the record by name
+RUN_METRICS = [
     "trainable_params", "total_params", "trainable_pct", "train_seconds", "tokens_per_second", "samples_per_second",
-    "peak_memory_mb", "checkpoint_mb", "val_ppl_before", "val_ppl_after", "val_change_pct",
-    "test_ppl_before", "test_ppl_after", "test_change_pct", "ref_ppl_before", "ref_ppl_after", "ref_change_pct",
-    "best_step", "steps",
+    "peak_memory_mb", "checkpoint_mb", "best_step", "steps",
 ]  # fmt: skip
+# what a split and a metric are called in a column: val_ppl_after, test_auc_before, ref_change_pct
+SPLIT_SHORT = {"validation": "val", "test": "test", "reference": "ref"}
+METRIC_SHORT = {"perplexity": "ppl"}
+NOT_METRICS = ("tokens", "choice_examples")  # counts that say what was scored, kept in the record
 DESCRIPTIVE = ["strategy", "model", "dataset", "seed", "tied_embeddings", "stop_reason", "status", "error"]
 # Records that hold numbers: a finished run, or a dry run (parameter counts only).
 RESULTS = ("completed", "dry_run")
@@ -124,12 +127,40 @@ def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
         checkpoint_mb=_mb((train.get("checkpoint") or {}).get("bytes")),
         val_tokens=(record.get("data") or {}).get("validation", {}).get("tokens"),  # eval.max_tokens cuts it
     )
-    for split, short in (("validation", "val"), ("test", "test"), ("reference", "ref")):
-        row[f"{short}_ppl_before"] = ev.get("baseline", {}).get(split, {}).get("perplexity")
-        row[f"{short}_ppl_after"] = ev.get("final", {}).get(split, {}).get("perplexity")
-        row[f"{short}_change_pct"] = ev.get("change_pct", {}).get(split)
+    row.update(eval_columns(ev))
     row["validation_curve"] = train.get("validation_curve") or []
     return row
+
+
+def eval_columns(ev: dict) -> dict:
+    """Every metric of every split, before and after, as the record names them (no fixed list)."""
+    columns = {}
+    for when, suffix in (("baseline", "before"), ("final", "after")):
+        for split, result in (ev.get(when) or {}).items():
+            for metric, value in (result or {}).items():
+                if metric not in NOT_METRICS and (value is None or isinstance(value, (int, float))):
+                    columns[_column(split, metric, suffix)] = value
+    for split, value in (ev.get("change_pct") or {}).items():
+        columns[f"{SPLIT_SHORT.get(split, split)}_change_pct"] = value
+    return columns
+
+
+def _column(split: str, metric: str, suffix: str) -> str:
+    return f"{SPLIT_SHORT.get(split, split)}_{METRIC_SHORT.get(metric, metric)}_{suffix}"
+
+
+def metric_columns(frame: pd.DataFrame) -> list[str]:
+    """The numeric result columns of a jobs frame: the run's numbers and every evaluation metric found."""
+    evals = [c for c in frame.columns if c.endswith(("_before", "_after", "_change_pct"))]
+    return [c for c in [*RUN_METRICS, *evals] if c in frame.columns]
+
+
+def lower_is_better(column: str) -> bool:
+    """How a column sorts: a perplexity, loss or log-loss falls, an accuracy or AUC rises; counts and times fall."""
+    for metric, direction in DIRECTION.items():
+        if f"_{METRIC_SHORT.get(metric, metric)}_" in f"_{column}":
+            return direction == "min"
+    return True
 
 
 def _hydra_overrides(job: Path) -> list[str]:
@@ -171,7 +202,7 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
     """
     keys = group_by or default_group_keys(jobs)
     done = jobs[jobs["status"].isin(RESULTS)]
-    metrics = [m for m in METRICS if m in jobs.columns]
+    metrics = metric_columns(jobs)
     rows = []
     for key, group in done.groupby([*keys, "status"], dropna=False, sort=False):
         *key_values, status = key
@@ -190,7 +221,7 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
         rows.append(row)
     table = pd.DataFrame(rows)
     if sort in table.columns:
-        table = table.sort_values(sort, na_position="last", kind="stable")
+        table = table.sort_values(sort, ascending=lower_is_better(sort), na_position="last", kind="stable")
     table.attrs["group_keys"] = keys
     return table.reset_index(drop=True)
 
@@ -217,7 +248,8 @@ def default_group_keys(jobs: pd.DataFrame) -> list[str]:
 # The comparison table's columns after the grouping keys, when none are asked for.
 DEFAULT_COLUMNS = [
     "seeds", "trainable_params", "total_params", "trainable_pct", "val_ppl_before", "val_ppl_after",
-    "val_change_pct", "test_ppl_after", "ref_ppl_before", "ref_ppl_after", "train_seconds", "tokens_per_second",
+    "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_log_loss_after", "test_ppl_after",
+    "test_auc_after", "ref_ppl_before", "ref_ppl_after", "train_seconds", "tokens_per_second",
     "peak_memory_mb", "checkpoint_mb", "best_step", "status", "error",
 ]  # fmt: skip
 
@@ -235,7 +267,7 @@ def for_people(table: pd.DataFrame, columns: list[str] | None = None) -> pd.Data
     shown = [c for c in dict.fromkeys(columns) if c in table.columns]
     out = pd.DataFrame(index=table.index)
     for col in shown:
-        if col in METRICS:
+        if col in RUN_METRICS or col.endswith(("_before", "_after", "_change_pct")):
             out[col] = [
                 _cell(v, table.at[i, f"{col}_std"] if f"{col}_std" in table else math.nan, col)
                 for i, v in table[col].items()
@@ -314,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = read_jobs(sweeps)
         group_by, columns = split(args.group_by), split(args.columns)
         for col in (group_by or []) + (columns or []) + [args.sort]:
-            if col not in jobs.columns and col not in ("seeds", *METRICS):
+            if col not in jobs.columns and col not in ("seeds", *RUN_METRICS):
                 raise TransferError(
                     f"unknown column {col!r}; allowed: {', '.join(c for c in jobs.columns if c != 'validation_curve')}"
                 )

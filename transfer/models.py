@@ -4,11 +4,13 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
@@ -28,6 +30,8 @@ def load_model_and_tokenizer(cfg, block_size: int, quantize_4bit: bool = False, 
     """
     if quantize_4bit and not weights:
         raise ValueError("4-bit weights are made by quantizing real weights: quantize_4bit needs weights=True")
+    if not sys.stderr.isatty():  # bars on a terminal only: in a log file they are a flood of partial lines
+        transformers.utils.logging.disable_progress_bar()
     if cfg.name_or_path is None:
         tokenizer = byte_tokenizer()
         config = tiny_config(cfg.tiny, tokenizer)

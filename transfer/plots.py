@@ -23,6 +23,7 @@ def write_plots(jobs: pd.DataFrame, table: pd.DataFrame, folder: Path) -> list[P
         _gain_vs_forgetting(done, folder / "gain_vs_forgetting.png"),
         _validation_curves(jobs, keys, folder / "validation_curves.png"),
         _cost(done, folder / "time_and_memory.png"),
+        _task_metrics(done, folder / "task_metrics.png"),
     ]
     return [p for p in paths if p is not None]
 
@@ -36,8 +37,13 @@ def _style(ax, i: int) -> dict:
     return {"marker": MARKERS[i % len(MARKERS)], "color": f"C{i % 10}"}
 
 
+def _rows_with(done: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """The rows that fill every one of `columns` (none when a column is missing: eval/reference=none, say)."""
+    return done.dropna(subset=list(columns)) if set(columns) <= set(done.columns) else done.iloc[:0]
+
+
 def _perplexity_vs_trainable(done: pd.DataFrame, path: Path) -> Path | None:
-    data = done.dropna(subset=["trainable_params", "val_ppl_after"])
+    data = _rows_with(done, "trainable_params", "val_ppl_after")
     if data.empty:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -61,7 +67,7 @@ def _perplexity_vs_trainable(done: pd.DataFrame, path: Path) -> Path | None:
 
 
 def _gain_vs_forgetting(done: pd.DataFrame, path: Path) -> Path | None:
-    data = done.dropna(subset=["val_change_pct", "ref_change_pct"])
+    data = _rows_with(done, "val_change_pct", "ref_change_pct")
     if data.empty:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -100,7 +106,7 @@ def _validation_curves(jobs: pd.DataFrame, keys: list[str], path: Path) -> Path 
 
 
 def _cost(done: pd.DataFrame, path: Path) -> Path | None:
-    data = done.dropna(subset=["train_seconds"])
+    data = _rows_with(done, "train_seconds")
     if data.empty:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
@@ -117,6 +123,30 @@ def _cost(done: pd.DataFrame, path: Path) -> Path | None:
         ax.set_xticks(list(x), data["label"], rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
         ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _task_metrics(done: pd.DataFrame, path: Path) -> Path | None:
+    """Choice scoring before and after training (AUC, accuracy), side by side per row: a task's verdict."""
+    metrics = [m for m in ("auc", "accuracy") if f"val_{m}_after" in done and done[f"val_{m}_after"].notna().any()]
+    if not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.5), squeeze=False)
+    x = range(len(done))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        before, after = f"val_{metric}_before", f"val_{metric}_after"
+        ax.bar([i - 0.2 for i in x], done[before].fillna(0), width=0.4, color="lightgrey", label="before training",
+               yerr=[_std(r, before) for _, r in done.iterrows()], capsize=3)  # fmt: skip
+        ax.bar([i + 0.2 for i in x], done[after].fillna(0), width=0.4, color=[f"C{i % 10}" for i in x],
+               label="after", yerr=[_std(r, after) for _, r in done.iterrows()], capsize=3)  # fmt: skip
+        if metric == "auc":
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.set_xticks(list(x), done["label"], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(f"validation {metric.upper() if metric == 'auc' else metric} (higher is better)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"Validation {metric.upper() if metric == 'auc' else metric}, before and after")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 

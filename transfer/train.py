@@ -149,7 +149,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
     best_weights = checkpoint.trainable_state(model) if validate_every else None
     if resume_from is not None:
         progress, best_weights = _resume(resume_from, model, optimizer, scheduler, scaler, best_weights)
-    stream = objective.stream(examples, cfg.seed, progress.samples, micro)
+    stream = objective.stream(examples, cfg.seed, progress.samples, micro * accum)
     first_step = total_steps + 1 if progress.stop_reason else progress.step + 1  # an early stop stays stopped
 
     def save_step_checkpoint():

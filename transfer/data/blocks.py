@@ -37,7 +37,7 @@ def tokenize(texts: list[str], tokenizer, separator: int | None) -> tuple[list[i
     ids: list[int] = []
     starts: list[int] = []
     for start in range(0, len(texts), 1000):
-        for doc in tokenizer(texts[start : start + 1000])["input_ids"]:
+        for doc in tokenizer(texts[start : start + 1000], verbose=False)["input_ids"]:  # long documents are cut later
             starts.append(len(ids))
             ids.extend(doc)
             if separator is not None and (not doc or doc[-1] != separator):

@@ -188,7 +188,8 @@ def _turn_end(tokenizer) -> str:
 def encode(text: str, ranges, tokenizer, template: str, everything: bool = False) -> tuple[list[int], list[int]]:
     """Token ids of the text, labelled where a token overlaps one of the (start, end) ranges, or everywhere."""
     # a chat template writes its own begin-of-text token; the others get the tokenizer's, as pretraining did
-    enc = tokenizer(text, add_special_tokens=template != "chat", return_offsets_mapping=True)
+    # verbose=False: a text longer than the model's context is no mistake here; fit() cuts it to block_size
+    enc = tokenizer(text, add_special_tokens=template != "chat", return_offsets_mapping=True, verbose=False)
     ids = enc["input_ids"]
     labels = [
         t if everything or any(a < end and b > start for start, end in ranges) else IGNORE

@@ -89,15 +89,18 @@ class ExampleStream:
         self.position = start
         self._epoch, self._order = None, None
 
+    def _order_of(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.lengths), generator=g)
+        if self.group:
+            runs = order.split(self.group)
+            order = torch.cat([run[torch.argsort(self.lengths[run], descending=True, stable=True)] for run in runs])
+        return order.tolist()
+
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.lengths))
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(len(self.lengths), generator=g)
-            if self.group:
-                runs = order.split(self.group)
-                order = torch.cat([run[torch.argsort(self.lengths[run], descending=True, stable=True)] for run in runs])
-            self._epoch, self._order = epoch, order.tolist()
+            self._epoch, self._order = epoch, self._order_of(epoch)
         return self._order[offset]
 
     def peek(self) -> int:

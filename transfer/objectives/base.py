@@ -51,10 +51,14 @@ class TokenObjective:
         """Train, validation and test splits."""
         raise NotImplementedError
 
-    def stream(self, train: Sequences, seed: int, start: int, micro_batch_size: int) -> ExampleStream:
-        """Training examples in a seeded order from `start`; padded batches group examples of like length."""
+    def stream(self, train: Sequences, seed: int, start: int, per_step: int) -> ExampleStream:
+        """Training examples in a seeded order from `start`; padded batches group examples of like length.
+
+        The runs sorted by length are 50 optimizer steps' worth of examples (`per_step` each): the
+        order, and so each step's examples, do not depend on how a step is split into micro-batches.
+        """
         equal = bool((train.lengths() == train.lengths()[0]).all())
-        group = 0 if self.packed or equal else micro_batch_size * 64
+        group = 0 if self.packed or equal else 50 * per_step
         return ExampleStream(train.lengths(), seed, start, group)
 
     def batch(self, train: Sequences, stream: ExampleStream, micro_batch_size: int):

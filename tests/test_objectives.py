@@ -1,0 +1,325 @@
+"""Objectives: masks, templates, exact normalisation, packing, choice scoring, and a real SFT run resumed exactly."""
+
+import json
+import math
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_ok
+
+from transfer.data.chat import Example, encode, fit, render, template_of, to_example, training_tokens
+from transfer.data.sequences import IGNORE, ExampleStream, Sequences, packed_batch, padded_batch
+from transfer.errors import TransferError
+from transfer.evaluation.choices import choice_metrics, choice_scores, roc_auc
+from transfer.hardware import resolve
+from transfer.loss import summed_lm_loss
+from transfer.models import byte_tokenizer, load_model_and_tokenizer
+from transfer.objectives import build_objective
+from transfer.train import train
+from transfer.validate import compose_config
+
+INSTRUCTIONS = Path(__file__).parent / "data" / "instructions.jsonl"
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Ciao"},
+]
+
+
+def chatml_tokenizer():
+    """A tokenizer with a real chat template (ChatML, as Qwen's), built offline from the byte tokenizer."""
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    return tok
+
+
+def trained_text(tokenizer, ids, labels) -> str:
+    return tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE])
+
+
+# ---------------------------------------------------------------- masks and templates
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_the_loss_counts_every_assistant_turn_and_its_end_and_nothing_else(template):
+    tok = chatml_tokenizer() if template == "chat" else byte_tokenizer()
+    assert template_of(tok, "auto") == template
+    ids, labels = training_tokens(Example(TURNS), tok, template, train_on_prompt=False)
+    end = "<|im_end|>" if template == "chat" else tok.eos_token
+    assert trained_text(tok, ids, labels) == f"Hello!{end}Ciao{end}"
+    text, spans = render(Example(TURNS), tok, template)
+    assert [text[a:b] for a, b, _ in spans] == ["Hello!", "Ciao"]
+    assert tok.decode(ids) == text  # the tokens are the text's, nothing added or lost
+    everything = training_tokens(Example(TURNS), tok, template, train_on_prompt=True)[1]
+    assert all(label != IGNORE for label in everything)
+
+
+def test_the_chat_template_frames_the_conversation_as_the_tokenizer_says():
+    tok = chatml_tokenizer()
+    text, _ = render(Example(TURNS), tok, "chat")
+    assert text == tok.apply_chat_template(TURNS, tokenize=False)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there")
+    ids, labels = training_tokens(Example(TURNS), tok, "chat", False)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert [label for label in labels if label == im_end] == [im_end, im_end]  # the assistant turns' ends only
+    assert ids.count(im_end) == 5  # one after every message
+
+
+@pytest.mark.parametrize(
+    "row,fmt,expected",
+    [
+        ({"instruction": "Add.", "input": "1 and 2", "output": "3"}, "alpaca", ("Add.\n\n1 and 2", "3")),
+        ({"instruction": "Add.", "input": "", "output": "3"}, "alpaca", ("Add.", "3")),
+        ({"prompt": "Q?", "completion": "A."}, "prompt_completion", ("Q?", "A.")),
+        (
+            {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+            "messages",
+            ("Q?", "A."),
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]},
+            "messages",
+            ("Q?", "A."),
+        ),
+    ],
+    ids=["alpaca", "alpaca-no-input", "prompt-completion", "sharegpt", "messages"],
+)
+def test_formats_become_conversations(row, fmt, expected):
+    from transfer.data.chat import detect_format
+
+    cfg = compose_config(["dataset=text_files", f"dataset.train_files=[{INSTRUCTIONS}]"]).dataset
+    assert detect_format(row, cfg, "row") == fmt
+    example = to_example(row, fmt, cfg, "row")
+    assert (example.messages[-2]["content"], example.answer) == expected
+
+
+def test_template_none_keeps_prompt_and_completion_as_written():
+    tok = byte_tokenizer()
+    example = Example([{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}], raw=("2+2=", "4"))
+    text, spans = render(example, tok, "none")
+    assert text == "2+2=4" + tok.eos_token
+    ids, labels = encode(text, [(a, c) for a, _, c in spans], tok, "none")
+    assert trained_text(tok, ids, labels) == "4" + tok.eos_token
+
+
+def test_a_conversation_that_does_not_end_with_an_answer_is_named():
+    cfg = compose_config(["dataset=text_files", f"dataset.train_files=[{INSTRUCTIONS}]"]).dataset
+    with pytest.raises(TransferError, match="row 7: the conversation does not end with the assistant's answer"):
+        to_example({"messages": [{"role": "user", "content": "Q?"}]}, "messages", cfg, "row 7")
+
+
+def test_too_long_cuts_the_prompt_start_first_then_the_answer_end():
+    ids = list(range(10))
+    labels = [IGNORE] * 6 + [6, 7, 8, 9]  # a 6-token prompt, a 4-token answer
+    assert fit(ids, labels, 12) == (ids, labels, None)
+    cut_ids, cut_labels, what = fit(ids, labels, 7)  # the prompt loses its start; one token of it stays as context
+    assert what == "prompt" and cut_ids == [3, 4, 5, 6, 7, 8, 9] and cut_labels[-4:] == [6, 7, 8, 9]
+    cut_ids, cut_labels, what = fit(ids, labels, 3)  # then the answer loses its end
+    assert what == "response" and cut_ids == [5, 6, 7] and cut_labels == [IGNORE, 6, 7]
+
+
+# ---------------------------------------------------------------- batching
+def test_packed_rows_never_attend_across_examples():
+    model, _ = load_model_and_tokenizer(compose_config([]).model, 64)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    seqs_ids = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (5, 9, 7)]
+    seqs = Sequences.from_lists(seqs_ids, seqs_ids)
+    stream = ExampleStream(seqs.lengths(), seed=0)
+    order = [seqs_ids[i] for i in ExampleStream(seqs.lengths(), seed=0)._order_of(0)]  # the row's layout
+    batch = packed_batch(seqs, stream, rows=1, row_length=24, pad_id=0)
+    assert batch.examples == 3 and batch.tokens == 21 and stream.position == 3
+    assert batch.position_ids[0].tolist() == [*range(len(order[0])), *range(len(order[1])), *range(len(order[2])),
+                                              0, 1, 2]  # fmt: skip
+    with torch.no_grad():
+        packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
+        start = 0
+        for ids in order:
+            alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start : start + len(ids)], alone, rtol=1e-5, atol=1e-5)
+            start += len(ids)
+        # the packed row's loss is the sum of the examples' own: no target crosses from one to the next
+        total, count = summed_lm_loss(model, batch.input_ids, batch.labels, position_ids=batch.position_ids)
+        parts = [summed_lm_loss(model, torch.tensor([ids]), torch.tensor([ids])) for ids in order]
+    assert count == batch.normaliser == sum(n for _, n in parts) == 21 - 3
+    torch.testing.assert_close(total, sum(t for t, _ in parts), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_batches_score_only_real_answer_tokens():
+    seqs = Sequences.from_lists([[1, 2, 3], [4, 5]], [[IGNORE, 2, 3], [IGNORE, 5]])
+    batch = padded_batch(seqs, [0, 1], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert batch.labels.tolist() == [[IGNORE, 2, 3], [IGNORE, 5, IGNORE]]
+    assert (batch.normaliser, batch.tokens, batch.positions) == (3, 5, 6)
+
+
+@pytest.mark.parametrize("batching,splits", [("padded", ((8, 1), (2, 4))), ("packed", ((2, 1), (1, 2)))])
+def test_one_step_is_the_same_update_for_8x1_and_2x4_micro_batches(batching, splits):
+    """Examples of different lengths, masked: the step's loss and gradients do not depend on the split
+    (packed: 2 rows in one micro-batch, or one row in each of two)."""
+    updates, losses = [], []
+    for micro, accum in splits:
+        cfg = compose_config([
+            "objective=sft", "dataset=text_files", f"dataset.train_files=[{INSTRUCTIONS}]", "dataset.holdout_fraction=0.1",
+            f"objective.batching={batching}", f"micro_batch_size={micro}",
+            f"grad_accum_steps={accum}", "max_steps=1", "eval_interval=0", "block_size=128", "optimizer=sgd",
+            "optimizer.lr=1.0", "optimizer.momentum=0", "optimizer.grad_clip=null", "optimizer.warmup_ratio=0",
+            "checkpoint.enabled=false",
+        ])  # fmt: skip
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+        before = [p.detach().clone() for p in model.parameters()]
+        objective = build_objective(cfg, tokenizer)
+        splits = objective.prepare(None)
+        lengths = splits["train"].lengths().tolist()
+        assert len(set(lengths)) > 3  # examples of different lengths
+        result = train(model, objective, splits, cfg, resolve(cfg.hardware))
+        updates.append([p.detach() - b for p, b in zip(model.parameters(), before, strict=True)])
+        losses.append((result["loss_first"], result["scored_tokens"], result["samples"]))
+    assert losses[0][1:] == losses[1][1:]  # the same examples and targets
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-6)
+    for a, b in zip(*updates, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- choice scoring and its metrics
+def test_choice_scores_are_the_summed_log_probabilities_of_each_answer():
+    model, tok = load_model_and_tokenizer(compose_config([]).model, 64)
+    model.eval()
+    example = Example([{"role": "user", "content": "Is 4 even?"}, {"role": "assistant", "content": "Yes"}])
+    seqs = Sequences.from_lists(*zip(*[_answer(example, c, tok) for c in ("Yes", "No")], strict=True))
+    scores = choice_scores(model, seqs, 2, batch_size=2, hardware=resolve(compose_config([]).hardware), pad_id=0)
+    prompt = "### Instruction:\nIs 4 even?\n\n### Response:\n"  # the plain template, by hand
+    for j, choice in enumerate(("Yes", "No")):
+        ids = torch.tensor([tok(prompt + choice)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        n = len(tok(choice)["input_ids"])
+        by_hand = sum(logp[t - 1, ids[0, t]] for t in range(ids.shape[1] - n, ids.shape[1]))
+        assert scores[0, j].item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def _answer(example, choice, tok):
+    from transfer.data.chat import answer_tokens
+
+    return answer_tokens(example, choice, tok, "plain")
+
+
+def test_roc_auc_is_the_share_of_positive_negative_pairs_ranked_right():
+    g = torch.Generator().manual_seed(1)
+    for n in (7, 50, 200):
+        scores = torch.randint(0, 6, (n,), generator=g).double()  # many ties
+        positive = torch.rand(n, generator=g) < 0.4
+        pos, neg = scores[positive], scores[~positive]
+        pairwise = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean()
+        assert roc_auc(scores, positive) == pytest.approx(pairwise.item(), abs=1e-12)
+    assert roc_auc(torch.tensor([0.1, 0.9]), torch.tensor([True, True])) is None  # one class: undefined
+
+
+def test_choice_metrics_by_hand():
+    scores = torch.log(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]))
+    gold = torch.tensor([0, 1, 1, 0])  # right, right, wrong, wrong
+    m = choice_metrics(scores, gold)
+    assert m["accuracy"] == 0.5
+    assert m["log_loss"] == pytest.approx(-(math.log(0.9) + math.log(0.8) + math.log(0.4) + math.log(0.3)) / 4)
+    # positives (gold "Yes", index 0) scored 0.9 and 0.3; negatives 0.2 and 0.6: 3 of the 4 pairs ranked right
+    assert m["auc"] == pytest.approx(0.75)
+
+
+# ---------------------------------------------------------------- a real run, killed and resumed
+def parity_task(folder: Path) -> list[str]:
+    """A Yes/No task written for the tests: is the number even? Train, validation and test files."""
+    rng = random.Random(0)
+    for split, n in (("train", 240), ("validation", 40), ("test", 40)):
+        rows = []
+        for _ in range(n):
+            k = rng.randrange(10, 1000)
+            rows.append({"prompt": f"Is {k} an even number?", "completion": "Yes" if k % 2 == 0 else "No"})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ["objective=sft", "dataset=text_files", "dataset.format=prompt_completion", "dataset.choices=[Yes,No]",
+            *(f"dataset.{s}_files=[{folder / f'{s}.jsonl'}]" for s in ("train", "validation", "test")),
+            "eval/reference=none", "block_size=64", "micro_batch_size=8", "max_steps=40", "eval_interval=20",
+            "checkpoint.interval=10", "log_interval=1", "optimizer.lr=1e-3", "eval.max_new_tokens=4",
+            "objective.select=auc"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("sft")
+    args = parity_task(root)
+    run_ok([*args, "hydra.run.dir=run"], root)
+    return root, args
+
+
+def test_an_sft_run_records_answers_choices_and_samples(sft_run):
+    root, _ = sft_run
+    r = json.loads((root / "run" / "metrics.json").read_text())
+    assert r["status"] == "completed" and r["record_version"] == 2
+    assert r["objective"] == {"name": "sft", "select": "auc", "mode": "max", "template": "plain", "train_on_prompt": False,
+                              "truncation": "truncate", "batching": "padded", "choices": ["Yes", "No"]}  # fmt: skip
+    train = r["train"]
+    # the answers alone are scored: "Yes" or "No" and the end-of-text token, 3 or 4 bytes of the byte tokenizer
+    assert train["scored_tokens"] < 0.2 * train["tokens"] and train["samples"] == 40 * 8
+    for when in ("baseline", "final"):
+        v = r["eval"][when]["validation"]
+        assert v["choice_examples"] == 40 and 0 <= v["accuracy"] <= 1 and 0 <= v["auc"] <= 1 and v["log_loss"] > 0
+    assert r["eval"]["final"]["validation"]["loss"] < r["eval"]["baseline"]["validation"]["loss"]
+    curve = train["validation_curve"]
+    assert [v["step"] for v in curve] == [20, 40] and all("auc" in v for v in curve)
+    best = max([(r["eval"]["baseline"]["validation"]["auc"], 0)] + [(v["auc"], v["step"]) for v in curve])
+    assert train["best_step"] == best[1] and train["select"] == "auc"  # the best weights by AUC
+    assert [s["reference"] for s in r["samples"]] and r["samples_from"] == "the first validation examples"
+    assert r["eval"]["change"]["validation"]["auc"] == pytest.approx(
+        r["eval"]["final"]["validation"]["auc"] - r["eval"]["baseline"]["validation"]["auc"]
+    )
+
+
+def test_the_tables_read_the_task_metrics_from_the_record(sft_run, tmp_path):
+    from transfer.aggregate import aggregate, lower_is_better
+
+    root, _ = sft_run
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    for name in ("metrics.json",):
+        (sweep / "0" / name).write_bytes((root / "run" / name).read_bytes())
+    jobs, table, files = aggregate([sweep], sort="val_auc_after")
+    r = json.loads((root / "run" / "metrics.json").read_text())
+    for column, (when, metric) in {"val_auc_after": ("final", "auc"), "val_accuracy_before": ("baseline", "accuracy"),
+                                   "test_log_loss_after": ("final", "log_loss"), "val_ppl_after": ("final", "perplexity")}.items():  # fmt: skip
+        split = {"val": "validation", "test": "test"}[column.split("_")[0]]
+        assert table.at[0, column] == r["eval"][when][split][metric]
+    assert not lower_is_better("val_auc_after") and lower_is_better("val_log_loss_after")
+    assert (sweep / "tables" / "task_metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert "val_auc_after" in (sweep / "tables" / "comparison.md").read_text().splitlines()[0]
+
+
+def test_sft_kill_and_resume_gives_the_same_losses(sft_run, tmp_path):
+    root, args = sft_run
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "transfer", *args, "hydra.run.dir=run"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "run" / "checkpoints").glob("step-*[0-9]")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_ok([*args, "resume=true", "hydra.run.dir=run"], tmp_path)
+    resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    straight = json.loads((root / "run" / "metrics.json").read_text())
+    assert resumed["train"]["resumed_from_step"] in (10, 20, 30)
+    for a, b in zip(resumed["train"]["loss_curve"], straight["train"]["loss_curve"], strict=True):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    for key in ("loss", "auc", "accuracy"):
+        assert resumed["eval"]["final"]["validation"][key] == pytest.approx(
+            straight["eval"]["final"]["validation"][key], rel=1e-6
+        )
