@@ -1,7 +1,9 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,25 @@ def loss_and_grads(model, ids, labels, chunk_tokens: int, scale: float = 1.0, au
         loss, count = summed_lm_loss(model, ids, labels, chunk_tokens=chunk_tokens)
     (loss * scale).backward()
     return loss.detach(), count, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def kill_after_first_checkpoint(args: list[str], cwd: Path) -> None:
+    """Start `python -m transfer ARGS` (into cwd/run) and kill it outright once its first step checkpoint exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "transfer", *args], cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((cwd / "run" / "checkpoints").glob("step-*[0-9]")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def assert_same_training(a: dict, b: dict, metrics=("loss",)) -> None:
+    """Two records trained alike: the same loss at every logged step, the same final validation metrics (to 1e-6)."""
+    for x, y in zip(a["train"]["loss_curve"], b["train"]["loss_curve"], strict=True):
+        assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+    for key in metrics:
+        assert a["eval"]["final"]["validation"][key] == pytest.approx(b["eval"]["final"]["validation"][key], rel=1e-6)
 
 
 def copy_run(folder: Path, to: Path) -> Path:

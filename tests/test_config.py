@@ -1,5 +1,6 @@
 """Config composition through Hydra's compose API, and the schema's rejections."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ REQUIRED = {
         "dataset=text_files",
         f"dataset.train_files=[{Path(__file__).parent / 'data' / 'instructions.jsonl'}]",
     ],
+    # instruction datasets whose files live outside the repository (../shared, or built by a task)
+    ("dataset", "self_instruct"): ["objective=sft"],
+    ("dataset", "movielens"): ["objective=sft"],
 }
 EXPECTED_TYPES = {
     ("dataset", "text_files"): schema.TextFilesDataset,
@@ -43,9 +47,13 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group,option", ALL_CHOICES)
 def test_every_choice_composes(group, option):
     cfg = compose_config([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    files = cfg.dataset.get("train_files") or []
     if option in ("qlora", "cuda") and not torch.cuda.is_available():
         with pytest.raises(TransferError, match="strategy=qlora needs a CUDA GPU|hardware.device=cuda but no CUDA"):
             check_config(cfg)  # refused at start-up, before any model is loaded
+    elif files and not Path(files[0]).exists():  # not built or not here: the error says how to get them
+        with pytest.raises(TransferError, match=f"no such file .*; {re.escape(cfg.dataset.build_hint)}"):
+            check_config(cfg)
     else:
         check_config(cfg)
     assert cfg[group].name == option

@@ -97,3 +97,40 @@ def test_running_out_of_cuda_memory_is_one_line_and_the_next_job_gets_the_memory
     assert "Traceback" not in output
     # the failed job's tensors were freed: the next job's peak is its own, far below the failed one's
     assert completed["memory"]["bytes"] < 2**30
+
+
+def test_the_fused_loss_skips_masked_positions_on_cuda_and_matches_the_whole_logits():
+    """sft's path: only scored positions meet the head, in bf16 on a GPU."""
+    from transfer.models import load_model_and_tokenizer
+    from transfer.validate import compose_config
+
+    model, _ = load_model_and_tokenizer(compose_config([]).model, 64)
+    model.cuda()
+    ids = torch.randint(0, model.config.vocab_size, (4, 64), device="cuda")
+    labels = ids.clone()
+    labels[:, :40] = -100  # a prompt: not scored
+    whole, n, grads_whole = loss_and_grads(model, ids, labels, 0, scale=1 / 96, autocast=torch.bfloat16)
+    chunked, m, grads_chunked = loss_and_grads(model, ids, labels, 100, scale=1 / 96, autocast=torch.bfloat16)
+    assert n == m == 4 * 24
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=0)
+    for name in grads_whole:
+        scale = grads_whole[name].abs().max()
+        torch.testing.assert_close(grads_chunked[name] / scale, grads_whole[name] / scale, rtol=0, atol=2e-2, msg=name)
+
+
+def test_sft_with_choices_trains_on_cuda_in_bf16(tmp_path):
+    from test_objectives import parity_task
+
+    run_ok([*parity_task(tmp_path), "hardware.device=cuda", "hardware.precision=bf16", "checkpoint.enabled=false",
+            "hydra.run.dir=run"], tmp_path)  # fmt: skip
+    record = read_record(tmp_path / "run")
+    assert record["hardware"]["device"].startswith("cuda") and record["objective"]["name"] == "sft"
+    before, after = record["eval"]["baseline"]["validation"], record["eval"]["final"]["validation"]
+    assert after["loss"] < before["loss"]
+    assert 0 <= after["auc"] <= 1 and after["choice_examples"] == 40
+
+
+def test_the_command_line_finds_the_gpu_without_torch():
+    from transfer.inputs import cuda_available
+
+    assert cuda_available() is True

@@ -3,15 +3,11 @@
 import json
 import math
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, SHORT, SWEEP, copy_run, run_cli, run_ok
+from conftest import FAST, SHORT, SWEEP, assert_same_training, copy_run, kill_after_first_checkpoint, run_cli, run_ok
 
 from transfer.errors import TransferError
 from transfer.hardware import resolve
@@ -132,17 +128,6 @@ def test_checkpoints_rotate_and_keep_the_best(fast_run):
     assert best["step"] == record_of(fast_run)["train"]["best_step"]
 
 
-def _kill_after_first_checkpoint(args: list[str], cwd: Path) -> None:
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "transfer", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((cwd / "run" / "checkpoints").glob("step-*[0-9]")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
 # dropout on, so that the RNG state matters too
 LORA = [*FAST, "max_steps=40", "eval_interval=20", "checkpoint.interval=10", "log_interval=1",
         "strategy=lora", "strategy.dropout=0.1", "eval/reference=none"]  # fmt: skip
@@ -157,7 +142,7 @@ def lora_run(tmp_path_factory) -> Path:
 
 
 def test_kill_and_resume_gives_the_same_losses(lora_run, tmp_path):
-    _kill_after_first_checkpoint([*LORA, "hydra.run.dir=run"], tmp_path)
+    kill_after_first_checkpoint([*LORA, "hydra.run.dir=run"], tmp_path)
     killed = record_of(tmp_path / "run")
     assert killed["status"] == "running", "the run finished before it could be killed"
     proc = run_cli([*LORA, "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
@@ -167,11 +152,7 @@ def test_kill_and_resume_gives_the_same_losses(lora_run, tmp_path):
     # CPU float32 with the same ops in the same order is deterministic: the restored
     # weights, optimizer moments, schedule, RNG and data position give the very same
     # numbers; 1e-6 only leaves room for the last bit of a float32 sum.
-    for a, b in zip(resumed["train"]["loss_curve"], straight["train"]["loss_curve"], strict=True):
-        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-    assert resumed["eval"]["final"]["validation"]["loss"] == pytest.approx(
-        straight["eval"]["final"]["validation"]["loss"], rel=1e-6
-    )
+    assert_same_training(resumed, straight)
     assert resumed["train"]["tokens"] == straight["train"]["tokens"]
 
 

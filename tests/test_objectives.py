@@ -3,15 +3,11 @@
 import json
 import math
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_ok
+from conftest import assert_same_training, kill_after_first_checkpoint, run_ok
 
 from transfer.data.chat import Example, encode, fit, render, template_of, to_example, training_tokens
 from transfer.data.sequences import IGNORE, ExampleStream, Sequences, packed_batch, padded_batch
@@ -305,21 +301,8 @@ def test_the_tables_read_the_task_metrics_from_the_record(sft_run, tmp_path):
 
 def test_sft_kill_and_resume_gives_the_same_losses(sft_run, tmp_path):
     root, args = sft_run
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "transfer", *args, "hydra.run.dir=run"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "run" / "checkpoints").glob("step-*[0-9]")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint([*args, "hydra.run.dir=run"], tmp_path)
     run_ok([*args, "resume=true", "hydra.run.dir=run"], tmp_path)
     resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    straight = json.loads((root / "run" / "metrics.json").read_text())
     assert resumed["train"]["resumed_from_step"] in (10, 20, 30)
-    for a, b in zip(resumed["train"]["loss_curve"], straight["train"]["loss_curve"], strict=True):
-        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-    for key in ("loss", "auc", "accuracy"):
-        assert resumed["eval"]["final"]["validation"][key] == pytest.approx(
-            straight["eval"]["final"]["validation"][key], rel=1e-6
-        )
+    assert_same_training(resumed, json.loads((root / "run" / "metrics.json").read_text()), ("loss", "auc", "accuracy"))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, SHORT, SWEEP, copy_run, run_cli
+from conftest import FAST, SHORT, SWEEP, assert_same_training, copy_run, run_cli
 
 CORPUS = Path(__file__).resolve().parent.parent / "transfer" / "corpora" / "rust_concepts"
 INSTRUCTIONS = Path(__file__).resolve().parent / "data" / "instructions.jsonl"
@@ -453,12 +453,6 @@ def _rewrite_manifest(folder: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
-def _same_training(a: dict, b: dict) -> None:
-    for x, y in zip(a["train"]["loss_curve"], b["train"]["loss_curve"], strict=True):
-        assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-6)
-    assert a["eval"]["final"]["validation"]["loss"] == pytest.approx(b["eval"]["final"]["validation"]["loss"], rel=1e-6)
-
-
 class Evil:
     """What a crafted trainer_state.pt holds: unpickling it runs a command."""
 
@@ -500,7 +494,7 @@ def test_fault_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(fast_r
     assert "falling back to step-000025" in output
     resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["status"] == "completed" and resumed["train"]["resumed_from_step"] == 25
-    _same_training(resumed, json.loads((fast_run / "metrics.json").read_text()))
+    assert_same_training(resumed, json.loads((fast_run / "metrics.json").read_text()))
 
 
 def test_fault_no_intact_checkpoint_refuses_with_each_problem(fast_run, tmp_path):
@@ -553,7 +547,7 @@ def test_fault_second_writer_refused_then_stale_lock_taken_over_and_restart_from
     assert "Traceback" not in output
     again = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert again["status"] == "completed" and again["train"]["resumed_from_step"] is None
-    _same_training(again, json.loads((fast_run / "metrics.json").read_text()))
+    assert_same_training(again, json.loads((fast_run / "metrics.json").read_text()))
     assert not (tmp_path / "run" / ".transfer.lock").exists()
     # TensorBoard shows the new run's steps once each, whatever the killed one had logged
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -595,7 +589,7 @@ def test_fault_ctrl_c_records_interrupted_and_prints_how_to_resume(fast_run, tmp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert again["train"]["resumed_from_step"] == stopped
-    _same_training(again, json.loads((fast_run / "metrics.json").read_text()))
+    assert_same_training(again, json.loads((fast_run / "metrics.json").read_text()))
     # TensorBoard shows each step once: what the interrupted run logged after its checkpoint is purged
     events = EventAccumulator(str(tmp_path / "run"))
     events.Reload()

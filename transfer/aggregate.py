@@ -123,6 +123,7 @@ def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
         steps=train.get("steps"),
         best_step=train.get("best_step"),
         stop_reason=train.get("stop_reason"),
+        select=(record.get("objective") or {}).get("select"),
         peak_memory_mb=_mb(record.get("memory", {}).get("bytes")),
         checkpoint_mb=_mb((train.get("checkpoint") or {}).get("bytes")),
         val_tokens=(record.get("data") or {}).get("validation", {}).get("tokens"),  # eval.max_tokens cuts it
@@ -195,12 +196,23 @@ def _mb(n) -> float | None:
 
 
 # ---------------------------------------------------------------- the comparison
-def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str = "val_ppl_after") -> pd.DataFrame:
+def default_sort(jobs: pd.DataFrame) -> str:
+    """The validation metric the jobs kept their best weights by, when they share one; else validation perplexity."""
+    chosen = jobs["select"].dropna().unique() if "select" in jobs else []
+    if len(chosen) == 1:
+        column = _column("validation", chosen[0], "after")
+        if column in jobs:
+            return column
+    return "val_ppl_after"
+
+
+def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str | None = None) -> pd.DataFrame:
     """Jobs that differ only by seed, grouped: mean and std of every metric, and the seed count.
 
     Completed runs and dry runs are grouped apart (a dry run has counts, no perplexities).
     """
     keys = group_by or default_group_keys(jobs)
+    sort = sort or default_sort(jobs)
     done = jobs[jobs["status"].isin(RESULTS)]
     metrics = metric_columns(jobs)
     rows = []
@@ -320,7 +332,7 @@ def write_tables(jobs: pd.DataFrame, table: pd.DataFrame, folder: Path, columns:
     return written + write_plots(jobs, table, folder)
 
 
-def aggregate(sweeps: list[Path], out: Path | None = None, sort: str = "val_ppl_after", group_by=None, columns=None):
+def aggregate(sweeps: list[Path], out: Path | None = None, sort: str | None = None, group_by=None, columns=None):
     """Read the sweeps, write the tables (into the sweep's tables/ folder), return (jobs, table, files)."""
     jobs = read_jobs(sweeps)
     table = comparison(jobs, group_by, sort)
@@ -333,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweeps", nargs="*", help="sweep folders (default: the newest under multirun/)")
     parser.add_argument("--all", action="store_true", help="every sweep under multirun/, in one table")
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="where sweeps live (default: multirun)")
-    parser.add_argument("--sort", default="val_ppl_after", help="column to sort by (default: val_ppl_after)")
+    parser.add_argument(
+        "--sort", help="column to sort by, best first (default: the metric the jobs selected by, else val_ppl_after)"
+    )
     parser.add_argument(
         "--group-by", help="comma-separated columns to group by (default: the swept overrides but seed)"
     )
@@ -345,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         sweeps = find_sweeps(args.sweeps, args.all, Path(args.root))
         jobs = read_jobs(sweeps)
         group_by, columns = split(args.group_by), split(args.columns)
-        for col in (group_by or []) + (columns or []) + [args.sort]:
+        for col in (group_by or []) + (columns or []) + ([args.sort] if args.sort else []):
             if col not in jobs.columns and col not in ("seeds", *RUN_METRICS):
                 raise TransferError(
                     f"unknown column {col!r}; allowed: {', '.join(c for c in jobs.columns if c != 'validation_curve')}"

@@ -136,9 +136,9 @@ def _task_metrics(done: pd.DataFrame, path: Path) -> Path | None:
     for ax, metric in zip(axes[0], metrics, strict=True):
         before, after = f"val_{metric}_before", f"val_{metric}_after"
         ax.bar([i - 0.2 for i in x], done[before].fillna(0), width=0.4, color="lightgrey", label="before training",
-               yerr=[_std(r, before) for _, r in done.iterrows()], capsize=3)  # fmt: skip
+               yerr=_errors(done, before), capsize=3)  # fmt: skip
         ax.bar([i + 0.2 for i in x], done[after].fillna(0), width=0.4, color=[f"C{i % 10}" for i in x],
-               label="after", yerr=[_std(r, after) for _, r in done.iterrows()], capsize=3)  # fmt: skip
+               label="after", yerr=_errors(done, after), capsize=3)  # fmt: skip
         if metric == "auc":
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_xticks(list(x), done["label"], rotation=30, ha="right", fontsize=8)
@@ -148,6 +148,12 @@ def _task_metrics(done: pd.DataFrame, path: Path) -> Path | None:
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
+
+
+def _errors(data: pd.DataFrame, col: str) -> list[float] | None:
+    """Error bars of a column (the std over seeds), or none when no row has one."""
+    errors = [_std(r, col) for _, r in data.iterrows()]
+    return errors if any(errors) else None
 
 
 def _std(row, col: str) -> float:

@@ -30,6 +30,7 @@ from transfer.data.sources import reference_texts
 from transfer.errors import TransferError, first_line
 from transfer.evaluation.perplexity import perplexity
 from transfer.evaluation.samples import generate_samples
+from transfer.fmt import duration
 from transfer.hardware import resolve
 from transfer.models import context_length, load_model_and_tokenizer
 from transfer.objectives import build_objective
@@ -211,14 +212,18 @@ def _reference(cfg, tokenizer):
 
 
 def _evaluate_splits(objective, model, splits, cfg, hardware, when: str) -> dict:
-    """Validation and test by the objective's evaluators; the reference corpus by perplexity."""
-    results = {
-        name: objective.evaluate(model, splits[name], cfg.eval_batch_size, hardware, f"{when} {name}")
-        for name in EVAL_SPLITS
-    }
-    if "reference" in splits:
-        results["reference"] = perplexity(model, splits["reference"], cfg.eval_batch_size, hardware,
-                                          objective.pad_id, f"{when} reference")  # fmt: skip
+    """Validation and test by the objective's evaluators; the reference corpus by perplexity. A line each."""
+    results = {}
+    for name in (*EVAL_SPLITS, "reference"):
+        if name not in splits:
+            continue
+        clock = time.perf_counter()
+        if name == "reference":
+            results[name] = perplexity(model, splits[name], cfg.eval_batch_size, hardware, objective.pad_id,
+                                       f"{when} {name}")  # fmt: skip
+        else:
+            results[name] = objective.evaluate(model, splits[name], cfg.eval_batch_size, hardware, f"{when} {name}")
+        log.info("%s %s: %s (%s)", when, name, describe_metrics(results[name]), duration(time.perf_counter() - clock))
     return results
 
 
