@@ -283,6 +283,22 @@ CONFIG_CASES = [
          make=lambda f, fx: ["dataset=text_files", f"dataset.train_files=[{INSTRUCTIONS}]"]),
     Case("a task's files not built yet", ["objective=sft", "dataset=movielens"],
          "no such file 'data/movielens/train.jsonl'; build them first: python -m transfer.tasks.movielens"),
+    Case("a beta of zero", ["objective=dpo", "objective.beta=0"], "objective.beta=0.0 must be positive"),
+    Case("label smoothing of one half", ["objective=dpo", "objective.label_smoothing=0.5"],
+         "objective.label_smoothing=0.5: allowed [0, 0.5)"),
+    Case("a cached reference for a method without one", ["objective=simpo", "objective.precompute_reference=true"],
+         "objective.precompute_reference=true: simpo uses no reference model"),
+    Case("preference optimisation on plain text", ["objective=dpo"],
+         "has none of the fields an example needs (prompt+chosen+rejected)"),
+    Case("pairs wanted, unpaired rows given", ["objective=dpo", "dataset=text_files"], "(prompt+chosen+rejected)",
+         make=lambda f, fx: [f"dataset.train_files=[{_jsonl(f, 'kto.jsonl', [{'prompt': 'Q', 'completion': 'A', 'label': True}])}]"]),
+    Case("init_from a folder without a run", [], "init_from=",
+         make=lambda f, fx: [f"init_from={f}"]),
+    Case("init_from an unfinished run", ["init_from=run"], "init_from='run': that run is running, not completed",
+         make=_record("running")),
+    Case("init_from a run of another model", [], "that run trained model 'other-org/other-model'",
+         make=lambda f, fx: (_record("completed")(f, fx), (f / "run" / "metrics.json").write_text(json.dumps(
+             {"status": "completed", "config": {"model": {"name_or_path": "other-org/other-model"}}})), [f"init_from={f / 'run'}"])[-1]),
 ]  # fmt: skip
 
 DRIVER = r"""

@@ -182,6 +182,43 @@ def load_weights(folder: Path, model) -> None:
         raise TransferError(f"checkpoint {folder} does not fit this model: unexpected {result.unexpected_keys[:3]}")
 
 
+def load_parent(model, run_dir: Path):
+    """A completed run's final weights (best or last, as it was evaluated) put into `model`, the same base model.
+
+    A peft parent's adapter is merged into the base, so that a new strategy adapts the parent's
+    model (and a preference objective's reference is the parent, not the base). Returns the model
+    and what the record says of its parent.
+    """
+    from transfer.record import read_record
+
+    record = read_record(run_dir)
+    final = record["train"]["final_weights"]
+    info = {"run": str(run_dir), "weights": final["which"], "step": final["step"],
+            "strategy": record["config"]["strategy"]["name"], "objective": (record.get("objective") or {}).get("name")}  # fmt: skip
+    if final["step"] == 0:  # its untrained weights were its best: nothing to load
+        return model, info
+    best = run_dir / "checkpoints" / "best"
+    folder = run_dir / "checkpoints" / f"step-{final['step']:06d}"
+    if final["which"] == "best" and (best / "best.json").is_file():
+        if json.loads((best / "best.json").read_text())["step"] == final["step"]:
+            folder = best
+    if not folder.is_dir():
+        raise TransferError(
+            f"init_from={str(run_dir)!r}: its final weights (step {final['step']}) are not on disk "
+            "(checkpoint.enabled=false, or removed); allowed: a run that kept its checkpoints"
+        )
+    problem = damage(folder)
+    if problem:
+        raise TransferError(f"init_from={str(run_dir)!r}: {folder} is damaged ({problem})")
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    else:
+        load_weights(folder, model)
+    return model, {**info, "folder": str(folder)}
+
+
 def step_folders(run_checkpoints: Path) -> list[Path]:
     """Complete step checkpoints, oldest first."""
     if not run_checkpoints.is_dir():

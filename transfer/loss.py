@@ -72,31 +72,64 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
     return total, count
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Each row's summed log-probability of its scored targets, [rows], in float32.
+def scored_head_inputs(model, input_ids: torch.Tensor, labels: torch.Tensor, position_ids=None):
+    """What the head turns into the scored positions' logits: (inputs [scored, H], head, targets [scored], rows [scored]).
 
-    Only the scored positions meet the head, in chunks of `chunk_tokens`: the logits of a
-    151,936-token vocabulary never exist for a whole batch. A model that changes the head's
-    output in forward() is asked for its logits instead.
+    The decoder's hidden states at the scored positions and the head module; for a model that
+    changes the head's output in forward() (see _logits_are_the_head), its logits and the identity.
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
     inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
     if _logits_are_the_head(model, base, input_ids):
-        hidden = base.get_decoder()(**inputs).last_hidden_state[rows, cols]
-    else:
-        hidden, head = model(**inputs).logits[rows, cols], torch.nn.Identity()
-    picked = targets[rows, cols]
+        return (
+            base.get_decoder()(**inputs).last_hidden_state[rows, cols],
+            base.get_output_embeddings(),
+            targets[rows, cols],
+            rows,
+        )
+    return model(**inputs).logits[rows, cols], torch.nn.Identity(), targets[rows, cols], rows
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Each row's summed log-probability of its scored targets, [rows], in float32.
+
+    Only the scored positions meet the head, in chunks of `chunk_tokens`: the logits of a
+    151,936-token vocabulary never exist for a whole batch.
+    """
+    hidden, head, picked, rows = scored_head_inputs(model, input_ids, labels, position_ids)
     step = chunk_tokens or len(picked) or 1
-    logp = [
-        torch.log_softmax(head(hidden[i : i + step]).float(), dim=-1).gather(1, picked[i : i + step, None]).squeeze(1)
-        for i in range(0, len(picked), step)
-    ]
+    # with gradients, each chunk's logits are made again in the backward pass rather than kept
+    chunk = partial(checkpoint, _picked_logprobs, use_reentrant=False) if torch.is_grad_enabled() else _picked_logprobs
+    logp = [chunk(head, hidden[i : i + step], picked[i : i + step]) for i in range(0, len(picked), step)]
     total = torch.zeros(len(input_ids), dtype=torch.float32, device=input_ids.device)
-    return total.index_add_(0, rows, torch.cat(logp)) if logp else total
+    return total.index_add(0, rows, torch.cat(logp)) if logp else total
+
+
+@torch.no_grad()
+def logprobs_and_kl(policy: tuple, reference: tuple | None, picked: torch.Tensor, rows: torch.Tensor, n_rows: int,
+                    chunk_tokens: int = 4096):  # fmt: skip
+    """From the policy's and the reference's (head input, head) at the same scored positions: each row's summed
+    log-probabilities under both, [n_rows], and the summed KL(policy || reference) between their next-token
+    distributions over the positions. Exact over any vocabulary: the logits exist a chunk at a time."""
+    (p_hidden, p_head), step = policy, chunk_tokens or len(picked) or 1
+    p_logp, q_logp, kl = [], [], 0.0
+    for i in range(0, len(picked), step):
+        lp = torch.log_softmax(p_head(p_hidden[i : i + step]).float(), dim=-1)
+        p_logp.append(lp.gather(1, picked[i : i + step, None]).squeeze(1))
+        if reference is not None:
+            lq = torch.log_softmax(reference[1](reference[0][i : i + step]).float(), dim=-1)
+            q_logp.append(lq.gather(1, picked[i : i + step, None]).squeeze(1))
+            kl += float((lp.exp() * (lp - lq)).sum())
+    zeros = torch.zeros(n_rows, dtype=torch.float32, device=picked.device)
+    per_row = lambda parts: zeros.index_add(0, rows, torch.cat(parts)) if parts else zeros  # noqa: E731
+    return per_row(p_logp), per_row(q_logp) if reference is not None else None, kl
+
+
+def _picked_logprobs(head, hidden: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(head(hidden).float(), dim=-1).gather(1, picked[:, None]).squeeze(1)
 
 
 def smaller_chunks(chunk_tokens: int, batch_tokens: int) -> list[str]:

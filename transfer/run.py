@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from transfer import STARTED, validate
-from transfer.checkpoint import check_same_config, find_resume_point
+from transfer.checkpoint import check_same_config, find_resume_point, load_parent
 from transfer.data.blocks import separator_id, text_blocks
 from transfer.data.sources import reference_texts
 from transfer.errors import TransferError, first_line
@@ -95,6 +95,11 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         clock = time.perf_counter()
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size, quantize_4bit=loading["quantize_4bit"],
                                                     weights=not shapes_only)  # fmt: skip
+        if cfg.init_from:  # another run's final weights, before this run's strategy adapts them
+            if shapes_only:
+                record["init_from"] = {"run": cfg.init_from, "weights": "not loaded (dry run)"}
+            else:
+                model, record["init_from"] = load_parent(model, Path(cfg.init_from).expanduser())
         timing["model_load"] = time.perf_counter() - clock
         record["model"] = {
             "class": type(model).__name__,
@@ -121,10 +126,11 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         reference = _reference(cfg, tokenizer)
         if reference is not None:
             splits["reference"] = reference
-        record["objective"] = objective.describe()
         record["data"] = {"block_size": cfg.block_size, **{name: seqs.summary() for name, seqs in splits.items()}}
         if not loading["placed"]:
             model.to(hardware.device)
+        attached = objective.attach(model, splits, cfg, hardware)  # a reference model, for preference objectives
+        record["objective"] = {**objective.describe(), **attached}
         sample_inputs, record["samples_from"] = objective.sample_inputs(splits, list(cfg.dataset.prompts))
         timing["data_load"] = time.perf_counter() - clock
 
@@ -157,8 +163,10 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
 
             # evaluate again, the same splits
             final = record["eval"]["final"] = _evaluate_splits(objective, model, splits, cfg, hardware, "final")
-            record["eval"]["change_pct"] = {
-                name: _change_pct(baseline[name]["perplexity"], final[name]["perplexity"]) for name in final
+            record["eval"]["change_pct"] = {  # of perplexity, where the split has one
+                name: _change_pct(baseline[name]["perplexity"], final[name]["perplexity"])
+                for name in final
+                if "perplexity" in final[name]
             }
             record["eval"]["change"] = {
                 name: {k: final[name][k] - v for k, v in baseline[name].items() if isinstance(v, float)

@@ -62,6 +62,8 @@ class ExampleFormat(Enum):
     prompt_completion = "prompt_completion"
     alpaca = "alpaca"
     messages = "messages"
+    pairs = "pairs"  # prompt, chosen, rejected (preference objectives)
+    unpaired = "unpaired"  # prompt, completion, label (KTO)
 
 
 class Template(Enum):
@@ -195,6 +197,34 @@ class SFTObjectiveConfig(ObjectiveConfig):
     samples: int = 3
 
 
+@dataclass
+class PreferenceObjectiveConfig(ObjectiveConfig):
+    """DPO, IPO, KTO, CPO, ORPO and SimPO: the option's name picks the row of the loss table
+    (transfer/objectives/preference.py); hyper-parameters are named as in the papers."""
+
+    # beta: DPO's and KTO's inverse temperature, IPO's tau, CPO's and SimPO's reward scale
+    beta: float = 0.1
+    # epsilon of conservative DPO (and CPO, SimPO): the share of labels assumed flipped
+    label_smoothing: float = 0.0
+    # SimPO's target reward margin gamma
+    gamma: float = 0.0
+    # ORPO's lambda: the weight of the odds-ratio term next to the answer's likelihood
+    lambda_or: float = 0.1
+    # CPO's weight of the chosen answer's likelihood (its behaviour-cloning term)
+    cpo_alpha: float = 1.0
+    # KTO's lambda_D and lambda_U: the weights of desirable and undesirable examples
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # The reference's log-probabilities computed once before training and cached on disk
+    # (keyed by model, data and settings: every job of a sweep reuses them); false: live,
+    # from the base with adapters disabled (peft) or a frozen copy (other strategies).
+    precompute_reference: bool = False
+    reference_cache: str = "${oc.env:TRANSFER_CACHE,'~/.cache/transfer'}/reference"
+    template: Template = Template.auto
+    truncation: Truncation = Truncation.truncate
+    samples: int = 3
+
+
 # ---------------------------------------------------------------- dataset
 @dataclass
 class DatasetConfig:
@@ -216,8 +246,14 @@ class DatasetConfig:
     messages_field: str = "messages"  # ShareGPT's "conversations" is found too
     # A task's answers, e.g. ["Yes", "No"]: each is scored after the prompt (accuracy, log-loss, AUC).
     choices: list[str] | None = None
-    # The field that holds the right choice; null: the answer itself.
+    # The field that holds the right choice (null: the answer itself); for KTO's unpaired rows,
+    # whether the completion is desirable (null: "label").
     label_field: str | None = None
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    # How this data's text is framed: null, as the objective says (objective.template); none,
+    # written already as the model should see it (a transcript such as HH-RLHF's).
+    template: Template | None = None
     # How to make the files when they are missing (a task's builder), said with the error.
     build_hint: str | None = None
 
@@ -378,6 +414,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Start from another run's final weights (its best or last, as it evaluated): a folder of a
+    # completed run of the same model; a LoRA parent's adapter is merged into the base first.
+    init_from: str | None = None
     # Continue a killed run: true = from the last checkpoint in the run's own folder
     # (a completed run is skipped), or the path of a run folder or checkpoint.
     resume: Any = False
@@ -398,6 +437,7 @@ def register() -> None:
         ("strategy", "scratch", ScratchConfig),
         ("objective", "lm", LMObjectiveConfig),
         ("objective", "sft", SFTObjectiveConfig),
+        ("objective", "preference", PreferenceObjectiveConfig),
         ("dataset", "text_files", TextFilesDataset),
         ("dataset", "hub", HubDataset),
         ("hardware", "base", HardwareConfig),

@@ -189,6 +189,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
                 raise Interrupted(stop.signal)
             # the whole step's batches first: their scored targets are what every sum is divided by
             batches = [objective.batch(examples, stream, micro) for _ in range(accum)]
+            objective.begin_step(model, batches, hardware)
             normaliser = sum(b.normaliser for b in batches)
             step_loss = torch.zeros((), device=hardware.device)
             for batch in batches:
@@ -259,7 +260,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
                 log.info("step %d: validation %s", step, describe_metrics(result))
                 if writer is not None:
                     log_metrics(writer, "validation", result, step)
-                value = result[objective.select]
+                value = result.get(objective.select)
                 if value is not None and objective.better(value, progress.best_value, cfg.early_stopping.min_delta):
                     progress.best_value, progress.best_step, progress.evals_since_best = value, step, 0
                     best_weights = checkpoint.trainable_state(model)
@@ -298,7 +299,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
         "seconds": seconds,
         "steps": last_step,
         "planned_steps": total_steps,
-        "epochs": progress.samples / len(examples),
+        "epochs": progress.samples / objective.units(examples),
         "stop_reason": progress.stop_reason,
         "tokens": tokens,  # real tokens, padding left out
         "scored_tokens": progress.scored_tokens,  # the targets the loss counted (an answer's, for sft)

@@ -374,6 +374,7 @@ def check_config(cfg: DictConfig) -> None:
             f"hardware.loss_chunk_tokens={cfg.hardware.loss_chunk_tokens}: allowed 0 (off) or a positive number of tokens"
         )
     check_objective(cfg)
+    check_init_from(cfg)
     check_hardware(cfg)
     check_inputs(cfg)
 
@@ -449,11 +450,31 @@ def example_fields(dataset: DictConfig) -> list[tuple[str, ...]]:
     return [alt for name, alts in formats.items() if chosen in ("auto", name) for alt in alts]
 
 
+def preference_fields(dataset: DictConfig, unpaired_allowed: bool) -> list[tuple[str, ...]]:
+    """The fields a preference objective's rows must have: pairs, or for KTO unpaired rows too."""
+    d = dataset
+    pairs = [(d.prompt_field, d.chosen_field, d.rejected_field)]
+    return pairs + ([(d.prompt_field, d.completion_field, d.label_field or "label")] if unpaired_allowed else [])
+
+
+PREFERENCE = ("dpo", "ipo", "kto", "cpo", "orpo", "simpo")
+FORMATS = ("prompt_completion", "alpaca", "messages")  # instruction tuning's (data/chat.py)
+REFERENCE_FREE = ("cpo", "orpo", "simpo")
+
+
 def check_objective(cfg: DictConfig) -> None:
     objective, dataset = cfg.objective, cfg.dataset
     allowed = ["loss", "perplexity"]
     if objective.name == "sft" and dataset.choices:
         allowed += ["accuracy", "log_loss"] + (["auc"] if len(dataset.choices) == 2 else [])
+    formats = ("auto", "pairs", "unpaired") if objective.name in PREFERENCE else ("auto", *FORMATS)
+    if dataset.format.value not in formats:
+        raise TransferError(
+            f"dataset.format={dataset.format.value} is not for objective={objective.name}; allowed: {', '.join(formats)}"
+        )
+    if objective.name in PREFERENCE:
+        allowed = ["loss"] if dataset.format.value == "unpaired" else ["loss", "reward_accuracy", "margin"]
+        check_preference(objective)
     if objective.select not in allowed:
         choices_hint = "; accuracy, auc and log_loss need dataset.choices" if objective.name == "sft" else ""
         raise TransferError(f"objective.select={objective.select!r}: allowed {', '.join(allowed)}{choices_hint}")
@@ -465,10 +486,53 @@ def check_objective(cfg: DictConfig) -> None:
         raise TransferError(f"objective.samples={objective.samples} must be 0 or more")
 
 
+def check_preference(o: DictConfig) -> None:
+    if o.beta <= 0:
+        raise TransferError(f"objective.beta={o.beta} must be positive")
+    if not 0 <= o.label_smoothing < 0.5:
+        raise TransferError(
+            f"objective.label_smoothing={o.label_smoothing}: allowed [0, 0.5) (the share of flipped labels)"
+        )
+    for key in ("gamma", "lambda_or", "cpo_alpha"):
+        if o[key] < 0:
+            raise TransferError(f"objective.{key}={o[key]} must be 0 or more")
+    if o.desirable_weight <= 0 or o.undesirable_weight <= 0:
+        raise TransferError(
+            f"objective.desirable_weight={o.desirable_weight}, undesirable_weight={o.undesirable_weight}: both must be positive"
+        )
+    if o.precompute_reference and o.name in REFERENCE_FREE:
+        raise TransferError(f"objective.precompute_reference=true: {o.name} uses no reference model; allowed false")
+
+
+def check_init_from(cfg: DictConfig) -> None:
+    """init_from names a completed run of the same model, with its final weights on disk."""
+    if cfg.init_from is None:
+        return
+    folder = Path(cfg.init_from).expanduser()
+    where = f"init_from={cfg.init_from!r}"
+    parent = read_previous(folder) if folder.is_dir() else None
+    if parent is None:
+        raise TransferError(f"{where}: no run there (no metrics.json); allowed: the folder of a completed run")
+    if parent.get("status") != "completed":
+        raise TransferError(f"{where}: that run is {parent.get('status')}, not completed; allowed: a completed run")
+    theirs = (parent.get("config") or {}).get("model", {}).get("name_or_path")
+    if theirs != cfg.model.name_or_path:
+        raise TransferError(f"{where}: that run trained model {theirs!r}, this one loads {cfg.model.name_or_path!r}")
+    if (parent.get("config") or {}).get("strategy", {}).get("name") == "qlora":
+        raise TransferError(
+            f"{where}: a QLoRA run's adapter cannot be merged into 4-bit weights here; allowed: other runs"
+        )
+
+
 def check_inputs(cfg: DictConfig) -> None:
     """The files the run will read, and the model's depth and context against the settings."""
     if "train_files" in cfg.dataset:
-        needs = example_fields(cfg.dataset) if cfg.objective.name == "sft" else [(cfg.dataset.text_field,)]
+        name = cfg.objective.name
+        needs = (
+            example_fields(cfg.dataset) if name == "sft"
+            else preference_fields(cfg.dataset, unpaired_allowed=name == "kto") if name in PREFERENCE
+            else [(cfg.dataset.text_field,)]
+        )  # fmt: skip
         for split in ("train", "validation", "test"):
             where = f"dataset.{split}_files"
             inputs.check_data_files(cfg.dataset[f"{split}_files"], where, needs, cfg.dataset.build_hint)

@@ -4,7 +4,9 @@ Formats (`dataset.format`; `auto` decides from the first row's fields; field nam
 dataset's `*_field` settings):
 - `prompt_completion`: a prompt and a completion, strings or message lists;
 - `alpaca`: `instruction`, an optional `input` (joined to the instruction by a blank line), `output`;
-- `messages`: a list of {role, content}; ShareGPT's `conversations` ({from, value}) is read too.
+- `messages`: a list of {role, content}; ShareGPT's `conversations` ({from, value}) is read too;
+- `pairs` (preference objectives): a prompt, a `chosen` and a `rejected` answer;
+- `unpaired` (KTO): a prompt, a completion and a `label` saying whether it is desirable.
 
 Templates (`objective.template`):
 - `auto`: the tokenizer's chat template when it has one, else `plain`;
@@ -27,7 +29,6 @@ from dataclasses import dataclass
 from transfer.data.sequences import IGNORE
 from transfer.errors import TransferError
 
-FORMATS = ("prompt_completion", "alpaca", "messages")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
          "bot": "assistant", "system": "system"}  # fmt: skip
 _SENTINEL = "\u2063sentinel\u2063"
@@ -58,7 +59,7 @@ def detect_format(row: dict, cfg, where: str) -> str:
         return "prompt_completion"
     raise TransferError(
         f"{where}: cannot tell the format from the fields {sorted(row)}; set dataset.format "
-        f"({', '.join(FORMATS)}) and its *_field names"
+        "(prompt_completion, alpaca, messages) and its *_field names"
     )
 
 
@@ -76,6 +77,33 @@ def to_example(row: dict, fmt: str, cfg, where: str) -> Example:
             return Example(_checked(messages, where).messages, raw=(prompt, completion))
         return _checked([*_messages(prompt, where), *_messages(completion, where)], where)
     return _checked(_messages(row.get(cfg.messages_field, row.get("conversations")), where), where)
+
+
+def to_pair(row: dict, cfg, where: str) -> tuple[Example, Example]:
+    """A preference pair: the prompt answered with the chosen answer, and with the rejected one.
+
+    The prompt and the answers are strings, or message lists (the answers' ending with the assistant's).
+    """
+    prompt = row.get(cfg.prompt_field)
+    return tuple(_answered(prompt, row.get(field), where) for field in (cfg.chosen_field, cfg.rejected_field))
+
+
+def to_unpaired(row: dict, cfg, where: str) -> tuple[Example, bool]:
+    """KTO's unpaired row: the prompt answered with the completion, and whether that answer is desirable."""
+    label = row.get(cfg.label_field or "label")
+    if isinstance(label, str) and label.lower() in ("true", "false"):
+        label = label.lower() == "true"
+    if not isinstance(label, (bool, int)) or label not in (0, 1):
+        raise TransferError(f"{where}: label {label!r} must say whether the completion is desirable: true or false")
+    return _answered(row.get(cfg.prompt_field), row.get(cfg.completion_field), where), bool(label)
+
+
+def _answered(prompt, answer, where: str) -> Example:
+    if isinstance(prompt, str) and isinstance(answer, str):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return Example(_checked(messages, where).messages, raw=(prompt, answer))
+    answers = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else _messages(answer, where)
+    return _checked([*_messages(prompt, where), *answers], where)
 
 
 def _messages(value, where: str) -> list[dict]:

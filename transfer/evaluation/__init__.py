@@ -4,4 +4,5 @@ Every evaluator returns {metric: value}; DIRECTION says which way each metric im
 picking the best weights, early stopping, sorting tables and plots.
 """
 
-DIRECTION = {"loss": "min", "perplexity": "min", "accuracy": "max", "auc": "max", "log_loss": "min"}
+DIRECTION = {"loss": "min", "perplexity": "min", "accuracy": "max", "auc": "max", "log_loss": "min",
+             "reward_accuracy": "max", "margin": "max"}  # fmt: skip

@@ -5,9 +5,11 @@ schema class in schema.py; the loop, evaluation, checkpoints, records and tables
 """
 
 from transfer.objectives.lm import LanguageModelling
+from transfer.objectives.preference import PAIR_LOSSES, PreferenceOptimisation
 from transfer.objectives.sft import InstructionTuning
 
-OBJECTIVES = {"lm": LanguageModelling, "sft": InstructionTuning}
+OBJECTIVES = {"lm": LanguageModelling, "sft": InstructionTuning, "kto": PreferenceOptimisation,
+              **dict.fromkeys(PAIR_LOSSES, PreferenceOptimisation)}  # fmt: skip
 
 
 def build_objective(cfg, tokenizer):

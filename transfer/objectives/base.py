@@ -21,15 +21,14 @@ from transfer.evaluation.perplexity import perplexity
 from transfer.loss import summed_lm_loss
 
 
-class TokenObjective:
-    name = "token"
-    # the metrics evaluate() returns for a split; `select` must be one of them
-    metrics = ("loss", "perplexity")
+class Objective:
+    """What the loop and the run ask of every objective; see TokenObjective and preference.py for two kinds."""
+
+    name = "objective"
 
     def __init__(self, cfg, dataset_cfg, tokenizer, block_size: int):
         self.cfg, self.dataset_cfg, self.tokenizer, self.block_size = cfg, dataset_cfg, tokenizer, block_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-        self.packed = cfg.get("batching") is not None and cfg.batching.value == "packed"
 
     # ---------------------------------------------------------------- what picks the best weights
     @property
@@ -46,9 +45,37 @@ class TokenObjective:
     def worst(self) -> float:
         return math.inf if self.mode == "min" else -math.inf
 
-    # ---------------------------------------------------------------- data
-    def prepare(self, max_eval_tokens: int | None) -> dict[str, Sequences]:
+    # ---------------------------------------------------------------- data and the model
+    def prepare(self, max_eval_tokens: int | None) -> dict:
         """Train, validation and test splits."""
+        raise NotImplementedError
+
+    def units(self, split) -> int:
+        """How many training units (examples, pairs) a split holds: what an epoch passes over."""
+        return len(split)
+
+    def attach(self, model, splits: dict, run_cfg, hardware) -> dict:
+        """Anything the objective needs of the model before the baseline (a reference model); what the record says."""
+        return {}
+
+    def begin_step(self, model, batches: list, hardware) -> None:
+        """Called with an optimizer step's batches before their losses: for statistics over the whole step."""
+
+    def describe(self) -> dict:
+        """What the record says about the objective."""
+        return {"name": self.name, "select": self.select, "mode": self.mode}
+
+
+class TokenObjective(Objective):
+    name = "token"
+    # the metrics evaluate() returns for a split; `select` must be one of them
+    metrics = ("loss", "perplexity")
+
+    def __init__(self, cfg, dataset_cfg, tokenizer, block_size: int):
+        super().__init__(cfg, dataset_cfg, tokenizer, block_size)
+        self.packed = cfg.get("batching") is not None and cfg.batching.value == "packed"
+
+    def prepare(self, max_eval_tokens: int | None) -> dict[str, Sequences]:
         raise NotImplementedError
 
     def stream(self, train: Sequences, seed: int, start: int, per_step: int) -> ExampleStream:
@@ -83,7 +110,3 @@ class TokenObjective:
     def sample_inputs(self, splits: dict[str, Sequences], prompts: list[str]) -> list[dict]:
         """What the samples before and after training continue: {prompt, input_ids, ...}."""
         raise NotImplementedError
-
-    def describe(self) -> dict:
-        """What the record says about the objective."""
-        return {"name": self.name, "select": self.select, "mode": self.mode}

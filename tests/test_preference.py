@@ -1,0 +1,267 @@
+"""Preference objectives: each loss against its formula (and TRL's where it is importable), the reference
+model's three forms, one forward pass for a pair, exact steps, exact resume, two-stage runs."""
+
+import json
+import math
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import assert_same_training, kill_after_first_checkpoint, run_ok
+
+from transfer.data.sequences import padded_batch
+from transfer.hardware import resolve
+from transfer.loss import sequence_logprobs
+from transfer.models import load_model_and_tokenizer
+from transfer.objectives import build_objective
+from transfer.objectives.preference import PAIR_LOSSES, Scores, kto
+from transfer.strategies import apply_strategy
+from transfer.train import train
+from transfer.validate import compose_config
+
+# four pairs: policy and reference summed log-probabilities, and the answers' lengths
+PC, PR = [-10.0, -12.0, -8.0, -20.0], [-11.0, -11.5, -9.0, -18.0]
+RC, RR = [-10.5, -12.0, -8.5, -19.0], [-10.8, -11.0, -9.2, -18.5]
+LC, LR = [5, 6, 4, 10], [6, 5, 4, 9]
+HP = SimpleNamespace(beta=0.1, label_smoothing=0.2, gamma=0.5, lambda_or=0.3, cpo_alpha=0.7,
+                     desirable_weight=1.5, undesirable_weight=0.5)  # fmt: skip
+
+
+def scores(policy, reference, length) -> Scores:
+    as_tensor = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return Scores(as_tensor(policy), as_tensor(reference), as_tensor(length))
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def smoothed(x: float, eps: float) -> float:
+    return -(1 - eps) * log_sigmoid(x) - eps * log_sigmoid(-x)
+
+
+def by_hand(name: str, i: int) -> float:
+    """The published formulas, written out for pair i."""
+    b, eps = HP.beta, HP.label_smoothing
+    pc, pr, rc, rr, lc, lr = PC[i], PR[i], RC[i], RR[i], LC[i], LR[i]
+    if name == "dpo":  # Rafailov et al. 2023, eq. 7; conservative DPO's smoothing
+        return smoothed(b * ((pc - rc) - (pr - rr)), eps)
+    if name == "ipo":  # Azar et al. 2023, eq. 17, log-ratios per answer token
+        return ((pc - rc) / lc - (pr - rr) / lr - 1 / (2 * b)) ** 2
+    if name == "cpo":  # Xu et al. 2024: the preference term and the chosen answer's likelihood
+        return smoothed(b * (pc - pr), eps) + HP.cpo_alpha * (-pc / lc)
+    if name == "simpo":  # Meng et al. 2024, eq. 6
+        return smoothed(b * (pc / lc - pr / lr) - HP.gamma, eps)
+    if name == "orpo":  # Hong et al. 2024, eqs. 6-7, with mean token log-likelihoods
+        odds = lambda logp: math.exp(logp) / (1 - math.exp(logp))  # noqa: E731
+        return -pc / lc - HP.lambda_or * log_sigmoid(math.log(odds(pc / lc) / odds(pr / lr)))
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
+def test_each_pair_loss_is_its_published_formula(name):
+    losses, chosen, rejected = PAIR_LOSSES[name](scores(PC, RC, LC), scores(PR, RR, LR), HP)
+    reward = {  # what each method calls an answer's reward
+        "dpo": lambda p, c, n: HP.beta * (p - c), "ipo": lambda p, c, n: HP.beta * (p - c),
+        "cpo": lambda p, c, n: HP.beta * p, "simpo": lambda p, c, n: HP.beta * p / n,
+        "orpo": lambda p, c, n: HP.lambda_or * p / n,
+    }[name]  # fmt: skip
+    for i in range(4):
+        assert losses[i].item() == pytest.approx(by_hand(name, i), rel=1e-12)
+        assert chosen[i].item() == pytest.approx(reward(PC[i], RC[i], LC[i]), rel=1e-12)
+        assert rejected[i].item() == pytest.approx(reward(PR[i], RR[i], LR[i]), rel=1e-12)
+
+
+def test_kto_is_its_published_formula():
+    """Ethayarajh et al. 2024, eq. 8, with the KL estimate z given."""
+    desirable = torch.tensor([True, False, True, False])
+    z = torch.tensor(0.3, dtype=torch.float64)
+    losses, rewards = kto(scores(PC, RC, LC), desirable, z, HP)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    for i, good in enumerate(desirable.tolist()):
+        r = PC[i] - RC[i]
+        expected = (HP.desirable_weight * (1 - sigmoid(HP.beta * (r - 0.3))) if good
+                    else HP.undesirable_weight * (1 - sigmoid(HP.beta * (0.3 - r))))  # fmt: skip
+        assert losses[i].item() == pytest.approx(expected, rel=1e-12)
+        assert rewards[i].item() == pytest.approx(HP.beta * r, rel=1e-12)
+
+
+def test_the_losses_match_trls_own_where_trl_has_them_as_functions():
+    """TRL 1.16 computes DPO, IPO and KTO inside its trainers' _compute_loss; CPO, SimPO and ORPO are functions."""
+    pytest.importorskip("trl")
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    device = SimpleNamespace(device="cpu")
+    pc, pr = torch.tensor(PC, dtype=torch.float64), torch.tensor(PR, dtype=torch.float64)
+    ac, ar = pc / torch.tensor(LC), pr / torch.tensor(LR)
+    theirs = SimpleNamespace(alpha=0.0, beta=HP.beta, label_smoothing=HP.label_smoothing, accelerator=device,
+                             loss_type="sigmoid", simpo_gamma=HP.gamma)  # fmt: skip
+    cpo_trl, _, _ = CPOTrainer.cpo_loss(theirs, pc, pr)  # the preference term; the likelihood term is added apart
+    ours = PAIR_LOSSES["cpo"](
+        scores(PC, None, LC), scores(PR, None, LR), SimpleNamespace(**{**vars(HP), "cpo_alpha": 0})
+    )
+    torch.testing.assert_close(ours[0], cpo_trl, rtol=1e-6, atol=0)
+    theirs.loss_type = "simpo"
+    simpo_trl, _, _ = CPOTrainer.cpo_loss(theirs, ac, ar)  # SimPO's log-probabilities are per token
+    torch.testing.assert_close(PAIR_LOSSES["simpo"](scores(PC, None, LC), scores(PR, None, LR), HP)[0], simpo_trl,
+                               rtol=1e-6, atol=0)  # fmt: skip
+    orpo_self = SimpleNamespace(beta=HP.lambda_or, accelerator=device)
+    ratio_term, *_ = ORPOTrainer.odds_ratio_loss(orpo_self, ac, ar)  # lambda * log sigmoid(log odds ratio)
+    ours = PAIR_LOSSES["orpo"](scores(PC, None, LC), scores(PR, None, LR), HP)[0]
+    torch.testing.assert_close(ours, -ac - ratio_term.double(), rtol=1e-6, atol=0)  # ORPO = NLL - that term
+
+
+# ---------------------------------------------------------------- data and the reference
+def preference_task(folder: Path, n: int = 120) -> list[str]:
+    """Pairs written for the tests: the chosen answer says yes, the rejected no, to varied questions."""
+    rng = random.Random(0)
+    for split, size in (("train", n), ("validation", 24), ("test", 24)):
+        rows = [{"prompt": f"Is {rng.randrange(10, 99)} a number?", "chosen": " Yes.", "rejected": " No."}
+                for _ in range(size)]  # fmt: skip
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ["dataset=text_files", *(f"dataset.{s}_files=[{folder / f'{s}.jsonl'}]" for s in ("train", "validation", "test")),
+            "block_size=64", "eval/reference=none", "eval.max_new_tokens=4"]  # fmt: skip
+
+
+def prepared(folder: Path, *overrides: str):
+    cfg = compose_config([*preference_task(folder), *overrides])
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    model, _ = apply_strategy(model, cfg.strategy, seed=0)
+    objective = build_objective(cfg, tokenizer)
+    return cfg, model, objective, objective.prepare(None), resolve(cfg.hardware)
+
+
+def test_the_reference_of_a_peft_model_is_its_base_with_adapters_disabled(tmp_path):
+    cfg, model, objective, splits, hw = prepared(tmp_path, "objective=dpo", "strategy=lora", "strategy.dropout=0")
+    base, _ = load_model_and_tokenizer(cfg.model, cfg.block_size)  # the same seeded weights, never wrapped
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # B starts at zero: make the adapters change the output
+    info = objective.attach(model, splits, cfg, hw)
+    assert info == {"reference": "adapters disabled"} and objective._reference_model is None  # no second copy
+    rows = padded_batch(splits["validation"].seqs, list(range(8)), objective.pad_id)
+    with torch.no_grad():
+        adapted = sequence_logprobs(model, rows.input_ids, rows.labels)
+        plain = sequence_logprobs(base, rows.input_ids, rows.labels)
+    model.train()
+    reference = objective._live(rows, 0)
+    assert model.training  # handed back in the mode it was in
+    torch.testing.assert_close(reference, plain, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_precomputed_reference_log_probabilities_equal_live_ones_and_are_reused(tmp_path, strategy):
+    cache = tmp_path / "cache"
+    live = prepared(tmp_path, "objective=dpo", f"strategy={strategy}")
+    live_info = live[2].attach(live[1], live[3], live[0], live[4])
+    assert live_info["reference"] == ("frozen copy" if strategy == "full" else "adapters disabled")
+    runs = []
+    for _ in range(2):
+        cfg, model, objective, splits, hw = prepared(tmp_path, "objective=dpo", f"strategy={strategy}",
+                                                     "objective.precompute_reference=true",
+                                                     f"objective.reference_cache={cache}")  # fmt: skip
+        runs.append((objective.attach(model, splits, cfg, hw), splits))
+    (first, splits), (second, again) = runs
+    assert first["reference_cache_hit"] is False and second["reference_cache_hit"] is True
+    assert first["reference_cache"] == second["reference_cache"] and Path(first["reference_cache"]).is_file()
+    assert first["reference"] == f"precomputed ({live_info['reference']})"
+    for name in ("train", "validation", "test"):
+        seqs = live[3][name].seqs
+        rows = padded_batch(seqs, list(range(len(seqs))), live[2].pad_id)
+        torch.testing.assert_close(splits[name].reference, live[2]._live(rows, 0), rtol=1e-5, atol=1e-5)
+        assert torch.equal(again[name].reference, splits[name].reference)
+
+
+def test_a_pair_in_one_forward_pass_equals_two_separate_passes(tmp_path):
+    cfg, model, objective, splits, hw = prepared(tmp_path, "objective=dpo")
+    batch = objective._batch(splits["train"], list(range(6)))
+    assert batch.rows.input_ids.shape[0] == 12 and batch.units == 6  # the chosen rows, then the rejected rows
+    with torch.no_grad():
+        together = sequence_logprobs(model, batch.rows.input_ids, batch.rows.labels)
+        seqs = splits["train"].seqs
+        chosen = padded_batch(seqs, splits["train"].pairs[:6, 0].tolist(), objective.pad_id)
+        rejected = padded_batch(seqs, splits["train"].pairs[:6, 1].tolist(), objective.pad_id)
+        apart = torch.cat([sequence_logprobs(model, b.input_ids, b.labels) for b in (chosen, rejected)])
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto"])
+def test_one_step_is_the_same_update_for_8x1_and_2x4_micro_batches(tmp_path, name):
+    """KTO too: its KL estimate is taken over the step, whatever the split."""
+    updates, losses = [], []
+    for micro, accum in ((8, 1), (2, 4)):
+        cfg, model, objective, splits, hw = prepared(
+            tmp_path, f"objective={name}", f"micro_batch_size={micro}", f"grad_accum_steps={accum}", "max_steps=1",
+            "eval_interval=0", "optimizer=sgd", "optimizer.lr=1.0", "optimizer.momentum=0", "optimizer.grad_clip=null",
+            "optimizer.warmup_ratio=0", "checkpoint.enabled=false",
+        )  # fmt: skip
+        objective.attach(model, splits, cfg, hw)
+        before = [p.detach().clone() for p in model.parameters()]
+        result = train(model, objective, splits, cfg, hw)
+        updates.append([p.detach() - b for p, b in zip(model.parameters(), before, strict=True)])
+        losses.append(result["loss_first"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for a, b in zip(*updates, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("dpo")
+    args = [*preference_task(root), "objective=dpo", "objective.select=reward_accuracy", "micro_batch_size=8",
+            "max_steps=30", "eval_interval=10", "checkpoint.interval=10", "log_interval=1", "optimizer.lr=1e-3"]  # fmt: skip
+    run_ok([*args, "hydra.run.dir=run"], root)
+    return root, args
+
+
+def test_dpo_learns_the_preferred_answer_and_records_what_it_measures(dpo_run):
+    root, _ = dpo_run
+    r = json.loads((root / "run" / "metrics.json").read_text())
+    assert (
+        r["status"] == "completed" and r["objective"]["name"] == "dpo" and r["objective"]["reference"] == "frozen copy"
+    )
+    before, after = r["eval"]["baseline"]["validation"], r["eval"]["final"]["validation"]
+    # the untrained policy is its reference: no reward, chance accuracy (ties count half), no divergence
+    assert before["reward_accuracy"] == 0.5 and before["margin"] == 0 and before["token_kl"] == 0
+    assert before["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert after["reward_accuracy"] > 0.9 and after["margin"] > 0 and after["loss"] < math.log(2)
+    assert after["token_kl"] > 0 and after["chosen_reward"] > after["rejected_reward"]
+    assert r["data"]["train"]["pairs"] == 120 and r["data"]["train"]["sequences"] == 240
+    assert r["train"]["select"] == "reward_accuracy" and r["samples"][0]["reference"] == " Yes."
+
+
+def test_dpo_kill_and_resume_gives_the_same_losses(dpo_run, tmp_path):
+    root, args = dpo_run
+    preference_task(tmp_path)  # the same files, in this folder
+    args = [a.replace(str(root), str(tmp_path)) for a in args]
+    kill_after_first_checkpoint([*args, "hydra.run.dir=run"], tmp_path)
+    run_ok([*args, "resume=true", "hydra.run.dir=run"], tmp_path)
+    resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert resumed["train"]["resumed_from_step"] in (10, 20)
+    assert_same_training(resumed, json.loads((root / "run" / "metrics.json").read_text()), ("loss", "reward_accuracy"))
+
+
+def test_a_run_starts_from_another_runs_final_weights(short_run, tmp_path):
+    """Language modelling, then DPO from its weights with LoRA: the parent is the new base and the reference."""
+    parent = json.loads((short_run / "metrics.json").read_text())
+    args = [*preference_task(tmp_path, n=16), "objective=dpo", "strategy=lora", "max_steps=2", "eval_interval=0",
+            "checkpoint.enabled=false", f"init_from={short_run}"]  # fmt: skip
+    run_ok([*args, "hydra.run.dir=child"], tmp_path)
+    run_ok([*args[:-1], "hydra.run.dir=plain"], tmp_path)
+    child, plain = (json.loads((tmp_path / f / "metrics.json").read_text()) for f in ("child", "plain"))
+    assert child["init_from"] == {"run": str(short_run), "weights": "last", "step": parent["train"]["steps"],
+                                  "strategy": "full", "objective": "lm",
+                                  "folder": str(short_run / "checkpoints" / "step-000010")}  # fmt: skip
+    assert child["objective"]["reference"] == "adapters disabled"
+    b_child, b_plain = child["eval"]["baseline"]["validation"], plain["eval"]["baseline"]["validation"]
+    assert b_child["token_kl"] == 0 and b_child["reward_accuracy"] == 0.5  # the reference is the parent itself
+    assert b_child["chosen_logp"] != pytest.approx(b_plain["chosen_logp"], rel=1e-3)  # and not the untrained model

@@ -1,0 +1,479 @@
+"""Preference optimisation: DPO, IPO, KTO, CPO, ORPO and SimPO, as rows of one loss table (TRL's way).
+
+Every row reads the same scores of each answer: the policy's summed log-probability of its
+tokens (through the chunked head: the logits of a 151,936-token vocabulary never exist for a
+whole batch), the reference's where the method has one, and the answer's length. A pair's
+chosen and rejected answers go through the model in one forward pass (concatenated rows).
+With the loss table (`PAIR_LOSSES`, `kto`) in p, c the policy and reference log-probs, |y|
+the answer's tokens, z KTO's KL estimate and s_eps(x) = -(1-eps) log sigmoid(x) - eps log sigmoid(-x):
+
+    dpo    s_eps(beta * ((p_c - c_c) - (p_r - c_r)))                       Rafailov et al. 2023
+    ipo    ((p_c - c_c)/|y_c| - (p_r - c_r)/|y_r| - 1/(2 beta))^2          Azar et al. 2023 (per token, as TRL)
+    cpo    s_eps(beta * (p_c - p_r)) + cpo_alpha * (-p_c/|y_c|)             Xu et al. 2024
+    simpo  s_eps(beta * (p_c/|y_c| - p_r/|y_r|) - gamma)                    Meng et al. 2024
+    orpo   -p_c/|y_c| - lambda_or * log sigmoid(log odds(p_c/|y_c|) - log odds(p_r/|y_r|))   Hong et al. 2024
+    kto    desirable: lambda_D (1 - sigmoid(beta (p - c - z))); undesirable: lambda_U (1 - sigmoid(beta (z - p + c)))
+
+The answer likelihood terms of CPO and ORPO are each pair's mean token log-likelihood (TRL
+takes the mean over the batch's tokens: the same when the answers are equally long).
+
+The reference: none for cpo, orpo, simpo; for the others the base model with its adapters
+disabled (peft strategies: no second copy), a frozen copy of the initial model (the other
+strategies), or with `objective.precompute_reference=true` its log-probabilities computed once
+before training and cached on disk, keyed by model, data and settings.
+
+KTO trains on unpaired answers; pairs are unpaired for it (the chosen answer desirable, the
+rejected one not). Its KL estimate z is the mean log-ratio of each prompt with another
+example's answer, clamped at 0 and taken over the whole optimizer step (evaluation: the whole
+split), so that it does not depend on how a step is split into micro-batches.
+"""
+
+import copy
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from transfer.data.chat import Example, fit, generation_prompt, template_of, to_pair, to_unpaired, training_tokens
+from transfer.data.sequences import IGNORE, Batch, ExampleStream, Sequences, padded_batch
+from transfer.data.sources import SPLITS, load_rows
+from transfer.errors import TransferError
+from transfer.loss import logprobs_and_kl, scored_head_inputs, sequence_logprobs
+from transfer.objectives.base import Objective
+from transfer.validate import preference_fields
+
+log = logging.getLogger(__name__)
+REFERENCE_FREE = ("cpo", "orpo", "simpo")
+
+
+# ---------------------------------------------------------------- the loss table
+@dataclass
+class Scores:
+    """One kind of answer of a batch (the chosen, the rejected, or KTO's): per answer."""
+
+    policy: torch.Tensor  # summed log-probability of the answer's tokens
+    reference: torch.Tensor | None
+    length: torch.Tensor  # the answer's tokens
+
+
+def smoothed(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """-log sigmoid(x), with a share eps of the labels assumed flipped (conservative DPO)."""
+    return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and far below it."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def dpo(c: Scores, r: Scores, cfg):
+    chosen, rejected = cfg.beta * (c.policy - c.reference), cfg.beta * (r.policy - r.reference)
+    return smoothed(chosen - rejected, cfg.label_smoothing), chosen, rejected
+
+
+def ipo(c: Scores, r: Scores, cfg):
+    h = (c.policy - c.reference) / c.length - (r.policy - r.reference) / r.length
+    return (h - 1 / (2 * cfg.beta)) ** 2, cfg.beta * (c.policy - c.reference), cfg.beta * (r.policy - r.reference)
+
+
+def cpo(c: Scores, r: Scores, cfg):
+    losses = smoothed(cfg.beta * (c.policy - r.policy), cfg.label_smoothing) + cfg.cpo_alpha * (-c.policy / c.length)
+    return losses, cfg.beta * c.policy, cfg.beta * r.policy
+
+
+def simpo(c: Scores, r: Scores, cfg):
+    chosen, rejected = c.policy / c.length, r.policy / r.length
+    return (
+        smoothed(cfg.beta * (chosen - rejected) - cfg.gamma, cfg.label_smoothing),
+        cfg.beta * chosen,
+        cfg.beta * rejected,
+    )
+
+
+def orpo(c: Scores, r: Scores, cfg):
+    chosen, rejected = c.policy / c.length, r.policy / r.length
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return -chosen - cfg.lambda_or * F.logsigmoid(log_odds), cfg.lambda_or * chosen, cfg.lambda_or * rejected
+
+
+PAIR_LOSSES = {"dpo": dpo, "ipo": ipo, "cpo": cpo, "simpo": simpo, "orpo": orpo}
+
+
+def kto(s: Scores, desirable: torch.Tensor, z: torch.Tensor, cfg):
+    """KTO's per-answer losses and rewards; z is the (detached) KL estimate."""
+    ratio = s.policy - s.reference
+    losses = torch.where(
+        desirable,
+        cfg.desirable_weight * (1 - torch.sigmoid(cfg.beta * (ratio - z))),
+        cfg.undesirable_weight * (1 - torch.sigmoid(cfg.beta * (z - ratio))),
+    )
+    return losses, cfg.beta * ratio
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class PreferenceSplit:
+    """Every answer framed by its prompt and labelled on the answer; how they pair up; what they are."""
+
+    seqs: Sequences
+    pairs: torch.Tensor | None  # [pairs, 2]: the chosen and the rejected answer's sequence; None for unpaired rows
+    desirable: torch.Tensor  # per sequence
+    examples: list[Example]  # per sequence: for KTO's mismatched answers and the samples
+    info: dict = field(default_factory=dict)
+    reference: torch.Tensor | None = None  # per sequence, when precomputed
+
+    def units(self, kto_units: bool) -> int:
+        return len(self.seqs) if kto_units or self.pairs is None else len(self.pairs)
+
+    def summary(self) -> dict:
+        return {**self.seqs.summary(), "pairs": None if self.pairs is None else len(self.pairs), **self.info}
+
+
+@dataclass
+class PreferenceBatch:
+    rows: Batch  # the answers; for pairs the chosen ones first, then the rejected ones
+    index: torch.Tensor  # which of the split's sequences the rows are
+    units: int  # pairs, or KTO's answers: the normaliser
+    desirable: torch.Tensor  # per row
+    reference: torch.Tensor | None = None  # per row, when precomputed
+    kl: torch.Tensor | None = None  # KTO: the step's KL estimate (begin_step)
+
+    normaliser = property(lambda self: self.units)
+    tokens = property(lambda self: self.rows.tokens)
+    positions = property(lambda self: self.rows.positions)
+
+    def to(self, device) -> "PreferenceBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PreferenceBatch(self.rows.to(device), self.index, self.units, self.desirable.to(device),
+                               move(self.reference), move(self.kl))  # fmt: skip
+
+
+class PreferenceOptimisation(Objective):
+    metrics = ("loss", "reward_accuracy", "margin")
+
+    def __init__(self, cfg, dataset_cfg, tokenizer, block_size):
+        super().__init__(cfg, dataset_cfg, tokenizer, block_size)
+        self.name = cfg.name
+        self.kto = self.name == "kto"
+        chosen = dataset_cfg.template if dataset_cfg.template is not None else cfg.template
+        self.template = template_of(tokenizer, chosen.value)
+        self.reference_kind = "none" if self.name in REFERENCE_FREE else None
+        self._reference_model = None  # a frozen copy of the initial model, for strategies without adapters
+        self._model = None
+        self._train_split = None
+
+    # ---------------------------------------------------------------- data
+    def prepare(self, max_eval_tokens):
+        needs = preference_fields(self.dataset_cfg, unpaired_allowed=self.kto)
+        rows = load_rows(self.dataset_cfg, needs)
+        return {name: self._split(rows[name], name, None if name == "train" else max_eval_tokens) for name in SPLITS}
+
+    def _split(self, rows: list[dict], split: str, max_tokens: int | None) -> PreferenceSplit:
+        d = self.dataset_cfg
+        ids_list, labels_list, examples, desirable, pairs = [], [], [], [], []
+        counts = {"truncated_prompt": 0, "truncated_response": 0, "dropped_too_long": 0, "dropped_no_answer": 0,
+                  "identical_after_truncation": 0}  # fmt: skip
+        paired = None
+        for number, row in enumerate(rows, start=1):
+            where = f"dataset {d.name!r} {split} row {number}"
+            is_pair = d.chosen_field in row and d.rejected_field in row
+            if paired is not None and is_pair != paired:
+                raise TransferError(f"{where}: pairs and unpaired rows are mixed; one kind a dataset")
+            paired = is_pair
+            if is_pair:
+                answers = list(zip(to_pair(row, d, where), (True, False), strict=True))
+            elif self.kto:
+                answers = [to_unpaired(row, d, where)]
+            else:
+                raise TransferError(
+                    f"{where}: objective={self.name} needs pairs ({d.chosen_field}, {d.rejected_field})"
+                )
+            encoded = []
+            for example, good in answers:
+                ids, labels = training_tokens(example, self.tokenizer, self.template, train_on_prompt=False)
+                if len(ids) > self.block_size and self.cfg.truncation.value == "drop":
+                    counts["dropped_too_long"] += 1
+                    break
+                ids, labels, cut = fit(ids, labels, self.block_size)
+                if cut:
+                    counts[f"truncated_{cut}"] += 1
+                if all(label == IGNORE for label in labels[1:]):
+                    counts["dropped_no_answer"] += 1
+                    break
+                encoded.append((ids, labels, example, good))
+            if len(encoded) != len(answers):
+                continue
+            if is_pair and encoded[0][0] == encoded[1][0]:
+                counts["identical_after_truncation"] += 1  # nothing to prefer: left out
+                continue
+            if (
+                max_tokens is not None
+                and ids_list
+                and sum(map(len, ids_list)) + sum(len(e[0]) for e in encoded) > max_tokens
+            ):
+                break
+            start = len(ids_list)
+            for ids, labels, example, good in encoded:
+                ids_list.append(ids)
+                labels_list.append(labels)
+                examples.append(example)
+                desirable.append(good)
+            if is_pair:
+                pairs.append((start, start + 1))
+        if not ids_list:
+            raise TransferError(
+                f"dataset {d.name!r}: no {split} example is left of {len(rows)} "
+                f"({', '.join(f'{k} {v}' for k, v in counts.items() if v) or 'the split is empty'}); "
+                "allowed: a larger block_size, or objective.truncation=truncate"
+            )
+        seqs = Sequences.from_lists(ids_list, labels_list, documents=len(rows))
+        info = {"rows": len(rows), **counts, "template": self.template}
+        return PreferenceSplit(seqs, torch.tensor(pairs) if paired else None, torch.tensor(desirable), examples, info)
+
+    # ---------------------------------------------------------------- the reference
+    def attach(self, model, splits, run_cfg, hardware) -> dict:
+        """Set up the reference before the baseline, while the model is still the initial one."""
+        self._model = model
+        if self.reference_kind == "none":
+            return {"reference": "none"}
+        peft = hasattr(model, "disable_adapter")
+        self.reference_kind = "adapters disabled" if peft else "frozen copy"
+        if not peft:
+            self._reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        info = {"reference": self.reference_kind}
+        if self.cfg.precompute_reference:
+            info.update(self._precompute(model, splits, run_cfg, hardware))
+            if not self.kto:  # the cache serves; KTO's mismatched answers still need the reference live
+                self._reference_model = None
+            self.reference_kind = "precomputed"
+            info["reference"] = f"precomputed ({info['reference_of']})"
+        return info
+
+    def _precompute(self, model, splits, run_cfg, hardware) -> dict:
+        key = self._cache_key(model, splits, run_cfg)
+        path = Path(self.cfg.reference_cache).expanduser() / f"{key}.pt"
+        names = [n for n in SPLITS if n in splits]
+        if path.is_file():
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            for name in names:
+                splits[name].reference = cached[name]
+            hit = True
+        else:
+            for name in names:
+                splits[name].reference = self._reference_logps(splits[name], run_cfg.eval_batch_size, hardware)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({name: splits[name].reference for name in names}, tmp)
+            tmp.replace(path)
+            hit = False
+        log.info("reference log-probabilities %s %s", "read from" if hit else "computed and cached in", path)
+        return {"reference_of": self.reference_kind, "reference_cache": str(path), "reference_cache_hit": hit}
+
+    def _cache_key(self, model, splits, run_cfg) -> str:
+        """Everything the reference's log-probabilities depend on: its weights, the tokens scored, the precision."""
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for name, p in sorted(model.state_dict().items()):
+                if "lora_" in name or "modules_to_save" in name:
+                    continue  # adapters are off for the reference
+                digest.update(name.encode())
+                digest.update(p.detach().float().cpu().numpy().tobytes())
+        for name in sorted(n for n in SPLITS if n in splits):
+            for tensor in (splits[name].seqs.ids, splits[name].seqs.labels, splits[name].seqs.starts):
+                digest.update(tensor.numpy().tobytes())
+        digest.update(json.dumps([run_cfg.hardware.precision.value, run_cfg.model.dtype.value]).encode())
+        return digest.hexdigest()[:32]
+
+    @torch.no_grad()
+    def _reference_logps(self, split: PreferenceSplit, batch_size: int, hardware) -> torch.Tensor:
+        """The reference's summed log-probability of every answer of a split, [sequences]."""
+        out = []
+        for start in range(0, len(split.seqs), batch_size):
+            index = list(range(start, min(start + batch_size, len(split.seqs))))
+            rows = padded_batch(split.seqs, index, self.pad_id).to(hardware.device)
+            with hardware.autocast():
+                out.append(self._live(rows, hardware.loss_chunk_tokens).cpu())
+        return torch.cat(out)
+
+    def _reference_scores(self, rows: Batch, precomputed: torch.Tensor | None, chunk_tokens: int):
+        """The reference's log-probabilities of the rows' answers (None without a reference), under the caller's autocast."""
+        if self.reference_kind == "none":
+            return None
+        if precomputed is not None:
+            return precomputed
+        return self._live(rows, chunk_tokens)
+
+    @torch.no_grad()
+    def _live(self, rows: Batch, chunk_tokens: int) -> torch.Tensor:
+        """The reference run now: the frozen copy, or the model with its adapters disabled, in eval mode."""
+        if self._reference_model is not None:
+            return sequence_logprobs(self._reference_model, rows.input_ids, rows.labels, chunk_tokens or 4096)
+        if not hasattr(self._model, "disable_adapter"):
+            raise TransferError(
+                f"objective={self.name}: no reference model is kept; set objective.precompute_reference=false"
+            )
+        was_training = self._model.training
+        self._model.eval()
+        try:
+            with self._model.disable_adapter():
+                return sequence_logprobs(self._model, rows.input_ids, rows.labels, chunk_tokens or 4096)
+        finally:
+            self._model.train(was_training)
+
+    # ---------------------------------------------------------------- training
+    def stream(self, split: PreferenceSplit, seed: int, start: int, per_step: int) -> ExampleStream:
+        lengths = split.seqs.lengths()
+        unit_lengths = lengths if self.kto or split.pairs is None else lengths[split.pairs].sum(1)
+        return ExampleStream(unit_lengths, seed, start, group=50 * per_step)
+
+    def units(self, split: PreferenceSplit) -> int:
+        return split.units(self.kto)
+
+    def steps_per_epoch(self, split: PreferenceSplit, per_step: int) -> float:
+        return split.units(self.kto) / per_step
+
+    def batch(self, split: PreferenceSplit, stream: ExampleStream, micro_batch_size: int) -> PreferenceBatch:
+        self._train_split = split  # begin_step pairs the step's prompts with its other answers
+        return self._batch(split, [stream.next() for _ in range(micro_batch_size)])
+
+    def _batch(self, split: PreferenceSplit, units: list[int]) -> PreferenceBatch:
+        """KTO's units are answers; the others' are pairs, whose chosen rows come first, then the rejected."""
+        index = torch.tensor(units) if self.kto else torch.cat([split.pairs[units, 0], split.pairs[units, 1]])
+        rows = padded_batch(split.seqs, index.tolist(), self.pad_id)
+        reference = None if split.reference is None else split.reference[index]
+        return PreferenceBatch(rows, index, len(units), split.desirable[index], reference)
+
+    def _mismatched(self, split: PreferenceSplit, prompts: list[int], answers: list[int]) -> Batch:
+        ids_list, labels_list = [], []
+        for p, a in zip(prompts, answers, strict=True):
+            example = split.examples[p].with_answer(split.examples[a].answer)
+            ids, labels = training_tokens(example, self.tokenizer, self.template, train_on_prompt=False)
+            ids, labels, _ = fit(ids, labels, self.block_size)
+            ids_list.append(ids)
+            labels_list.append(labels)
+        seqs = Sequences.from_lists(ids_list, labels_list)
+        return padded_batch(seqs, list(range(len(seqs))), self.pad_id)
+
+    def begin_step(self, model, batches, hardware) -> None:
+        """KTO: the KL estimate over the whole step, each of its prompts with the step's next answer (so the
+        estimate does not depend on the split into micro-batches); no gradient flows through it."""
+        if not self.kto:
+            return
+        answers = torch.cat([b.index for b in batches]).tolist()
+        kl = self._kl_estimate(model, self._train_split, answers, len(batches[0].index), hardware)
+        for batch in batches:
+            batch.kl = kl
+
+    @torch.no_grad()
+    def _kl_estimate(
+        self, model, split: PreferenceSplit, answers: list[int], batch_size: int, hardware
+    ) -> torch.Tensor:
+        """KTO's z: the mean log-ratio of policy to reference on each prompt answered with the next answer, at least 0."""
+        partners = answers[1:] + answers[:1]
+        ratios = []
+        for start in range(0, len(answers), batch_size):
+            part = slice(start, start + batch_size)
+            rows = self._mismatched(split, answers[part], partners[part]).to(hardware.device)
+            with hardware.autocast():
+                policy = sequence_logprobs(model, rows.input_ids, rows.labels, hardware.loss_chunk_tokens or 4096)
+                ratios.append(policy - self._live(rows, hardware.loss_chunk_tokens))
+        return torch.cat(ratios).mean().clamp(min=0)
+
+    def loss(self, model, batch: PreferenceBatch, chunk_tokens: int):
+        rows = batch.rows
+        policy = sequence_logprobs(model, rows.input_ids, rows.labels, chunk_tokens or 4096)
+        reference = self._reference_scores(rows, batch.reference, chunk_tokens)
+        losses, _ = self._losses(policy, reference, rows.labels, batch)
+        return losses.sum(), batch.units, {}
+
+    def _losses(self, policy, reference, labels, batch: PreferenceBatch):
+        length = (labels[:, 1:] != IGNORE).sum(1).float()
+        if self.kto:
+            s = Scores(policy, reference, length)
+            losses, rewards = kto(s, batch.desirable, batch.kl, self.cfg)
+            return losses, {"rewards": rewards, "policy": policy, "reference": reference}
+        n = batch.units
+        c = Scores(policy[:n], None if reference is None else reference[:n], length[:n])
+        r = Scores(policy[n:], None if reference is None else reference[n:], length[n:])
+        losses, chosen, rejected = PAIR_LOSSES[self.name](c, r, self.cfg)
+        return losses, {"chosen": chosen, "rejected": rejected, "policy": policy, "reference": reference}
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, model, split: PreferenceSplit, batch_size: int, hardware, desc: str) -> dict:
+        """The method's loss and its rewards on a split; for pairs, how often the chosen answer wins."""
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        n_units = split.units(self.kto)
+        kl = self._kl_estimate(model, split, list(range(len(split.seqs))), batch_size, hardware) if self.kto else None
+        for start in range(0, n_units, batch_size):
+            units = list(range(start, min(start + batch_size, n_units)))
+            batch = self._batch(split, units).to(hardware.device)
+            batch.kl = kl
+            rows = batch.rows
+            with hardware.autocast():
+                policy, live, kl_sum = self._eval_scores(model, rows, hardware.loss_chunk_tokens)
+                reference = live if batch.reference is None else batch.reference
+            losses, parts = self._losses(policy, reference, rows.labels, batch)
+            _add(sums, "loss", losses)
+            if live is not None:  # per answer token, between the next-token distributions
+                kl_total, kl_tokens = sums.get("token_kl", (0.0, 0))
+                sums["token_kl"] = (kl_total + kl_sum, kl_tokens + int((rows.labels[:, 1:] != IGNORE).sum()))
+            if self.kto:
+                _add(sums, "desirable_reward", parts["rewards"][batch.desirable])
+                _add(sums, "undesirable_reward", parts["rewards"][~batch.desirable])
+            else:
+                chosen, rejected = parts["chosen"], parts["rejected"]
+                _add(sums, "reward_accuracy", (chosen > rejected).double() + 0.5 * (chosen == rejected).double())
+                _add(sums, "margin", chosen - rejected)
+                _add(sums, "chosen_reward", chosen)
+                _add(sums, "rejected_reward", rejected)
+                _add(sums, "chosen_logp", policy[: batch.units])
+                _add(sums, "rejected_logp", policy[batch.units :])
+        model.train(was_training)
+        result = {k: total / count for k, (total, count) in sums.items()}
+        if kl is not None:
+            result["kto_kl"] = float(kl)  # the clamped mean log-ratio on mismatched answers, as KTO uses it
+        result["examples"] = n_units
+        return result
+
+    def _eval_scores(self, model, rows: Batch, chunk_tokens: int):
+        """The policy's log-probabilities of the rows' answers, the live reference's (None without one),
+        and the summed token KL between them: one forward pass of each."""
+        p_hidden, p_head, picked, index = scored_head_inputs(model, rows.input_ids, rows.labels)
+        reference = None
+        if self._reference_model is not None:
+            reference = scored_head_inputs(self._reference_model, rows.input_ids, rows.labels)[:2]
+        elif self.reference_kind != "none" and hasattr(self._model, "disable_adapter"):
+            with self._model.disable_adapter():
+                reference = scored_head_inputs(self._model, rows.input_ids, rows.labels)[:2]
+        return logprobs_and_kl((p_hidden, p_head), reference, picked, index, len(rows.input_ids), chunk_tokens or 4096)
+
+    def sample_inputs(self, splits, prompts):
+        """The first validation prompts through the template, the chosen (desirable) answer as the reference."""
+        split = splits["validation"]
+        first = [i for i in range(len(split.seqs)) if split.desirable[i]][: self.cfg.samples]
+        inputs = []
+        for i in first:
+            example = split.examples[i]
+            ids = self.tokenizer(generation_prompt(example, self.tokenizer, self.template),
+                                 add_special_tokens=self.template != "chat")["input_ids"]  # fmt: skip
+            user = next((m["content"] for m in reversed(example.messages) if m["role"] == "user"), "")
+            inputs.append({"prompt": user[-500:], "reference": example.answer, "input_ids": ids[-self.block_size :]})
+        return inputs, "the first validation prompts"
+
+    def describe(self) -> dict:
+        keys = ("beta", "label_smoothing", "gamma", "lambda_or", "cpo_alpha", "desirable_weight", "undesirable_weight")
+        return {**super().describe(), "template": self.template, "reference": self.reference_kind,
+                **{k: self.cfg[k] for k in keys}}  # fmt: skip
+
+
+def _add(sums: dict, key: str, values: torch.Tensor) -> None:
+    total, count = sums.get(key, (0.0, 0))
+    sums[key] = (total + float(values.double().sum()), count + values.numel())
