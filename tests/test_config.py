@@ -25,6 +25,15 @@ REQUIRED = {
     # instruction datasets whose files live outside the repository (../shared, or built by a task)
     ("dataset", "self_instruct"): ["objective=sft"],
     ("dataset", "movielens"): ["objective=sft"],
+    ("dataset", "hh_rlhf_harmless"): ["objective=dpo"],
+    # preference objectives need pairs
+    **{
+        ("objective", name): [
+            "dataset=text_files",
+            f"dataset.train_files=[{Path(__file__).parent / 'data' / 'pairs.jsonl'}]",
+        ]
+        for name in ("dpo", "ipo", "kto", "cpo", "orpo", "simpo")
+    },
 }
 EXPECTED_TYPES = {
     ("dataset", "text_files"): schema.TextFilesDataset,
