@@ -179,3 +179,12 @@ def test_scale_benchmark_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("48 jobs -> ") and "total" in proc.stdout
     assert not math.isnan(float(proc.stdout.split("total ")[1].split(" s")[0]))
+
+
+def test_numbers_are_shown_to_significant_figures_never_as_zero():
+    from transfer.aggregate import _formatter
+
+    assert _formatter("train_seconds")(0.00123) == "0.00123" and _formatter("train_seconds")(12.34) == "12.3"
+    assert _formatter("val_loss_after")(0.0000456) == "4.56e-05"
+    assert _formatter("val_change_pct")(-0.0412) == "-0.0412" and _formatter("trainable_params")(1234567) == "1,234,567"
+    assert _formatter("tokens_per_second")(83_456.7) == "83,457" and _formatter("peak_memory_mb")(3.21) == "3.21"

@@ -134,3 +134,17 @@ def test_the_command_line_finds_the_gpu_without_torch():
     from transfer.inputs import cuda_available
 
     assert cuda_available() is True
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_preference_objectives_train_on_cuda_in_bf16_with_lora(tmp_path, objective):
+    """The reference is the base with adapters disabled, on the GPU; the preferred answer wins more often."""
+    from test_preference import preference_task
+
+    run_ok([*preference_task(tmp_path), f"objective={objective}", "strategy=lora", "micro_batch_size=8", "max_steps=30",
+            "eval_interval=0", "optimizer.lr=1e-3", "hardware.device=cuda", "hardware.precision=bf16",
+            "checkpoint.enabled=false", "hydra.run.dir=run"], tmp_path)  # fmt: skip
+    record = read_record(tmp_path / "run")
+    assert record["objective"]["reference"] == "adapters disabled" and record["hardware"]["device"].startswith("cuda")
+    before, after = record["eval"]["baseline"]["validation"], record["eval"]["final"]["validation"]
+    assert before["reward_accuracy"] == 0.5 and after["reward_accuracy"] > 0.5 and after["token_kl"] > 0

@@ -265,3 +265,36 @@ def test_a_run_starts_from_another_runs_final_weights(short_run, tmp_path):
     b_child, b_plain = child["eval"]["baseline"]["validation"], plain["eval"]["baseline"]["validation"]
     assert b_child["token_kl"] == 0 and b_child["reward_accuracy"] == 0.5  # the reference is the parent itself
     assert b_child["chosen_logp"] != pytest.approx(b_plain["chosen_logp"], rel=1e-3)  # and not the untrained model
+
+
+def test_pairs_that_truncation_makes_identical_are_left_out_and_warned_of(tmp_path):
+    from transfer.run import data_warnings
+
+    rows = [{"prompt": "Q", "chosen": "same start " * 8 + "A", "rejected": "same start " * 8 + "B"}] * 3
+    rows += [{"prompt": "Q", "chosen": " Yes.", "rejected": " No."}] * 5
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_config(["objective=dpo", "dataset=text_files", f"dataset.train_files=[{tmp_path / 'p.jsonl'}]",
+                          f"dataset.validation_files=[{tmp_path / 'p.jsonl'}]", f"dataset.test_files=[{tmp_path / 'p.jsonl'}]",
+                          "block_size=32", "micro_batch_size=8"])  # fmt: skip
+    _, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    objective = build_objective(cfg, tokenizer)
+    splits = objective.prepare(None)
+    assert splits["train"].summary()["identical_after_truncation"] == 3 and len(splits["train"].pairs) == 5
+    assert data_warnings(objective, splits, cfg) == [
+        "the training split holds 5 examples, fewer than one step's 8 (micro_batch_size x grad_accum_steps): "
+        "every step repeats examples",
+        *(
+            f"3 {s} pairs left out: cut to block_size=32, chosen and rejected were the same"
+            for s in ("train", "validation", "test")
+        ),
+    ]
+
+
+def test_kto_on_pairs_is_judged_like_the_paired_methods(tmp_path):
+    cfg, model, objective, splits, hw = prepared(tmp_path, "objective=kto")
+    objective.attach(model, splits, cfg, hw)
+    result = objective.evaluate(model, splits["validation"], 16, hw, "validation")
+    # the untrained policy is its reference: every reward 0, the KL estimate 0, the loss lambda/2 an answer
+    assert result["reward_accuracy"] == 0.5 and result["margin"] == 0 and result["kto_kl"] == 0
+    assert result["desirable_reward"] == 0 and result["undesirable_reward"] == 0 and result["token_kl"] == 0
+    assert result["loss"] == pytest.approx(0.5) and result["examples"] == 2 * 24  # answers, unpaired

@@ -123,6 +123,7 @@ def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
         steps=train.get("steps"),
         best_step=train.get("best_step"),
         stop_reason=train.get("stop_reason"),
+        objective=(record.get("objective") or {}).get("name"),
         select=(record.get("objective") or {}).get("select"),
         peak_memory_mb=_mb(record.get("memory", {}).get("bytes")),
         checkpoint_mb=_mb((train.get("checkpoint") or {}).get("bytes")),
@@ -197,7 +198,13 @@ def _mb(n) -> float | None:
 
 # ---------------------------------------------------------------- the comparison
 def default_sort(jobs: pd.DataFrame) -> str:
-    """The validation metric the jobs kept their best weights by, when they share one; else validation perplexity."""
+    """The validation metric the jobs kept their best weights by, when they share one; else validation perplexity.
+
+    Preference objectives' losses are on different scales: a sweep over them sorts by reward accuracy.
+    """
+    objectives = jobs["objective"].dropna().unique() if "objective" in jobs else []
+    if len(objectives) > 1 and "val_reward_accuracy_after" in jobs:
+        return "val_reward_accuracy_after"
     chosen = jobs["select"].dropna().unique() if "select" in jobs else []
     if len(chosen) == 1:
         column = _column("validation", chosen[0], "after")
@@ -260,7 +267,8 @@ def default_group_keys(jobs: pd.DataFrame) -> list[str]:
 # The comparison table's columns after the grouping keys, when none are asked for.
 DEFAULT_COLUMNS = [
     "seeds", "trainable_params", "total_params", "trainable_pct", "val_ppl_before", "val_ppl_after",
-    "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_log_loss_after", "test_ppl_after",
+    "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_log_loss_after",
+    "val_reward_accuracy_before", "val_reward_accuracy_after", "val_margin_after", "val_token_kl_after", "test_ppl_after",
     "test_auc_after", "ref_ppl_before", "ref_ppl_after", "train_seconds", "tokens_per_second",
     "peak_memory_mb", "checkpoint_mb", "best_step", "status", "error",
 ]  # fmt: skip
@@ -299,17 +307,14 @@ def _cell(value, std, col: str) -> str:
 
 
 def _formatter(col: str):
+    """Counts whole, everything else to three significant figures: a time or a loss never shows as 0.00."""
     if col in ("trainable_params", "total_params", "steps", "best_step"):
         return lambda v: f"{v:,.0f}"
     if col.endswith("_pct"):
-        return lambda v: f"{v:+.1f}" if "change" in col else f"{v:.3g}"
-    if col in ("tokens_per_second", "samples_per_second"):
-        return lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
-    if col == "train_seconds":
-        return lambda v: f"{v:.1f}" if v >= 10 else f"{v:.2f}"
-    if col.endswith("_mb"):
-        return lambda v: f"{v:,.1f}"
-    return lambda v: f"{v:.3g}"  # perplexities: three significant figures
+        return lambda v: f"{v:+.3g}" if "change" in col else f"{v:.3g}"
+    if col in ("tokens_per_second", "samples_per_second", "train_seconds") or col.endswith("_mb"):
+        return lambda v: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    return lambda v: f"{v:.3g}"  # perplexities, losses, accuracies
 
 
 # ---------------------------------------------------------------- output

@@ -127,8 +127,9 @@ def _cost(done: pd.DataFrame, path: Path) -> Path | None:
 
 
 def _task_metrics(done: pd.DataFrame, path: Path) -> Path | None:
-    """Choice scoring before and after training (AUC, accuracy), side by side per row: a task's verdict."""
-    metrics = [m for m in ("auc", "accuracy") if f"val_{m}_after" in done and done[f"val_{m}_after"].notna().any()]
+    """Choice scoring (AUC, accuracy) or preference (reward accuracy) before and after training, side by side per row."""
+    metrics = [m for m in ("auc", "accuracy", "reward_accuracy")
+               if f"val_{m}_after" in done and done[f"val_{m}_after"].notna().any()]  # fmt: skip
     if not metrics:
         return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.5), squeeze=False)
@@ -139,12 +140,13 @@ def _task_metrics(done: pd.DataFrame, path: Path) -> Path | None:
                yerr=_errors(done, before), capsize=3)  # fmt: skip
         ax.bar([i + 0.2 for i in x], done[after].fillna(0), width=0.4, color=[f"C{i % 10}" for i in x],
                label="after", yerr=_errors(done, after), capsize=3)  # fmt: skip
-        if metric == "auc":
+        if metric in ("auc", "reward_accuracy"):
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_xticks(list(x), done["label"], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(f"validation {metric.upper() if metric == 'auc' else metric} (higher is better)")
+        name = {"auc": "AUC", "reward_accuracy": "reward accuracy"}.get(metric, metric)
+        ax.set_ylabel(f"validation {name} (higher is better)")
         ax.set_ylim(0, 1)
-        ax.set_title(f"Validation {metric.upper() if metric == 'auc' else metric}, before and after")
+        ax.set_title(f"Validation {name}, before and after")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)

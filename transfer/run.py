@@ -131,6 +131,9 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             model.to(hardware.device)
         attached = objective.attach(model, splits, cfg, hardware)  # a reference model, for preference objectives
         record["objective"] = {**objective.describe(), **attached}
+        record["warnings"] = data_warnings(objective, splits, cfg)
+        for warning in record["warnings"]:
+            log.warning("%s", warning)
         sample_inputs, record["samples_from"] = objective.sample_inputs(splits, list(cfg.dataset.prompts))
         timing["data_load"] = time.perf_counter() - clock
 
@@ -206,6 +209,24 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
                 raise
             log.error("%s", e)  # and the error that ended the run is reported after this
     return record
+
+
+def data_warnings(objective, splits, cfg) -> list[str]:
+    """What makes a result mean less than it seems: too few examples for a step, pairs truncated into sameness."""
+    warnings = []
+    per_step, units = cfg.micro_batch_size * cfg.grad_accum_steps, objective.units(splits["train"])
+    if units < per_step:
+        warnings.append(
+            f"the training split holds {units} examples, fewer than one step's {per_step} "
+            f"(micro_batch_size x grad_accum_steps): every step repeats examples"
+        )
+    for name in ("train", "validation", "test"):
+        same = splits[name].summary().get("identical_after_truncation", 0)
+        if same:
+            warnings.append(
+                f"{same} {name} pairs left out: cut to block_size={cfg.block_size}, chosen and rejected were the same"
+            )
+    return warnings
 
 
 def _reference(cfg, tokenizer):

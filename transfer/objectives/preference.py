@@ -406,39 +406,45 @@ class PreferenceOptimisation(Objective):
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, model, split: PreferenceSplit, batch_size: int, hardware, desc: str) -> dict:
-        """The method's loss and its rewards on a split; for pairs, how often the chosen answer wins."""
+        """The method's loss and token KL on a split, and of each answer its reward and log-probability:
+        for pairs (KTO's too, when its data are pairs) how often the chosen answer wins, and by how much."""
         was_training = model.training
         model.eval()
-        sums: dict[str, float] = {}
+        sums: dict[str, tuple[float, int]] = {}
+        rewards, logps = (
+            torch.zeros(len(split.seqs), dtype=torch.float64),
+            torch.zeros(len(split.seqs), dtype=torch.float64),
+        )
         n_units = split.units(self.kto)
         kl = self._kl_estimate(model, split, list(range(len(split.seqs))), batch_size, hardware) if self.kto else None
         for start in range(0, n_units, batch_size):
-            units = list(range(start, min(start + batch_size, n_units)))
-            batch = self._batch(split, units).to(hardware.device)
-            batch.kl = kl
-            rows = batch.rows
+            batch = self._batch(split, list(range(start, min(start + batch_size, n_units)))).to(hardware.device)
+            batch.kl, rows = kl, batch.rows
             with hardware.autocast():
                 policy, live, kl_sum = self._eval_scores(model, rows, hardware.loss_chunk_tokens)
                 reference = live if batch.reference is None else batch.reference
             losses, parts = self._losses(policy, reference, rows.labels, batch)
             _add(sums, "loss", losses)
             if live is not None:  # per answer token, between the next-token distributions
-                kl_total, kl_tokens = sums.get("token_kl", (0.0, 0))
-                sums["token_kl"] = (kl_total + kl_sum, kl_tokens + int((rows.labels[:, 1:] != IGNORE).sum()))
-            if self.kto:
-                _add(sums, "desirable_reward", parts["rewards"][batch.desirable])
-                _add(sums, "undesirable_reward", parts["rewards"][~batch.desirable])
-            else:
-                chosen, rejected = parts["chosen"], parts["rejected"]
-                _add(sums, "reward_accuracy", (chosen > rejected).double() + 0.5 * (chosen == rejected).double())
-                _add(sums, "margin", chosen - rejected)
-                _add(sums, "chosen_reward", chosen)
-                _add(sums, "rejected_reward", rejected)
-                _add(sums, "chosen_logp", policy[: batch.units])
-                _add(sums, "rejected_logp", policy[batch.units :])
+                total, tokens = sums.get("token_kl", (0.0, 0))
+                sums["token_kl"] = (total + kl_sum, tokens + int((rows.labels[:, 1:] != IGNORE).sum()))
+            row_rewards = parts["rewards"] if self.kto else torch.cat([parts["chosen"], parts["rejected"]])
+            rewards[batch.index] = row_rewards.double().cpu()
+            logps[batch.index] = policy.double().cpu()
         model.train(was_training)
         result = {k: total / count for k, (total, count) in sums.items()}
-        if kl is not None:
+        if split.pairs is not None:
+            chosen, rejected = rewards[split.pairs[:, 0]], rewards[split.pairs[:, 1]]
+            result["reward_accuracy"] = float(
+                ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean()
+            )
+            result["margin"] = float((chosen - rejected).mean())
+            result["chosen_reward"], result["rejected_reward"] = float(chosen.mean()), float(rejected.mean())
+            result["chosen_logp"] = float(logps[split.pairs[:, 0]].mean())
+            result["rejected_logp"] = float(logps[split.pairs[:, 1]].mean())
+        if self.kto:
+            result["desirable_reward"] = float(rewards[split.desirable].mean()) if split.desirable.any() else None
+            result["undesirable_reward"] = float(rewards[~split.desirable].mean()) if (~split.desirable).any() else None
             result["kto_kl"] = float(kl)  # the clamped mean log-ratio on mismatched answers, as KTO uses it
         result["examples"] = n_units
         return result
