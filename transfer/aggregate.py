@@ -91,8 +91,10 @@ def job_row(sweep: Path, job: Path) -> dict:
     # The overrides the job ran with, as its record keeps them: Hydra rewrites .hydra/overrides.yaml
     # whenever a sweep is launched again over the folder, even for jobs it then skips.
     overrides = _overrides(record.get("overrides") if record and "overrides" in record else _hydra_overrides(job))
+    config = (record or {}).get("config") or {}
     for key, value in overrides.items():
-        row.setdefault(key, value)  # the record's typed value (seed, strategy) wins over the override's text
+        # the record's typed value wins over the override's text: 1e-4 and 0.0001, true and True are one value
+        row.setdefault(key, _config_value(config, key, value))
     row["_override_keys"] = list(overrides)
     return row
 
@@ -163,6 +165,15 @@ def lower_is_better(column: str) -> bool:
         if f"_{METRIC_SHORT.get(metric, metric)}_" in f"_{column}":
             return direction == "min"
     return True
+
+
+def _config_value(config: dict, key: str, fallback):
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return fallback
+        node = node[part]
+    return node if isinstance(node, (str, int, float, bool)) or node is None else str(node)
 
 
 def _hydra_overrides(job: Path) -> list[str]:

@@ -26,3 +26,5 @@ class TablesCallback(Callback):
             print(f"\ntables and plots in {sweep / 'tables'}")
         except TransferError as e:
             log.warning("no tables for %s: %s", sweep, e)
+        except Exception as e:  # the jobs' records stand; `python -m transfer.aggregate` can try again
+            log.warning("no tables for %s: %s: %s (python -m transfer.aggregate %s)", sweep, type(e).__name__, e, sweep)

@@ -84,6 +84,8 @@ def resolve(cfg) -> Hardware:
         )
     device = torch.device("cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu")
     precision = cfg.precision.value
+    if precision == "auto":  # bf16 where the GPU computes it natively; a CPU gains nothing from it
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise TransferError(
             f"hardware.precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; allowed: fp32, fp16"

@@ -85,20 +85,31 @@ def _gain_vs_forgetting(done: pd.DataFrame, path: Path) -> Path | None:
 
 
 def _validation_curves(jobs: pd.DataFrame, keys: list[str], path: Path) -> Path | None:
+    """The validation metric during training, per row: perplexity where there is one, else reward accuracy or loss."""
     done = jobs[(jobs["status"] == "completed") & jobs["validation_curve"].map(bool)]
     if done.empty:
         return None
+    points = [p for curve in done["validation_curve"] for p in curve]
+    metric = next((m for m in ("perplexity", "reward_accuracy", "loss") if any(m in p for p in points)), None)
+    if metric is None:
+        return None
+    before = {
+        "perplexity": "val_ppl_before",
+        "reward_accuracy": "val_reward_accuracy_before",
+        "loss": "val_loss_before",
+    }
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (key, group) in enumerate(done.groupby(keys, dropna=False, sort=False)):
-        points = [{"step": 0, "perplexity": row["val_ppl_before"]} for _, row in group.iterrows()] + [
-            p for curve in group["validation_curve"] for p in curve
-        ]
-        mean = pd.DataFrame(points).groupby("step")["perplexity"].mean()
+        start = [{"step": 0, metric: row[before[metric]]} for _, row in group.iterrows() if before[metric] in row]
+        curve = pd.DataFrame(start + [p for c in group["validation_curve"] for p in c if metric in p])
+        mean = curve.groupby("step")[metric].mean()
         label = _label(key if isinstance(key, tuple) else (key,))
         ax.plot(mean.index, mean.values, label=label, markersize=4, **_style(ax, i))
-    ax.set_yscale("log")
+    if metric == "perplexity":
+        ax.set_yscale("log")
+    direction = "higher" if metric == "reward_accuracy" else "lower"
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation perplexity (log scale; mean over seeds)")
+    ax.set_ylabel(f"validation {metric.replace('_', ' ')} ({direction} is better; mean over seeds)")
     ax.set_title("Validation during training")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")

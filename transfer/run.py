@@ -37,6 +37,7 @@ from transfer.objectives import build_objective
 from transfer.record import write_record
 from transfer.strategies import apply_strategy, check_before_loading, loading_options, parameter_report
 from transfer.train import describe_metrics, log_metrics, train
+from transfer.transforms import apply_transforms
 
 log = logging.getLogger("transfer")
 RECORD_VERSION = 2  # 2: objectives; metrics per split by name; train.tokens counts real tokens
@@ -113,6 +114,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         }
         with torch.device("meta") if shapes_only else contextlib.nullcontext():
             model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
+        record["transforms"] = apply_transforms(model, cfg)
         record["params"] = parameter_report(model)
         log.info(_summary(record, choices))
         if cfg.dry_run:

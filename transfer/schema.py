@@ -29,9 +29,16 @@ class Device(Enum):
 
 
 class Precision(Enum):
+    auto = "auto"  # bf16 on a GPU that has it, else fp32
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+class OnOutOfMemory(Enum):
+    fail = "fail"
+    halve = "halve"
+    cpu = "cpu"
 
 
 class WeightDtype(Enum):
@@ -352,6 +359,12 @@ class HardwareConfig:
     # head's gradients fused into the loss, so that the full logits never exist at once
     # (0: autograd's path over the whole logits). See transfer/loss.py.
     loss_chunk_tokens: int = 4096
+    # Out of GPU memory: fail with one line saying what would fit; halve the micro-batch and
+    # double the accumulation (the same batch per step) and retry, down to 1, as evaluation halves
+    # eval_batch_size; or go on on the CPU from the last good state.
+    on_oom: OnOutOfMemory = OnOutOfMemory.halve
+    # Recompute each block's activations in the backward pass instead of keeping them: less memory, more time.
+    gradient_checkpointing: bool = False
 
 
 # ---------------------------------------------------------------- optimizer

@@ -255,7 +255,7 @@ class PreferenceOptimisation(Objective):
         return info
 
     def _precompute(self, model, splits, run_cfg, hardware) -> dict:
-        key = self._cache_key(model, splits, run_cfg)
+        key = self._cache_key(model, splits, run_cfg, hardware)
         path = Path(self.cfg.reference_cache).expanduser() / f"{key}.pt"
         names = [n for n in SPLITS if n in splits]
         if path.is_file():
@@ -274,7 +274,7 @@ class PreferenceOptimisation(Objective):
         log.info("reference log-probabilities %s %s", "read from" if hit else "computed and cached in", path)
         return {"reference_of": self.reference_kind, "reference_cache": str(path), "reference_cache_hit": hit}
 
-    def _cache_key(self, model, splits, run_cfg) -> str:
+    def _cache_key(self, model, splits, run_cfg, hardware) -> str:
         """Everything the reference's log-probabilities depend on: its weights, the tokens scored, the precision."""
         digest = hashlib.sha256()
         with torch.no_grad():
@@ -286,7 +286,7 @@ class PreferenceOptimisation(Objective):
         for name in sorted(n for n in SPLITS if n in splits):
             for tensor in (splits[name].seqs.ids, splits[name].seqs.labels, splits[name].seqs.starts):
                 digest.update(tensor.numpy().tobytes())
-        digest.update(json.dumps([run_cfg.hardware.precision.value, run_cfg.model.dtype.value]).encode())
+        digest.update(json.dumps([hardware.device.type, hardware.precision, run_cfg.model.dtype.value]).encode())
         return digest.hexdigest()[:32]
 
     @torch.no_grad()
