@@ -2,6 +2,7 @@
 
     python benchmarks/trainer_vs_hf.py                  # CPU: reduced Qwen2-0.5B shape, fp32
     python benchmarks/trainer_vs_hf.py --device cuda    # GPU: the full Qwen2-0.5B shape, bf16, seq 1024, + MFU
+    python benchmarks/trainer_vs_hf.py --device cuda --micro 16 --rows full   # another micro-batch
 
 Same model (Qwen2 widths, random weights, seed 0), same token blocks in the same
 order, micro-batch, sequence length, precision, optimizer (AdamW, torch's fused kernel
@@ -82,7 +83,7 @@ class StepClock:
             self.times[step], self.losses[step] = time.perf_counter(), value
 
 
-def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str]) -> dict:
+def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], micro: int | None) -> dict:
     """One measurement, in its own process."""
     import torch
 
@@ -94,7 +95,7 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str]) 
     from transfer.train import train
     from transfer.validate import compose_config
 
-    shape = SHAPES[shape_name]
+    shape = {**SHAPES[shape_name], **({"micro": micro} if micro else {})}
     cfg = compose_config(overrides(row, shape, device, extra if impl == "ours" else []))
     hardware = resolve(cfg.hardware)
     model, _ = apply_strategy(build_model(model_config(shape), seed=0), cfg.strategy, seed=0)
@@ -169,8 +170,9 @@ def hf_train(model, blocks, order, cfg, shape, clock) -> None:
         SameOrderTrainer(model=model, args=args, train_dataset=Ordered(), callbacks=[Clock()]).train()
 
 
-def measure(impl: str, row: str, shape: str, device: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--row", row, "--shape", shape, "--device", device, *extra]
+def measure(impl: str, row: str, shape: str, device: str, extra: list[str], micro: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--row", row, "--shape", shape, "--device", device,
+           *(["--micro", str(micro)] if micro else []), *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{impl}/{row} failed:\n{proc.stderr[-3000:]}")
@@ -183,6 +185,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, help="default: the device's")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--micro", type=int, help="micro-batch size for both trainers (default: the shape's)")
     parser.add_argument(
         "ours_overrides", nargs="*", help="overrides for our runs only, e.g. hardware.loss_chunk_tokens=0"
     )
@@ -191,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = args.shape or args.device
     if args.worker:
-        print(json.dumps(worker(args.worker, args.row, shape, args.device, args.ours_overrides)))
+        print(json.dumps(worker(args.worker, args.row, shape, args.device, args.ours_overrides, args.micro)))
         return
 
     rows = args.rows.split(",")
@@ -200,11 +203,11 @@ def main() -> None:
     for r in range(args.repeats):
         for row in rows:
             for impl in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):  # A B, then B A
-                results[row, impl].append(measure(impl, row, shape, args.device, args.ours_overrides))
+                results[row, impl].append(measure(impl, row, shape, args.device, args.ours_overrides, args.micro))
                 print(f"  repeat {r + 1}/{args.repeats} {row:12s} {impl:4s} "
                       f"{results[row, impl][-1]['tokens_per_second']:10,.0f} tok/s", file=sys.stderr, flush=True)  # fmt: skip
 
-    s = SHAPES[shape]
+    s = {**SHAPES[shape], **({"micro": args.micro} if args.micro else {})}
     chunks = results[rows[0], "ours"][0]["loss_chunk_tokens"]
     ours_extra = f" · ours: loss_chunk_tokens={chunks}" + (
         f", overrides {' '.join(args.ours_overrides)}" if args.ours_overrides else ""

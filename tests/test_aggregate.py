@@ -188,3 +188,35 @@ def test_numbers_are_shown_to_significant_figures_never_as_zero():
     assert _formatter("val_loss_after")(0.0000456) == "4.56e-05"
     assert _formatter("val_change_pct")(-0.0412) == "-0.0412" and _formatter("trainable_params")(1234567) == "1,234,567"
     assert _formatter("tokens_per_second")(83_456.7) == "83,457" and _formatter("peak_memory_mb")(3.21) == "3.21"
+
+
+def test_a_speed_taken_on_shared_cpus_is_marked_contended(monkeypatch):
+    """The record keeps CPU time and the load; the table says how many of a row's jobs shared the CPUs."""
+    import os
+
+    import torch
+
+    from transfer.aggregate import for_people
+    from transfer.hardware import MachineLoad
+
+    cpus = len(os.sched_getaffinity(0))
+    loads = iter([cpus - 0.2, cpus + 0.3, cpus + 2.0])
+    monkeypatch.setattr(os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    quiet = MachineLoad()
+    quiet.sample()
+    assert quiet.summary()["contended"] is True  # the third sample: two more runnable tasks than CPUs
+    loads = iter([cpus - 0.2, cpus + 0.3])
+    summary = MachineLoad().summary()
+    assert summary["contended"] is False and summary["load_average_max"] == cpus + 0.3 and summary["cpus"] == cpus
+    assert summary["cpu_seconds"] >= 0 and summary["torch_threads"] == torch.get_num_threads()
+    jobs = pd.DataFrame({
+        "sweep": ["a"] * 4, "job": ["0", "1", "2", "3"], "strategy": ["full", "full", "lora", "lora"],
+        "seed": [1, 2, 1, 2], "status": ["completed"] * 4, "error": [None] * 4, "tokens_per_second": [900.0, 100.0, 5.0, 6.0],
+        "contended": [False, True, False, None],
+    })  # fmt: skip
+    jobs.attrs["override_keys"] = ["strategy", "seed"]
+    table = comparison(jobs)
+    assert table.set_index("strategy")["contended"].fillna("").to_dict() == {"full": "1 of 2", "lora": ""}
+    assert "contended" in for_people(table).columns
+    jobs["contended"] = False
+    assert "contended" not in for_people(comparison(jobs)).columns

@@ -29,3 +29,9 @@ def test_startup_benchmark_reads_the_timing_of_a_real_run():
     out = _run("startup.py", "--repeats", "1", "eval.max_tokens=1024", "eval.reference.max_tokens=1024")
     row = out.strip().splitlines()[-1]
     assert row.count(" s |") == 6, out
+
+
+def test_memory_estimate_benchmark_compares_a_real_runs_record():
+    out = _run("memory_estimate.py", "--device", "cpu", "--shape", "tiny", "--rows", "lora")
+    (row,) = [line for line in out.splitlines() if line.startswith("| lora |")]
+    assert row.count("|") == 9 and "measured: cpu_peak_rss" in out

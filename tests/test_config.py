@@ -104,7 +104,10 @@ def test_hub_presets_name_their_models():
         (["optimizer.lr=fast"], "optimizer.lr: Value 'fast' of type 'str' could not be converted to Float"),
         (["max_steps=ten"], "max_steps: Value 'ten' of type 'str' could not be converted to Integer"),
         (["hardware.device=gpu"], "hardware.device: Invalid value 'gpu', expected one of [auto, cpu, cuda]"),
-        (["hardware.precision=fp8"], "hardware.precision: Invalid value 'fp8', expected one of [fp32, bf16, fp16]"),
+        (
+            ["hardware.precision=fp8"],
+            "hardware.precision: Invalid value 'fp8', expected one of [auto, fp32, bf16, fp16]",
+        ),
         (["dataset=text_files"], "dataset.train_files"),
     ],
 )

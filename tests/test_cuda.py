@@ -85,7 +85,8 @@ def test_qlora_trains_4bit_weights_and_counts_them_as_parameters(shared, tmp_pat
 
 def test_running_out_of_cuda_memory_is_one_line_and_the_next_job_gets_the_memory(tmp_path):
     # 2,000,000 blocks of 64 tokens in one micro-batch: the embeddings' output alone is 61 GiB of float32
-    proc = run_cli(["-m", *ON_CUDA, "micro_batch_size=2000000,8", "hydra.sweep.dir=sweep"], tmp_path, timeout=600)
+    proc = run_cli(["-m", *ON_CUDA, "hardware.on_oom=fail", "micro_batch_size=2000000,8", "hydra.sweep.dir=sweep"],
+                   tmp_path, timeout=600)  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
     failed, completed = (read_record(tmp_path / "sweep" / job) for job in ("0", "1"))
     assert failed["status"] == "failed" and completed["status"] == "completed", failed.get("error")
@@ -148,3 +149,35 @@ def test_preference_objectives_train_on_cuda_in_bf16_with_lora(tmp_path, objecti
     assert record["objective"]["reference"] == "adapters disabled" and record["hardware"]["device"].startswith("cuda")
     before, after = record["eval"]["baseline"]["validation"], record["eval"]["final"]["validation"]
     assert before["reward_accuracy"] == 0.5 and after["reward_accuracy"] > 0.5 and after["token_kl"] > 0
+
+
+@pytest.mark.parametrize("policy", ["halve", "cpu"])
+def test_real_out_of_memory_is_survived_by_halving_or_moving_to_the_cpu(policy):
+    """The GPU capped at 256 MiB: 64 x 512 tokens do not fit; halving finds what does, or the CPU takes over."""
+    from transfer.hardware import resolve
+    from transfer.models import load_model_and_tokenizer
+    from transfer.objectives import build_objective
+    from transfer.oom import MemoryPlan
+    from transfer.train import train
+    from transfer.validate import compose_config
+
+    cfg = compose_config(["hardware.device=cuda", "hardware.precision=bf16", "micro_batch_size=64", "block_size=512",
+                          "max_steps=2", "eval_interval=0", f"hardware.on_oom={policy}", "optimizer.warmup_ratio=0"])  # fmt: skip
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    objective = build_objective(cfg, tokenizer)
+    splits = objective.prepare(4096)
+    hardware = resolve(cfg.hardware)
+    model.to(hardware.device)
+    plan = MemoryPlan(cfg, hardware)
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(256 * 2**20 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        result = train(model, objective, splits, cfg, hardware, plan=plan)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert result["steps"] == 2 and result["samples"] == 2 * 64 and plan.events
+    if policy == "halve":
+        assert plan.micro * plan.accum == 64 and plan.micro < 64 and hardware.device.type == "cuda"
+    else:
+        assert hardware.device.type == "cpu" and next(model.parameters()).device.type == "cpu"
+        assert plan.events[0]["change"] == "moved from cuda (bf16) to cpu (fp32)"

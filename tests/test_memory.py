@@ -57,3 +57,188 @@ def test_auto_precision_is_bf16_on_a_gpu_that_has_it_and_fp32_elsewhere(monkeypa
     assert hardware.resolve(cfg).precision == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # an older GPU: fp32, no loss scaling
     assert hardware.resolve(cfg).precision == "fp32"
+
+
+def _train_with_memory_of(rows_that_fit: int, overrides: list[str], monkeypatch):
+    """Train in-process while a 'device' holds at most `rows_that_fit` rows a forward pass (as CUDA's allocator raises)."""
+    import transfer.objectives.base
+    from transfer.hardware import resolve
+    from transfer.objectives import build_objective
+    from transfer.oom import MemoryPlan
+    from transfer.train import train
+
+    real = transfer.objectives.base.summed_lm_loss
+
+    def bounded(model, ids, labels, *args, **kwargs):
+        if ids.shape[0] > rows_that_fit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {ids.shape[0]} rows.")
+        return real(model, ids, labels, *args, **kwargs)
+
+    monkeypatch.setattr(transfer.objectives.base, "summed_lm_loss", bounded)
+    cfg = compose_config(["block_size=64", "max_steps=6", "eval_interval=3", "eval.max_tokens=2048",
+                          "optimizer.warmup_ratio=0", *overrides])  # fmt: skip
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    objective = build_objective(cfg, tokenizer)
+    splits = objective.prepare(cfg.eval.max_tokens)
+    hardware = resolve(cfg.hardware)
+    plan = MemoryPlan(cfg, hardware)
+    result = train(model, objective, splits, cfg, hardware, plan=plan)
+    monkeypatch.setattr(transfer.objectives.base, "summed_lm_loss", real)
+    return result, plan, [p.detach().clone() for p in model.parameters()]
+
+
+def test_out_of_memory_halves_the_micro_batch_and_makes_the_same_update(monkeypatch):
+    halved, plan, weights = _train_with_memory_of(2, ["micro_batch_size=8", "grad_accum_steps=1"], monkeypatch)
+    assert (plan.micro, plan.accum) == (2, 4)
+    assert [e["change"] for e in plan.events] == [
+        "micro_batch_size 8 -> 4, grad_accum_steps 1 -> 2 (the same batch per step)",
+        "micro_batch_size 4 -> 2, grad_accum_steps 2 -> 4 (the same batch per step)",
+    ]
+    assert plan.events[0]["at"] == "training step 1" and "CUDA out of memory" in plan.events[0]["reason"]
+    # the run that had 2 x 4 from the start: the same examples, the same losses, the same weights
+    direct, _, direct_weights = _train_with_memory_of(2, ["micro_batch_size=2", "grad_accum_steps=4"], monkeypatch)
+    assert halved["samples"] == direct["samples"] == 6 * 8
+    for a, b in zip(halved["loss_curve"], direct["loss_curve"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    for a, b in zip(weights, direct_weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_out_of_memory_with_on_oom_fail_is_one_line_naming_what_would_fit(monkeypatch):
+    from transfer.hardware import OutOfMemory
+
+    with pytest.raises(OutOfMemory) as e:
+        _train_with_memory_of(2, ["micro_batch_size=8", "hardware.on_oom=fail"], monkeypatch)
+    assert str(e.value).startswith("out of memory on cpu training at micro_batch_size=8, block_size=64 (Tried to")
+    assert "to fit: micro_batch_size=4 grad_accum_steps=2 (the same batch per step)" in str(e.value)
+    # halving down to 1 still does not fit: the line names the sizes reached
+    with pytest.raises(OutOfMemory) as e:
+        _train_with_memory_of(0, ["micro_batch_size=4"], monkeypatch)
+    assert "training at micro_batch_size=1, block_size=64" in str(e.value) and "to fit: block_size=32" in str(e.value)
+
+
+def test_evaluation_out_of_memory_halves_eval_batch_size_and_scores_the_same(monkeypatch):
+    import transfer.evaluation.perplexity
+    from transfer.hardware import resolve
+    from transfer.objectives import build_objective
+    from transfer.oom import MemoryPlan
+
+    cfg = compose_config(["block_size=64", "eval.max_tokens=4096", "eval_batch_size=16"])
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    objective = build_objective(cfg, tokenizer)
+    split = objective.prepare(cfg.eval.max_tokens)["validation"]
+    hardware = resolve(cfg.hardware)
+    whole = objective.evaluate(model, split, 4, hardware, "validation")
+    real = transfer.evaluation.perplexity.summed_lm_loss
+
+    def bounded(model, ids, *args, **kwargs):
+        if ids.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB.")
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(transfer.evaluation.perplexity, "summed_lm_loss", bounded)
+    plan = MemoryPlan(cfg, hardware)
+    result = plan.evaluate(lambda size: objective.evaluate(model, split, size, hardware, "validation"), "validation")
+    assert plan.eval_batch_size == 4 and [e["change"] for e in plan.events] == [
+        "eval_batch_size 16 -> 8",
+        "eval_batch_size 8 -> 4",
+    ]
+    assert result["loss"] == pytest.approx(whole["loss"], rel=1e-9) and result["tokens"] == whole["tokens"]
+
+
+# ---------------------------------------------------------------- the estimate before a run
+def _estimate(overrides: list[str]):
+    from transformers import AutoModelForCausalLM
+
+    from transfer.hardware import resolve
+    from transfer.memory import estimate
+
+    cfg = compose_config(overrides)
+    shapes, _ = load_model_and_tokenizer(cfg.model, cfg.block_size, weights=False)
+    hardware = resolve(cfg.hardware)
+    build = lambda: AutoModelForCausalLM.from_config(shapes.config)  # noqa: E731
+    return cfg, estimate(cfg, build, hardware.device, hardware.precision)
+
+
+def _allocated_peak(fn, folder) -> int:
+    """The most bytes the CPU allocator held at once while `fn` ran, beyond what it held before (the profiler's count)."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    prof.export_chrome_trace(str(folder / "trace.json"))
+    events = json.loads((folder / "trace.json").read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+
+
+def _storage_bytes(tensors) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_the_estimate_is_within_5_percent_of_what_a_cpu_run_allocates(strategy, tmp_path):
+    from transfer.hardware import resolve
+    from transfer.objectives import build_objective
+    from transfer.train import train
+
+    overrides = [f"strategy={strategy}", "block_size=128", "micro_batch_size=4", "grad_accum_steps=1", "max_steps=2",
+                 "eval.max_tokens=4096", "eval_batch_size=8", "eval/reference=none"]  # fmt: skip
+    cfg, found = _estimate(overrides)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    model, _ = apply_strategy(model, cfg.strategy, seed=0)
+    objective = build_objective(cfg, tokenizer)
+    splits = objective.prepare(cfg.eval.max_tokens)
+    held = _storage_bytes([*model.parameters(), *model.buffers()])
+    assert found["training"]["weights"] == held  # a tied head counted once
+    peak = held + _allocated_peak(lambda: train(model, objective, splits, cfg, resolve(cfg.hardware)), tmp_path)
+    assert found["peak_bytes"] == pytest.approx(peak, rel=0.05)
+
+
+def test_the_estimate_counts_what_each_strategy_and_objective_keeps():
+    """Weights and optimizer state exactly; the reference copy, QLoRA's 4-bit weights, checkpointing's savings."""
+    base = ["block_size=128", "micro_batch_size=4"]
+    cfg, full = _estimate(["strategy=full", *base])
+    cfg_lora, lora = _estimate(["strategy=lora", *base])
+    for c, found in ((cfg, full), (cfg_lora, lora)):
+        model, _ = load_model_and_tokenizer(c.model, c.block_size, weights=False)
+        with torch.device("meta"):
+            model, _ = apply_strategy(model, c.strategy, seed=0)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        # AdamW: two moments per trained number, and a 4-byte step count per trained tensor
+        assert found["training"]["optimizer"] == sum(8 * p.numel() + 4 for p in trained)
+    _, dpo_full = _estimate(["strategy=full", "objective=dpo", *base])
+    _, dpo_lora = _estimate(["strategy=lora", "objective=dpo", *base])
+    assert dpo_full["training"]["reference"] == full["weights_bytes"]  # a frozen copy of the model
+    assert "reference" not in dpo_lora["training"]  # LoRA's reference is its base with the adapters off
+    assert dpo_lora["training"]["activations"] > 1.9 * lora["training"]["activations"]  # two answers a pair
+    _, qlora = _estimate(["strategy=qlora", *base])
+    assert qlora["training"]["weights"] < 0.5 * lora["training"]["weights"]
+    _, checkpointed = _estimate(["strategy=full", "hardware.gradient_checkpointing=true", *base])
+    assert checkpointed["training"]["activations"] < 0.6 * full["training"]["activations"]
+    # a checkpointed block keeps only its input: micro-batch x block size x hidden width, in fp32
+    assert checkpointed["training"]["activations_per_block"] == 4 * 128 * 128 * 4
+    assert full["training"]["activations_per_block"] > 10 * 4 * 128 * 128 * 4
+    _, sft = _estimate(["strategy=lora", "objective=sft", *base])
+    assert sft["notes"] == ["every position counted as scored: an upper bound on the head's share"]
+
+
+def test_advice_halves_what_exceeds_the_limit_keeping_the_batch_per_step():
+    from transfer.memory import fits_advice
+
+    cfg, found = _estimate(["block_size=128", "micro_batch_size=8", "grad_accum_steps=2", "eval_batch_size=4"])
+    t, e = found["training"], found["evaluation"]
+    fixed = t["weights"] + t["gradients"] + t["optimizer"]
+    # room for a quarter of the training step's activations, and for all of evaluation's
+    limit = fixed + (t["peak"] - fixed) // 4 + 1
+    assert e["peak"] <= limit
+    assert fits_advice(cfg, found, limit) == (
+        f"the run's estimated peak, {found['peak_bytes'] / 2**30:.3g} GiB, exceeds the {limit / 2**30:.3g} GiB "
+        "available; to fit: micro_batch_size=2 grad_accum_steps=8 (the same batch per step), "
+        "hardware.gradient_checkpointing=true (hardware.on_oom=halve acts when it runs out)"
+    )
+    assert fits_advice(cfg, found, found["peak_bytes"]) is None
+    advice = fits_advice(cfg, found, fixed // 2)  # not even the weights fit
+    assert "micro_batch_size" not in advice and "a strategy that trains less (lora, qlora)" in advice

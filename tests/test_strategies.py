@@ -288,11 +288,19 @@ def test_only_declared_parameters_change(shared, model_dir, strategy):
 # ---------------------------------------------------------------- the run record and dry runs
 def test_dry_run_records_the_counts_and_stops(tmp_path):
     proc = run_cli(
-        ["strategy=freeze_lower", "strategy.frozen_blocks=1", "dry_run=true", "hydra.run.dir=run"], cwd=tmp_path
-    )
+        ["strategy=freeze_lower", "strategy.frozen_blocks=1", "dry_run=true", "hydra.run.dir=run",
+         "hardware.memory_limit=0.02"], cwd=tmp_path
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "dry_run"
+    # the estimate comes before the weights, and a limit it exceeds is one warning line saying what would fit
+    estimate = record["memory_estimate"]
+    assert estimate["limit_bytes"] == int(0.02 * 2**30) < estimate["peak_bytes"]
+    assert (
+        estimate["advice"].startswith("the run's estimated peak") and "to fit: micro_batch_size=" in estimate["advice"]
+    )
+    assert f"WARNING] - {estimate['advice']}" in proc.stdout + proc.stderr
     p = record["params"]
     assert p["trainable_blocks"] == [1, 2, 3] and p["num_blocks"] == 4
     assert p["tied_embeddings"] is True and p["shared_matrix_trains"] is False
@@ -322,12 +330,22 @@ def test_dry_run_sweep_on_a_qwen2_0_5b_shaped_directory(tmp_path):
         "lora": ("dry_run", LAYERS * LORA_BLOCK, TOTAL + LAYERS * LORA_BLOCK),
     }
     assert records["lora"]["params"]["tied_embeddings"] is True
+    # the memory estimate, in the same seconds: fp32 weights with the tied head once, and AdamW's state
+    # (two moments a trained number, a 4-byte step count a trained tensor) exactly
+    for name, r in records.items():
+        estimate = r["memory_estimate"]["training"]
+        assert estimate["weights"] == 4 * r["params"]["total"] + 2 * 4 * 32  # and rotary's two inv_freq buffers
+        tensors = {"full": 2 + LAYERS * 12, "freeze_lower": 1 + 12 * 12, "lora": LAYERS * 7 * 2}[name]
+        assert estimate["optimizer"] == 8 * r["params"]["trainable"] + 4 * tensors
     # the sweep's comparison table shows the counts, and no empty perplexity columns
     table = pd.read_csv(tmp_path / "sweep" / "tables" / "comparison.csv")
     assert dict(zip(table["strategy"], table["trainable_params"], strict=True)) == {
         k: r["params"]["trainable"] for k, r in records.items()
     }
     assert set(table["status"]) == {"dry_run"} and set(table["seeds"]) == {1}
+    assert dict(zip(table["strategy"], table["estimated_peak_mb"], strict=True)) == pytest.approx(
+        {k: r["memory_estimate"]["peak_bytes"] / 2**20 for k, r in records.items()}, rel=1e-3
+    )
     header = (tmp_path / "sweep" / "tables" / "comparison.md").read_text().splitlines()[0]
     assert "total_params" in header and "ppl" not in header
 

@@ -259,8 +259,9 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
         )
 
     cfg = compose_config(
-        ["micro_batch_size=8", "grad_accum_steps=2", "block_size=64", "max_steps=2", "eval_interval=0"]
-    )
+        ["micro_batch_size=8", "grad_accum_steps=2", "block_size=64", "max_steps=2", "eval_interval=0",
+         "hardware.on_oom=fail"]
+    )  # fmt: skip
     model, tokenizer = load_model_and_tokenizer(cfg.model, 64)
     objective = build_objective(cfg, tokenizer)
     splits = objective.prepare(2048)
@@ -273,8 +274,7 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
         "to fit: micro_batch_size=4 grad_accum_steps=4 (the same batch per step), "
         "a strategy that trains less (adapter, lora), hardware.precision=bf16"
     )  # 8 x 64 tokens: smaller loss chunks would change nothing
-    big = compose_config(["micro_batch_size=16", "block_size=1024"])  # 16,384 tokens in chunks of 4,096
-    assert transfer.train.memory_fixes(big, hw)[1] == "hardware.loss_chunk_tokens=1024"
+    assert transfer.train.memory_fixes(16, 1, 1024, hw)[1] == "hardware.loss_chunk_tokens=1024"  # 16,384 tokens
     assert e.value.__context__ is None or e.value.__suppress_context__  # reported alone, not as a chain
     monkeypatch.setattr(transfer.evaluation.perplexity, "summed_lm_loss", no_memory)
     with pytest.raises(TransferError) as e:
@@ -288,4 +288,4 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
         objective.evaluate(model, splits["validation"], 1, hw, "validate")
     assert str(e.value).endswith("at eval_batch_size=1 (Tried to allocate 2.25 GiB); to fit: hardware.precision=bf16")
     hw.loss_chunk_tokens = 512
-    assert "loss_chunk_tokens" not in " ".join(transfer.train.memory_fixes(big, hw))
+    assert "loss_chunk_tokens" not in " ".join(transfer.train.memory_fixes(16, 1, 1024, hw))

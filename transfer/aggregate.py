@@ -28,7 +28,7 @@ DEFAULT_ROOT = Path("multirun")
 # the numbers of a run that are not evaluation metrics; those are read from the record by name
 RUN_METRICS = [
     "trainable_params", "total_params", "trainable_pct", "train_seconds", "tokens_per_second", "samples_per_second",
-    "peak_memory_mb", "checkpoint_mb", "best_step", "steps",
+    "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb", "best_step", "steps",
 ]  # fmt: skip
 # what a split and a metric are called in a column: val_ppl_after, test_auc_before, ref_change_pct
 SPLIT_SHORT = {"validation": "val", "test": "test", "reference": "ref"}
@@ -121,6 +121,7 @@ def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
         trainable_pct=params.get("trainable_pct"),
         train_seconds=train.get("seconds"),
         tokens_per_second=train.get("tokens_per_second"),
+        contended=(train.get("machine") or {}).get("contended"),  # the run shared the CPUs: its speed says less
         samples_per_second=train.get("samples_per_second"),
         steps=train.get("steps"),
         best_step=train.get("best_step"),
@@ -128,6 +129,7 @@ def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
         objective=(record.get("objective") or {}).get("name"),
         select=(record.get("objective") or {}).get("select"),
         peak_memory_mb=_mb(record.get("memory", {}).get("bytes")),
+        estimated_peak_mb=_mb((record.get("memory_estimate") or {}).get("peak_bytes")),
         checkpoint_mb=_mb((train.get("checkpoint") or {}).get("bytes")),
         val_tokens=(record.get("data") or {}).get("validation", {}).get("tokens"),  # eval.max_tokens cuts it
     )
@@ -242,6 +244,8 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
             values = pd.to_numeric(group[m], errors="coerce").dropna()
             row[m] = values.mean() if len(values) else math.nan
             row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+        shared = int(group["contended"].eq(True).sum()) if "contended" in group else 0
+        row["contended"] = f"{shared} of {len(group)}" if shared else None  # shown when a speed was taken so
         row["status"] = status
         row["error"] = None
         rows.append(row)
@@ -281,7 +285,7 @@ DEFAULT_COLUMNS = [
     "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_log_loss_after",
     "val_reward_accuracy_before", "val_reward_accuracy_after", "val_margin_after", "val_token_kl_after", "test_ppl_after",
     "test_auc_after", "ref_ppl_before", "ref_ppl_after", "train_seconds", "tokens_per_second",
-    "peak_memory_mb", "checkpoint_mb", "best_step", "status", "error",
+    "contended", "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb", "best_step", "status", "error",
 ]  # fmt: skip
 
 

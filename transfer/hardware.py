@@ -1,8 +1,10 @@
 """Where and in which precision a run computes."""
 
 import contextlib
+import os
 import re
 import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,37 @@ import torch
 from transfer.errors import TransferError
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class OutOfMemory(TransferError):
+    """The device ran out of memory: one line naming the settings and what would fit (see transfer.oom)."""
+
+
+class MachineLoad:
+    """What else the machine did while a run trained, so that a speed says how it was taken: the process's CPU
+    time beside the wall time, and the 1-minute load average at each logged step. More runnable tasks than
+    CPUs (the run's own threads included) means the run shared them: its speed is then marked contended."""
+
+    def __init__(self):
+        self.cpu, self.wall, self.loads = time.process_time(), time.perf_counter(), []
+        self.sample()
+
+    def sample(self) -> None:
+        if hasattr(os, "getloadavg"):
+            self.loads.append(os.getloadavg()[0])
+
+    def summary(self) -> dict:
+        self.sample()
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        load = max(self.loads) if self.loads else None
+        return {
+            "cpu_seconds": time.process_time() - self.cpu,
+            "wall_seconds": time.perf_counter() - self.wall,  # of the loop, validation and checkpoints included
+            "cpus": cpus,
+            "torch_threads": torch.get_num_threads(),
+            "load_average_max": load,
+            "contended": load is not None and load > cpus + 0.5,
+        }
 
 
 @dataclass
@@ -43,7 +76,7 @@ class Hardware:
             if self.precision == "fp32":
                 fixes = [*fixes, "hardware.precision=bf16"]
             detail = f" ({tried.group(0)})" if tried else ""
-            raise TransferError(f"out of memory on {self.device} {doing}{detail}; to fit: {', '.join(fixes)}") from None
+            raise OutOfMemory(f"out of memory on {self.device} {doing}{detail}; to fit: {', '.join(fixes)}") from None
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

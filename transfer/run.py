@@ -15,6 +15,7 @@ import platform
 import random
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from transfer.fmt import duration
 from transfer.hardware import resolve
 from transfer.models import context_length, load_model_and_tokenizer
 from transfer.objectives import build_objective
+from transfer.oom import MemoryPlan
 from transfer.record import write_record
 from transfer.strategies import apply_strategy, check_before_loading, loading_options, parameter_report
 from transfer.train import describe_metrics, log_metrics, train
@@ -93,6 +95,8 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         # 0.5B model takes a fraction of a second and a hub model is not downloaded; a strategy whose
         # layers exist only once real weights are quantized (QLoRA) says it needs them.
         shapes_only = cfg.dry_run and not loading["needs_weights"]
+        if cfg.hardware.estimate_memory:  # before a weight is read: the config's shapes on fake tensors
+            record["memory_estimate"] = _memory_estimate(cfg, hardware)
         clock = time.perf_counter()
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size, quantize_4bit=loading["quantize_4bit"],
                                                     weights=not shapes_only)  # fmt: skip
@@ -144,11 +148,13 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         # A run started again in its folder (nothing to resume from) hides all of the earlier one's.
         resumed_step = int(resume_from.name.split("-")[-1]) if resume_from is not None else None
         purge_step = 0 if resumed_step is None else resumed_step + 1
+        plan = MemoryPlan(cfg, hardware)  # the batch sizes in use; what out of memory changes (hardware.on_oom)
+        plan.movers = [model.to, objective.to]
         with SummaryWriter(log_dir=str(out_dir), purge_step=purge_step) as writer:
             # evaluate
             clock = time.perf_counter()
             baseline = record["eval"]["baseline"] = _evaluate_splits(
-                objective, model, splits, cfg, hardware, "baseline"
+                objective, model, splits, plan, hardware, "baseline"
             )
             for name, result in baseline.items() if resumed_step is None else ():
                 log_metrics(writer, name, result, 0)  # step 0 of each curve
@@ -164,10 +170,10 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
 
             # train
             record["train"] = train(model, objective, splits, cfg, hardware, writer, run_dir=out_dir,
-                                    resume_from=resume_from, baseline=baseline["validation"])  # fmt: skip
+                                    resume_from=resume_from, baseline=baseline["validation"], plan=plan)  # fmt: skip
 
             # evaluate again, the same splits
-            final = record["eval"]["final"] = _evaluate_splits(objective, model, splits, cfg, hardware, "final")
+            final = record["eval"]["final"] = _evaluate_splits(objective, model, splits, plan, hardware, "final")
             record["eval"]["change_pct"] = {  # of perplexity, where the split has one
                 name: _change_pct(baseline[name]["perplexity"], final[name]["perplexity"])
                 for name in final
@@ -183,6 +189,8 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             # record
             record["samples"] = [{**b, "completion_after": a["completion"]} for b, a in zip(before, after, strict=True)]
             record["memory"] = hardware.peak_memory()
+            record["memory_plan"] = plan.record()
+            record["hardware"]["device_at_end"] = str(hardware.device)
             _write_samples(out_dir, writer, record["samples"])
             _log_final(writer, record, choices, overrides)
         record["status"] = "completed"
@@ -231,6 +239,38 @@ def data_warnings(objective, splits, cfg) -> list[str]:
     return warnings
 
 
+def _memory_estimate(cfg, hardware) -> dict | None:
+    """The estimated peak (transfer/memory.py), logged, and one warning line when it does not fit."""
+    from transformers import AutoModelForCausalLM
+
+    from transfer.memory import fits_advice, memory_limit, safe_estimate
+    from transfer.models import DTYPES
+
+    shapes, _ = load_model_and_tokenizer(cfg.model, cfg.block_size, weights=False)  # config and tokenizer only
+    dtype = DTYPES[cfg.model.dtype.value]
+
+    def build():
+        return AutoModelForCausalLM.from_config(shapes.config, dtype=dtype,
+                                                trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+
+    found = safe_estimate(cfg, build, hardware.device, hardware.precision)
+    if found is None:
+        return None
+    t, gib = found["training"], 2**30
+    log.info(
+        "estimated peak %.3g GiB on %s: weights %.3g, gradients %.3g, optimizer %.3g, activations and "
+        "temporaries %.3g GiB at the training step's peak (%.3g a block, %.3g the head and loss); evaluation %.3g GiB",
+        found["peak_bytes"] / gib, found["on"], t["weights"] / gib, t["gradients"] / gib, t["optimizer"] / gib,
+        t["activations"] / gib, t["activations_per_block"] / gib, t["head_and_loss"] / gib,
+        found["evaluation"]["peak"] / gib,
+    )  # fmt: skip
+    limit = memory_limit(cfg, hardware.device)
+    advice = fits_advice(cfg, found, limit) if limit else None
+    if advice:
+        log.warning("%s", advice)
+    return {**found, "limit_bytes": limit, "advice": advice}
+
+
 def _reference(cfg, tokenizer):
     """The reference (forgetting) corpus as blocks, joined by the end-of-text token; None for eval/reference=none."""
     texts = reference_texts(cfg.eval.reference)
@@ -242,20 +282,25 @@ def _reference(cfg, tokenizer):
                        max_tokens=cfg.eval.reference.max_tokens, where=where)  # fmt: skip
 
 
-def _evaluate_splits(objective, model, splits, cfg, hardware, when: str) -> dict:
-    """Validation and test by the objective's evaluators; the reference corpus by perplexity. A line each."""
+def _evaluate_splits(objective, model, splits, plan, hardware, when: str) -> dict:
+    """Validation and test by the objective's evaluators; the reference corpus by perplexity. A line each.
+
+    Out of memory, an evaluation is tried again as hardware.on_oom says (plan: transfer.oom)."""
     results = {}
     for name in (*EVAL_SPLITS, "reference"):
         if name not in splits:
             continue
         clock = time.perf_counter()
-        if name == "reference":
-            results[name] = perplexity(model, splits[name], cfg.eval_batch_size, hardware, objective.pad_id,
-                                       f"{when} {name}")  # fmt: skip
-        else:
-            results[name] = objective.evaluate(model, splits[name], cfg.eval_batch_size, hardware, f"{when} {name}")
+        results[name] = plan.evaluate(partial(_evaluate, objective, model, splits[name], name, hardware, f"{when} {name}"),
+                                      f"{when} {name} evaluation")  # fmt: skip
         log.info("%s %s: %s (%s)", when, name, describe_metrics(results[name]), duration(time.perf_counter() - clock))
     return results
+
+
+def _evaluate(objective, model, split, name: str, hardware, desc: str, batch_size: int) -> dict:
+    if name == "reference":  # general text: perplexity, whatever the objective
+        return perplexity(model, split, batch_size, hardware, objective.pad_id, desc)
+    return objective.evaluate(model, split, batch_size, hardware, desc)
 
 
 def _write_samples(out_dir: Path, writer, samples: list[dict]) -> None:

@@ -365,6 +365,11 @@ class HardwareConfig:
     on_oom: OnOutOfMemory = OnOutOfMemory.halve
     # Recompute each block's activations in the backward pass instead of keeping them: less memory, more time.
     gradient_checkpointing: bool = False
+    # GiB a run may use; null: what the device has free when the run starts. An estimated peak
+    # above it is one warning line with the settings that would fit (transfer/memory.py).
+    memory_limit: float | None = None
+    # Estimate the peak on fake tensors before loading the weights (a few seconds for a 0.5B model).
+    estimate_memory: bool = True
 
 
 # ---------------------------------------------------------------- optimizer

@@ -37,7 +37,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transfer import checkpoint
 from transfer.errors import Interrupted, TransferError
 from transfer.fmt import duration
+from transfer.hardware import MachineLoad
 from transfer.loss import smaller_chunks
+from transfer.oom import MemoryPlan, optimizer_mover
 from transfer.optim import build_optimizer, build_scheduler
 from transfer.validate import resumable_config
 
@@ -69,6 +71,9 @@ class Progress:
     # the first step of each process's stretch of training (allocation, kernel choice): kept out of the steady rate
     warmup_seconds: float = 0.0
     warmup_tokens: int = 0
+    # the sizes in use, once out of memory halved them (null: the config's)
+    micro_batch_size: int | None = None
+    grad_accum_steps: int | None = None
 
 
 def plan_steps(cfg, steps_per_epoch: float) -> tuple[int, str]:
@@ -129,11 +134,15 @@ class Pace:
 
 
 def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | None = None,
-          resume_from: Path | None = None, baseline: dict | None = None) -> dict:  # fmt: skip
-    """Train `model` on `objective`'s training split; `baseline` is the untrained model's validation result."""
+          resume_from: Path | None = None, baseline: dict | None = None, plan: MemoryPlan | None = None) -> dict:  # fmt: skip
+    """Train `model` on `objective`'s training split; `baseline` is the untrained model's validation result.
+
+    `plan` holds the batch sizes in use and what to do when memory runs out (transfer.oom).
+    """
     examples = splits["train"]
-    micro, accum = cfg.micro_batch_size, cfg.grad_accum_steps
-    total_steps, bound = plan_steps(cfg, objective.steps_per_epoch(examples, micro * accum))
+    plan = plan or MemoryPlan(cfg, hardware)
+    per_step = cfg.micro_batch_size * cfg.grad_accum_steps  # halving keeps it
+    total_steps, bound = plan_steps(cfg, objective.steps_per_epoch(examples, per_step))
     validate_every = cfg.eval_interval
     saving = cfg.checkpoint.enabled and run_dir is not None
     checkpoints = run_dir / "checkpoints" if run_dir is not None else None
@@ -149,7 +158,10 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
     best_weights = checkpoint.trainable_state(model) if validate_every else None
     if resume_from is not None:
         progress, best_weights = _resume(resume_from, model, optimizer, scheduler, scaler, best_weights)
-    stream = objective.stream(examples, cfg.seed, progress.samples, micro * accum)
+        if progress.micro_batch_size:  # halved before the interruption: go on at the sizes that fitted
+            plan.micro, plan.accum = progress.micro_batch_size, progress.grad_accum_steps
+    plan.movers = [model.to, optimizer_mover(optimizer), objective.to]
+    stream = objective.stream(examples, cfg.seed, progress.samples, per_step)
     first_step = total_steps + 1 if progress.stop_reason else progress.step + 1  # an early stop stays stopped
 
     def save_step_checkpoint():
@@ -171,13 +183,11 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
     pace = Pace()
     hardware.synchronize()
     started = time.perf_counter()
+    machine = MachineLoad()
     saved_bytes = None
-    out_of_memory = hardware.explain_out_of_memory(
-        f"training at micro_batch_size={micro}, block_size={cfg.block_size}", memory_fixes(cfg, hardware)
-    )
     stop = StopRequests()
     seconds_before = progress.seconds  # of training before this process's stretch (a resumed run's)
-    with logging_redirect_tqdm(), out_of_memory, stop.installed():  # log lines print above the bar, not through it
+    with logging_redirect_tqdm(), stop.installed():  # log lines print above the bar, not through it
         for step in range(first_step, total_steps + 1):
             if stop.signal:  # between two steps: the state on disk is the state of a step's end
                 hardware.synchronize()
@@ -187,16 +197,27 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
                 log.info("stopped after step %d by %s; checkpoint %s", progress.step, stop.signal,
                          "saved" if saving else "off (checkpoint.enabled=false): a resume starts over")  # fmt: skip
                 raise Interrupted(stop.signal)
-            # the whole step's batches first: their scored targets are what every sum is divided by
-            batches = [objective.batch(examples, stream, micro) for _ in range(accum)]
-            objective.begin_step(model, batches, hardware)
-            normaliser = sum(b.normaliser for b in batches)
-            step_loss = torch.zeros((), device=hardware.device)
-            for batch in batches:
-                with hardware.autocast():
-                    loss_sum, _, _ = objective.loss(model, batch.to(hardware.device), hardware.loss_chunk_tokens)
-                scaler.scale(loss_sum / normaliser).backward()
-                step_loss += loss_sum.detach()
+            start, rng = stream.position, checkpoint.rng_state()
+            while True:  # the step, tried again from its start on smaller pieces (or the CPU) while memory runs out
+                try:
+                    step_loss, batches, normaliser = _forward_backward(model, objective, examples, stream, plan,
+                                                                       scaler, hardware)  # fmt: skip
+                    break
+                except torch.OutOfMemoryError as e:
+                    if not plan.can_recover():
+                        fixes = memory_fixes(plan.micro, plan.accum, cfg.block_size, hardware)
+                        with hardware.explain_out_of_memory(
+                            f"training at micro_batch_size={plan.micro}, block_size={cfg.block_size}", fixes
+                        ):
+                            raise
+                    reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                optimizer.zero_grad(set_to_none=True)
+                plan.recover(f"training step {step}", reason)
+                if hardware.device.type == "cpu" and plan.policy == "cpu":
+                    scaler = hardware.grad_scaler()  # fp32 on the CPU: no loss scaling
+                stream.position = start
+                checkpoint.set_rng_state(rng)
+            progress.micro_batch_size, progress.grad_accum_steps = plan.micro, plan.accum
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             scaler.step(optimizer)
@@ -225,6 +246,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
                 pace.mark(trained, progress.tokens, step)
             logging_step = step in (1, total_steps) or step % cfg.log_interval == 0
             if logging_step:
+                machine.sample()
                 mean = progress.interval_loss / progress.interval_steps
                 progress.interval_loss, progress.interval_steps = 0.0, 0
                 hardware.synchronize()
@@ -254,7 +276,8 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
             hardware.synchronize()
             progress.seconds += time.perf_counter() - started
             if validating:
-                result = objective.evaluate(model, splits["validation"], cfg.eval_batch_size, hardware, "validate")
+                result = plan.evaluate(lambda size: objective.evaluate(model, splits["validation"], size, hardware,
+                                                                       "validate"), f"validation at step {step}")  # fmt: skip
                 model.train()
                 progress.validation_curve.append({"step": step, **result})
                 log.info("step %d: validation %s", step, describe_metrics(result))
@@ -313,6 +336,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
             if tokens > progress.warmup_tokens and seconds > progress.warmup_seconds
             else None
         ),
+        "machine": machine.summary(),  # this process's stretch: CPU time, load, whether it shared the CPUs
         "loss_first": progress.loss_first,
         "loss_last": progress.loss_last,
         "lr_last": progress.lr_last,
@@ -338,14 +362,28 @@ def log_metrics(writer, split: str, result: dict, step: int) -> None:
             writer.add_scalar(f"{split}/{key}", value, step)
 
 
-def memory_fixes(cfg, hardware) -> list[str]:
+def _forward_backward(model, objective, examples, stream, plan, scaler, hardware):
+    """One step's forward and backward passes: (summed loss, its batches, the step's normaliser)."""
+    # the whole step's batches first: their scored targets are what every sum is divided by
+    batches = [objective.batch(examples, stream, plan.micro) for _ in range(plan.accum)]
+    objective.begin_step(model, batches, hardware)
+    normaliser = sum(b.normaliser for b in batches)
+    step_loss = torch.zeros((), device=hardware.device)
+    for batch in batches:
+        with hardware.autocast():
+            loss_sum, _, _ = objective.loss(model, batch.to(hardware.device), hardware.loss_chunk_tokens)
+        scaler.scale(loss_sum / normaliser).backward()
+        step_loss += loss_sum.detach()
+    return step_loss, batches, normaliser
+
+
+def memory_fixes(micro: int, accum: int, block_size: int, hardware) -> list[str]:
     """Settings that need less memory for the same training: the same batch per step in smaller pieces first."""
-    micro, accum = cfg.micro_batch_size, cfg.grad_accum_steps
     if micro > 1:
         fixes = [f"micro_batch_size={micro // 2} grad_accum_steps={accum * 2} (the same batch per step)"]
     else:
-        fixes = [f"block_size={cfg.block_size // 2}"]
-    chunks = smaller_chunks(hardware.loss_chunk_tokens, micro * cfg.block_size)
+        fixes = [f"block_size={block_size // 2}"]
+    chunks = smaller_chunks(hardware.loss_chunk_tokens, micro * block_size)
     return [*fixes, *chunks, "a strategy that trains less (adapter, lora)"]
 
 

@@ -15,6 +15,10 @@ def apply_transforms(model, cfg) -> dict:
             )
         # non-reentrant: frozen embeddings need no input gradients, and peft's and our fused loss's
         # calls of the decoder recompute each block in the backward pass alike
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # the newer transformers' name; the old one warns
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         done["gradient_checkpointing"] = True
     return done

@@ -373,6 +373,9 @@ def check_config(cfg: DictConfig) -> None:
         raise TransferError(
             f"hardware.loss_chunk_tokens={cfg.hardware.loss_chunk_tokens}: allowed 0 (off) or a positive number of tokens"
         )
+    limit = cfg.hardware.memory_limit
+    if limit is not None and not limit > 0:
+        raise TransferError(f"hardware.memory_limit={limit} must be a positive number of GiB (or null: what is free)")
     check_objective(cfg)
     check_init_from(cfg)
     check_hardware(cfg)

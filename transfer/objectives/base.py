@@ -58,6 +58,9 @@ class Objective:
         """Anything the objective needs of the model before the baseline (a reference model); what the record says."""
         return {}
 
+    def to(self, device) -> None:
+        """Move what the objective keeps on the device (a reference model) along with the model."""
+
     def begin_step(self, model, batches: list, hardware) -> None:
         """Called with an optimizer step's batches before their losses: for statistics over the whole step."""
 

@@ -325,6 +325,10 @@ class PreferenceOptimisation(Objective):
         finally:
             self._model.train(was_training)
 
+    def to(self, device) -> None:
+        if self._reference_model is not None:
+            self._reference_model.to(device)
+
     # ---------------------------------------------------------------- training
     def stream(self, split: PreferenceSplit, seed: int, start: int, per_step: int) -> ExampleStream:
         lengths = split.seqs.lengths()

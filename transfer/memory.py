@@ -1,0 +1,277 @@
+"""The memory a run will need, known before it loads a weight: one training step and one evaluation batch,
+run on fake tensors (PyTorch's FakeTensorMode: shapes and dtypes, no storage) under a dispatch mode that
+counts the bytes of every live storage, by kind: weights, gradients, optimizer state, and activations with
+the step's temporaries.
+
+What runs is the run's own step: the model built from its config with the strategy and the
+transforms applied, the objective's token loss (the fused head loss, in chunks), the optimizer's
+first and then a tracked second step (its state exists from the first on), under the run's
+autocast. On a CUDA machine the fake tensors are CUDA tensors, so CUDA's kernels (flash attention)
+decide what is kept; elsewhere the CPU's, and the record says which. Not counted: the CUDA context
+and the allocator's reserve (`torch.cuda.max_memory_allocated` does not count them either).
+
+Approximations, said in the record: instruction tuning's masked positions are counted as scored
+(an upper bound on the head's share); preference objectives as a pair's two rows a step, with a
+frozen reference copy's weights added where there is one; QLoRA's 4-bit weights by their size
+(bitsandbytes quantizes only real weights), the rest as LoRA's.
+"""
+
+import contextlib
+import logging
+import math
+import os
+import weakref
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from transfer.errors import first_line
+
+log = logging.getLogger(__name__)
+PREFERENCE = ("dpo", "ipo", "kto", "cpo", "orpo", "simpo")
+REFERENCE_FREE = ("cpo", "orpo", "simpo")
+
+
+def estimate(cfg, build, device: torch.device, precision: str) -> dict:
+    """Peak bytes of a training step and of an evaluation batch, by component, for this config on `device`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from transfer import loss
+    from transfer.optim import build_optimizer
+    from transfer.strategies import apply_strategy
+    from transfer.transforms import apply_transforms
+
+    name = cfg.objective.name
+    rows = cfg.micro_batch_size * (2 if name in PREFERENCE else 1)
+    fake_device = device if device.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    notes = []
+    strategy = cfg.strategy
+    if strategy.name == "qlora":  # LoRA on the full-precision base stands in; the weights are corrected below
+        strategy = strategy.copy()
+        strategy.name = "lora"
+    # built and adapted on the meta device (peft moves fake parameters by swapping them, which fails), then
+    # given fake storage on the run's device
+    with torch.device("meta"):
+        model, _ = apply_strategy(build(), strategy, seed=0)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device(fake_device):
+        model.to_empty(device=fake_device)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.tie_weights()  # to_empty gives each module its own tensor: a tied head shares the embedding's again
+        apply_transforms(model, cfg)
+        model.train()
+        loss._HEAD_IS_LAST[base] = True  # the probe compares values, which fake tensors lack; asked again in the run
+        optimizer = build_optimizer(model, cfg.optimizer, fake_device)
+        ids = torch.randint(0, model.config.vocab_size, (rows, cfg.block_size))
+
+        def forward(ids):
+            with torch.autocast(fake_device.type, dtype=autocast, enabled=autocast is not None):
+                total, count = loss.summed_lm_loss(model, ids, ids, cfg.hardware.loss_chunk_tokens)
+            return total / count
+
+        def backward(mean):
+            mean.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        backward(forward(ids))  # the optimizer's state exists from its first step on
+        training = _tracked(model, optimizer, lambda: forward(ids), backward)
+        eval_ids = torch.randint(0, model.config.vocab_size, (cfg.eval_batch_size, cfg.block_size))
+        with torch.no_grad():
+            evaluating = _tracked(model, optimizer, lambda: forward(eval_ids))
+        weights = _bytes(model.parameters())
+        if cfg.strategy.name == "qlora":
+            shrink = training_linear_bytes(base) - _qlora_weights(base)
+            notes.append("QLoRA: 4-bit weights by their size, the rest as LoRA's")
+            for found in (training, evaluating):
+                found["weights"] -= shrink
+                found["peak"] -= shrink
+            weights -= shrink
+        if name in PREFERENCE and name not in REFERENCE_FREE and not hasattr(model, "peft_config"):
+            training["reference"] = weights  # the frozen copy of the initial model
+            training["peak"] += weights
+            notes.append("a preference objective's frozen reference copy")
+        if name in PREFERENCE:
+            notes.append("a pair's two answers as two rows")
+        if name == "sft":
+            notes.append("every position counted as scored: an upper bound on the head's share")
+    return {
+        "training": training,
+        "evaluation": evaluating,
+        "peak_bytes": max(training["peak"], evaluating["peak"]),
+        "on": f"{fake_device.type} (fake tensors)",
+        "weights_bytes": weights,
+        "notes": notes,
+    }
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of live tensor storage by kind, and the kinds at the peak of their total.
+
+    Every op's outputs are seen as they are made; a weak reference to each storage sees it freed. The
+    model's tensors are weights, the optimizer's are its state, a parameter's accumulated gradient is a
+    gradient (a hook relabels it), and everything else a step makes is an activation or a temporary.
+    """
+
+    def __init__(self, model, optimizer):
+        super().__init__()
+        self.kinds = WeakIdKeyDictionary()  # storage -> [kind, bytes]
+        self.live, self.total, self.at_peak, self.peak = Counter(), 0, Counter(), 0
+        for tensor in [*model.parameters(), *model.buffers()]:
+            self.label(tensor, "weights")
+        for state in optimizer.state.values():
+            for tensor in state.values():
+                if isinstance(tensor, torch.Tensor):
+                    self.label(tensor, "optimizer")
+        self.hooks = [p.register_post_accumulate_grad_hook(lambda p: self.label(p.grad, "gradients"))
+                      for p in model.parameters() if p.requires_grad]  # fmt: skip
+
+    def label(self, tensor, kind: str) -> None:
+        storage = tensor.untyped_storage()
+        info = self.kinds.get(storage)
+        if info is None:
+            info = self.kinds[storage] = [kind, storage.nbytes()]
+            weakref.finalize(storage, self._freed, info)
+            self.live[kind] += info[1]
+            self.total += info[1]
+        elif info[0] != kind:
+            self.live[info[0]] -= info[1]
+            self.live[kind] += info[1]
+            info[0] = kind
+        if self.total > self.peak:
+            self.peak, self.at_peak = self.total, self.live.copy()
+
+    def _freed(self, info) -> None:
+        self.live[info[0]] -= info[1]
+        self.total -= info[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage() not in self.kinds:
+                self.label(tensor, "activations")
+        return out
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        return super().__exit__(*exc)
+
+
+def _tracked(model, optimizer, forward, backward=None) -> dict:
+    """The kinds at the peak; what each block's forward keeps, and what the head and the loss add after the blocks."""
+    from transfer.strategies import model_parts
+
+    blocks = model_parts(model).blocks
+    kept, after_blocks = [], []  # the first forward pass's, not checkpointing's recomputation
+    with _LiveBytes(model, optimizer) as tracker:
+        handles = [
+            *(b.register_forward_pre_hook(lambda m, a: kept.append(-tracker.total)) for b in blocks),
+            *(b.register_forward_hook(lambda m, a, o: kept.append(kept.pop() + tracker.total)) for b in blocks),
+            blocks[-1].register_forward_hook(lambda m, a, o: after_blocks.append(tracker.total)),
+        ]
+        mean = forward()
+        forward_peak = tracker.peak
+        if backward is not None:
+            backward(mean)
+        for handle in handles:
+            handle.remove()
+    return {
+        **{kind: tracker.at_peak[kind] for kind in KINDS},
+        "peak": tracker.peak,
+        "activations_per_block": round(sum(kept[: len(blocks)]) / len(blocks)),
+        "head_and_loss": forward_peak - after_blocks[0],  # one chunk of logits and its loss at a time
+    }
+
+
+KINDS = ("weights", "gradients", "optimizer", "activations")
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _linear_weights(base):
+    """The blocks' linear weights that bitsandbytes would quantize (LoRA's own matrices left out)."""
+    from transfer.strategies import model_parts
+
+    for block in model_parts(base).blocks:
+        for name, module in block.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lora_" not in name:
+                yield module.weight
+
+
+def training_linear_bytes(base) -> int:
+    return _bytes(_linear_weights(base))
+
+
+def _qlora_weights(base) -> int:
+    """NF4 weights: half a byte each, with double-quantized scales (about 0.127 bits each)."""
+    n = sum(w.numel() for w in _linear_weights(base))
+    return math.ceil(n * (4 + 0.127) / 8)
+
+
+def memory_limit(cfg, device: torch.device) -> int | None:
+    """hardware.memory_limit in bytes, or what the device has free now."""
+    if cfg.hardware.memory_limit is not None:
+        return int(cfg.hardware.memory_limit * 2**30)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def fits_advice(cfg, found: dict, limit: int) -> str | None:
+    """One line when the estimate exceeds the limit: what would fit, the same batch per step first."""
+    if found["peak_bytes"] <= limit:
+        return None
+    fixes = []
+    training, evaluating = found["training"], found["evaluation"]
+    if training["peak"] > limit:
+        fixed = training["weights"] + training["gradients"] + training["optimizer"] + training.get("reference", 0)
+        micro = _halved_to_fit(cfg.micro_batch_size, fixed, training["peak"] - fixed, limit)
+        if micro:
+            accum = cfg.grad_accum_steps * cfg.micro_batch_size // micro
+            fixes.append(f"micro_batch_size={micro} grad_accum_steps={accum} (the same batch per step)")
+        if not cfg.hardware.gradient_checkpointing:
+            fixes.append("hardware.gradient_checkpointing=true")
+        if fixed > limit:
+            fixes.append("a strategy that trains less (lora, qlora)")
+    if evaluating["peak"] > limit:
+        fixed = evaluating["weights"] + evaluating["optimizer"]
+        size = _halved_to_fit(cfg.eval_batch_size, fixed, evaluating["peak"] - fixed, limit)
+        if size:
+            fixes.append(f"eval_batch_size={size}")
+    return (
+        f"the run's estimated peak, {found['peak_bytes'] / 2**30:.3g} GiB, exceeds the {limit / 2**30:.3g} GiB "
+        f"available; to fit: {', '.join(fixes) or 'a smaller block_size'} "
+        f"(hardware.on_oom={cfg.hardware.on_oom.value} acts when it runs out)"
+    )
+
+
+def _halved_to_fit(size: int, fixed: int, moving: int, limit: int) -> int | None:
+    """The largest halving of a batch size whose share (`moving` scales with it) fits beside `fixed`; None if none."""
+    for smaller in (size // 2**k for k in range(1, size.bit_length())):
+        if fixed + moving * smaller / size <= limit:
+            return smaller
+    return None
+
+
+def safe_estimate(cfg, build, device, precision) -> dict | None:
+    """The estimate, or None with a log line when the fake run cannot model this config (a custom kernel)."""
+    if os.environ.get("TRANSFER_NO_MEMORY_ESTIMATE"):
+        return None
+    try:
+        with contextlib.redirect_stderr(open(os.devnull, "w")):
+            return estimate(cfg, build, device, precision)
+    except Exception as e:  # an estimate is advice: a run never fails for want of one
+        log.info("no memory estimate for this config: %s: %s", type(e).__name__, first_line(e))
+        return None
