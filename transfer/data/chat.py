@@ -249,3 +249,19 @@ def fit(ids: list[int], labels: list[int], block_size: int) -> tuple[list[int], 
     if len(ids) <= block_size:
         return ids, labels, "prompt"
     return ids[:block_size], labels[:block_size], "response"
+
+
+def fitted_tokens(example: Example, tokenizer, template: str, train_on_prompt: bool, block_size: int, drop: bool,
+                  counts: dict) -> tuple[list[int], list[int]] | None:  # fmt: skip
+    """training_tokens cut to block_size by `fit`, or None for an example dropped; `counts` says what was cut or dropped."""
+    ids, labels = training_tokens(example, tokenizer, template, train_on_prompt)
+    if len(ids) > block_size and drop:
+        counts["dropped_too_long"] += 1
+        return None
+    ids, labels, cut = fit(ids, labels, block_size)
+    if cut:
+        counts[f"truncated_{cut}"] += 1
+    if all(label == IGNORE for label in labels[1:]):  # nothing left to learn from
+        counts["dropped_no_answer"] += 1
+        return None
+    return ids, labels

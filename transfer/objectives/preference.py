@@ -39,7 +39,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from transfer.data.chat import Example, fit, generation_prompt, template_of, to_pair, to_unpaired, training_tokens
+from transfer.data.chat import (
+    Example,
+    fit,
+    fitted_tokens,
+    generation_prompt,
+    template_of,
+    to_pair,
+    to_unpaired,
+    training_tokens,
+)
 from transfer.data.sequences import IGNORE, Batch, ExampleStream, Sequences, padded_batch
 from transfer.data.sources import SPLITS, load_rows
 from transfer.errors import TransferError
@@ -195,17 +204,11 @@ class PreferenceOptimisation(Objective):
                 )
             encoded = []
             for example, good in answers:
-                ids, labels = training_tokens(example, self.tokenizer, self.template, train_on_prompt=False)
-                if len(ids) > self.block_size and self.cfg.truncation.value == "drop":
-                    counts["dropped_too_long"] += 1
+                tokens = fitted_tokens(example, self.tokenizer, self.template, False, self.block_size,
+                                       self.cfg.truncation.value == "drop", counts)  # fmt: skip
+                if tokens is None:
                     break
-                ids, labels, cut = fit(ids, labels, self.block_size)
-                if cut:
-                    counts[f"truncated_{cut}"] += 1
-                if all(label == IGNORE for label in labels[1:]):
-                    counts["dropped_no_answer"] += 1
-                    break
-                encoded.append((ids, labels, example, good))
+                encoded.append((*tokens, example, good))
             if len(encoded) != len(answers):
                 continue
             if is_pair and encoded[0][0] == encoded[1][0]:

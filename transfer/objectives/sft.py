@@ -12,12 +12,12 @@ from transfer.data.chat import (
     answer_tokens,
     detect_format,
     fit,
+    fitted_tokens,
     generation_prompt,
     template_of,
     to_example,
-    training_tokens,
 )
-from transfer.data.sequences import IGNORE, Sequences
+from transfer.data.sequences import Sequences
 from transfer.data.sources import SPLITS, load_rows
 from transfer.errors import TransferError
 from transfer.evaluation.choices import choice_metrics, choice_scores
@@ -56,16 +56,11 @@ class InstructionTuning(TokenObjective):
             where = f"dataset {self.dataset_cfg.name!r} {split} row {number}"
             example = to_example(row, self.format, self.dataset_cfg, where)
             gold = self._gold(row, example, where)
-            ids, labels = training_tokens(example, self.tokenizer, self.template, self.cfg.train_on_prompt)
-            if len(ids) > self.block_size and self.cfg.truncation.value == "drop":
-                counts["dropped_too_long"] += 1
+            tokens = fitted_tokens(example, self.tokenizer, self.template, self.cfg.train_on_prompt, self.block_size,
+                                   self.cfg.truncation.value == "drop", counts)  # fmt: skip
+            if tokens is None:
                 continue
-            ids, labels, cut = fit(ids, labels, self.block_size)
-            if cut:
-                counts[f"truncated_{cut}"] += 1
-            if all(label == IGNORE for label in labels[1:]):  # nothing left to learn from
-                counts["dropped_no_answer"] += 1
-                continue
+            ids, labels = tokens
             if max_tokens is not None and ids_list and sum(map(len, ids_list)) + len(ids) > max_tokens:
                 break
             ids_list.append(ids)
