@@ -184,6 +184,7 @@ CONFIG_CASES = [
     Case("evaluation of one token", ["eval.max_tokens=1"], "eval.max_tokens=1: allowed 2 or more"),
     Case("no threads", ["hardware.num_threads=0"], "hardware.num_threads=0 must be at least 1"),
     Case("negative loss chunks", ["hardware.loss_chunk_tokens=-1"], "hardware.loss_chunk_tokens=-1: allowed 0"),
+    Case("no memory to use", ["hardware.memory_limit=0"], "hardware.memory_limit=0.0 must be a positive number of GiB"),
     Case("LoRA rank 0", ["strategy=lora", "strategy.r=0"], "strategy r=0, alpha=32, dropout=0.05: allowed r >= 1"),
     Case("bad last value of a sweep", ["-m", "optimizer.lr=1e-4,-1"], "optimizer.lr=-1.0 must be positive"),
     Case("a group's key in a sweep where one option lacks it", ["-m", "strategy=lora,full", "strategy.r=8"],
