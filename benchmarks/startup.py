@@ -3,8 +3,8 @@
     python benchmarks/startup.py --repeats 3 [OVERRIDE ...]
 
 Runs the default experiment on `tiny` for one step, each time in a fresh process,
-and reads the `timing` section the run record keeps: model load, data load, the
-baseline evaluation and samples, and the rest (imports, config, set-up), which is
+and reads the `timing` section the run record keeps: the memory estimate, model load, data
+load, the baseline evaluation and samples, and the rest (imports, config, set-up), which is
 the overhead. Medians over the repeats.
 """
 
@@ -18,7 +18,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-PARTS = ("startup_overhead", "model_load", "data_load", "baseline_eval_and_samples", "to_first_step")
+PARTS = ("startup_overhead", "memory_estimate", "model_load", "data_load", "baseline_eval_and_samples", "to_first_step")
 
 
 def main() -> None:

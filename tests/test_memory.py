@@ -144,20 +144,30 @@ def test_evaluation_out_of_memory_halves_eval_batch_size_and_scores_the_same(mon
         "eval_batch_size 8 -> 4",
     ]
     assert result["loss"] == pytest.approx(whole["loss"], rel=1e-9) and result["tokens"] == whole["tokens"]
+    # an evaluator that raises the device's own error, where halving cannot help: one line, as training's
+    from transfer.hardware import OutOfMemory
+
+    def never_fits(size):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB.")
+
+    plan.eval_batch_size = 1
+    with pytest.raises(OutOfMemory) as e:
+        plan.evaluate(never_fits, "final test evaluation")
+    assert str(e.value) == (
+        "out of memory on cpu in the final test evaluation at eval_batch_size=1 (Tried to allocate 1 GiB); "
+        "to fit: a smaller block_size, hardware.precision=bf16"
+    )
 
 
 # ---------------------------------------------------------------- the estimate before a run
 def _estimate(overrides: list[str]):
-    from transformers import AutoModelForCausalLM
-
     from transfer.hardware import resolve
     from transfer.memory import estimate
 
     cfg = compose_config(overrides)
     shapes, _ = load_model_and_tokenizer(cfg.model, cfg.block_size, weights=False)
     hardware = resolve(cfg.hardware)
-    build = lambda: AutoModelForCausalLM.from_config(shapes.config)  # noqa: E731
-    return cfg, estimate(cfg, build, hardware.device, hardware.precision)
+    return cfg, estimate(cfg, shapes, hardware.device, hardware.precision)
 
 
 def _allocated_peak(fn, folder) -> int:

@@ -83,13 +83,9 @@ def _silence_known_noise() -> None:
 
 def _release_device_memory() -> None:
     """A sweep runs its jobs in one process: the next job starts with the GPU memory this one held."""
-    import gc
+    from transfer.oom import release_memory  # torch, imported only once a job has run
 
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
 
 
 def _terminate(signum, frame) -> None:

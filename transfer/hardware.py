@@ -99,13 +99,21 @@ class Hardware:
                 "reserved_bytes": torch.cuda.max_memory_reserved(self.device),
                 "kind": "cuda_max_memory_allocated",
             }
-        status = Path("/proc/self/status")
-        if status.is_file():
-            for line in status.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return {"bytes": int(line.split()[1]) * 1024, "kind": "cpu_peak_rss"}
+        peak = proc_bytes("/proc/self/status", "VmHWM")
+        if peak is not None:
+            return {"bytes": peak, "kind": "cpu_peak_rss"}
         # elsewhere the process-lifetime peak (kilobytes on Linux, bytes on macOS)
         return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kind": "cpu_peak_rss_process"}
+
+
+def proc_bytes(path: str, field: str) -> int | None:
+    """A Linux /proc file's `field:  N kB` in bytes; None elsewhere."""
+    file = Path(path)
+    if file.is_file():
+        for line in file.read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def resolve(cfg) -> Hardware:

@@ -22,7 +22,6 @@ import math
 import os
 import weakref
 from collections import Counter
-from pathlib import Path
 
 import torch
 import torch.utils._pytree as pytree
@@ -32,32 +31,37 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transfer.errors import first_line
 
 log = logging.getLogger(__name__)
-PREFERENCE = ("dpo", "ipo", "kto", "cpo", "orpo", "simpo")
-REFERENCE_FREE = ("cpo", "orpo", "simpo")
 
 
-def estimate(cfg, build, device: torch.device, precision: str) -> dict:
-    """Peak bytes of a training step and of an evaluation batch, by component, for this config on `device`."""
+def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
+    """Peak bytes of a training step and of an evaluation batch, by component, for this config on `device`.
+
+    `shapes`: the config's model on the meta device (models.load_model_and_tokenizer with weights=False),
+    adapted here by the strategy: it is used up.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from transfer import loss
+    from transfer.hardware import AUTOCAST_DTYPES
+    from transfer.objectives.preference import REFERENCE_FREE
     from transfer.optim import build_optimizer
     from transfer.strategies import apply_strategy
     from transfer.transforms import apply_transforms
+    from transfer.validate import PREFERENCE
 
     name = cfg.objective.name
     rows = cfg.micro_batch_size * (2 if name in PREFERENCE else 1)
     fake_device = device if device.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = AUTOCAST_DTYPES[precision]
     notes = []
     strategy = cfg.strategy
     if strategy.name == "qlora":  # LoRA on the full-precision base stands in; the weights are corrected below
         strategy = strategy.copy()
         strategy.name = "lora"
-    # built and adapted on the meta device (peft moves fake parameters by swapping them, which fails), then
-    # given fake storage on the run's device
+    # adapted on the meta device (peft moves fake parameters by swapping them, which fails), then given fake
+    # storage on the run's device
     with torch.device("meta"):
-        model, _ = apply_strategy(build(), strategy, seed=0)
+        model, _ = apply_strategy(shapes, strategy, seed=0)
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device(fake_device):
         model.to_empty(device=fake_device)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -221,12 +225,9 @@ def memory_limit(cfg, device: torch.device) -> int | None:
         return int(cfg.hardware.memory_limit * 2**30)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
+    from transfer.hardware import proc_bytes
+
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def fits_advice(cfg, found: dict, limit: int) -> str | None:
@@ -265,13 +266,11 @@ def _halved_to_fit(size: int, fixed: int, moving: int, limit: int) -> int | None
     return None
 
 
-def safe_estimate(cfg, build, device, precision) -> dict | None:
+def safe_estimate(cfg, shapes, device, precision) -> dict | None:
     """The estimate, or None with a log line when the fake run cannot model this config (a custom kernel)."""
-    if os.environ.get("TRANSFER_NO_MEMORY_ESTIMATE"):
-        return None
     try:
-        with contextlib.redirect_stderr(open(os.devnull, "w")):
-            return estimate(cfg, build, device, precision)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
+            return estimate(cfg, shapes, device, precision)
     except Exception as e:  # an estimate is advice: a run never fails for want of one
         log.info("no memory estimate for this config: %s: %s", type(e).__name__, first_line(e))
         return None

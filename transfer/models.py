@@ -1,6 +1,7 @@
 """Load a causal LM and its tokenizer: the in-code tiny model, a local directory, or a hub name."""
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -164,7 +165,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
     from huggingface_hub import constants
 
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    return _resolves(urlparse(constants.ENDPOINT).hostname or "huggingface.co", timeout)
+
+
+@functools.cache  # once a process: a run reads its model's config twice (the memory estimate, then the weights)
+def _resolves(host: str, timeout: float) -> bool:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:

@@ -65,18 +65,13 @@ class MemoryPlan:
                 return evaluate_with(self.eval_batch_size)
             except OUT_OF_MEMORY as e:
                 if not self.can_recover(evaluation=True):
-                    if isinstance(e, OutOfMemory):
+                    if isinstance(e, OutOfMemory):  # explained where it ran out, with that evaluator's fixes
                         raise
-                    half = (
-                        f"eval_batch_size={self.eval_batch_size // 2}"
-                        if self.eval_batch_size > 1
-                        else "a smaller block_size"
-                    )
-                    raise OutOfMemory(
-                        f"out of memory on {self.hardware.device} in the {at} at eval_batch_size={self.eval_batch_size}; "
-                        f"to fit: {half}"
-                    ) from None
-                reason = _reason(e)
+                    size = self.eval_batch_size
+                    fixes = [f"eval_batch_size={size // 2}" if size > 1 else "a smaller block_size"]
+                    with self.hardware.explain_out_of_memory(f"in the {at} at eval_batch_size={size}", fixes):
+                        raise
+                reason = reason_of(e)
             self.recover(at, reason, evaluation=True)
 
     def record(self) -> dict:
@@ -84,7 +79,8 @@ class MemoryPlan:
                 "eval_batch_size": self.eval_batch_size, "events": self.events}  # fmt: skip
 
 
-def _reason(e: BaseException) -> str:
+def reason_of(e: BaseException) -> str:
+    """What ran out, for the record's memory_plan events."""
     return first_line(e) if isinstance(e, TransferError) else f"{type(e).__name__}: {first_line(e)}"
 
 

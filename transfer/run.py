@@ -96,7 +96,9 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         # layers exist only once real weights are quantized (QLoRA) says it needs them.
         shapes_only = cfg.dry_run and not loading["needs_weights"]
         if cfg.hardware.estimate_memory:  # before a weight is read: the config's shapes on fake tensors
+            clock = time.perf_counter()
             record["memory_estimate"] = _memory_estimate(cfg, hardware)
+            timing["memory_estimate"] = time.perf_counter() - clock
         clock = time.perf_counter()
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size, quantize_4bit=loading["quantize_4bit"],
                                                     weights=not shapes_only)  # fmt: skip
@@ -164,7 +166,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             timing["clock_from"] = "process start" if started == STARTED else "job start"
             timing["to_first_step"] = time.perf_counter() - started
             timing["startup_overhead"] = timing["to_first_step"] - sum(
-                timing[k] for k in ("model_load", "data_load", "baseline_eval_and_samples")
+                timing.get(k, 0) for k in ("memory_estimate", "model_load", "data_load", "baseline_eval_and_samples")
             )
             write_record(out_dir, record)
 
@@ -241,19 +243,10 @@ def data_warnings(objective, splits, cfg) -> list[str]:
 
 def _memory_estimate(cfg, hardware) -> dict | None:
     """The estimated peak (transfer/memory.py), logged, and one warning line when it does not fit."""
-    from transformers import AutoModelForCausalLM
-
     from transfer.memory import fits_advice, memory_limit, safe_estimate
-    from transfer.models import DTYPES
 
-    shapes, _ = load_model_and_tokenizer(cfg.model, cfg.block_size, weights=False)  # config and tokenizer only
-    dtype = DTYPES[cfg.model.dtype.value]
-
-    def build():
-        return AutoModelForCausalLM.from_config(shapes.config, dtype=dtype,
-                                                trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
-
-    found = safe_estimate(cfg, build, hardware.device, hardware.precision)
+    shapes, _ = load_model_and_tokenizer(cfg.model, cfg.block_size, weights=False)  # the meta device: no weights read
+    found = safe_estimate(cfg, shapes, hardware.device, hardware.precision)
     if found is None:
         return None
     t, gib = found["training"], 2**30

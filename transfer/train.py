@@ -39,7 +39,7 @@ from transfer.errors import Interrupted, TransferError
 from transfer.fmt import duration
 from transfer.hardware import MachineLoad
 from transfer.loss import smaller_chunks
-from transfer.oom import MemoryPlan, optimizer_mover
+from transfer.oom import MemoryPlan, optimizer_mover, reason_of
 from transfer.optim import build_optimizer, build_scheduler
 from transfer.validate import resumable_config
 
@@ -210,7 +210,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
                             f"training at micro_batch_size={plan.micro}, block_size={cfg.block_size}", fixes
                         ):
                             raise
-                    reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                    reason = reason_of(e)
                 optimizer.zero_grad(set_to_none=True)
                 plan.recover(f"training step {step}", reason)
                 if hardware.device.type == "cpu" and plan.policy == "cpu":
