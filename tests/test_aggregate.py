@@ -108,7 +108,7 @@ def test_options_and_bad_input(sweep, tmp_path, capsys):
         == 0
     )
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split("|")[1:4] == [" strategy   ", "   seeds ", " train_seconds   "]
+    assert [c.strip() for c in lines[0].split("|")[1:4]] == ["strategy", "seeds", "train_seconds"]
     assert main([str(sweep), "--sort", "nope"]) == 2
     assert "unknown column 'nope'; allowed: sweep, job, strategy" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2

@@ -157,12 +157,16 @@ def test_a_built_wheel_runs_outside_the_source_tree(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(repo / name, source / name)
-    shutil.copytree(repo / "transfer", source / "transfer", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("transfer", "hydra_plugins"):
+        shutil.copytree(repo / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "-q"]
     built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source],
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("transfer-*.whl")
+    # the Optuna sweeper ships in Hydra's plugin namespace, which must stay open to other plugins (no __init__.py)
+    names = __import__("zipfile").ZipFile(wheel).namelist()
+    assert "hydra_plugins/transfer_optuna_sweeper/sweeper.py" in names and "hydra_plugins/__init__.py" not in names
     installed = subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel],
                                capture_output=True, text=True, timeout=300)  # fmt: skip
     assert installed.returncode == 0, installed.stderr[-3000:]
@@ -172,6 +176,11 @@ def test_a_built_wheel_runs_outside_the_source_tree(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import transfer; print(transfer.__file__)"], cwd=elsewhere,
                            env=env, capture_output=True, text=True)  # fmt: skip
     assert where.stdout.strip() == str(tmp_path / "site" / "transfer" / "__init__.py")
+    found = subprocess.run([sys.executable, "-c", "import sys; from hydra.core.plugins import Plugins; from "
+                            "hydra.plugins.sweeper import Sweeper; (s,) = [c for c in Plugins.instance().discover(Sweeper) "
+                            "if 'optuna' in c.__module__]; print(sys.modules[s.__module__].__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True)  # fmt: skip
+    assert found.stdout.strip() == str(tmp_path / "site" / "hydra_plugins" / "transfer_optuna_sweeper" / "sweeper.py")
     proc = subprocess.run([sys.executable, "-m", "transfer", "dry_run=true", "hydra.run.dir=run"], cwd=elsewhere,
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

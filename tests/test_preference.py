@@ -118,10 +118,10 @@ def test_the_losses_match_trls_own_where_trl_has_them_as_functions():
 
 
 # ---------------------------------------------------------------- data and the reference
-def preference_task(folder: Path, n: int = 120) -> list[str]:
+def preference_task(folder: Path, n: int = 120, held_out: int = 24) -> list[str]:
     """Pairs written for the tests: the chosen answer says yes, the rejected no, to varied questions."""
     rng = random.Random(0)
-    for split, size in (("train", n), ("validation", 24), ("test", 24)):
+    for split, size in (("train", n), ("validation", held_out), ("test", held_out)):
         rows = [{"prompt": f"Is {rng.randrange(10, 99)} a number?", "chosen": " Yes.", "rejected": " No."}
                 for _ in range(size)]  # fmt: skip
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -253,7 +253,7 @@ def test_dpo_kill_and_resume_gives_the_same_losses(dpo_run, tmp_path):
 def test_a_run_starts_from_another_runs_final_weights(short_run, tmp_path):
     """Language modelling, then DPO from its weights with LoRA: the parent is the new base and the reference."""
     parent = json.loads((short_run / "metrics.json").read_text())
-    args = [*preference_task(tmp_path, n=16), "objective=dpo", "strategy=lora", "max_steps=2", "eval_interval=0",
+    args = [*preference_task(tmp_path, n=16, held_out=8), "objective=dpo", "strategy=lora", "max_steps=2", "eval_interval=0",
             "checkpoint.enabled=false", f"init_from={short_run}"]  # fmt: skip
     run_ok([*args, "hydra.run.dir=child"], tmp_path)
     run_ok([*args[:-1], "hydra.run.dir=plain"], tmp_path)

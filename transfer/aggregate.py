@@ -4,7 +4,8 @@ Each job folder of a sweep (`multirun/<date>/<time>/<job>/`) becomes one row of 
 pandas DataFrame: its overrides as columns, then what its `metrics.json` says. Jobs
 that differ only by seed are grouped into one row of the comparison table with the
 mean ± standard deviation and the number of seeds. Failed jobs and folders without a
-finished record stay in the tables with their status; nothing is dropped silently.
+finished record stay in the tables with their status; nothing is dropped silently. Trials
+that an Optuna search pruned show as `pruned`, with the metrics they had when they stopped.
 
 Written into `<sweep>/tables/`: comparison.{md,csv,tex,html}, jobs.{csv,parquet} and
 the plots (PNG). A multirun calls this by itself at its end (transfer.callbacks.TablesCallback).
@@ -35,8 +36,9 @@ SPLIT_SHORT = {"validation": "val", "test": "test", "reference": "ref"}
 METRIC_SHORT = {"perplexity": "ppl"}
 NOT_METRICS = ("tokens", "choice_examples")  # counts that say what was scored, kept in the record
 DESCRIPTIVE = ["strategy", "model", "dataset", "seed", "tied_embeddings", "stop_reason", "status", "error"]
-# Records that hold numbers: a finished run, or a dry run (parameter counts only).
-RESULTS = ("completed", "dry_run")
+# Records that hold numbers: a finished run, a trial an Optuna search stopped early (pruned: its
+# metrics are those of where it stopped), or a dry run (parameter counts only).
+RESULTS = ("completed", "pruned", "dry_run")
 
 
 # ---------------------------------------------------------------- reading
@@ -135,6 +137,11 @@ def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
     )
     row.update(eval_columns(ev))
     row["validation_curve"] = train.get("validation_curve") or []
+    if record.get("status") == "pruned" and not (ev.get("final") or {}).get("validation") and row["validation_curve"]:
+        # stopped before its final evaluation: its last validation is what it reached
+        last = row["validation_curve"][-1]
+        row.update({_column("validation", k, "after"): v for k, v in last.items()
+                    if k != "step" and k not in NOT_METRICS and isinstance(v, (int, float))})  # fmt: skip
     return row
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from transfer import distributed
 from transfer.errors import TransferError, first_line
 from transfer.inputs import safetensors_problem
 from transfer.validate import config_differences
@@ -65,28 +66,61 @@ def is_peft(model) -> bool:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """A CPU copy of the trainable tensors: all that training changes."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    """A CPU copy of the trainable tensors, all that training changes; whole on every rank (FSDP2 gathers them)."""
+    return {
+        n: distributed.full_tensor(p.detach()).to("cpu", copy=True)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def restore_trainable(model, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value)
+            params[name].copy_(distributed.like(value, params[name]))
+
+
+def whole_optimizer_state(optimizer) -> dict:
+    """The optimizer's state dict with FSDP2's shards gathered: the same file whatever the number of processes."""
+    state = optimizer.state_dict()
+    return {
+        **state,
+        "state": {i: {k: distributed.full_tensor(v) for k, v in s.items()} for i, s in state["state"].items()},
+    }
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """The inverse of whole_optimizer_state: each rank keeps its shard of the moments of a sharded parameter."""
+    optimizer.load_state_dict(state)
+    for param, values in optimizer.state.items():
+        for key, value in values.items():
+            if torch.is_tensor(value) and hasattr(param, "device_mesh") and value.shape == param.shape:
+                values[key] = distributed.like(value, param)
 
 
 def save(folder: Path, model, full_model: bool, trainer_state: dict | None = None, meta: dict | None = None,
-         config: dict | None = None) -> int:  # fmt: skip
-    """Write a checkpoint atomically; return the size in bytes of its weight files."""
+         config: dict | None = None) -> int | None:  # fmt: skip
+    """Write a checkpoint atomically; return the size in bytes of its weight files.
+
+    In several processes every rank calls it (FSDP2 gathers the weights from all) and rank 0 writes (None elsewhere).
+    """
+    sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
+    whole = None
+    if sharded and full_model:  # gathered copies share no storage: tied weights are left out by name, as HF would
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        whole = {n: distributed.full_tensor(t) for n, t in model.state_dict().items() if n not in tied}
+    trainable = None if is_peft(model) or full_model else trainable_state(model)
+    if not distributed.is_main():
+        return None
     tmp = folder.with_name(folder.name + ".tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if is_peft(model) or full_model:
-            model.save_pretrained(tmp)
+        if trainable is None:
+            model.save_pretrained(tmp, state_dict=whole)
         else:
-            save_file({n: t.contiguous() for n, t in trainable_state(model).items()}, tmp / "trainable.safetensors")
+            save_file({n: t.contiguous() for n, t in trainable.items()}, tmp / "trainable.safetensors")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
         if meta is not None:
@@ -177,7 +211,9 @@ def load_weights(folder: Path, model) -> None:
     file = folder / "trainable.safetensors"
     if not file.is_file():
         file = folder / "model.safetensors"
-    result = model.load_state_dict(load_file(file), strict=False)
+    params = dict(model.named_parameters())
+    loaded = {k: distributed.like(v, params[k]) if k in params else v for k, v in load_file(file).items()}
+    result = model.load_state_dict(loaded, strict=False)
     if result.unexpected_keys:
         raise TransferError(f"checkpoint {folder} does not fit this model: unexpected {result.unexpected_keys[:3]}")
 

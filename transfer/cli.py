@@ -4,35 +4,49 @@ Heavy imports (torch, transformers) happen inside the job, after the config of
 every job has been checked, so a bad override fails within a second.
 """
 
+import contextlib
 import logging
+import os
 import shlex
 import signal
 import sys
+import threading
 import time
 import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from transfer import STARTED, schema
+from transfer import STARTED, distributed, schema
 from transfer.errors import Interrupted, TransferError
 from transfer.fmt import duration
 from transfer.lock import lock_folder, unlock_all, unlock_folder
-from transfer.validate import CONF_DIR, AlreadyDone, Plan, check_command_line
+from transfer.record import FINISHED, job_outcomes, read_record
+from transfer.validate import CONF_DIR, AlreadyDone, Plan, check_command_line, read_previous
 
 log = logging.getLogger("transfer")
-_failed_jobs: list[str] = []
 _job_seconds: list[float] = []  # the finished jobs of this process's sweep, for the time left
 _plan: Plan | None = None
+# set by main(): the process start is its first job's to count. A job in another process (a Ray
+# worker that runs job after job, a submitit process) starts its clock when the job starts.
+_process_start_unclaimed = False
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _job(cfg: DictConfig) -> None:
+def job(cfg: DictConfig) -> None:
+    """One job, in whichever process the launcher runs it (this one, a Ray worker, a SLURM node).
+
+    Hydra's launchers get this function; it is a module-level name of its own so that those that
+    send it to another process pickle a reference to it, and the job there reads that process's
+    state, not a copy of this one's. Nothing it does reaches back: how it ended is in its record.
+    """
+    global _process_start_unclaimed
     from pathlib import Path
 
-    # a job's clock starts in the job; the first one's start-up includes the process's imports
-    started = STARTED if not _job_seconds else time.perf_counter()
+    # a job's clock starts in the job; the launching process's first job counts the process's imports
+    started = STARTED if _process_start_unclaimed else time.perf_counter()
+    _process_start_unclaimed = False
     _silence_known_noise()
     from transfer.run import run_experiment
 
@@ -41,23 +55,85 @@ def _job(cfg: DictConfig) -> None:
     choices = {g: hc.runtime.choices.get(g) for g in schema.GROUPS}
     choices["reference"] = hc.runtime.choices.get("eval/reference")
     _log_sweep_position(hc)
-    locked_here = False
+    locked_here = failed = False
+    with _requeue_when_preempted():
+        try:
+            # a sweep's job folder; a single run's is held already, and under torchrun rank 0 holds it
+            locked_here = distributed.is_main() and lock_folder(out_dir)
+            if hc.mode == RunMode.MULTIRUN:
+                _continue_earlier_attempt(cfg, out_dir)
+            run_experiment(cfg, out_dir, choices, list(hc.overrides.task), started=started)
+        except TransferError as e:
+            log.error("error: %s", e)
+            failed = True
+        except KeyboardInterrupt:
+            raise  # the record says `interrupted`; main() says how to resume
+        except Exception:
+            log.exception("run failed; its record is in %s", out_dir)
+            failed = True
+        finally:
+            if locked_here:
+                unlock_folder(out_dir)
+            _release_device_memory()
+            _job_seconds.append(time.perf_counter() - started)
+    if failed and distributed.active():
+        sys.exit(1)  # torchrun then stops the other processes, which would wait for this one in a collective
+
+
+_job = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(job)
+
+
+def _continue_earlier_attempt(cfg: DictConfig, out_dir) -> None:
+    """A sweep's job that finds a record in its folder continues it, as resume=true would.
+
+    The start-up check refuses a sweep into folders that hold records (resume=true aside), so
+    such a record is this job's own from an earlier attempt: submitit requeued the job after a
+    pre-emption or a time limit, or Ray ran it again after its worker died. A completed one is
+    skipped; any other continues from its last intact checkpoint, under the same config.
+    """
+    if cfg.resume is not False:
+        return
+    earlier = distributed.broadcast(read_previous(out_dir))  # under torchrun, rank 0's look, the same everywhere
+    if earlier is not None:
+        log.warning("%s holds an earlier attempt of this job (%s): continuing it", out_dir, earlier.get("status"))
+        cfg.resume = True
+
+
+@contextlib.contextmanager
+def _requeue_when_preempted():
+    """Under submitit, its warning signal (USR2 before a time limit or a pre-emption) stops the run as SIGTERM does.
+
+    The training loop then stops at the end of a step with a checkpoint (elsewhere the run stops at
+    once), the record says `interrupted`, and only then does submitit's own handler requeue the job
+    and exit; called again in the same folder, the job continues from that checkpoint.
+    """
+    if "SUBMITIT_EXECUTOR" not in os.environ or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from submitit import JobEnvironment
+
+    warning = getattr(signal, "SIG" + JobEnvironment.USR_SIG)
+    requeue = signal.getsignal(warning)  # submitit's: saves the call for the next attempt, requeues, exits
+    outside_training = signal.getsignal(signal.SIGTERM)
+    warned = []
+
+    def stop(signum, frame):
+        warned.append(frame)
+        handler = signal.getsignal(signal.SIGTERM)
+        if handler is not outside_training and callable(handler):
+            handler(signal.SIGTERM, frame)  # the training loop's: it stops after this step
+        else:
+            raise Interrupted("SIGTERM")
+
+    signal.signal(warning, stop)
     try:
-        locked_here = lock_folder(out_dir)  # a sweep's job folder; a single run's is held already
-        run_experiment(cfg, out_dir, choices, list(hc.overrides.task), started=started)
-    except TransferError as e:
-        log.error("error: %s", e)
-        _failed_jobs.append(str(out_dir))
+        yield
     except KeyboardInterrupt:
-        raise  # the record says `interrupted`; main() says how to resume
-    except Exception:
-        log.exception("run failed; its record is in %s", out_dir)
-        _failed_jobs.append(str(out_dir))
+        if warned and callable(requeue):
+            requeue(warning, warned[0])
+        raise
     finally:
-        if locked_here:
-            unlock_folder(out_dir)
-        _release_device_memory()
-        _job_seconds.append(time.perf_counter() - started)
+        signal.signal(warning, requeue)
 
 
 def _log_sweep_position(hc) -> None:
@@ -82,7 +158,7 @@ def _silence_known_noise() -> None:
 
 
 def _release_device_memory() -> None:
-    """A sweep runs its jobs in one process: the next job starts with the GPU memory this one held."""
+    """A process may run several jobs (the basic launcher, a Ray worker): the next starts without this one's GPU memory."""
     from transfer.oom import release_memory  # torch, imported only once a job has run
 
     release_memory()
@@ -99,25 +175,45 @@ def resume_command(argv: list[str], plan: Plan) -> str:
     return shlex.join(["python", "-m", "transfer", *kept, "resume=true", f"{key}={plan.out_dir}"])
 
 
-def main() -> None:
+def _check(argv: list[str]) -> tuple[int, str] | None:
+    """The command line checked and its output folder locked and judged: None to go on, else (exit code, line)."""
     global _plan
-    argv = sys.argv[1:]
     try:
         _plan = check_command_line(argv)
-        if _plan is not None:
+        if _plan is not None and distributed.is_main():  # one writer: under torchrun, rank 0
             lock_folder(_plan.out_dir, "sweep" if _plan.multirun else "run")
             _plan.check_folder()
     except AlreadyDone as e:
         unlock_all()
-        print(e)
-        sys.exit(0)
+        return 0, str(e)
     except TransferError as e:
         unlock_all()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2, f"error: {e}"
+    return None
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    distributed.init()  # torchrun's processes run one job together (transfer/distributed.py)
+    verdict = _check(argv)
+    if distributed.active():
+        # every process goes where rank 0 says, into the folder rank 0 pinned (a ${now} may differ by a second)
+        verdict, pinned = distributed.broadcast((verdict, _plan.argv if _plan is not None else None))
+        if _plan is not None and pinned is not None:
+            quiet = ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
+            _plan.argv = pinned if distributed.is_main() else [*pinned, *quiet]
+        if not distributed.is_main():
+            os.environ["TQDM_DISABLE"] = "1"
+    if verdict is not None:
+        code, line = verdict
+        if distributed.is_main():
+            print(line, file=sys.stderr if code else sys.stdout)
+        sys.exit(code)
     signal.signal(signal.SIGTERM, _terminate)  # a scheduler's stop is an interruption like Ctrl-C
     if _plan is not None:
         sys.argv[1:] = _plan.argv
+    global _process_start_unclaimed
+    _process_start_unclaimed = True
     try:
         _job()
     except KeyboardInterrupt as e:
@@ -127,7 +223,28 @@ def main() -> None:
         sys.exit(130)
     finally:
         unlock_all()
-    if _failed_jobs:
-        if len(_failed_jobs) > 1 or "-m" in sys.argv or "--multirun" in sys.argv:
-            print(f"error: {len(_failed_jobs)} job(s) failed: {', '.join(_failed_jobs)}", file=sys.stderr)
-        sys.exit(1)
+        distributed.shutdown()
+    if _plan is not None and distributed.is_main():
+        sys.exit(exit_status(_plan))
+
+
+def exit_status(plan: Plan) -> int:
+    """0 when every job finished, judged by the records the jobs left, wherever they ran; else 1, with one line for a sweep.
+
+    Read from the folders, not from this process, because a launcher may have run the jobs in
+    other processes or on other machines; after the sweep has returned, so after its tables.
+    """
+    if not plan.multirun:  # the job ran here and has said why on this terminal
+        try:
+            record = read_record(plan.out_dir)
+        except ValueError:
+            return 1
+        return 0 if (record or {}).get("status") in FINISHED else 1
+    outcomes = job_outcomes(plan.out_dir, plan.jobs if plan.by_number else 0)
+    unfinished = {name: why for name, why in outcomes.items() if why}
+    if not unfinished:
+        return 0
+    detail = "; ".join(f"{name}: {why}" for name, why in unfinished.items())
+    line = f"error: {len(unfinished)} of {len(outcomes)} jobs in {plan.out_dir} did not finish: {detail}"
+    print(line, file=sys.stderr)
+    return 1

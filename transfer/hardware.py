@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from transfer import distributed
 from transfer.errors import TransferError
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,7 +124,8 @@ def resolve(cfg) -> Hardware:
         raise TransferError(
             "hardware.device=cuda but no CUDA device is available here; allowed on this machine: auto, cpu"
         )
-    device = torch.device("cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu")
+    on_gpu = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", distributed.local_rank()) if on_gpu else torch.device("cpu")  # torchrun: one GPU each
     precision = cfg.precision.value
     if precision == "auto":  # bf16 where the GPU computes it natively; a CPU gains nothing from it
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"

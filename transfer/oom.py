@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from transfer import distributed
 from transfer.errors import TransferError, first_line
 from transfer.hardware import OutOfMemory
 
@@ -35,6 +36,8 @@ class MemoryPlan:
         self.movers: list = []  # what moves to the CPU with the model: the optimizer, a reference model
 
     def can_recover(self, evaluation: bool = False) -> bool:
+        if distributed.active():  # one rank trying again alone would leave the others waiting in an all-reduce
+            return False
         if self.policy == "halve":
             return (self.eval_batch_size if evaluation else self.micro) > 1
         return self.policy == "cpu" and self.hardware.device.type != "cpu"

@@ -6,9 +6,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from transfer.errors import TransferError
+from transfer.errors import TransferError, first_line
 
 RECORD_NAME = "metrics.json"
+# how a job may end well: trained, a dry run's counts, or stopped early by a search (hydra/sweeper=optuna)
+FINISHED = ("completed", "dry_run", "pruned")
 
 
 def write_record(folder: Path, record: dict) -> Path:
@@ -44,6 +46,36 @@ def read_record(folder: Path) -> dict | None:
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     return record
+
+
+def job_outcomes(sweep: Path, numbered: int = 0) -> dict[str, str | None]:
+    """How each job of a sweep ended, by folder name: None if it finished, else why it did not, from its record.
+
+    The jobs are the sub-folders Hydra made (they hold .hydra/) or that hold a record, and with
+    `numbered`, folders 0..numbered-1 as well: a job whose process died before Hydra made its folder counts.
+    """
+    sweep = Path(sweep)
+    names = {str(n) for n in range(numbered)}
+    if sweep.is_dir():
+        made = [p for p in sweep.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / RECORD_NAME).is_file())]
+        names |= {p.name for p in made}
+    outcomes = {}
+    for name in sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n)):
+        try:
+            record = read_record(sweep / name)
+        except ValueError as e:
+            outcomes[name] = f"unreadable record ({first_line(e)})"
+            continue
+        status = (record or {}).get("status")
+        if record is None:
+            outcomes[name] = "no record (killed, or it never started)"
+        elif status == "running":
+            outcomes[name] = "killed while running (its record says running)"
+        elif status not in FINISHED:
+            outcomes[name] = f"{status}: {record.get('error')}" if record.get("error") else str(status)
+        else:
+            outcomes[name] = None
+    return outcomes
 
 
 def _finite(value):

@@ -24,7 +24,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from transfer import STARTED, validate
+from transfer import STARTED, distributed, validate
 from transfer.checkpoint import check_same_config, find_resume_point, load_parent
 from transfer.data.blocks import separator_id, text_blocks
 from transfer.data.sources import reference_texts
@@ -51,7 +51,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     """`started`: when this job began (the process's start for its first job, whose imports count)."""
     out_dir = Path(out_dir)
     previous = validate.read_previous(out_dir)
-    if previous and previous.get("status") == "completed":
+    if previous and previous.get("status") in ("completed", "pruned"):  # finished: a search's pruned trial too
         if cfg.resume is True:
             # the command line was compared with it at start-up where the sweep's layout allowed; again here
             if isinstance(previous.get("config"), dict):
@@ -77,7 +77,8 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         },  # fmt: skip
         "eval": {},
     }
-    write_record(out_dir, record)
+    write = write_record if distributed.is_main() else lambda *args: None  # one writer: rank 0
+    write(out_dir, record)
     wall_start = time.perf_counter()
     timing = record["timing"] = {}
     try:
@@ -85,7 +86,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         hardware = resolve(cfg.hardware)
         hardware.reset_peak_memory()
         record["hardware"] = {"device": str(hardware.device), "precision": hardware.precision,
-                              "name": _device_name(hardware.device)}  # fmt: skip
+                              "name": _device_name(hardware.device), "processes": distributed.world_size()}  # fmt: skip
         seed_everything(cfg.seed)
 
         # load and adapt
@@ -138,6 +139,9 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         if not loading["placed"]:
             model.to(hardware.device)
         attached = objective.attach(model, splits, cfg, hardware)  # a reference model, for preference objectives
+        # several processes (torchrun): DDP or FSDP2, after the reference is made (it stays whole), before the optimizer
+        trainee = distributed.Trainee(model, hardware.device, cfg.distributed.name)
+        record["hardware"]["distributed"] = trainee.kind
         record["objective"] = {**objective.describe(), **attached}
         record["warnings"] = data_warnings(objective, splits, cfg)
         for warning in record["warnings"]:
@@ -152,15 +156,16 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         purge_step = 0 if resumed_step is None else resumed_step + 1
         plan = MemoryPlan(cfg, hardware)  # the batch sizes in use; what out of memory changes (hardware.on_oom)
         plan.movers = [model.to, objective.to]
-        with SummaryWriter(log_dir=str(out_dir), purge_step=purge_step) as writer:
+        tensorboard = SummaryWriter(log_dir=str(out_dir), purge_step=purge_step) if distributed.is_main() else None
+        with tensorboard or contextlib.nullcontext() as writer:
             # evaluate
             clock = time.perf_counter()
             baseline = record["eval"]["baseline"] = _evaluate_splits(
-                objective, model, splits, plan, hardware, "baseline"
+                objective, trainee, splits, plan, hardware, "baseline"
             )
-            for name, result in baseline.items() if resumed_step is None else ():
+            for name, result in baseline.items() if resumed_step is None and writer is not None else ():
                 log_metrics(writer, name, result, 0)  # step 0 of each curve
-            before = generate_samples(model, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware)
+            before = trainee.use(generate_samples, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware)
             timing["baseline_eval_and_samples"] = time.perf_counter() - clock
             # from the job's start to its first training step, less the parts measured above: imports, config, set-up
             timing["clock_from"] = "process start" if started == STARTED else "job start"
@@ -168,14 +173,15 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             timing["startup_overhead"] = timing["to_first_step"] - sum(
                 timing.get(k, 0) for k in ("memory_estimate", "model_load", "data_load", "baseline_eval_and_samples")
             )
-            write_record(out_dir, record)
+            write(out_dir, record)
 
             # train
             record["train"] = train(model, objective, splits, cfg, hardware, writer, run_dir=out_dir,
-                                    resume_from=resume_from, baseline=baseline["validation"], plan=plan)  # fmt: skip
+                                    resume_from=resume_from, baseline=baseline["validation"], plan=plan,
+                                    trainee=trainee)  # fmt: skip
 
             # evaluate again, the same splits
-            final = record["eval"]["final"] = _evaluate_splits(objective, model, splits, plan, hardware, "final")
+            final = record["eval"]["final"] = _evaluate_splits(objective, trainee, splits, plan, hardware, "final")
             record["eval"]["change_pct"] = {  # of perplexity, where the split has one
                 name: _change_pct(baseline[name]["perplexity"], final[name]["perplexity"])
                 for name in final
@@ -186,16 +192,17 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
                        and isinstance(final[name].get(k), float)}
                 for name in final
             }  # fmt: skip
-            after = generate_samples(model, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware)
+            after = trainee.use(generate_samples, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware)
 
             # record
             record["samples"] = [{**b, "completion_after": a["completion"]} for b, a in zip(before, after, strict=True)]
             record["memory"] = hardware.peak_memory()
             record["memory_plan"] = plan.record()
             record["hardware"]["device_at_end"] = str(hardware.device)
-            _write_samples(out_dir, writer, record["samples"])
-            _log_final(writer, record, choices, overrides)
-        record["status"] = "completed"
+            if writer is not None:
+                _write_samples(out_dir, writer, record["samples"])
+                _log_final(writer, record, choices, overrides)
+        record["status"] = "pruned" if record["train"]["stop_reason"] == "pruned" else "completed"
         log.info(
             "validation %s -> %s%s in %.3g s of training",
             describe_metrics(baseline["validation"]), describe_metrics(final["validation"]),
@@ -215,9 +222,9 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         record["finished_at"] = _now()
         record["wall_seconds"] = time.perf_counter() - wall_start
         try:
-            write_record(out_dir, record)
+            write(out_dir, record)
         except TransferError as e:  # a full disk
-            if record["status"] == "completed":
+            if record["status"] in ("completed", "pruned"):
                 raise
             log.error("%s", e)  # and the error that ended the run is reported after this
     return record
@@ -275,7 +282,7 @@ def _reference(cfg, tokenizer):
                        max_tokens=cfg.eval.reference.max_tokens, where=where)  # fmt: skip
 
 
-def _evaluate_splits(objective, model, splits, plan, hardware, when: str) -> dict:
+def _evaluate_splits(objective, trainee, splits, plan, hardware, when: str) -> dict:
     """Validation and test by the objective's evaluators; the reference corpus by perplexity. A line each.
 
     Out of memory, an evaluation is tried again as hardware.on_oom says (plan: transfer.oom)."""
@@ -284,13 +291,13 @@ def _evaluate_splits(objective, model, splits, plan, hardware, when: str) -> dic
         if name not in splits:
             continue
         clock = time.perf_counter()
-        results[name] = plan.evaluate(partial(_evaluate, objective, model, splits[name], name, hardware, f"{when} {name}"),
-                                      f"{when} {name} evaluation")  # fmt: skip
+        evaluate = partial(trainee.use, _evaluate, objective, splits[name], name, hardware, f"{when} {name}")
+        results[name] = plan.evaluate(evaluate, f"{when} {name} evaluation")
         log.info("%s %s: %s (%s)", when, name, describe_metrics(results[name]), duration(time.perf_counter() - clock))
     return results
 
 
-def _evaluate(objective, model, split, name: str, hardware, desc: str, batch_size: int) -> dict:
+def _evaluate(model, objective, split, name: str, hardware, desc: str, batch_size: int) -> dict:
     if name == "reference":  # general text: perplexity, whatever the objective
         return perplexity(model, split, batch_size, hardware, objective.pad_id, desc)
     return objective.evaluate(model, split, batch_size, hardware, desc)

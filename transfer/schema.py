@@ -372,6 +372,13 @@ class HardwareConfig:
     estimate_memory: bool = True
 
 
+# ---------------------------------------------------------------- several processes
+@dataclass
+class DistributedConfig:
+    # auto | ddp | fsdp: how torchrun's processes share one job (transfer/distributed.py)
+    name: str = MISSING
+
+
 # ---------------------------------------------------------------- optimizer
 @dataclass
 class OptimizerConfig:
@@ -402,6 +409,20 @@ class SGDConfig(OptimizerConfig):
     nesterov: bool = False
 
 
+# ---------------------------------------------------------------- search
+@dataclass
+class SearchConfig:
+    """The Optuna trial a job is (hydra/sweeper=optuna sets all three for each job; null outside a search).
+
+    The job reports its validation metric to the trial at every eval_interval and stops when
+    the study's pruner says so (transfer/search.py).
+    """
+
+    trial: int | None = None  # the trial's number in the study
+    study: str | None = None
+    storage: str | None = None  # the study's database URL, e.g. sqlite:///<sweep>/optuna.db
+
+
 # ---------------------------------------------------------------- the run
 @dataclass
 class Config:
@@ -411,6 +432,7 @@ class Config:
     dataset: DatasetConfig = MISSING
     hardware: HardwareConfig = MISSING
     optimizer: OptimizerConfig = MISSING
+    distributed: DistributedConfig = MISSING
 
     seed: int = 1234
     # Training length: optimizer steps, epochs over the training blocks, or both
@@ -440,6 +462,7 @@ class Config:
     resume: Any = False
     # After a sweep, write its comparison tables and plots into <sweep>/tables/.
     tables_after_sweep: bool = True
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 def register() -> None:
@@ -459,6 +482,7 @@ def register() -> None:
         ("dataset", "text_files", TextFilesDataset),
         ("dataset", "hub", HubDataset),
         ("hardware", "base", HardwareConfig),
+        ("distributed", "base", DistributedConfig),
         ("eval/reference", "base", ReferenceConfig),
         ("eval/reference", "files", ReferenceFiles),
         ("eval/reference", "hub", ReferenceHub),

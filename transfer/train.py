@@ -34,13 +34,14 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from transfer import checkpoint
+from transfer import checkpoint, distributed
 from transfer.errors import Interrupted, TransferError
 from transfer.fmt import duration
 from transfer.hardware import MachineLoad
 from transfer.loss import smaller_chunks
 from transfer.oom import MemoryPlan, optimizer_mover, reason_of
 from transfer.optim import build_optimizer, build_scheduler
+from transfer.search import Pruning
 from transfer.validate import resumable_config
 
 log = logging.getLogger(__name__)
@@ -134,17 +135,21 @@ class Pace:
 
 
 def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | None = None,
-          resume_from: Path | None = None, baseline: dict | None = None, plan: MemoryPlan | None = None) -> dict:  # fmt: skip
+          resume_from: Path | None = None, baseline: dict | None = None, plan: MemoryPlan | None = None,
+          trainee: distributed.Trainee | None = None) -> dict:  # fmt: skip
     """Train `model` on `objective`'s training split; `baseline` is the untrained model's validation result.
 
-    `plan` holds the batch sizes in use and what to do when memory runs out (transfer.oom).
+    `plan` holds the batch sizes in use and what to do when memory runs out (transfer.oom); `trainee`, the
+    model as several processes share it (transfer.distributed), made before the optimizer sees its parameters.
     """
+    trainee = trainee or distributed.Trainee(model, hardware.device)
     examples = splits["train"]
     plan = plan or MemoryPlan(cfg, hardware)
     per_step = cfg.micro_batch_size * cfg.grad_accum_steps  # halving keeps it
     total_steps, bound = plan_steps(cfg, objective.steps_per_epoch(examples, per_step))
     validate_every = cfg.eval_interval
-    saving = cfg.checkpoint.enabled and run_dir is not None
+    pruning = Pruning.from_config(cfg)  # in an Optuna search, this run's trial (transfer/search.py); else inert
+    saving = cfg.checkpoint.enabled and run_dir is not None  # every rank gathers a checkpoint; rank 0 writes it
     checkpoints = run_dir / "checkpoints" if run_dir is not None else None
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -165,8 +170,9 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
     first_step = total_steps + 1 if progress.stop_reason else progress.step + 1  # an early stop stays stopped
 
     def save_step_checkpoint():
+        nonlocal last_saved
         state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": checkpoint.whole_optimizer_state(optimizer),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "rng": checkpoint.rng_state(),
@@ -174,7 +180,9 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
         }
         folder = checkpoints / f"step-{progress.step:06d}"
         nbytes = checkpoint.save(folder, model, cfg.checkpoint.full_model, state, config=resumable_config(cfg))
-        checkpoint.prune(checkpoints, cfg.checkpoint.keep)
+        if distributed.is_main():
+            checkpoint.prune(checkpoints, cfg.checkpoint.keep)
+        last_saved = progress.step  # the same on every rank, unlike what each sees on disk
         return nbytes
 
     model.train()
@@ -184,15 +192,17 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
     hardware.synchronize()
     started = time.perf_counter()
     machine = MachineLoad()
-    saved_bytes = None
+    saved_bytes, last_saved = None, progress.resumed_from_step
     stop = StopRequests()
     seconds_before = progress.seconds  # of training before this process's stretch (a resumed run's)
     with logging_redirect_tqdm(), stop.installed():  # log lines print above the bar, not through it
         for step in range(first_step, total_steps + 1):
-            if stop.signal:  # between two steps: the state on disk is the state of a step's end
+            # between two steps: the state on disk is the state of a step's end (in several processes, the same step)
+            if distributed.any_rank(stop.signal is not None, hardware.device):
+                stop.signal = stop.signal or "SIGTERM"  # another rank's stop: the launcher stopped them all
                 hardware.synchronize()
                 progress.seconds += time.perf_counter() - started
-                if saving and not (checkpoints / f"step-{progress.step:06d}").is_dir():
+                if saving and last_saved != progress.step:
                     save_step_checkpoint()
                 log.info("stopped after step %d by %s; checkpoint %s", progress.step, stop.signal,
                          "saved" if saving else "off (checkpoint.enabled=false): a resume starts over")  # fmt: skip
@@ -200,7 +210,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
             start, rng = stream.position, checkpoint.rng_state()
             while True:  # the step, tried again from its start on smaller pieces (or the CPU) while memory runs out
                 try:
-                    step_loss, batches, normaliser = _forward_backward(model, objective, examples, stream, plan,
+                    step_loss, batches, normaliser = _forward_backward(trainee, objective, examples, stream, plan,
                                                                        scaler, hardware)  # fmt: skip
                     break
                 except torch.OutOfMemoryError as e:
@@ -219,7 +229,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
                 checkpoint.set_rng_state(rng)
             progress.micro_batch_size, progress.grad_accum_steps = plan.micro, plan.accum
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            grad_norm = distributed.clip_grad_norm(params, max_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -276,8 +286,8 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
             hardware.synchronize()
             progress.seconds += time.perf_counter() - started
             if validating:
-                result = plan.evaluate(lambda size: objective.evaluate(model, splits["validation"], size, hardware,
-                                                                       "validate"), f"validation at step {step}")  # fmt: skip
+                result = plan.evaluate(lambda size: trainee.use(objective.evaluate, splits["validation"], size, hardware,
+                                                                "validate"), f"validation at step {step}")  # fmt: skip
                 model.train()
                 progress.validation_curve.append({"step": step, **result})
                 log.info("step %d: validation %s", step, describe_metrics(result))
@@ -298,6 +308,9 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
                         "early stop at step %d: %d validations without improvement since step %d",
                         step, progress.evals_since_best, progress.best_step,
                     )  # fmt: skip
+                # an Optuna search's pruner judges this trial against the others: rank 0 reports, every rank stops
+                if distributed.any_rank(pruning.report(step, result), hardware.device):
+                    progress.stop_reason = "pruned"
             if saving_now:
                 saved_bytes = save_step_checkpoint()
             started = time.perf_counter()
@@ -308,7 +321,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
     bar.close()
     progress.stop_reason = progress.stop_reason or bound
     last_step = progress.step
-    if saving and not (cfg.checkpoint.interval and last_step % cfg.checkpoint.interval == 0 and saved_bytes):
+    if saving and last_saved != last_step:
         saved_bytes = save_step_checkpoint()
 
     final_step = last_step
@@ -362,19 +375,24 @@ def log_metrics(writer, split: str, result: dict, step: int) -> None:
             writer.add_scalar(f"{split}/{key}", value, step)
 
 
-def _forward_backward(model, objective, examples, stream, plan, scaler, hardware):
-    """One step's forward and backward passes: (summed loss, its batches, the step's normaliser)."""
+def _forward_backward(trainee, objective, examples, stream, plan, scaler, hardware):
+    """One step's forward and backward passes: (summed loss, its batches, the step's normaliser).
+
+    In several processes each computes its share of the step's micro-batches (transfer.distributed).
+    """
     # the whole step's batches first: their scored targets are what every sum is divided by
     batches = [objective.batch(examples, stream, plan.micro) for _ in range(plan.accum)]
-    objective.begin_step(model, batches, hardware)
+    trainee.use(objective.begin_step, batches, hardware)
     normaliser = sum(b.normaliser for b in batches)
     step_loss = torch.zeros((), device=hardware.device)
-    for batch in batches:
-        with hardware.autocast():
-            loss_sum, _, _ = objective.loss(model, batch.to(hardware.device), hardware.loss_chunk_tokens)
-        scaler.scale(loss_sum / normaliser).backward()
+    mine = distributed.my_share(batches)
+    for i, batch in enumerate(mine):
+        with trainee.sync(last=i == len(mine) - 1):  # gradients all-reduced once a step, after its last share
+            with hardware.autocast():
+                loss_sum, _, _ = trainee(objective.loss, batch.to(hardware.device), hardware.loss_chunk_tokens)
+            scaler.scale(loss_sum * trainee.gradient_scale / normaliser).backward()
         step_loss += loss_sum.detach()
-    return step_loss, batches, normaliser
+    return distributed.summed(step_loss, hardware.device), batches, normaliser
 
 
 def memory_fixes(micro: int, accum: int, block_size: int, hardware) -> list[str]:
@@ -392,7 +410,7 @@ def _resume(folder: Path, model, optimizer, scheduler, scaler, best_weights):
     state = checkpoint.load_trainer_state(folder)
     try:
         checkpoint.load_weights(folder, model)
-        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])

@@ -11,6 +11,7 @@ This module must not import torch or transformers: it runs in well under a secon
 """
 
 import dataclasses
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,12 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
-from transfer import inputs, schema
+from transfer import distributed, inputs, schema, search
 from transfer.errors import TransferError, first_line
 from transfer.record import read_record
 
@@ -33,10 +35,20 @@ MAX_SWEEP_JOBS_CHECKED = 512
 # only the order of float sums, and runs from before their default changed must resume)
 FREE_ON_RESUME = (
     "resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval",
-    "hardware.loss_chunk_tokens",
+    "hardware.loss_chunk_tokens", "distributed", "search",
 )  # fmt: skip
 # what strategy.modules_to_save may name, whatever the architecture calls them
 MODULE_ROLES = ("head", "embeddings")
+# Hydra's launcher plugins that install as extras of ours: launcher -> (extra, the modules it brings)
+LAUNCHER_EXTRAS = {
+    "ray": ("ray", ("hydra_plugins.hydra_ray_launcher", "ray")),
+    "ray_aws": ("ray", ("hydra_plugins.hydra_ray_launcher", "ray")),
+    "submitit_local": ("slurm", ("hydra_plugins.hydra_submitit_launcher", "submitit")),
+    "submitit_slurm": ("slurm", ("hydra_plugins.hydra_submitit_launcher", "submitit")),
+}
+# launcher settings that are open dicts of keyword arguments (ray.init(), @ray.remote, sbatch options):
+# Hydra adds a key there only when written +key=value, so a plain key=value is passed on as ++key=value
+OPEN_LAUNCHER_DICTS = ("hydra.launcher.ray.init.", "hydra.launcher.ray.remote.", "hydra.launcher.additional_parameters.")  # fmt: skip
 # keys that were renamed: (option's schema class, old key) -> new key
 RENAMED = {
     (schema.FreezeLowerConfig, "n_layers"): "frozen_blocks",
@@ -91,14 +103,25 @@ def check_command_line(argv: list[str]) -> Plan | None:
                 f"override {o.input_line!r} sets _target_, which would call any Python function; "
                 "allowed: config group choices and values of known keys"
             )
+        if o.key_or_group == "hydra/launcher" and isinstance(o.value(), str):
+            check_launcher(o.value())
+    opened = {o.input_line: f"++{o.input_line}" for o in parsed if _adds_launcher_key(o)}
+    if opened:
+        argv = [opened.get(a, a) for a in argv]
+        args.overrides = [opened.get(a, a) for a in args.overrides]
+        parsed = parser.parse_overrides(args.overrides)
     # One composition for what Hydra itself reads (output folders, a preset's sweep params).
     # It takes group choices and hydra settings only: a key of a group the command line sweeps
     # (strategy=lora,dora strategy.r=8) is judged in each job, against that job's option.
     preliminary = [o.input_line for o in parsed if not o.is_sweep_override() and _is_group_or_hydra(o)]
     run = compose_config(preliminary, with_hydra=True)
+    check_ray_gpus(run)
     jobs = [list(args.overrides)]
     swept = []
-    if args.multirun:  # sweeps set in a config (hydra.sweeper.params) count as much as the command line's
+    searching = search.is_search(run)
+    if searching:  # hydra/sweeper=optuna draws the trials' values as it runs: every value it may draw is checked
+        parsed, jobs, swept = search.check_command_line(run, parsed, args.multirun, compose_config, _is_group)
+    elif args.multirun:  # sweeps set in a config (hydra.sweeper.params) count as much as the command line's
         given = {o.get_key_element() for o in parsed}
         params = run.hydra.sweeper.get("params") or {}
         overrides = parser.parse_overrides([f"{k}={v}" for k, v in params.items() if k not in given] + args.overrides)
@@ -113,6 +136,8 @@ def check_command_line(argv: list[str]) -> Plan | None:
     argv = [a for a in argv if a not in args.overrides] + hydra_overrides(parsed, swept) + [f"{key}={pinned}"]
     if args.multirun:
         by_number = OmegaConf.to_container(run.hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}"
+        if searching:  # a trial's folder holds whatever values the study drew for it: each job checks itself
+            return Plan(Path(out_dir), True, run.hydra.sweeper.n_trials, configs, argv, by_number=False)
         return Plan(Path(out_dir), True, len(jobs), configs, argv, by_number)
     return Plan(Path(out_dir), False, 1, configs, argv)
 
@@ -134,9 +159,55 @@ def hydra_overrides(parsed, swept_groups: list[str]) -> list[str]:
     ]
 
 
+def check_launcher(name: str) -> None:
+    """A launcher whose plugin is not installed is refused in one line, before anything runs."""
+    missing = missing_launcher(name)
+    if missing:
+        raise TransferError(missing)
+
+
+def missing_launcher(name: str) -> str | None:
+    """The line naming the extra that brings launcher `name`, if it is one of those and not installed."""
+    if name not in LAUNCHER_EXTRAS:
+        return None  # Hydra's own, or unknown: composing the config names the ones there are
+    extra, modules = LAUNCHER_EXTRAS[name]
+    if all(_installed(m) for m in modules):
+        return None
+    return f'hydra/launcher={name} needs the {extra} extra: pip install -e ".[{extra}]"'
+
+
+def check_ray_gpus(run: DictConfig) -> None:
+    """Ray's local cluster queues a job that asks for a GPU until one appears: on a machine without one, forever."""
+    ray = run.hydra.launcher.get("ray")
+    init = (ray or {}).get("init", {})
+    if not ray or init.get("address") is not None or init.get("num_gpus") is not None:
+        return  # not Ray, a cluster elsewhere with GPUs of its own, or GPUs declared to Ray by hand
+    gpus = ray.get("remote", {}).get("num_gpus") or 0
+    if gpus > 0 and inputs.cuda_available() is False:
+        raise TransferError(
+            f"hydra.launcher.ray.remote.num_gpus={gpus} but this machine has no CUDA GPU, and Ray's local cluster "
+            "would queue every job forever; allowed here: 0, or hydra.launcher.ray.init.address=<a cluster with GPUs>"
+        )
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # its parent package is missing
+        return False
+
+
+def _adds_launcher_key(o) -> bool:
+    return o.type == OverrideType.CHANGE and o.key_or_group.startswith(OPEN_LAUNCHER_DICTS)
+
+
 def _is_group_or_hydra(o) -> bool:
     key = o.key_or_group
-    return key.startswith("hydra") or (CONF_DIR / key).is_dir()
+    return key.startswith("hydra") or _is_group(key)
+
+
+def _is_group(key: str) -> bool:
+    return (CONF_DIR / key.lstrip("+~")).is_dir()
 
 
 def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
@@ -267,6 +338,11 @@ def explain(e: BaseException) -> str:
         if m and (CONF_DIR / m.group(1)).is_dir():
             group, value = m.groups()
             return f"unknown {group} '{value}'; allowed: {', '.join(group_options(group))}"
+        if m and m.group(1) == "hydra/launcher" and missing_launcher(m.group(2)):  # chosen in a config file
+            return missing_launcher(m.group(2))
+        options = re.search(r"Available options in '[^']+':\n((?:\t.*\n?)+)", str(e))
+        if m and options:  # Hydra's own groups (hydra/launcher, hydra/sweeper, ...)
+            return f"unknown {m.group(1)} '{m.group(2)}'; allowed: {', '.join(options.group(1).split())}"
         return first_line(e)
     cause = e.__cause__ or e
     key = getattr(cause, "full_key", None)
@@ -303,6 +379,19 @@ def check_config(cfg: DictConfig) -> None:
             raise TransferError(f"{key}={cfg[key]} must be at least 1")
     if cfg.eval_interval < 0:
         raise TransferError(f"eval_interval={cfg.eval_interval} must be 0 (off) or a positive step count")
+    if cfg.distributed.name == "fsdp" and cfg.strategy.name in ("lora", "dora", "qlora", "ia3"):
+        raise TransferError(
+            f"distributed=fsdp shards full fine-tuning; strategy={cfg.strategy.name} trains small adapters: "
+            "allowed: distributed=ddp or auto"
+        )
+    processes = distributed.world_size()  # torchrun's processes share each step's micro-batches
+    if cfg.grad_accum_steps % processes:
+        micro, accum = cfg.micro_batch_size, cfg.grad_accum_steps
+        same = f", e.g. micro_batch_size={micro // processes} grad_accum_steps={accum * processes} for the same batch"
+        raise TransferError(
+            f"grad_accum_steps={accum} does not divide among {processes} processes, which share each step's "
+            f"micro-batches; allowed: a multiple of {processes}{same if micro % processes == 0 else ''}"
+        )
     if cfg.max_steps is None and cfg.epochs is None:
         raise TransferError("max_steps and epochs are both null; set at least one")
     if cfg.max_steps is not None and cfg.max_steps < 1:

@@ -1,0 +1,237 @@
+"""Sweeps through Hydra's launcher plugins: Ray and submitit run the jobs in other processes.
+
+What they leave (records, tables, the exit status) must be what the basic launcher leaves when it
+runs the same jobs one after another in the launching process. The plugins are extras
+(`.[ray]`, `.[slurm]`, both in `.[dev]`); each test skips when its plugin is absent.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, run_ok
+
+ROOT = Path(__file__).resolve().parents[1]
+# four jobs of the tiny model, a few steps each, one thread each: two run side by side on two cores
+JOBS = ["-m", "seed=1,2", "optimizer.lr=1e-4,1e-3"]
+TINY = [
+    "max_steps=10", "block_size=32", "micro_batch_size=4", "eval_interval=0", "eval/reference=none",
+    "checkpoint.interval=2", "checkpoint.keep=1", "eval.max_tokens=256", "eval.max_new_tokens=2", "log_interval=1",
+    "hardware=cpu", "hardware.num_threads=1", "hardware.estimate_memory=false",
+]  # fmt: skip
+RAY = ["hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", "hydra.launcher.ray.init.include_dashboard=false"]
+# what differs from run to run however the jobs are launched: the table's columns of time and memory
+UNSTEADY = ("train_seconds", "tokens_per_second", "samples_per_second", "peak_memory_mb", "estimated_peak_mb",
+            "checkpoint_mb", "contended", "sweep")  # fmt: skip
+
+
+def needs(plugin: str) -> None:
+    pytest.importorskip(f"hydra_plugins.{plugin}", reason=f"the {plugin} plugin is not installed")
+
+
+# first in a test's arguments: a test skips before the basic sweep is run for it
+@pytest.fixture
+def submitit() -> None:
+    needs("hydra_submitit_launcher")
+
+
+@pytest.fixture
+def ray() -> None:
+    needs("hydra_ray_launcher")
+
+
+def records(sweep: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"), key=lambda p: int(p.parent.name))]
+
+
+def assert_same_results(a: dict, b: dict) -> None:
+    """Two records of one job: the same config, status, data, losses and metrics (to float tolerance), not timings."""
+    for key in ("status", "error", "config", "params", "data", "samples"):
+        assert a.get(key) == b.get(key), key
+    assert [p["step"] for p in a["train"]["loss_curve"]] == [p["step"] for p in b["train"]["loss_curve"]]
+    assert [p["loss"] for p in a["train"]["loss_curve"]] == pytest.approx([p["loss"] for p in b["train"]["loss_curve"]])
+    for moment in ("baseline", "final"):
+        for split, metrics in b["eval"][moment].items():
+            assert a["eval"][moment][split] == pytest.approx(metrics), (moment, split)
+
+
+def assert_same_sweeps(sweep: Path, basic: Path) -> None:
+    import pandas as pd
+
+    ours, theirs = records(sweep), records(basic)
+    assert len(ours) == len(theirs) == 4
+    for number, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        a["config"]["resume"] = b["config"]["resume"]  # a requeued job continued with resume=true
+        assert_same_results(a, b)
+        if a["train"]["resumed_from_step"] is None:
+            assert_clock_started_in_the_job(sweep / str(number), a)
+    for name in ("comparison.csv", "jobs.csv"):  # the tables the sweep's end wrote
+        mine, basics = (pd.read_csv(s / "tables" / name) for s in (sweep, basic))
+        steady = [c for c in basics.columns if not c.startswith(UNSTEADY)]
+        assert list(mine.columns) == list(basics.columns)
+        pd.testing.assert_frame_equal(mine[steady], basics[steady], rtol=1e-6)
+
+
+def assert_clock_started_in_the_job(job: Path, record: dict) -> None:
+    """The start-up clock started when the job did (after Hydra wrote its .hydra/), not with the launching process."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert record["timing"]["clock_from"] == "job start"
+    events = EventAccumulator(str(job))
+    events.Reload()
+    after_first_step = events.Scalars("train/loss")[0].wall_time  # logged once step 1 is done
+    started = after_first_step - record["timing"]["to_first_step"]  # no earlier than the clock's real start
+    assert started >= (job / ".hydra" / "config.yaml").stat().st_mtime - 0.01
+
+
+def run_preempting_job_0(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """A sweep through submitit_local whose job 0 gets submitit's warning signal (USR2) after its first checkpoint."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "transfer", *args, "hydra/launcher=submitit_local", "hydra.sweep.dir=sweep"]
+    proc = subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job = cwd / "sweep" / "0"
+    try:
+        deadline = time.time() + 120
+        while not list((job / "checkpoints").glob("step-*[0-9]")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(json.loads((job / ".transfer.lock").read_text())["pid"], signal.SIGUSR2)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def basic(tmp_path_factory) -> Path:
+    """The four jobs through Hydra's basic launcher: one after another, in the launching process."""
+    root = tmp_path_factory.mktemp("basic")
+    run_ok([*JOBS, *TINY, "hydra.sweep.dir=sweep"], root)
+    return root / "sweep"
+
+
+@pytest.mark.slow
+def test_a_submitit_local_sweep_with_a_requeued_job_equals_the_basic_one(submitit, basic, tmp_path):
+    """Job 0 gets submitit's warning signal (USR2, sent before a time limit or a pre-emption): it stops after a step,
+    with a checkpoint; submitit requeues it, and the job, called again in its folder, continues from there."""
+    proc = run_preempting_job_0([*JOBS, *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "Requeued job" in logs, logs[-3000:]
+    assert "holds an earlier attempt of this job (interrupted): continuing it" in logs
+    requeued = records(sweep)[0]
+    assert requeued["status"] == "completed" and requeued["train"]["resumed_from_step"] >= 2
+    assert requeued["config"]["resume"] is True
+    # and the same training, records and tables as the basic launcher's, where nothing was interrupted
+    assert_same_sweeps(sweep, basic)
+
+
+@pytest.mark.slow
+def test_a_ray_sweep_equals_the_basic_one(ray, basic, tmp_path):
+    run_ok([*JOBS, *TINY, *RAY, "hydra.sweep.dir=sweep"], tmp_path)
+    assert_same_sweeps(tmp_path / "sweep", basic)
+
+
+@pytest.mark.slow
+def test_a_failed_job_fails_the_sweep_through_another_process(submitit, tmp_path):
+    """The job fails in a submitit process; the launching process learns it from the job's record."""
+    bad = "objective.separator='<|nope|>'"  # refused only by the loaded tokenizer, in the job
+    proc = run_cli(["-m", *TINY, bad, "hydra/launcher=submitit_local", "hydra.sweep.dir=sweep"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: 1 of 1 jobs in sweep did not finish: 0: failed: "), line
+    assert "objective.separator='<|nope|>' is no token of this tokenizer" in line
+    assert json.loads((tmp_path / "sweep" / "0" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_the_exit_status_comes_from_the_records(tmp_path, capsys):
+    """Folders as a sweep in other processes leaves them: finished, failed, killed, never started, unreadable."""
+    from transfer.cli import exit_status
+    from transfer.validate import Plan
+
+    sweep = tmp_path / "sweep"
+    for name, content in {"0": {"status": "completed"}, "1": {"status": "pruned"}, "2": {"status": "dry_run"},
+                          "3": {"status": "failed", "error": "ValueError: bad"}, "4": {"status": "running"},
+                          "5": {"status": "interrupted", "error": "interrupted (SIGTERM)"}}.items():  # fmt: skip
+        (sweep / name).mkdir(parents=True)
+        (sweep / name / "metrics.json").write_text(json.dumps(content))
+    (sweep / "6" / ".hydra").mkdir(parents=True)  # Hydra made its folder; the job died before its record
+    (sweep / "7").mkdir()
+    (sweep / "7" / "metrics.json").write_text('{"status": "compl')
+    (sweep / "tables").mkdir()  # not a job
+    plan = Plan(sweep, True, 9, [], [])  # job 8 never started: no folder at all
+    assert exit_status(plan) == 1
+    line = capsys.readouterr().err
+    assert line == (
+        f"error: 6 of 9 jobs in {sweep} did not finish: 3: failed: ValueError: bad; "
+        "4: killed while running (its record says running); 5: interrupted: interrupted (SIGTERM); "
+        "6: no record (killed, or it never started); 7: unreadable record (Unterminated string starting at: "
+        "line 1 column 12 (char 11)); 8: no record (killed, or it never started)\n"
+    )
+    for name in ("3", "4", "5", "6", "7"):
+        (sweep / name / "metrics.json").write_text('{"status": "completed"}')
+    assert exit_status(Plan(sweep, True, 8, [], [])) == 0
+    assert capsys.readouterr().err == ""
+    assert exit_status(Plan(sweep / "3", False, 1, [], [])) == 0  # a single run: its record, no line
+    (sweep / "3" / "metrics.json").write_text('{"status": "failed"}')
+    assert exit_status(Plan(sweep / "3", False, 1, [], [])) == 1
+
+
+@pytest.mark.parametrize(
+    "launcher,extra,blocked",
+    [("ray", "ray", "hydra_plugins.hydra_ray_launcher"), ("submitit_slurm", "slurm", "submitit"),
+     ("submitit_local", "slurm", "hydra_plugins.hydra_submitit_launcher")],
+)  # fmt: skip
+def test_a_launcher_not_installed_is_one_line_naming_its_extra(tmp_path, launcher, extra, blocked):
+    """As if the extra were not installed: its module cannot be imported."""
+    code = (
+        f"import runpy, sys; sys.modules[{blocked!r}] = None; sys.argv[1:] = {['-m', f'hydra/launcher={launcher}']!r}\n"
+        "try:\n    runpy.run_module('transfer', run_name='__main__')\n"
+        "finally:\n    print('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == f'error: hydra/launcher={launcher} needs the {extra} extra: pip install -e ".[{extra}]"\n'
+    assert proc.stdout == "False\n"  # refused before anything heavy
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_ray_asking_for_a_gpu_on_a_machine_without_one_is_refused(ray, monkeypatch):
+    from transfer import inputs
+    from transfer.errors import TransferError
+    from transfer.validate import check_command_line
+
+    monkeypatch.setattr(inputs, "cuda_available", lambda: False)
+    with pytest.raises(TransferError, match=r"num_gpus=0.5 but this machine has no CUDA GPU, and Ray's local"):
+        check_command_line(["-m", *RAY, "hydra.launcher.ray.remote.num_gpus=0.5", "seed=1,2"])
+    # a cluster elsewhere has GPUs of its own; GPUs declared to Ray by hand are the user's word
+    check_command_line(["-m", *RAY, "hydra.launcher.ray.remote.num_gpus=0.5", "hydra.launcher.ray.init.address=auto"])
+    check_command_line(["-m", *RAY, "hydra.launcher.ray.remote.num_gpus=0.5", "hydra.launcher.ray.init.num_gpus=1"])
+
+
+def readme_launcher_commands() -> list[list[str]]:
+    """Every `python -m transfer` command of the README's launcher section, as arguments."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Parallel and cluster sweeps", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```bash\n")[1:]]
+    lines = " ".join(blocks).replace("\\\n", " ").splitlines()
+    return [shlex.split(line.split("#", 1)[0])[3:] for line in lines if line.strip().startswith("python -m transfer")]
+
+
+def test_the_readme_launcher_commands_are_accepted(ray, submitit, monkeypatch):
+    """They need GPUs or a SLURM cluster to run; here each is checked as `python -m transfer` checks it first."""
+    from transfer import inputs
+    from transfer.validate import check_command_line
+
+    monkeypatch.setattr(inputs, "cuda_available", lambda: True)  # as on the GPU machine they are written for
+    commands = readme_launcher_commands()
+    assert len(commands) >= 4
+    for argv in commands:
+        plan = check_command_line(argv)
+        assert plan is not None and plan.multirun, argv

@@ -1,0 +1,430 @@
+"""Hyper-parameter search on Optuna: the search space, the study, and a trial's pruning.
+
+The sweeper (`hydra/sweeper=optuna`, hydra_plugins/transfer_optuna_sweeper) asks the study
+for trials and launches them as jobs through Hydra's launcher; each job reports its
+validation metric to its trial at every `eval_interval` and stops when the pruner says so
+(`Pruning`); after each batch the sweeper reads the jobs' records and tells the study.
+The study lives in SQLite (`<sweep>/optuna.db` unless `hydra.sweeper.storage` names
+another), so a killed search continues and several workers can share one.
+
+Optuna is an optional install (`pip install -e ".[search]"`) and is imported only where a
+search runs: validation imports this module and must stay fast.
+"""
+
+import importlib.util
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from transfer.errors import TransferError
+from transfer.evaluation import DIRECTION
+
+log = logging.getLogger(__name__)
+SWEEPER_TARGET = "hydra_plugins.transfer_optuna_sweeper.sweeper.OptunaSweeper"
+STORAGE_NAME = "optuna.db"
+SQLITE = "sqlite:///"
+SUMMARY_NAME = "optuna_best.yaml"
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("none", "median", "asha")
+DIRECTIONS = {"minimize": "min", "maximize": "max"}
+# the study's own settings, read by every job that reports to it (the pruner must be the sweeper's)
+STUDY_SETTINGS = "transfer"
+INSTALL = "pip install -e '.[search]'"
+
+
+# ---------------------------------------------------------------- the search space
+@dataclass(frozen=True)
+class Param:
+    """One searched key: Hydra's choice/range/interval as an Optuna distribution (choices, or bounds and a step)."""
+
+    key: str  # as the override writes it, `+` included
+    text: str  # what the user wrote, for messages
+    kind: str  # categorical, int, float
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+
+    def values_to_check(self) -> list:
+        return list(self.choices) if self.kind == "categorical" else [self.low, self.high]
+
+    def override(self, value) -> str:
+        return f"{self.key}={format_value(value)}"
+
+    def distribution(self):
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.kind == "categorical":
+            return CategoricalDistribution(self.choices)
+        if self.kind == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
+
+def format_value(value) -> str:
+    """A value as an override writes it: Hydra reads None as the string 'None', so null."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def search_space(params: Mapping | None, overrides: Sequence) -> tuple[dict[str, Param], list[str]]:
+    """(the searched keys, the overrides every trial gets), from hydra.sweeper.params and the task overrides.
+
+    `overrides` are Hydra Override objects or strings; a key given twice takes its last value, the
+    command line's over the config's. A sweep of one value (choice(8)) is a fixed value.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = [f"{key}={_param_text(value)}" for key, value in flatten(params or {}).items()]
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(lines)
+    except Exception as e:  # Hydra's grammar errors: a multi-line message
+        raise TransferError(f"hydra.sweeper.params: cannot parse {lines}: {str(e).splitlines()[0]}") from None
+    parsed += [o if not isinstance(o, str) else parser.parse_override(o) for o in overrides]
+    by_key = {}
+    for o in parsed:
+        by_key[o.key_or_group] = o
+    space, fixed = {}, []
+    for o in by_key.values():
+        param = to_param(o) if o.is_sweep_override() else None
+        if param is None:
+            fixed.append(_fixed_line(o))
+        else:
+            space[param.key] = param
+    return space, fixed
+
+
+def flatten(node: Mapping, prefix: str = "") -> dict:
+    """hydra.sweeper.params as dotted keys: a YAML file writes `optimizer.lr:`, a command line nests it."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _param_text(value) -> str:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":  # a YAML list: its values
+        return f"choice({','.join(format_value(v) for v in value)})"
+    return format_value(value) if not isinstance(value, str) else value
+
+
+def _fixed_line(o) -> str:
+    if o.is_sweep_override():  # choice(8): its one value
+        (value,) = list(o.sweep_string_iterator())
+        return f"{o.get_key_element()}={value}"
+    return o.input_line if o.input_line else f"{o.get_key_element()}={o.get_value_element_as_str()}"
+
+
+def to_param(o) -> Param | None:
+    """Hydra's sweep syntax as a distribution, None for a sweep of one value; one-line errors for what Optuna cannot draw."""
+    from hydra.core.override_parser.types import Glob, Transformer
+
+    key, value = o.get_key_element(), o.value()
+    text = o.input_line or f"{key}={o.get_value_element_as_str()}"
+    tags = set(getattr(value, "tags", ()) or ())
+    if tags - {"log"}:
+        raise TransferError(f"{text}: unknown tag(s) {', '.join(sorted(tags - {'log'}))}; allowed: log")
+    if "log" in tags and not o.is_interval_sweep():
+        raise TransferError(f"{text}: tag(log, ...) applies to interval(); write tag(log, interval(low, high))")
+    if isinstance(value, Glob):
+        raise TransferError(
+            f"{text}: glob() picks config files for a grid; a search takes choice(), range(), interval()"
+        )
+    if o.is_choice_sweep() or (o.is_range_sweep() and value.shuffle):
+        choices = list(o.sweep_iterator(transformer=Transformer.encode))
+        bad = [c for c in choices if not isinstance(c, (str, int, float, bool)) and c is not None]
+        if bad:
+            raise TransferError(f"{text}: a choice must be a number, a string, true/false or null, not {bad[0]!r}")
+        if len(set(map(repr, choices))) < len(choices):
+            raise TransferError(f"{text}: a choice is repeated; each must differ")
+        return Param(key, text, "categorical", tuple(choices)) if len(choices) > 1 else None
+    if o.is_range_sweep():
+        values = list(o.sweep_iterator())
+        if not values:
+            raise TransferError(f"{text}: the range holds no value; allowed range(start, stop, step) with start < stop")
+        if len(values) == 1:
+            return None
+        low, high = min(values), max(values)
+        if all(isinstance(v, int) for v in values):
+            return Param(key, text, "int", low=low, high=high, step=abs(value.step))
+        return Param(key, text, "float", low=float(low), high=float(high), step=abs(float(value.step)))
+    if o.is_interval_sweep():
+        low, high, log_scale = value.start, value.end, "log" in tags
+        if low is None or high is None or not low < high:
+            raise TransferError(f"{text}: allowed interval(low, high) with low < high")
+        if log_scale and low <= 0:
+            raise TransferError(f"{text}: a log scale needs low > 0")
+        kind = "int" if isinstance(low, int) and isinstance(high, int) else "float"
+        return Param(key, text, kind, low=low, high=high, log=log_scale)
+    raise TransferError(f"{text}: a search takes choice(), range() and interval() (tag(log, ...) for a log scale)")
+
+
+def trial_overrides_to_check(space: dict[str, Param]) -> list[list[str]]:
+    """Overrides that give every searched value in at least one trial-like config (n lists, n the most values of a key)."""
+    values = {key: param.values_to_check() for key, param in space.items()}
+    most = max((len(v) for v in values.values()), default=0)
+    return [[space[key].override(v[i % len(v)]) for key, v in values.items()] for i in range(most)]
+
+
+# ---------------------------------------------------------------- the command line (transfer.validate)
+PARAMS_PREFIX = "hydra.sweeper.params."
+
+
+def check_command_line(run, parsed: list, multirun: bool, compose, is_group) -> tuple[list, list[list[str]], list[str]]:
+    """A search's command line, checked before anything runs: (the overrides as Hydra must get them,
+    override lists whose configs give every value the search may draw, the config groups it searches).
+
+    `run` is the config composed with its hydra node; `compose` composes a job's config with
+    one-line errors (transfer.validate.compose_config); `is_group(key)` says whether a key is a config group.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not multirun:
+        raise TransferError("hydra/sweeper=optuna runs a search of several trials: add -m (--multirun)")
+    check_settings(run.hydra.sweeper, run.objective.select)
+    # Hydra refuses a sweep of a hydra.* key: hydra.sweeper.params.K=V goes to it as the task override K=V,
+    # which the sweeper reads as the same search parameter
+    lines = [line.lstrip("+")[len(PARAMS_PREFIX):] if line.lstrip("+").startswith(PARAMS_PREFIX) else line
+             for line in (o.input_line for o in parsed)]  # fmt: skip
+    parsed = OverridesParser.create().parse_overrides(lines)
+    for o in parsed:
+        if o.key_or_group.startswith("search."):
+            raise TransferError(f"{o.input_line}: search.* is set by the sweeper for each trial; allowed: leave it out")
+    space, fixed = search_space(run.hydra.sweeper.get("params"), [o for o in parsed if not o.is_hydra_override()])
+    if not space:
+        raise TransferError(
+            "hydra/sweeper=optuna has nothing to search; give parameters in Hydra's sweep syntax, "
+            "e.g. 'optimizer.lr=tag(log, interval(1e-5, 1e-2))' 'strategy.r=choice(4,8,16)', or hparams_search=..."
+        )
+    base = [o.input_line for o in parsed if o.is_hydra_override() and not o.is_sweep_override()] + fixed
+    check_number_types(space, base, compose, is_group)
+    jobs = [base + values for values in trial_overrides_to_check(space)]
+    return parsed, jobs, [key for key in space if is_group(key)]
+
+
+def check_number_types(space: dict[str, Param], base: list[str], compose, is_group) -> None:
+    """interval() draws fractions: on an integer key every trial would fail, so say how to draw integers."""
+    groups = [param.override(param.values_to_check()[0]) for key, param in space.items() if is_group(key)]
+    try:
+        cfg = compose(base + groups)
+    except TransferError:
+        return  # the trials' own compositions name what is wrong
+    from omegaconf import OmegaConf
+
+    for key, param in space.items():
+        current = OmegaConf.select(cfg, key.lstrip("+~"), default=None)
+        if param.kind == "float" and isinstance(current, int) and not isinstance(current, bool):
+            value = param.text.split("=", 1)[1]
+            raise TransferError(
+                f"{param.text}: {key.lstrip('+~')} is an integer and {value} draws fractions; write {key}=int({value})"
+                if "interval" in value
+                else f"{param.text}: {key} is an integer; allowed whole numbers"
+            )
+
+
+# ---------------------------------------------------------------- the sweeper's settings
+def is_search(run_cfg) -> bool:
+    """Does this composed config (with its hydra node) choose the Optuna sweeper?"""
+    sweeper = run_cfg.hydra.get("sweeper") if "hydra" in run_cfg else None
+    return sweeper is not None and sweeper.get("_target_") == SWEEPER_TARGET
+
+
+def check_settings(sweeper, select: str) -> None:
+    """The sweeper's settings, before any trial runs: one line naming a bad value and what is allowed."""
+    if importlib.util.find_spec("optuna") is None:
+        raise TransferError(f"hydra/sweeper=optuna needs Optuna, which is not installed here: {INSTALL}")
+    s = sweeper
+    for key, value, allowed in (("sampler", s.sampler, SAMPLERS), ("pruner", s.pruner, PRUNERS),
+                                ("direction", s.direction, tuple(DIRECTIONS))):  # fmt: skip
+        if value not in allowed:
+            raise TransferError(f"hydra.sweeper.{key}={value}: allowed {', '.join(allowed)}")
+    for key in ("n_trials", "n_jobs", "reduction_factor"):
+        if s[key] < (2 if key == "reduction_factor" else 1):
+            raise TransferError(
+                f"hydra.sweeper.{key}={s[key]} must be at least {2 if key == 'reduction_factor' else 1}"
+            )
+    for key in ("startup_trials", "pruner_startup_trials", "pruner_warmup_steps"):
+        if s[key] < 0:
+            raise TransferError(f"hydra.sweeper.{key}={s[key]} must be 0 or more")
+    if s.min_resource is not None and s.min_resource < 1:
+        raise TransferError(f"hydra.sweeper.min_resource={s.min_resource}: allowed a step count >= 1, or null (auto)")
+    parts = str(s.metric).split(".")
+    if parts[0] not in ("eval", "train", "params", "memory", "data", "timing") or len(parts) < 2:
+        raise TransferError(
+            f"hydra.sweeper.metric={s.metric}: allowed a number in the record (metrics.json) by its path, "
+            "e.g. eval.final.validation.loss, eval.final.validation.auc, train.best_value"
+        )
+    wanted = DIRECTIONS[s.direction]
+    judged = [(parts[-1], f"hydra.sweeper.metric={s.metric}")]
+    if s.pruner != "none":  # the pruner compares reported values in the study's direction
+        judged.append((reported_metric(s.metric) or select, "the validation metric the pruner watches"))
+    for metric, what in judged:
+        if DIRECTION.get(metric, wanted) != wanted:
+            better = "lower" if DIRECTION[metric] == "min" else "higher"
+            raise TransferError(
+                f"hydra.sweeper.direction={s.direction} but {what} ({metric}) is better {better}; "
+                f"allowed: direction={'minimize' if better == 'lower' else 'maximize'}"
+            )
+
+
+def reported_metric(metric: str) -> str | None:
+    """The validation metric a trial reports while it trains: the objective's own when it names one
+    (eval.final.validation.auc -> auc), else None for the run's objective.select."""
+    name = metric.split(".")[-1]
+    return name if metric.startswith("eval.") and name in DIRECTION else None
+
+
+def metric_value(record: dict, path: str) -> float | None:
+    node = record
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
+        return None
+    return float(node)
+
+
+def outcome(record: dict | None, metric: str) -> tuple[str, float | None, str | None]:
+    """(COMPLETE, PRUNED or FAIL, the value, why it failed) of a finished job, from its record."""
+    if record is None:
+        return "FAIL", None, "no record (metrics.json)"
+    status = record.get("status")
+    if status == "pruned":
+        return "PRUNED", None, None
+    if status != "completed":
+        return "FAIL", None, record.get("error") or f"status {status}"
+    value = metric_value(record, metric)
+    if value is None:
+        return "FAIL", None, f"{metric} is not a number in its record"
+    return "COMPLETE", value, None
+
+
+# ---------------------------------------------------------------- Optuna objects
+_storages: dict[str, object] = {}
+
+
+def storage_url(storage: str | None, sweep_dir: Path) -> str:
+    """The study's URL as every job reads it: an SQLite file by its absolute path (a job may run elsewhere)."""
+    if storage is None:
+        return f"sqlite:///{(Path(sweep_dir) / STORAGE_NAME).resolve()}"
+    if storage.startswith(SQLITE):
+        return f"{SQLITE}{Path(storage[len(SQLITE) :]).expanduser().resolve()}"
+    return storage
+
+
+def open_storage(url: str):
+    """One storage per URL and process (the sweeper and its in-process jobs share it)."""
+    if url not in _storages:
+        from optuna.storages import RDBStorage
+
+        engine = None
+        if url.startswith(SQLITE):
+            Path(url[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
+            # parallel jobs write to one SQLite file: wait for its lock instead of failing at once
+            engine = {"connect_args": {"timeout": 60}}
+        _storages[url] = RDBStorage(url, engine_kwargs=engine)
+    return _storages[url]
+
+
+def make_sampler(name: str, seed: int | None, startup_trials: int):
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+
+
+def make_pruner(settings: Mapping):
+    import optuna
+
+    name = settings.get("pruner", "none")
+    if name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=settings["pruner_startup_trials"], n_warmup_steps=settings["pruner_warmup_steps"]
+        )
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=settings.get("min_resource") or "auto", reduction_factor=settings["reduction_factor"]
+        )
+    return optuna.pruners.NopPruner()
+
+
+# ---------------------------------------------------------------- in the job
+class Pruning:
+    """A trial's side of pruning: report the validation metric at each validation, learn whether to stop.
+
+    Outside a search (search.trial is null) it reports nothing and never stops a run.
+    """
+
+    def __init__(self, trial=None, metric: str | None = None, number: int | None = None):
+        self.trial, self.metric, self.number = trial, metric, number
+
+    @classmethod
+    def from_config(cls, cfg) -> "Pruning":
+        from transfer import distributed
+
+        search = cfg.get("search")
+        if search is None or search.trial is None or not distributed.is_main():  # one process reports a trial
+            return cls()
+        if search.storage is None or search.study is None:
+            raise TransferError(
+                f"search.trial={search.trial} needs search.storage and search.study (the sweeper sets all three)"
+            )
+        try:
+            import optuna
+        except ImportError:
+            raise TransferError(
+                f"search.trial={search.trial}: this job reports to an Optuna study, and Optuna is not installed here: {INSTALL}"
+            ) from None
+        storage = open_storage(search.storage)
+        try:
+            study_id = storage.get_study_id_from_name(search.study)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, search.trial)
+        except KeyError:
+            raise TransferError(
+                f"search.trial={search.trial}: no such trial in study {search.study!r} of {search.storage}"
+            ) from None
+        state = storage.get_trial(trial_id).state
+        if state != optuna.trial.TrialState.RUNNING:  # the study would refuse its reports mid-training
+            raise TransferError(
+                f"search.trial={search.trial} of study {search.study!r} is {state.name.lower()}; "
+                "allowed: a running trial, as the sweeper hands out"
+            )
+        settings = storage.get_study_user_attrs(study_id).get(STUDY_SETTINGS, {})
+        study = optuna.load_study(study_name=search.study, storage=storage, pruner=make_pruner(settings))
+        metric = settings.get("report") or cfg.objective.select
+        log.info("trial %d of study %r: reports validation %s, pruner %s", search.trial, search.study, metric,
+                 settings.get("pruner", "none"))  # fmt: skip
+        return cls(optuna.trial.Trial(study, trial_id), metric, search.trial)
+
+    @property
+    def active(self) -> bool:
+        return self.trial is not None
+
+    def report(self, step: int, result: dict) -> bool:
+        """Report this validation's result at `step`; True when the trial should stop (pruned)."""
+        if self.trial is None:
+            return False
+        value = result.get(self.metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            log.warning("trial %d: validation gave no %s to report; it is not pruned", self.number, self.metric)
+            return False
+        with warnings.catch_warnings():  # a resumed run reports its steps again; Optuna keeps the first
+            warnings.simplefilter("ignore")
+            self.trial.report(float(value), step)
+        prune = bool(self.trial.should_prune())  # numpy.bool_ from some pruners
+        if prune:
+            log.info("trial %d pruned at step %d: validation %s %.4g", self.number, step, self.metric, value)
+        return prune
