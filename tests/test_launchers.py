@@ -152,7 +152,7 @@ def test_a_failed_job_fails_the_sweep_through_another_process(submitit, tmp_path
 
 def test_the_exit_status_comes_from_the_records(tmp_path, capsys):
     """Folders as a sweep in other processes leaves them: finished, failed, killed, never started, unreadable."""
-    from transfer.cli import exit_status
+    from transfer.launchers import exit_status
     from transfer.validate import Plan
 
     sweep = tmp_path / "sweep"

@@ -67,7 +67,7 @@ class Hardware:
     def explain_out_of_memory(self, doing: str, fixes: list[str]):
         """The device running out of memory becomes a one-line error naming the settings and what would fit.
 
-        The failed step's tensors are freed once the job's error is handled; cli._job then
+        The failed step's tensors are freed once the job's error is handled; cli.job then
         empties the CUDA cache, so the next job of a sweep gets the memory back.
         """
         try:

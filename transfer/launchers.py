@@ -1,0 +1,95 @@
+"""What a job needs when a launcher other than Hydra's basic one runs it (Ray, submitit/SLURM): to continue
+an earlier attempt of itself, to stop cleanly before submitit requeues it, and a sweep's exit status
+read from the jobs' records rather than from the launching process, which may never have seen them run.
+"""
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+
+from omegaconf import DictConfig
+
+from transfer import distributed
+from transfer.errors import Interrupted
+from transfer.record import FINISHED, job_outcomes, read_record
+from transfer.validate import Plan, read_previous
+
+log = logging.getLogger("transfer")
+
+
+def continue_earlier_attempt(cfg: DictConfig, out_dir) -> None:
+    """A sweep's job that finds a record in its folder continues it, as resume=true would.
+
+    The start-up check refuses a sweep into folders that hold records (resume=true aside), so
+    such a record is this job's own from an earlier attempt: submitit requeued the job after a
+    pre-emption or a time limit, or Ray ran it again after its worker died. A completed one is
+    skipped; any other continues from its last intact checkpoint, under the same config.
+    """
+    if cfg.resume is not False:
+        return
+    earlier = distributed.broadcast(read_previous(out_dir))  # under torchrun, rank 0's look, the same everywhere
+    if earlier is not None:
+        log.warning("%s holds an earlier attempt of this job (%s): continuing it", out_dir, earlier.get("status"))
+        cfg.resume = True
+
+
+@contextlib.contextmanager
+def requeue_when_preempted():
+    """Under submitit, its warning signal (USR2 before a time limit or a pre-emption) stops the run as SIGTERM does.
+
+    The training loop then stops at the end of a step with a checkpoint (elsewhere the run stops at
+    once), the record says `interrupted`, and only then does submitit's own handler requeue the job
+    and exit; called again in the same folder, the job continues from that checkpoint.
+    """
+    if "SUBMITIT_EXECUTOR" not in os.environ or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from submitit import JobEnvironment
+
+    warning = getattr(signal, "SIG" + JobEnvironment.USR_SIG)
+    requeue = signal.getsignal(warning)  # submitit's: saves the call for the next attempt, requeues, exits
+    outside_training = signal.getsignal(signal.SIGTERM)
+    warned = []
+
+    def stop(signum, frame):
+        warned.append(frame)
+        handler = signal.getsignal(signal.SIGTERM)
+        if handler is not outside_training and callable(handler):
+            handler(signal.SIGTERM, frame)  # the training loop's: it stops after this step
+        else:
+            raise Interrupted("SIGTERM")
+
+    signal.signal(warning, stop)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if warned and callable(requeue):
+            requeue(warning, warned[0])
+        raise
+    finally:
+        signal.signal(warning, requeue)
+
+
+def exit_status(plan: Plan) -> int:
+    """0 when every job finished, judged by the records the jobs left, wherever they ran; else 1, with one line for a sweep.
+
+    Read from the folders, not from this process, because a launcher may have run the jobs in
+    other processes or on other machines; after the sweep has returned, so after its tables.
+    """
+    if not plan.multirun:  # the job ran here and has said why on this terminal
+        try:
+            record = read_record(plan.out_dir)
+        except ValueError:
+            return 1
+        return 0 if (record or {}).get("status") in FINISHED else 1
+    outcomes = job_outcomes(plan.out_dir, plan.jobs if plan.by_number else 0)
+    unfinished = {name: why for name, why in outcomes.items() if why}
+    if not unfinished:
+        return 0
+    detail = "; ".join(f"{name}: {why}" for name, why in unfinished.items())
+    line = f"error: {len(unfinished)} of {len(outcomes)} jobs in {plan.out_dir} did not finish: {detail}"
+    print(line, file=sys.stderr)
+    return 1
