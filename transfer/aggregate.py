@@ -22,9 +22,10 @@ import yaml
 
 from transfer.errors import TransferError
 from transfer.evaluation import DIRECTION
-from transfer.record import read_record
+from transfer.record import FINISHED, job_folders, lookup, read_record
 
 log = logging.getLogger(__name__)
+_MISSING = object()  # a key a config lacks, apart from one set to null
 DEFAULT_ROOT = Path("multirun")
 # the numbers of a run that are not evaluation metrics; those are read from the record by name
 RUN_METRICS = [
@@ -36,9 +37,6 @@ SPLIT_SHORT = {"validation": "val", "test": "test", "reference": "ref"}
 METRIC_SHORT = {"perplexity": "ppl"}
 NOT_METRICS = ("tokens", "choice_examples")  # counts that say what was scored, kept in the record
 DESCRIPTIVE = ["strategy", "model", "dataset", "seed", "tied_embeddings", "stop_reason", "status", "error"]
-# Records that hold numbers: a finished run, a trial an Optuna search stopped early (pruned: its
-# metrics are those of where it stopped), or a dry run (parameter counts only).
-RESULTS = ("completed", "pruned", "dry_run")
 
 
 # ---------------------------------------------------------------- reading
@@ -56,12 +54,6 @@ def find_sweeps(paths: list[str], all_sweeps: bool, root: Path = DEFAULT_ROOT) -
             f"no sweep under {str(root)!r}; run a sweep first (python -m transfer -m ...) or name a folder"
         )
     return candidates if all_sweeps else candidates[-1:]
-
-
-def job_folders(sweep: Path) -> list[Path]:
-    """Sub-folders that Hydra made for jobs (they hold .hydra/) or that hold a record."""
-    jobs = [p for p in sweep.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").is_file())]
-    return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
 def read_jobs(sweeps: list[Path]) -> pd.DataFrame:
@@ -177,11 +169,9 @@ def lower_is_better(column: str) -> bool:
 
 
 def _config_value(config: dict, key: str, fallback):
-    node = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return fallback
-        node = node[part]
+    node = lookup(config, key, missing=_MISSING)
+    if node is _MISSING:
+        return fallback
     return node if isinstance(node, (str, int, float, bool)) or node is None else str(node)
 
 
@@ -240,7 +230,7 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
     """
     keys = group_by or default_group_keys(jobs)
     sort = sort or default_sort(jobs)
-    done = jobs[jobs["status"].isin(RESULTS)]
+    done = jobs[jobs["status"].isin(FINISHED)]
     metrics = metric_columns(jobs)
     rows = []
     for key, group in done.groupby([*keys, "status"], dropna=False, sort=False):
@@ -256,7 +246,7 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
         row["status"] = status
         row["error"] = None
         rows.append(row)
-    for _, job in jobs[~jobs["status"].isin(RESULTS)].iterrows():  # failures stay visible
+    for _, job in jobs[~jobs["status"].isin(FINISHED)].iterrows():  # failures stay visible
         row = {k: job.get(k) for k in keys}
         row.update(seeds=0, status=job["status"], error=job.get("error"), job=job["job"])
         rows.append(row)
@@ -274,7 +264,7 @@ def default_group_keys(jobs: pd.DataFrame) -> list[str]:
     never averaged together: val_tokens joins the keys when it varies.
     """
     # among the jobs with results: a failed or unreadable job's missing overrides do not make a column vary
-    done = jobs[jobs["status"].isin(RESULTS)]
+    done = jobs[jobs["status"].isin(FINISHED)]
     done = jobs if done.empty else done
     keys = [
         k for k in jobs.attrs.get("override_keys", []) if k != "seed" and done[k].astype(str).nunique(dropna=False) > 1

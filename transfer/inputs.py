@@ -12,6 +12,7 @@ that share a file read it once.
 import csv
 import ctypes
 import importlib.metadata
+import importlib.util
 import json
 import os
 import struct
@@ -250,6 +251,14 @@ def safetensors_problem(file: Path) -> str | None:
 
 
 # ---------------------------------------------------------------- the GPU
+def installed(module: str) -> bool:
+    """Whether `module` can be imported here, found without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # its parent package is missing
+        return False
+
+
 def cuda_available() -> bool | None:
     """Whether torch would find a CUDA device, asked without importing torch: False, True, or None (cannot tell).
 

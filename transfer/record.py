@@ -9,8 +9,10 @@ from pathlib import Path
 from transfer.errors import TransferError, first_line
 
 RECORD_NAME = "metrics.json"
-# how a job may end well: trained, a dry run's counts, or stopped early by a search (hydra/sweeper=optuna)
-FINISHED = ("completed", "dry_run", "pruned")
+# a run that trained to its end, or that a search (hydra/sweeper=optuna) stopped early as it may
+TRAINED = ("completed", "pruned")
+# how a job may end well, and records that hold numbers: those, or a dry run's counts
+FINISHED = (*TRAINED, "dry_run")
 
 
 def write_record(folder: Path, record: dict) -> Path:
@@ -48,19 +50,38 @@ def read_record(folder: Path) -> dict | None:
     return record
 
 
+def lookup(record: dict, path: str, missing=None):
+    """The value at a dotted path of a record or config (`eval.final.validation.loss`); `missing` where there is none."""
+    node = record
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
+    return node
+
+
+def job_folders(sweep: Path) -> list[Path]:
+    """Sub-folders that Hydra made for jobs (they hold .hydra/) or that hold a record, in job order."""
+    jobs = [p for p in sweep.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / RECORD_NAME).is_file())]
+    return sorted(jobs, key=lambda p: _job_order(p.name))
+
+
+def _job_order(name: str) -> tuple:
+    return not name.isdigit(), int(name) if name.isdigit() else 0, name
+
+
 def job_outcomes(sweep: Path, numbered: int = 0) -> dict[str, str | None]:
     """How each job of a sweep ended, by folder name: None if it finished, else why it did not, from its record.
 
-    The jobs are the sub-folders Hydra made (they hold .hydra/) or that hold a record, and with
-    `numbered`, folders 0..numbered-1 as well: a job whose process died before Hydra made its folder counts.
+    The jobs are those of job_folders, and with `numbered`, folders 0..numbered-1 as well: a job
+    whose process died before Hydra made its folder counts.
     """
     sweep = Path(sweep)
     names = {str(n) for n in range(numbered)}
     if sweep.is_dir():
-        made = [p for p in sweep.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / RECORD_NAME).is_file())]
-        names |= {p.name for p in made}
+        names |= {p.name for p in job_folders(sweep)}
     outcomes = {}
-    for name in sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n)):
+    for name in sorted(names, key=_job_order):
         try:
             record = read_record(sweep / name)
         except ValueError as e:

@@ -36,7 +36,7 @@ from transfer.hardware import resolve
 from transfer.models import context_length, load_model_and_tokenizer
 from transfer.objectives import build_objective
 from transfer.oom import MemoryPlan
-from transfer.record import write_record
+from transfer.record import TRAINED, write_record
 from transfer.strategies import apply_strategy, check_before_loading, loading_options, parameter_report
 from transfer.train import describe_metrics, log_metrics, train
 from transfer.transforms import apply_transforms
@@ -51,7 +51,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     """`started`: when this job began (the process's start for its first job, whose imports count)."""
     out_dir = Path(out_dir)
     previous = validate.read_previous(out_dir)
-    if previous and previous.get("status") in ("completed", "pruned"):  # finished: a search's pruned trial too
+    if previous and previous.get("status") in TRAINED:  # finished: a search's pruned trial too
         if cfg.resume is True:
             # the command line was compared with it at start-up where the sweep's layout allowed; again here
             if isinstance(previous.get("config"), dict):
@@ -224,7 +224,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         try:
             write(out_dir, record)
         except TransferError as e:  # a full disk
-            if record["status"] in ("completed", "pruned"):
+            if record["status"] in TRAINED:
                 raise
             log.error("%s", e)  # and the error that ended the run is reported after this
     return record

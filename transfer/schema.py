@@ -146,6 +146,10 @@ class AdapterConfig(StrategyConfig):
     train_tied_embeddings: bool = False
 
 
+# the strategy options that wrap the model in peft adapters
+PEFT_STRATEGIES = ("lora", "dora", "qlora", "ia3")
+
+
 @dataclass
 class LoraConfig(StrategyConfig):
     """LoRA, DoRA and QLoRA (the strategy's name picks the variant)."""

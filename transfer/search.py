@@ -11,7 +11,6 @@ Optuna is an optional install (`pip install -e ".[search]"`) and is imported onl
 search runs: validation imports this module and must stay fast.
 """
 
-import importlib.util
 import logging
 import math
 import warnings
@@ -21,6 +20,8 @@ from pathlib import Path
 
 from transfer.errors import TransferError
 from transfer.evaluation import DIRECTION
+from transfer.inputs import installed
+from transfer.record import lookup
 
 log = logging.getLogger(__name__)
 SWEEPER_TARGET = "hydra_plugins.transfer_optuna_sweeper.sweeper.OptunaSweeper"
@@ -242,7 +243,7 @@ def is_search(run_cfg) -> bool:
 
 def check_settings(sweeper, select: str) -> None:
     """The sweeper's settings, before any trial runs: one line naming a bad value and what is allowed."""
-    if importlib.util.find_spec("optuna") is None:
+    if not installed("optuna"):
         raise TransferError(f"hydra/sweeper=optuna needs Optuna, which is not installed here: {INSTALL}")
     s = sweeper
     for key, value, allowed in (("sampler", s.sampler, SAMPLERS), ("pruner", s.pruner, PRUNERS),
@@ -286,11 +287,7 @@ def reported_metric(metric: str) -> str | None:
 
 
 def metric_value(record: dict, path: str) -> float | None:
-    node = record
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
+    node = lookup(record, path)
     if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
         return None
     return float(node)

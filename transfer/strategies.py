@@ -26,7 +26,6 @@ from transfer.errors import TransferError, first_line
 from transfer.validate import check_block_count, check_strategy
 
 log = logging.getLogger(__name__)
-PEFT_STRATEGIES = ("lora", "dora", "qlora", "ia3")
 
 
 @dataclass

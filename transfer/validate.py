@@ -11,7 +11,6 @@ This module must not import torch or transformers: it runs in well under a secon
 """
 
 import dataclasses
-import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +170,7 @@ def missing_launcher(name: str) -> str | None:
     if name not in LAUNCHER_EXTRAS:
         return None  # Hydra's own, or unknown: composing the config names the ones there are
     extra, modules = LAUNCHER_EXTRAS[name]
-    if all(_installed(m) for m in modules):
+    if all(inputs.installed(m) for m in modules):
         return None
     return f'hydra/launcher={name} needs the {extra} extra: pip install -e ".[{extra}]"'
 
@@ -188,13 +187,6 @@ def check_ray_gpus(run: DictConfig) -> None:
             f"hydra.launcher.ray.remote.num_gpus={gpus} but this machine has no CUDA GPU, and Ray's local cluster "
             "would queue every job forever; allowed here: 0, or hydra.launcher.ray.init.address=<a cluster with GPUs>"
         )
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:  # its parent package is missing
-        return False
 
 
 def _adds_launcher_key(o) -> bool:
@@ -379,7 +371,7 @@ def check_config(cfg: DictConfig) -> None:
             raise TransferError(f"{key}={cfg[key]} must be at least 1")
     if cfg.eval_interval < 0:
         raise TransferError(f"eval_interval={cfg.eval_interval} must be 0 (off) or a positive step count")
-    if cfg.distributed.name == "fsdp" and cfg.strategy.name in ("lora", "dora", "qlora", "ia3"):
+    if cfg.distributed.name == "fsdp" and cfg.strategy.name in schema.PEFT_STRATEGIES:
         raise TransferError(
             f"distributed=fsdp shards full fine-tuning; strategy={cfg.strategy.name} trains small adapters: "
             "allowed: distributed=ddp or auto"
