@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from transfer.aggregate import comparison, main
+from transfer.aggregate import CI_NOTE, comparison, for_people, main, read_jobs
+from transfer.stats import paired_t_test, t_cdf, t_quantile, t_two_sided_p
 
-STEPS = ["max_steps=12", "eval_interval=6", "block_size=64", "micro_batch_size=4", "eval.max_tokens=4096", "eval.reference.max_tokens=4096",
+STEPS = ["max_steps=12", "eval_interval=6", "block_size=64", "micro_batch_size=4", "eval.max_tokens=4096", "eval.probes.python_docs.max_tokens=4096",
          "checkpoint.enabled=false", "eval.max_new_tokens=4"]  # fmt: skip
 
 
@@ -54,13 +55,17 @@ def test_table_rows_means_and_stds(sweep, capsys):
         for column, value in [
             ("val_ppl_after", lambda r: r["eval"]["final"]["validation"]["perplexity"]),
             ("test_ppl_before", lambda r: r["eval"]["baseline"]["test"]["perplexity"]),
-            ("ref_ppl_after", lambda r: r["eval"]["final"]["reference"]["perplexity"]),
+            ("ref_python_docs_ppl_after", lambda r: r["eval"]["final"]["ref_python_docs"]["perplexity"]),
+            ("ref_python_docs_change_pct", lambda r: r["eval"]["change_pct"]["ref_python_docs"]),
             ("train_seconds", lambda r: r["train"]["seconds"]),
             ("trainable_params", lambda r: r["params"]["trainable"]),
         ]:
             values = [value(r) for r in mine]
             assert row[column] == pytest.approx(statistics.mean(values), rel=1e-12)
             assert row[f"{column}_std"] == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-12)
+            # two seeds: t_{0.975, 1} is the Cauchy quantile tan(0.475 pi)
+            ci = math.tan(0.475 * math.pi) * statistics.stdev(values) / math.sqrt(2)
+            assert row[f"{column}_ci95"] == pytest.approx(ci, rel=1e-9, abs=1e-12)
     failed = table[table["status"] == "failed"].iloc[0]
     assert "'qkv' matches no linear projection" in failed["error"]
     incomplete = table[table["status"] == "incomplete"].iloc[0]
@@ -68,6 +73,13 @@ def test_table_rows_means_and_stds(sweep, capsys):
     unreadable = table[table["status"] == "unreadable"].iloc[0]
     assert unreadable["strategy"] == "full" and int(unreadable["job"]) == 6
     assert unreadable["error"].startswith("metrics.json is unreadable (")
+    # only strategy and seed vary: nothing to pick per strategy
+    assert not list((sweep / "tables").glob("best_per_*"))
+    shown = for_people(comparison(read_jobs([sweep])))
+    assert {"test_ppl_before", "ref_python_docs_change_pct"} <= set(shown.columns)
+    full = table[table["strategy"].eq("full") & table["status"].eq("completed")].index[0]
+    mean, ci = table.at[full, "val_ppl_after"], table.at[full, "val_ppl_after_ci95"]
+    assert shown.at[full, "val_ppl_after"] == f"{mean:.3g} ± {ci:.3g}"
 
 
 def test_jobs_frame_has_override_columns_and_every_job(sweep):
@@ -75,7 +87,7 @@ def test_jobs_frame_has_override_columns_and_every_job(sweep):
     jobs = pd.read_parquet(sweep / "tables" / "jobs.parquet")
     assert list(jobs.columns[:4]) == ["sweep", "job", "strategy", "seed"]
     assert len(jobs) == 7 and set(jobs["status"]) == {"completed", "failed", "incomplete", "unreadable"}
-    assert "max_steps" in jobs.columns and "trainable_params" in jobs.columns and "ref_ppl_before" in jobs.columns
+    assert {"max_steps", "trainable_params", "ref_python_docs_ppl_before"} <= set(jobs.columns)
     assert pd.read_csv(sweep / "tables" / "jobs.csv").shape == jobs.shape
 
 
@@ -83,11 +95,13 @@ def test_every_output_exists_and_parses(sweep):
     assert main([str(sweep)]) == 0
     out = sweep / "tables"
     md = (out / "comparison.md").read_text()
-    assert md.startswith("| strategy   |   seeds |") and md.count("\n") == 7  # header, rule, 5 rows
-    assert "±" in md and "829,568" in md  # mean ± std; thousands separators
+    assert md.startswith("| strategy   |   seeds |") and md.count("\n") == 9  # header, rule, 5 rows, gap, note
+    assert "±" in md and "829,568" in md  # mean ± CI; thousands separators
+    assert md.endswith(f"\n\n{CI_NOTE}\n")
     assert "\\begin{tabular}" in (out / "comparison.tex").read_text()
     assert "<table" in (out / "comparison.html").read_text()
-    for name in ("perplexity_vs_trainable", "gain_vs_forgetting", "validation_curves", "time_and_memory"):
+    for name in ("perplexity_vs_trainable", "gain_vs_forgetting", "validation_curves", "time_and_memory",
+                 "ci_val_ppl_after"):  # fmt: skip
         png = (out / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -110,7 +124,14 @@ def test_options_and_bad_input(sweep, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [c.strip() for c in lines[0].split("|")[1:4]] == ["strategy", "seeds", "train_seconds"]
     assert main([str(sweep), "--sort", "nope"]) == 2
-    assert "unknown column 'nope'; allowed: sweep, job, strategy" in capsys.readouterr().err
+    assert "unknown column 'nope'; allowed: strategy, seeds, trainable_params" in capsys.readouterr().err
+    # columns of the jobs that the grouped table lacks: an error, not a column silently left out
+    assert main([str(sweep), "--columns", "strategy,sweep,val_ppl_after"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown column 'sweep'; allowed: strategy, seeds,") and "\n" not in err
+    allowed = err.split("; allowed: ")[1].split(", ")
+    assert "job" in allowed and "val_ppl_after" in allowed  # job: the failed rows name theirs
+    assert not [c for c in allowed if c.endswith(("_std", "_ci95", "_same_genre"))]
     assert main([str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: sweep folder {str(tmp_path / 'missing')!r} does not exist"
@@ -138,7 +159,16 @@ def test_sweeps_that_vary_different_overrides_share_one_table(sweep, two_job_swe
     completed = table[table["status"] == "completed"]
     assert sorted(completed["optimizer.lr"].dropna()) == [1e-4, 1e-3]
     assert completed["seeds"].tolist().count(2) == 2  # full and lora, over seeds 1 and 2
-    assert len(list(tmp_path.glob("*.png"))) == 4
+    pngs = {p.stem for p in tmp_path.glob("*.png")}
+    mine = {"perplexity_vs_trainable", "gain_vs_forgetting", "validation_curves", "time_and_memory", "ci_val_ppl_after"}
+    assert mine <= pngs and pngs - mine <= {"weight_change"}  # weight_change: drawn where the records keep one
+    # the learning rate varies besides strategy: each strategy's best group on validation
+    best = pd.read_csv(tmp_path / "best_per_strategy.csv").set_index("strategy")
+    for strategy, candidates in completed.groupby("strategy"):
+        winner = candidates.loc[candidates["val_ppl_after"].idxmin()]
+        assert best.at[strategy, "val_ppl_after"] == winner["val_ppl_after"]
+        assert best.at[strategy, "test_ppl_after"] == winner["test_ppl_after"]
+        assert best.at[strategy, "candidates"] == len(candidates)
 
 
 def test_jobs_scored_on_different_tokens_are_never_averaged():
@@ -166,7 +196,11 @@ def test_notebook_runs_headless(sweep, monkeypatch):
     NotebookClient(nb, timeout=300, kernel_name="python3").execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
+    from transfer.plots import write_plots
+
+    jobs = read_jobs([sweep])
+    plots = write_plots(jobs, comparison(jobs), sweep / "tables")
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == len(plots) >= 5
     assert any("7 jobs" in o.get("text", "") and "'completed': 4" in o.get("text", "") for o in outputs)
 
 
@@ -220,3 +254,214 @@ def test_a_speed_taken_on_shared_cpus_is_marked_contended(monkeypatch):
     assert "contended" in for_people(table).columns
     jobs["contended"] = False
     assert "contended" not in for_people(comparison(jobs)).columns
+
+
+# ---------------------------------------------------------------- statistics, on records built by hand (fast)
+def test_t_quantiles_match_the_published_table():
+    for df, table_value in [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)]:
+        assert t_quantile(0.975, df) == pytest.approx(table_value, abs=6e-4)
+        assert t_quantile(0.025, df) == -t_quantile(0.975, df)
+
+
+def test_t_cdf_matches_its_closed_forms():
+    for t in (-40.0, -3.0, -0.5, 0.0, 0.7, 2.0, 12.7):
+        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-13)  # Cauchy
+        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-13)
+        assert t_cdf(t, 1e7) == pytest.approx(0.5 * (1 + math.erf(t / math.sqrt(2))), abs=1e-6)  # the normal limit
+        assert t_two_sided_p(t, 5) == pytest.approx(2 * t_cdf(-abs(t), 5), abs=1e-14)
+    for df in (3, 7.5, 60):
+        for q in (0.6, 0.9, 0.995):
+            assert t_cdf(t_quantile(q, df), df) == pytest.approx(q, abs=1e-11)
+
+
+def test_paired_t_test_against_its_formula():
+    d = [1.0, 2.0, 3.0]  # mean 2, sd 1: t = 2 sqrt(3) on 2 degrees of freedom
+    test, t = paired_t_test(d), 2 * math.sqrt(3)
+    assert test.n == 3 and test.mean == 2.0
+    assert test.p == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-12)  # df 2: P(|T| >= t) in closed form
+    assert test.half_width == pytest.approx(t_quantile(0.975, 2) / math.sqrt(3), rel=1e-12)
+    assert not test.significant and test.p > 0.05 and test.half_width > test.mean  # the interval holds 0
+    assert paired_t_test([5.0, 5.1, 4.9]).significant
+    one = paired_t_test([4.0])
+    assert one.n == 1 and math.isnan(one.p) and math.isnan(one.half_width) and not one.significant
+
+
+PROBES = {
+    "ref_python_docs": {"genre": "prose", "same_genre_as_training": False, "format": "text"},
+    "ref_rust": {"genre": "rust", "same_genre_as_training": True, "format": "text"},
+}
+# (strategy, lr) -> validation, test perplexity after, per seed 1, 2, 3. full's lr 1e-4 is worse on validation and
+# better on test than 1e-3; lora at 1e-4 has two seeds.
+VALUES = {
+    ("full", "1e-3"): ([10.0, 11.0, 12.5], [20.0, 21.0, 22.5]),
+    ("full", "1e-4"): ([12.0, 13.0, 14.5], [18.0, 19.0, 20.5]),
+    ("lora", "1e-3"): ([11.0, 13.0, 15.5], [21.0, 23.0, 25.5]),
+    ("lora", "1e-4"): ([17.0, 18.1], [27.0, 28.0]),
+}
+
+
+def fake_record(strategy: str, lr: str, seed: int, val: float, test: float, probes: bool = True) -> dict:
+    """A record as run.py writes one: named forgetting probes (eval.probes), or the one reference corpus."""
+    refs = {"ref_python_docs": (30.0, 30.0 + seed + val / 10), "ref_rust": (50.0, 45.0 - seed * val / 10)}
+    if not probes:
+        refs = {"reference": refs["ref_python_docs"]}
+    before = {"validation": {"perplexity": 40.0}, "test": {"perplexity": 42.0}} | {
+        k: {"perplexity": b} for k, (b, _) in refs.items()
+    }
+    after = {"validation": {"perplexity": val}, "test": {"perplexity": test}} | {
+        k: {"perplexity": a} for k, (_, a) in refs.items()
+    }
+    return {
+        "status": "completed", "overrides": [f"strategy={strategy}", f"optimizer.lr={lr}", f"seed={seed}"],
+        "choices": {"strategy": strategy, "model": "tiny", "dataset": "rust_concepts"},
+        "config": {"seed": seed, "optimizer": {"lr": float(lr)}}, "params": {"trainable": 10, "total": 20},
+        "train": {"seconds": 1.0},
+        "eval": {"baseline": before, "final": after, "probes": PROBES if probes else None,
+                 "change_pct": {k: 100 * (after[k]["perplexity"] / before[k]["perplexity"] - 1) for k in before}},
+    }  # fmt: skip
+
+
+def write_sweep(folder: Path, probes: bool = True) -> list[dict]:
+    records = [fake_record(s, lr, seed, v, t, probes) for (s, lr), (vals, tests) in VALUES.items()
+               for seed, v, t in zip((1, 2, 3), vals, tests, strict=False)]  # fmt: skip
+    for i, record in enumerate(records):
+        (folder / str(i)).mkdir(parents=True)
+        (folder / str(i) / "metrics.json").write_text(json.dumps(record))
+    return records
+
+
+@pytest.fixture(scope="module")
+def probe_sweep(tmp_path_factory) -> Path:
+    """strategy x lr x 3 seeds (11 jobs) with two forgetting probes, one in the training data's genre; no training."""
+    sweep = tmp_path_factory.mktemp("probes") / "sweep"
+    write_sweep(sweep)
+    return sweep
+
+
+def test_probes_old_and_new_records_give_their_columns(probe_sweep, tmp_path):
+    jobs = read_jobs([probe_sweep])
+    assert jobs.attrs["probes"] == PROBES
+    record = fake_record("full", "1e-3", 1, 10.0, 20.0)
+    row = jobs.iloc[0]
+    for probe in PROBES:
+        assert row[f"{probe}_ppl_before"] == record["eval"]["baseline"][probe]["perplexity"]
+        assert row[f"{probe}_change_pct"] == record["eval"]["change_pct"][probe]
+    assert jobs["ref_rust_same_genre"].all() and not jobs["ref_python_docs_same_genre"].any()
+    table = comparison(jobs)
+    shown = for_people(table)
+    assert {"test_ppl_before", "ref_python_docs_change_pct", "ref_rust_change_pct"} <= set(shown.columns)
+    assert list(shown.columns).index("test_ppl_before") < list(shown.columns).index("test_ppl_after")
+    write_sweep(tmp_path / "old", probes=False)  # one reference corpus: split "reference", short "ref"
+    old = read_jobs([tmp_path / "old"])
+    assert {"ref_ppl_before", "ref_ppl_after", "ref_change_pct"} <= set(old.columns)
+    assert "ref_change_pct" in for_people(comparison(old)).columns
+
+
+def test_ci95_is_t_times_standard_error(probe_sweep):
+    table = comparison(read_jobs([probe_sweep])).set_index(["strategy", "optimizer.lr"])
+    for (strategy, lr), (vals, _) in VALUES.items():
+        row, n = table.loc[(strategy, float(lr))], len(vals)
+        assert row["seeds"] == n and row["val_ppl_after"] == pytest.approx(statistics.mean(vals), rel=1e-12)
+        half = {2: math.tan(0.475 * math.pi), 3: 0.95 / math.sqrt(2 * 0.975 * 0.025)}[n]  # t_{0.975, n-1}, closed forms
+        assert row["val_ppl_after_ci95"] == pytest.approx(half * statistics.stdev(vals) / math.sqrt(n), rel=1e-10)
+
+
+def test_paired_differences_from_a_baseline(probe_sweep, tmp_path, capsys):
+    assert main([str(probe_sweep), "--baseline", "strategy=full", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    paired = pd.read_csv(tmp_path / "paired.csv")
+    assert paired[["strategy", "optimizer.lr", "pairs"]].values.tolist() == [["lora", 1e-3, 3], ["lora", 1e-4, 2]]
+    for i, lr in enumerate(("1e-3", "1e-4")):  # lora against full at the same learning rate, seed by seed
+        d = [a - b for a, b in zip(VALUES[("lora", lr)][0], VALUES[("full", lr)][0], strict=False)]
+        n, mean, sd = len(d), statistics.mean(d), statistics.stdev(d)
+        t = mean / (sd / math.sqrt(n))
+        p = {2: 1 - 2 * math.atan(abs(t)) / math.pi, 3: 1 - abs(t) / math.sqrt(2 + t * t)}[n]  # df 1 and 2
+        assert paired.at[i, "val_ppl_after_n"] == n
+        assert paired.at[i, "val_ppl_after_diff"] == pytest.approx(mean, rel=1e-12)
+        assert paired.at[i, "val_ppl_after_p"] == pytest.approx(p, rel=1e-9)
+        assert paired.at[i, "val_ppl_after_ci95"] == pytest.approx(t_quantile(0.975, n - 1) * sd / math.sqrt(n))
+    assert {"test_ppl_after_diff", "ref_python_docs_change_pct_diff", "ref_rust_change_pct_diff"} <= set(paired)
+    md = (tmp_path / "paired.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| lora")]
+    val = [line.split("|")[4] for line in rows]  # Δ val_ppl_after: 1, 2, 3 is not significant, 5, 5.1 is
+    assert "n.s." in val[0] and "n.s." not in val[1] and "Δ: this row minus strategy=full" in md
+    assert "paired:" in printed and rows[0] in printed
+
+
+def test_paired_with_one_pair_says_so_rather_than_a_p_value():
+    jobs = pd.DataFrame({
+        "sweep": ["a"] * 4, "job": list("0123"), "strategy": ["full", "full", "full", "lora"], "seed": [1, 2, 3, 2],
+        "status": ["completed"] * 4, "error": [None] * 4, "val_ppl_after": [10.0, 11.0, 12.0, 14.0],
+    })  # fmt: skip
+    jobs.attrs["override_keys"] = ["strategy", "seed"]
+    from transfer.aggregate import paired, paired_for_people
+
+    numbers = paired(jobs, comparison(jobs), "strategy=full")
+    assert numbers.at[0, "pairs"] == 1 and numbers.at[0, "val_ppl_after_diff"] == 3.0
+    assert math.isnan(numbers.at[0, "val_ppl_after_p"])
+    assert paired_for_people(numbers).at[0, "Δ val_ppl_after"] == "+3 (1 pair: too few for an interval or a test)"
+
+
+def test_bad_baselines_say_what_is_allowed(probe_sweep, tmp_path, capsys):
+    assert main([str(probe_sweep), "--baseline", "strategy=nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --baseline 'strategy=nope': no completed group has strategy=nope; allowed values: full, lora"
+    assert main([str(probe_sweep), "--baseline", "lr=1e-3", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: --baseline 'lr=1e-3': 'lr' is not a grouping key; allowed: strategy=full|lora; optimizer.lr=0.001|0.0001"
+    )
+    assert main([str(probe_sweep), "--best-per", "seed", "--out", str(tmp_path)]) == 2
+    assert "'seed' is not a grouping key; allowed: strategy, optimizer.lr" in capsys.readouterr().err
+    assert not (tmp_path / "paired.md").exists()
+
+
+def test_best_per_strategy_selects_on_validation_and_reports_test(probe_sweep, tmp_path, capsys):
+    assert main([str(probe_sweep), "--best-per", "strategy", "--out", str(tmp_path)]) == 0
+    assert "best per strategy:" in capsys.readouterr().out
+    best = pd.read_csv(tmp_path / "best_per_strategy.csv").set_index("strategy")
+    for strategy in ("full", "lora"):
+        groups = {lr: v for (s, lr), v in VALUES.items() if s == strategy}
+        lr = min(groups, key=lambda k: statistics.mean(groups[k][0]))  # best mean validation perplexity
+        assert best.at[strategy, "optimizer.lr"] == float(lr) and best.at[strategy, "candidates"] == 2
+        assert best.at[strategy, "test_ppl_after"] == pytest.approx(statistics.mean(groups[lr][1]))
+        assert best.at[strategy, "picked"] == f"optimizer.lr={float(lr)}"
+    # full's best test perplexity is at 1e-4; it is never what picks
+    assert best.at["full", "test_ppl_after"] > statistics.mean(VALUES[("full", "1e-4")][1])
+    md = (tmp_path / "best_per_strategy.md").read_text()
+    assert md.splitlines()[0].split("|")[1:6] == [" strategy   ", " picked             ", "   candidates ",
+                                                  "   seeds ", " val_ppl_after   "]  # fmt: skip
+    (tmp_path / "best_per_strategy.md").unlink()
+    assert main([str(probe_sweep), "--out", str(tmp_path)]) == 0  # written unasked: lr varies besides strategy
+    assert (tmp_path / "best_per_strategy.md").read_text() == md
+
+
+def test_plots_draw_intervals_and_every_probe(probe_sweep, tmp_path, monkeypatch):
+    from transfer import plots
+
+    figures = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.setdefault(path.stem, fig) and path)
+    jobs = read_jobs([probe_sweep])
+    table = comparison(jobs)
+    plots.write_plots(jobs, table, tmp_path)
+    # the main metric: the mean with its 95 % interval, n in the label, in the table's order
+    ax = figures["ci_val_ppl_after"].axes[0]
+    for i, bars in enumerate(ax.containers):
+        (x0, _), (x1, _) = bars.lines[2][0].get_segments()[0]
+        assert (x1 - x0) / 2 == pytest.approx(table.at[i, "val_ppl_after_ci95"])
+        assert (x0 + x1) / 2 == pytest.approx(table.at[i, "val_ppl_after"])
+    assert [t.get_text() for t in ax.get_yticklabels()][-1] == "lora · 0.0001 (n = 2)"
+    # gain against forgetting: a panel per probe; the one in the training data's genre hollow, and said why
+    panels = {a.get_title(): a for a in figures["gain_vs_forgetting"].axes}
+    assert set(panels) == {"probe: python_docs (prose, text)", "probe: rust (rust, text)"}
+    for title, ax in panels.items():
+        assert ax.get_ylabel().endswith("(above 0: forgetting; below 0: the probe improved too)")
+        assert "better" not in ax.get_ylabel()
+        faces = [c.lines[0].get_markerfacecolor() for c in ax.containers]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        same = "rust" in title
+        assert len(faces) == 4 and all((f == "none") == same for f in faces)
+        assert (plots.SAME_GENRE in " ".join(legend)) == same
+    plt = plots.plt
+    for fig in figures.values():
+        plt.close(fig)

@@ -2,10 +2,20 @@
 
 Each job folder of a sweep (`multirun/<date>/<time>/<job>/`) becomes one row of a
 pandas DataFrame: its overrides as columns, then what its `metrics.json` says. Jobs
-that differ only by seed are grouped into one row of the comparison table with the
-mean ± standard deviation and the number of seeds. Failed jobs and folders without a
-finished record stay in the tables with their status; nothing is dropped silently. Trials
-that an Optuna search pruned show as `pruned`, with the metrics they had when they stopped.
+that differ only by seed are grouped into one row of the comparison table: the mean ± the
+half-width of its 95 % Student-t confidence interval, with the number of seeds (the CSV keeps
+the standard deviation too). Failed jobs and folders without a finished record stay in the
+tables with their status; nothing is dropped silently. Trials that an Optuna search pruned
+show as `pruned`, with the metrics they had when they stopped.
+
+Forgetting is measured on probes: old records have one reference corpus (split `reference`,
+columns `ref_ppl_before`, `ref_change_pct`), newer ones several named probes (`ref_<probe>`,
+columns `ref_<probe>_ppl_before`, `ref_<probe>_change_pct`) described in `eval.probes`.
+
+`--baseline strategy=full` adds the other groups' differences from that group, paired by
+seed, with a 95 % interval and a paired t-test (paired.{md,csv}); `--best-per strategy`, the
+hyper-parameters each strategy does best with on validation, and their test metrics
+(best_per_<key>.{md,csv}, written for strategy whenever a sweep varies more than strategy and seed).
 
 Written into `<sweep>/tables/`: comparison.{md,csv,tex,html}, jobs.{csv,parquet} and
 the plots (PNG). A multirun calls this by itself at its end (transfer.callbacks.TablesCallback).
@@ -23,6 +33,7 @@ import yaml
 from transfer.errors import TransferError
 from transfer.evaluation import DIRECTION
 from transfer.record import FINISHED, job_folders, lookup, read_record
+from transfer.stats import ci95_half_width, paired_t_test
 
 log = logging.getLogger(__name__)
 _MISSING = object()  # a key a config lacks, apart from one set to null
@@ -61,10 +72,15 @@ def read_jobs(sweeps: list[Path]) -> pd.DataFrame:
     rows = [job_row(sweep, job) for sweep in sweeps for job in job_folders(sweep)]
     if not rows:
         raise TransferError(f"no job folders in {', '.join(str(s) for s in sweeps)}; is it a sweep folder?")
+    probes = {}
+    for row in rows:  # what each probe is, for the plots' labels: the first record that says wins
+        for name, about in (row.pop("_probes", None) or {}).items():
+            probes.setdefault(name, about)
     frame = pd.DataFrame(rows)
     keys = dict.fromkeys(k for row in rows for k in row.pop("_override_keys"))
     frame = frame.drop(columns="_override_keys")
     frame.attrs["override_keys"] = list(keys)
+    frame.attrs["probes"] = probes
     # override columns first, in the order they were given
     return frame[
         [
@@ -128,7 +144,10 @@ def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
         val_tokens=(record.get("data") or {}).get("validation", {}).get("tokens"),  # eval.max_tokens cuts it
     )
     row.update(eval_columns(ev))
+    row.update(same_genre_columns(ev.get("probes")))
+    row["_probes"] = ev.get("probes") or {}
     row["validation_curve"] = train.get("validation_curve") or []
+    row["weight_change"] = lookup(record, "diagnostics.weight_change.blocks") or []  # per block, like the curve a list
     if record.get("status") == "pruned" and not (ev.get("final") or {}).get("validation") and row["validation_curve"]:
         # stopped before its final evaluation: its last validation is what it reached
         last = row["validation_curve"][-1]
@@ -148,6 +167,27 @@ def eval_columns(ev: dict) -> dict:
     for split, value in (ev.get("change_pct") or {}).items():
         columns[f"{SPLIT_SHORT.get(split, split)}_change_pct"] = value
     return columns
+
+
+def same_genre_columns(probes: dict | None) -> dict:
+    """`<probe>_same_genre`: whether a probe shares the training data's genre (its fall is transfer, not no forgetting).
+
+    Per job, not per sweep: a sweep over datasets can train on a probe's genre in some jobs only.
+    """
+    return {
+        f"{name}_same_genre": bool((about or {}).get("same_genre_as_training"))
+        for name, about in (probes or {}).items()
+    }
+
+
+def probe_columns(frame: pd.DataFrame) -> list[str]:
+    """The forgetting probes' change columns: `ref_change_pct` (one reference corpus) or `ref_<probe>_change_pct`."""
+    return [c for c in frame.columns if c.startswith("ref_") and c.endswith("_change_pct")]
+
+
+def probe_name(change_column: str) -> str:
+    """A probe's record key from its change column: ref_python_docs_change_pct -> ref_python_docs; ref_change_pct -> ref."""
+    return change_column.removesuffix("_change_pct")
 
 
 def _column(split: str, metric: str, suffix: str) -> str:
@@ -224,7 +264,8 @@ def default_sort(jobs: pd.DataFrame) -> str:
 
 
 def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str | None = None) -> pd.DataFrame:
-    """Jobs that differ only by seed, grouped: mean and std of every metric, and the seed count.
+    """Jobs that differ only by seed, grouped: the seed count, and of every metric the mean, the std
+    (`<m>_std`) and the half-width of the mean's 95 % Student-t confidence interval (`<m>_ci95`).
 
     Completed runs and dry runs are grouped apart (a dry run has counts, no perplexities).
     """
@@ -241,6 +282,9 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
             values = pd.to_numeric(group[m], errors="coerce").dropna()
             row[m] = values.mean() if len(values) else math.nan
             row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+            row[f"{m}_ci95"] = ci95_half_width(row[f"{m}_std"], len(values))
+        for flag in [c for c in group.columns if c.endswith("_same_genre")]:
+            row[flag] = bool(group[flag].eq(True).any())
         shared = int(group["contended"].eq(True).sum()) if "contended" in group else 0
         row["contended"] = f"{shared} of {len(group)}" if shared else None  # shown when a speed was taken so
         row["status"] = status
@@ -253,8 +297,9 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
     table = pd.DataFrame(rows)
     if sort in table.columns:
         table = table.sort_values(sort, ascending=lower_is_better(sort), na_position="last", kind="stable")
-    table.attrs["group_keys"] = keys
-    return table.reset_index(drop=True)
+    table = table.reset_index(drop=True)
+    table.attrs.update(group_keys=keys, sort=sort, probes=jobs.attrs.get("probes", {}))
+    return table
 
 
 def default_group_keys(jobs: pd.DataFrame) -> list[str]:
@@ -276,46 +321,71 @@ def default_group_keys(jobs: pd.DataFrame) -> list[str]:
     return keys
 
 
-# The comparison table's columns after the grouping keys, when none are asked for.
+# The comparison table's columns after the grouping keys, when none are asked for; PROBES stands for
+# every forgetting probe's change column (ref_change_pct, or ref_<probe>_change_pct each).
+PROBES = "<probes>"
 DEFAULT_COLUMNS = [
     "seeds", "trainable_params", "total_params", "trainable_pct", "val_ppl_before", "val_ppl_after",
     "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_log_loss_after",
-    "val_reward_accuracy_before", "val_reward_accuracy_after", "val_margin_after", "val_token_kl_after", "test_ppl_after",
-    "test_auc_after", "ref_ppl_before", "ref_ppl_after", "train_seconds", "tokens_per_second",
-    "contended", "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb", "best_step", "status", "error",
+    "val_reward_accuracy_before", "val_reward_accuracy_after", "val_margin_after", "val_token_kl_after",
+    "test_ppl_before", "test_ppl_after", "test_auc_after", "ref_ppl_before", "ref_ppl_after", PROBES,
+    "train_seconds", "tokens_per_second", "contended", "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb",
+    "best_step", "status", "error",
 ]  # fmt: skip
+# What ± means in every table that shows it; printed and written under them.
+CI_NOTE = (
+    "± is the half-width of the 95 % confidence interval of the mean over seeds "
+    "(Student t, n - 1 degrees of freedom, n = seeds); a value without ± had one seed or no spread."
+)
+_HELPERS = ("_std", "_ci95", "_same_genre")  # columns behind a shown one, in the CSV only
 
 
 def for_people(table: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
-    """Formatted strings: thousands separators, 3 significant figures, mean ± std.
+    """Formatted strings: thousands separators, 3 significant figures, mean ± 95 % CI half-width (CI_NOTE).
 
     By default the grouping keys and DEFAULT_COLUMNS, less the columns no row fills
     (a dry-run sweep has counts but no perplexities; a sweep without failures no errors).
+    A column asked for that the table lacks is an error, not left out.
     """
-    keys = table.attrs.get("group_keys", [])
     if columns is None:
-        filled = [c for c in DEFAULT_COLUMNS if c in ("seeds", "status") or (c in table and table[c].notna().any())]
-        columns = [*keys, *filled]
-    shown = [c for c in dict.fromkeys(columns) if c in table.columns]
+        columns = [*table.attrs.get("group_keys", []), *default_columns(table)]
+    else:
+        check_columns(columns, shown_columns(table), "column")
     out = pd.DataFrame(index=table.index)
-    for col in shown:
+    for col in dict.fromkeys(columns):
         if col in RUN_METRICS or col.endswith(("_before", "_after", "_change_pct")):
-            out[col] = [
-                _cell(v, table.at[i, f"{col}_std"] if f"{col}_std" in table else math.nan, col)
-                for i, v in table[col].items()
-            ]
+            ci = table[f"{col}_ci95"] if f"{col}_ci95" in table else pd.Series(math.nan, index=table.index)
+            out[col] = [_cell(v, ci[i], col) for i, v in table[col].items()]
         else:
             out[col] = table[col].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
     return out
 
 
-def _cell(value, std, col: str) -> str:
+def default_columns(table: pd.DataFrame) -> list[str]:
+    """DEFAULT_COLUMNS with the probes' change columns in place, less those no row fills."""
+    wanted = [c for name in DEFAULT_COLUMNS for c in (probe_columns(table) if name == PROBES else [name])]
+    return [c for c in dict.fromkeys(wanted) if c in ("seeds", "status") or (c in table and table[c].notna().any())]
+
+
+def shown_columns(table: pd.DataFrame) -> list[str]:
+    """The columns of a table that can be shown: every one but the std, CI and flag behind a shown one."""
+    return [c for c in table.columns if not c.endswith(_HELPERS)]
+
+
+def check_columns(asked: list[str], allowed: list[str], what: str) -> None:
+    """One line naming the first column asked for that is not there, and the ones that are."""
+    for col in asked:
+        if col not in allowed:
+            raise TransferError(f"unknown {what} {col!r}; allowed: {', '.join(allowed)}")
+
+
+def _cell(value, ci, col: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     fmt = _formatter(col)
-    if std is None or math.isnan(std) or std == 0:  # one seed, or a value no seed changes
+    if ci is None or math.isnan(ci) or ci == 0:  # one seed, or a value no seed changes
         return fmt(value)
-    return f"{fmt(value)} ± {_formatter(col.replace('change_', ''))(std)}"
+    return f"{fmt(value)} ± {_formatter(col.replace('change_', ''))(ci)}"
 
 
 def _formatter(col: str):
@@ -329,31 +399,242 @@ def _formatter(col: str):
     return lambda v: f"{v:.3g}"  # perplexities, losses, accuracies
 
 
+# ---------------------------------------------------------------- paired differences, best per strategy
+def main_metric(jobs: pd.DataFrame) -> str:
+    """The validation metric a sweep is judged by: default_sort's, with perplexity for loss (the same
+    ranking of a job, in the unit the tables show)."""
+    select = default_sort(jobs)
+    filled = "val_ppl_after" in jobs and jobs["val_ppl_after"].notna().any()
+    return "val_ppl_after" if select == "val_loss_after" and filled else select
+
+
+def main_metrics(jobs: pd.DataFrame) -> list[str]:
+    """What the paired table compares: the main validation metric and its test counterpart, validation and
+    test perplexity after training, and every forgetting probe's change; those some completed job fills.
+    """
+    select = main_metric(jobs)
+    wanted = [select, select.replace("val_", "test_", 1), "val_ppl_after", "test_ppl_after", *probe_columns(jobs)]
+    done = jobs[jobs["status"] == "completed"]
+    return [c for c in dict.fromkeys(wanted) if c in done and pd.to_numeric(done[c], errors="coerce").notna().any()]
+
+
+def paired(jobs: pd.DataFrame, table: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Each completed group's differences from the baseline group (`key=value`), paired by seed.
+
+    With more grouping keys than the baseline's, a group is paired with the baseline group that shares
+    its other keys (lora at lr 1e-4 with full at lr 1e-4). Per metric m: `m_n` pairs, `m_diff` the mean
+    of (group - baseline), `m_ci95` the half-width of its 95 % t interval, `m_p` the paired t-test's p.
+    """
+    keys = table.attrs.get("group_keys") or []
+    done = jobs[jobs["status"] == "completed"]
+    key, value = parse_baseline(baseline, keys, done)
+    at = keys.index(key)
+    groups = {_group_id(k): g for k, g in done.groupby(keys, dropna=False, sort=False)}
+    bases = {gid[:at] + gid[at + 1 :]: g for gid, g in groups.items() if _matches(g[key].iloc[0], value)}
+    metrics = main_metrics(jobs)
+    order = [_group_id(v) for v in table.loc[table["status"] == "completed", keys].itertuples(index=False)]
+    missing = f"no {key}={value} group with the same {', '.join(keys[:at] + keys[at + 1 :])}"
+    rows = []
+    for gid in dict.fromkeys(order):
+        group = groups.get(gid)
+        if group is not None and not _matches(group[key].iloc[0], value):
+            base = bases.get(gid[:at] + gid[at + 1 :])
+            rows.append({k: group[k].iloc[0] for k in keys} | _paired_row(group, base, metrics, missing))
+    out = pd.DataFrame(rows, columns=[*keys, "pairs", "note"] if not rows else None)
+    out.attrs.update(group_keys=keys, metrics=metrics, baseline=f"{key}={value}")
+    return out
+
+
+def _paired_row(group: pd.DataFrame, base: pd.DataFrame | None, metrics: list[str], missing: str) -> dict:
+    if base is None:
+        return {"pairs": 0, "note": missing} | {f"{m}_n": 0 for m in metrics}
+    row = {"pairs": len(_per_seed(group, None).index.intersection(_per_seed(base, None).index)), "note": None}
+    for m in metrics:
+        test = paired_t_test(_differences(group, base, m))
+        row.update({f"{m}_n": test.n, f"{m}_diff": test.mean, f"{m}_ci95": test.half_width, f"{m}_p": test.p})
+    return row
+
+
+def parse_baseline(text: str, keys: list[str], done: pd.DataFrame) -> tuple[str, str]:
+    """`key=value` of a grouping key and a value some completed group has; else one line with the allowed ones."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in keys:
+        allowed = "; ".join(f"{k}={'|'.join(_values(done, k))}" for k in keys)
+        raise TransferError(f"--baseline {text!r}: {key!r} is not a grouping key; allowed: {allowed}")
+    if not any(_matches(v, value) for v in done[key].drop_duplicates()):
+        raise TransferError(
+            f"--baseline {text!r}: no completed group has {key}={value}; allowed values: {', '.join(_values(done, key))}"
+        )
+    return key, value
+
+
+def _values(done: pd.DataFrame, key: str) -> list[str]:
+    return [str(v) for v in done[key].drop_duplicates()] if key in done else []
+
+
+def _matches(cell, text: str) -> bool:
+    """A table value against the text of --baseline: 1e-4 names 0.0001, true names True."""
+    if str(cell) == text or str(cell).lower() == text.lower():
+        return True
+    try:
+        return float(cell) == float(text)
+    except (TypeError, ValueError):
+        return False
+
+
+def _group_id(values) -> tuple:
+    return tuple(str(v) for v in values)  # NaN and None group alike, as groupby(dropna=False) does
+
+
+def _per_seed(group: pd.DataFrame, metric: str | None) -> pd.Series:
+    """A group's values by seed (the mean, where one seed ran twice); the seeds that completed for metric None."""
+    if metric is None:
+        return group.groupby("seed")["status"].size()
+    return pd.to_numeric(group[metric], errors="coerce").groupby(group["seed"]).mean().dropna()
+
+
+def _differences(group: pd.DataFrame, base: pd.DataFrame, metric: str) -> list[float]:
+    mine, theirs = _per_seed(group, metric), _per_seed(base, metric)
+    common = mine.index.intersection(theirs.index)
+    return [float(mine[s] - theirs[s]) for s in sorted(common)]
+
+
+def paired_for_people(numbers: pd.DataFrame) -> pd.DataFrame:
+    """The paired differences as cells: Δ ± half-width, p; `n.s.` where the interval contains 0."""
+    keys, metrics = numbers.attrs["group_keys"], numbers.attrs["metrics"]
+    out = pd.DataFrame({k: numbers[k].map(str) for k in [*keys, "pairs"]}, index=numbers.index)
+    for m in metrics:
+        out[f"Δ {m}"] = [_paired_cell(r, m) for _, r in numbers.iterrows()]
+    if numbers["note"].notna().any():
+        out["note"] = numbers["note"].fillna("")
+    return out
+
+
+def paired_note(numbers: pd.DataFrame) -> str:
+    return (
+        f"Δ: this row minus {numbers.attrs['baseline']}, seed by seed, over the seeds both completed (pairs); "
+        "± is the half-width of the 95 % t interval of the mean difference; p: two-sided paired t-test; "
+        "n.s.: not significant, the interval contains 0 (p ≥ 0.05). A change_pct's Δ is in percentage points."
+    )
+
+
+def _paired_cell(row: pd.Series, m: str) -> str:
+    n = int(row[f"{m}_n"])
+    if n == 0:
+        return "no common seed"
+    diff, half, p = row[f"{m}_diff"], row[f"{m}_ci95"], row[f"{m}_p"]
+    fmt = _formatter(m.replace("change_", ""))
+    signed = lambda v: ("+" if v > 0 else "") + fmt(v)  # noqa: E731
+    if n == 1:
+        return f"{signed(diff)} (1 pair: too few for an interval or a test)"
+    shown = "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+    cell = f"{signed(diff)} ± {fmt(half)}, {shown}" + (" n.s." if p >= 0.05 else "")
+    return cell + (f" (n = {n})" if n != row["pairs"] else "")
+
+
+# Grouping keys that are not hyper-parameters: best-per-strategy never picks among models, data or evaluations.
+NOT_HYPERPARAMETERS = ("strategy", "model", "dataset", "val_tokens")
+
+
+def varies_hyperparameters(table: pd.DataFrame) -> bool:
+    """Whether the table groups by strategy and some hyper-parameter besides it (and seed)."""
+    keys = table.attrs.get("group_keys") or []
+    others = [k for k in keys if k not in NOT_HYPERPARAMETERS and not k.startswith(("model.", "dataset.", "eval."))]
+    return "strategy" in keys and bool(others)
+
+
+def best_per(jobs: pd.DataFrame, table: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Per value of `key`, the completed group with the best mean validation metric (default_sort's), never test.
+
+    `picked` names its other grouping keys' values, `candidates` how many groups it was chosen from.
+    """
+    keys = table.attrs.get("group_keys") or []
+    if key not in keys:
+        raise TransferError(f"--best-per {key!r} is not a grouping key; allowed: {', '.join(keys)}")
+    metric = default_sort(jobs)
+    done = table[table["status"].eq("completed") & table[metric].notna()] if metric in table else table.iloc[:0]
+    if done.empty:
+        raise TransferError(f"--best-per {key}: no completed group has the validation metric {metric!r} to select by")
+    others = [k for k in keys if k != key]
+    rows = []
+    for _, group in done.groupby(key, dropna=False, sort=False):
+        best = group.sort_values(metric, ascending=lower_is_better(metric), kind="stable").iloc[0].to_dict()
+        # a key some sweeps did not override ran with its configured default
+        picked = ", ".join(f"{k}={'(default)' if pd.isna(best[k]) else best[k]}" for k in others)
+        rows.append({**best, "picked": picked or "(nothing else varies)", "candidates": len(group)})
+    out = pd.DataFrame(rows).sort_values(metric, ascending=lower_is_better(metric), kind="stable")
+    out = out.reset_index(drop=True)
+    filled = [c for c in shown_columns(out) if out[c].notna().any()]
+    tests = [c for c in filled if c.startswith("test_") and c.endswith("_after")]
+    probes = [c for c in probe_columns(out) if c in filled]
+    judged = [c for c in dict.fromkeys([metric, main_metric(jobs)]) if c in filled]  # loss selects; perplexity too
+    out.attrs.update(
+        group_keys=[key], select=metric, shown=[key, "picked", "candidates", "seeds", *judged, *tests, *probes]
+    )
+    return out
+
+
+def best_note(numbers: pd.DataFrame) -> str:
+    metric = numbers.attrs["select"]
+    return (
+        f"Per {numbers.attrs['group_keys'][0]}, the group with the best mean {metric} "
+        f"({'lowest' if lower_is_better(metric) else 'highest'}) among `candidates` groups; the test columns are "
+        f"that group's, never selected on. {CI_NOTE}"
+    )
+
+
+def extra_tables(jobs: pd.DataFrame, table: pd.DataFrame, baseline: str | None = None, best: str | None = None) -> dict:
+    """name -> (numbers, cells, note): the paired differences if a baseline is given; best-per-`best` if asked,
+    best-per-strategy when the sweep varies a hyper-parameter besides strategy and seed.
+    """
+    extras = {}
+    if baseline:
+        numbers = paired(jobs, table, baseline)
+        extras["paired"] = (numbers, paired_for_people(numbers), paired_note(numbers))
+    if best is None and varies_hyperparameters(table) and default_sort(jobs) in table:
+        best = "strategy" if table.loc[table["status"].eq("completed"), default_sort(jobs)].notna().any() else None
+    if best:
+        numbers = best_per(jobs, table, best)
+        extras[f"best_per_{best}"] = (numbers, for_people(numbers, numbers.attrs["shown"]), best_note(numbers))
+    return extras
+
+
 # ---------------------------------------------------------------- output
-def write_tables(jobs: pd.DataFrame, table: pd.DataFrame, folder: Path, columns: list[str] | None = None) -> list[Path]:
+def write_tables(
+    jobs: pd.DataFrame, table: pd.DataFrame, folder: Path, columns: list[str] | None = None, extras: dict | None = None
+) -> list[Path]:
+    """The comparison, every job, the extra tables (extra_tables: Markdown with their note, and CSV), the plots."""
     folder.mkdir(parents=True, exist_ok=True)
     pretty = for_people(table, columns)
     written = [
         folder / f
         for f in ("comparison.md", "comparison.csv", "comparison.tex", "comparison.html", "jobs.csv", "jobs.parquet")
     ]
-    written[0].write_text(pretty.to_markdown(index=False) + "\n")
+    written[0].write_text(pretty.to_markdown(index=False) + f"\n\n{CI_NOTE}\n")
     table.to_csv(written[1], index=False)
     written[2].write_text(pretty.to_latex(index=False, escape=True))
     written[3].write_text(pretty.to_html(index=False, na_rep=""))
-    flat = jobs.drop(columns=["validation_curve"], errors="ignore")
+    flat = jobs.drop(columns=["validation_curve", "weight_change"], errors="ignore")
     flat.to_csv(written[4], index=False)
     flat.astype({c: "string" for c in flat.columns if flat[c].dtype == object}).to_parquet(written[5], index=False)
+    for name, (numbers, cells, note) in (extras or {}).items():
+        written += [folder / f"{name}.md", folder / f"{name}.csv"]
+        written[-2].write_text(cells.to_markdown(index=False) + f"\n\n{note}\n")
+        numbers.to_csv(written[-1], index=False)
     from transfer.plots import write_plots
 
     return written + write_plots(jobs, table, folder)
 
 
-def aggregate(sweeps: list[Path], out: Path | None = None, sort: str | None = None, group_by=None, columns=None):
+def aggregate(
+    sweeps: list[Path], out: Path | None = None, sort: str | None = None, group_by=None, columns=None,
+    baseline: str | None = None, best: str | None = None,
+):  # fmt: skip
     """Read the sweeps, write the tables (into the sweep's tables/ folder), return (jobs, table, files)."""
     jobs = read_jobs(sweeps)
     table = comparison(jobs, group_by, sort)
-    files = write_tables(jobs, table, out or sweeps[-1] / "tables", columns)
+    extras = extra_tables(jobs, table, baseline, best)
+    files = write_tables(jobs, table, out or sweeps[-1] / "tables", columns, extras)
     return jobs, table, files
 
 
@@ -368,7 +649,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--group-by", help="comma-separated columns to group by (default: the swept overrides but seed)"
     )
-    parser.add_argument("--columns", help="comma-separated columns to show")
+    parser.add_argument("--columns", help="comma-separated columns to show (of the grouped table)")
+    parser.add_argument(
+        "--baseline",
+        metavar="KEY=VALUE",
+        help="a group to compare the others with, paired by seed, e.g. strategy=full (writes paired.{md,csv})",
+    )
+    parser.add_argument(
+        "--best-per",
+        metavar="KEY",
+        help="per value of KEY (e.g. strategy), the other hyper-parameters with the best validation metric",
+    )
     parser.add_argument("--out", help="folder for the tables (default: <newest sweep>/tables)")
     args = parser.parse_args(argv)
     split = lambda s: [c.strip() for c in s.split(",") if c.strip()] if s else None  # noqa: E731
@@ -376,18 +667,19 @@ def main(argv: list[str] | None = None) -> int:
         sweeps = find_sweeps(args.sweeps, args.all, Path(args.root))
         jobs = read_jobs(sweeps)
         group_by, columns = split(args.group_by), split(args.columns)
-        for col in (group_by or []) + (columns or []) + ([args.sort] if args.sort else []):
-            if col not in jobs.columns and col not in ("seeds", *RUN_METRICS):
-                raise TransferError(
-                    f"unknown column {col!r}; allowed: {', '.join(c for c in jobs.columns if c != 'validation_curve')}"
-                )
+        check_columns(group_by or [], [c for c in jobs.columns if c != "validation_curve"], "column")
         table = comparison(jobs, group_by, args.sort)
+        check_columns([args.sort] if args.sort else [], shown_columns(table), "column")
+        check_columns(columns or [], shown_columns(table), "column")
+        extras = extra_tables(jobs, table, args.baseline, args.best_per)
         out = Path(args.out) if args.out else sweeps[-1] / "tables"
-        files = write_tables(jobs, table, out, columns)
+        files = write_tables(jobs, table, out, columns, extras)
     except TransferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(for_people(table, columns).to_markdown(index=False))
+    print(for_people(table, columns).to_markdown(index=False) + f"\n\n{CI_NOTE}")
+    for name, (_, cells, note) in extras.items():
+        print(f"\n{name.replace('_', ' ')}:\n\n{cells.to_markdown(index=False)}\n\n{note}")
     counts = jobs["status"].value_counts().to_dict()
     print(
         f"\n{len(jobs)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}) from {len(sweeps)} sweep(s); tables in {out}"

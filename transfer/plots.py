@@ -1,4 +1,7 @@
-"""The plots of a sweep's comparison, as PNG files beside its tables."""
+"""The plots of a sweep's comparison, as PNG files beside its tables.
+
+Error bars are the 95 % Student-t confidence interval of the mean over seeds (the table's `<m>_ci95`).
+"""
 
 import math
 from pathlib import Path
@@ -9,6 +12,8 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from transfer.aggregate import lower_is_better, main_metric, probe_columns, probe_name  # noqa: E402
+
 MARKERS = "osD^vP*Xh<>p"
 
 
@@ -18,12 +23,15 @@ def write_plots(jobs: pd.DataFrame, table: pd.DataFrame, folder: Path) -> list[P
         return []
     keys = table.attrs.get("group_keys", ["strategy"])
     done["label"] = [_label(values) for values in done[keys].itertuples(index=False)]
+    metric = main_metric(jobs)
     paths = [
         _perplexity_vs_trainable(done, folder / "perplexity_vs_trainable.png"),
-        _gain_vs_forgetting(done, folder / "gain_vs_forgetting.png"),
+        _gain_vs_forgetting(done, table.attrs.get("probes") or {}, folder / "gain_vs_forgetting.png"),
+        _with_interval(done, metric, folder / f"ci_{metric}.png"),
         _validation_curves(jobs, keys, folder / "validation_curves.png"),
         _cost(done, folder / "time_and_memory.png"),
         _task_metrics(done, folder / "task_metrics.png"),
+        weight_change(jobs, folder, keys),
     ]
     return [p for p in paths if p is not None]
 
@@ -38,7 +46,7 @@ def _style(ax, i: int) -> dict:
 
 
 def _rows_with(done: pd.DataFrame, *columns: str) -> pd.DataFrame:
-    """The rows that fill every one of `columns` (none when a column is missing: eval/reference=none, say)."""
+    """The rows that fill every one of `columns` (none when a column is missing: eval/probes=[], say)."""
     return done.dropna(subset=list(columns)) if set(columns) <= set(done.columns) else done.iloc[:0]
 
 
@@ -48,7 +56,7 @@ def _perplexity_vs_trainable(done: pd.DataFrame, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (_, row) in enumerate(data.iterrows()):
-        ax.errorbar(row["trainable_params"], row["val_ppl_after"], yerr=_std(row, "val_ppl_after"),
+        ax.errorbar(row["trainable_params"], row["val_ppl_after"], yerr=_ci(row, "val_ppl_after"),
                     linestyle="none", markersize=8, capsize=3, label=row["label"], **_style(ax, i))  # fmt: skip
     # Pareto front: no other point is both cheaper in trainable parameters and better in perplexity
     front, best = [], math.inf
@@ -66,21 +74,61 @@ def _perplexity_vs_trainable(done: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _gain_vs_forgetting(done: pd.DataFrame, path: Path) -> Path | None:
-    data = _rows_with(done, "val_change_pct", "ref_change_pct")
+SAME_GENRE = "same genre as the training data: a fall is transfer, not absence of forgetting"
+
+
+def _gain_vs_forgetting(done: pd.DataFrame, probes: dict, path: Path) -> Path | None:
+    """Domain gain against every forgetting probe's perplexity change, a panel per probe."""
+    columns = [c for c in probe_columns(done) if not _rows_with(done, "val_change_pct", c).empty]
+    if not columns:
+        return None
+    fig, axes = plt.subplots(1, len(columns), figsize=(6.5 * len(columns), 5), squeeze=False)
+    for ax, column in zip(axes[0], columns, strict=True):
+        _probe_panel(ax, _rows_with(done, "val_change_pct", column), column, probes.get(probe_name(column)) or {})
+    fig.suptitle("What a strategy gained in the domain against what happened on each forgetting probe")
+    return _save(fig, path)
+
+
+def _probe_panel(ax, data: pd.DataFrame, column: str, about: dict) -> None:
+    """One probe. A row whose jobs trained on the probe's genre is hollow: its probe may improve by transfer."""
+    name = probe_name(column)
+    flag = f"{name}_same_genre"
+    same = data[flag].eq(True) if flag in data else pd.Series(False, index=data.index)
+    for i, (index, row) in enumerate(data.iterrows()):
+        style = _style(ax, i)
+        ax.errorbar(-row["val_change_pct"], row[column], xerr=_ci(row, "val_change_pct"), yerr=_ci(row, column),
+                    linestyle="none", markersize=8, capsize=3, label=row["label"],
+                    markerfacecolor="none" if same[index] else style["color"], **style)  # fmt: skip
+    if same.any():
+        ax.plot(
+            [], [], marker="o", linestyle="none", color="grey", markerfacecolor="none", label=f"hollow: {SAME_GENRE}"
+        )
+    ax.axhline(0, color="grey", linewidth=0.8)
+    shown = "reference corpus" if name == "ref" else name.removeprefix("ref_")
+    ax.set_xlabel("domain gain: validation perplexity drop, % (right: the domain improved)")
+    ax.set_ylabel(f"{shown} perplexity change, %\n(above 0: forgetting; below 0: the probe improved too)")
+    details = ", ".join(str(about[k]) for k in ("genre", "format") if about.get(k))
+    ax.set_title(f"probe: {shown}" + (f" ({details})" if details else ""), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
+def _with_interval(done: pd.DataFrame, metric: str, path: Path) -> Path | None:
+    """The main metric per row: the mean over seeds with its 95 % t interval as error bars, n in the label."""
+    data = _rows_with(done, metric)
     if data.empty:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 1.8 + 0.45 * len(data)))
     for i, (_, row) in enumerate(data.iterrows()):
-        ax.errorbar(-row["val_change_pct"], row["ref_change_pct"], xerr=_std(row, "val_change_pct"),
-                    yerr=_std(row, "ref_change_pct"), linestyle="none", markersize=8, capsize=3,
-                    label=row["label"], **_style(ax, i))  # fmt: skip
-    ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_xlabel("domain gain: validation perplexity drop, % (right is better)")
-    ax.set_ylabel("forgetting: reference perplexity change, % (down is better)")
-    ax.set_title("What a strategy gained in the domain against what it lost elsewhere")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+        ax.errorbar(row[metric], i, xerr=_ci(row, metric), linestyle="none", markersize=7, capsize=4, **_style(ax, i))
+    labels = [
+        f"{r['label']} (n = {int(r['seeds'])}{', no interval' if r['seeds'] < 2 else ''})" for _, r in data.iterrows()
+    ]
+    ax.set_yticks(range(len(data)), labels, fontsize=8)
+    ax.invert_yaxis()  # the table's order: best first
+    ax.set_xlabel(f"{metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)")
+    ax.set_title("Mean over seeds and its 95 % confidence interval\n(Student t, n - 1 degrees of freedom)", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, path)
 
 
@@ -124,10 +172,10 @@ def _cost(done: pd.DataFrame, path: Path) -> Path | None:
     x = range(len(data))
     colors = [f"C{i % 10}" for i in x]
     left.bar(
-        x, data["train_seconds"], yerr=[_std(r, "train_seconds") for _, r in data.iterrows()], color=colors, capsize=3
+        x, data["train_seconds"], yerr=[_ci(r, "train_seconds") for _, r in data.iterrows()], color=colors, capsize=3
     )
     left.set_ylabel("training time, s")
-    right.bar(x, data["peak_memory_mb"].fillna(0), yerr=[_std(r, "peak_memory_mb") for _, r in data.iterrows()],
+    right.bar(x, data["peak_memory_mb"].fillna(0), yerr=[_ci(r, "peak_memory_mb") for _, r in data.iterrows()],
               color=colors, capsize=3)  # fmt: skip
     right.set_ylabel("peak memory, MiB")
     for ax, title in ((left, "Training time"), (right, "Peak memory")):
@@ -164,13 +212,14 @@ def _task_metrics(done: pd.DataFrame, path: Path) -> Path | None:
 
 
 def _errors(data: pd.DataFrame, col: str) -> list[float] | None:
-    """Error bars of a column (the std over seeds), or none when no row has one."""
-    errors = [_std(r, col) for _, r in data.iterrows()]
+    """Error bars of a column (the 95 % CI over seeds), or none when no row has one."""
+    errors = [_ci(r, col) for _, r in data.iterrows()]
     return errors if any(errors) else None
 
 
-def _std(row, col: str) -> float:
-    value = row.get(f"{col}_std")
+def _ci(row, col: str) -> float:
+    """Half-width of the 95 % t confidence interval of a row's mean; 0 where one seed gives none."""
+    value = row.get(f"{col}_ci95")
     return 0.0 if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
@@ -179,3 +228,30 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def weight_change(jobs: pd.DataFrame, folder: Path, keys: list[str] | None = None) -> Path | None:
+    """weight_change.png: each block's relative weight change ||ΔW||/||W|| against its index, a line per group
+    (`keys`, strategy by default), the mean over its seeds; None when no completed job recorded one."""
+    keys = list(keys or ["strategy"])
+    if "weight_change" not in jobs:  # tables of sweeps from before the diagnostics
+        return None
+    done = jobs[(jobs["status"] == "completed") & jobs["weight_change"].map(lambda v: isinstance(v, list) and bool(v))]
+    if done.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    smallest = math.inf
+    for i, (key, group) in enumerate(done.groupby(keys, dropna=False, sort=False)):
+        mean = pd.DataFrame(group["weight_change"].tolist(), dtype=float).mean()  # per block, over seeds
+        smallest = min([smallest, *mean[mean > 0]])
+        label = _label(key if isinstance(key, tuple) else (key,))
+        ax.plot(mean.index, mean.values, label=label, markersize=5, **_style(ax, i))
+    # logarithmic from the decade of the smallest change, linear below it: frozen blocks (exactly 0) stay on the plot
+    ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(smallest)) if math.isfinite(smallest) else 1e-6)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("decoder block (0: nearest the embeddings)")
+    ax.set_ylabel("relative weight change ||ΔW||_F / ||W||_F (mean over seeds)")
+    ax.set_title("How much training moved each block")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, folder / "weight_change.png")
