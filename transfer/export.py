@@ -1,0 +1,377 @@
+"""`python -m transfer.export RUN [--merge] [--out FOLDER] [--weights best|last] [--check]`: a finished run's
+tuned model as a standard Hugging Face folder, loadable with no `transfer` code.
+
+The model is rebuilt as the run built it (its config, from its record: model, init_from, strategy),
+and the weights its final evaluation used are put into it (`train.final_weights`; --weights picks
+the best or the last instead). Then:
+
+- full and freezing strategies (full, freeze_*, adapter, scratch) trained the model's own weights:
+  the whole model is written, and --merge has nothing to do;
+- lora, dora, ia3 with --merge: peft folds the adapter into the base weights (`merge_and_unload`),
+  and the folder holds a plain model of the base's architecture and size;
+- lora, dora, ia3 without --merge: the adapter in peft's format, with the base it adapts in `base/`
+  (`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT / "base"), OUT)`);
+- qlora is refused: its adapter was trained on a 4-bit NF4 base, and folding it into weights of
+  any precision gives a model that differs from the one evaluated; its adapter is in its checkpoint.
+
+The tokenizer is written beside the model, and `export.json` says what was exported. --check
+measures the exported model's validation perplexity, on the run's validation split prepared as
+the run prepared it, and compares it with the figure the run recorded for those weights.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from transfer.errors import TransferError, first_line
+
+EXPORT_RECORD = "export.json"
+MERGEABLE = ("lora", "dora", "ia3")  # peft tuners whose adapter folds exactly into the base weights
+ADAPTER_BASE = "base"  # where an unmerged adapter's base model goes, inside the export folder
+
+
+# ---------------------------------------------------------------- the run
+def read_run(run_dir: Path) -> dict:
+    """The record of a run that trained to its end; one line naming what is wrong otherwise."""
+    from transfer.record import RECORD_NAME, TRAINED, read_record
+
+    if not run_dir.is_dir():
+        raise TransferError(f"{run_dir} is not a folder; allowed: a run folder (it holds {RECORD_NAME})")
+    try:
+        record = read_record(run_dir)
+    except ValueError as e:
+        raise TransferError(f"{run_dir / RECORD_NAME} is unreadable ({first_line(e)})") from None
+    if record is None:
+        raise TransferError(f"{run_dir} holds no {RECORD_NAME}; allowed: the folder of a completed run")
+    status = record.get("status")
+    if status not in TRAINED:
+        error = f": {record['error']}" if record.get("error") else ""
+        raise TransferError(
+            f"{run_dir} holds a run with status {status!r}{error}; allowed: a run that completed "
+            f"({' or '.join(TRAINED)})"
+        )
+    if not isinstance(record.get("config"), dict) or not (record.get("train") or {}).get("final_weights"):
+        raise TransferError(f"{run_dir / RECORD_NAME} names no config or final weights (a record from before v2?)")
+    return record
+
+
+def run_config(record: dict, run_dir: Path):
+    """The run's config with the schema's types: composed from its group options, the recorded values over them.
+
+    Only the evaluation settings that decide the validation split are taken from `eval`: the
+    rest of it (the forgetting corpora) plays no part in an export, and may have changed shape.
+    """
+    from omegaconf import OmegaConf
+
+    from transfer.validate import CONF_DIR, compose_config
+
+    saved, choices = record["config"], record.get("choices") or {}
+    groups = [g for g in saved if g != "eval" and isinstance(saved[g], dict) and (CONF_DIR / g).is_dir()]
+    cfg = compose_config([f"{g}={choices.get(g) or saved[g].get('name')}" for g in groups])
+    values = {k: v for k, v in saved.items() if k != "eval"}
+    values["eval"] = {k: saved["eval"][k] for k in ("max_tokens", "weights") if k in (saved.get("eval") or {})}
+    try:
+        return OmegaConf.merge(cfg, values)
+    except Exception as e:  # omegaconf's errors have no common base worth naming
+        raise TransferError(
+            f"{run_dir}: its recorded config does not fit this version of transfer ({first_line(e)})"
+        ) from None
+
+
+def pick_weights(record: dict, run_dir: Path, which: str | None) -> dict:
+    """{which, step, folder}: the final evaluation's weights, or the best or last; folder None for step 0.
+
+    Step 0 is the untrained model (the best when training never beat it): nothing to load.
+    """
+    from transfer.checkpoint import damage
+
+    train = record["train"]
+    if which is None:
+        which, step = train["final_weights"]["which"], train["final_weights"]["step"]
+    elif which == "last":
+        step = train["steps"]
+    elif train.get("best_step") is None:
+        raise TransferError(
+            f"--weights best: {run_dir} kept no best weights (it validated only before and after "
+            "training: eval_interval=0); allowed: --weights last"
+        )
+    else:
+        step = train["best_step"]
+    if step == 0:
+        return {"which": which, "step": 0, "folder": None}
+    checkpoints = run_dir / "checkpoints"
+    folder = checkpoints / f"step-{step:06d}"
+    best = checkpoints / "best" / "best.json"
+    if which == "best" and best.is_file() and json.loads(best.read_text()).get("step") == step:
+        folder = best.parent
+    if not folder.is_dir():
+        raise TransferError(
+            f"{run_dir}: the {which} weights (step {step}) are not on disk: {folder} is missing "
+            "(checkpoint.enabled=false, or removed)"
+        )
+    problem = damage(folder)
+    if problem:
+        raise TransferError(f"{run_dir}: the {which} weights (step {step}) in {folder} are damaged ({problem})")
+    return {"which": which, "step": step, "folder": folder}
+
+
+def rebuild(cfg, weights: dict):
+    """(model, tokenizer) as the run had them at the chosen step: base, parent, strategy, then the weights."""
+    from transfer.checkpoint import load_parent, load_weights
+    from transfer.models import load_model_and_tokenizer
+    from transfer.strategies import apply_strategy
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    if cfg.init_from:
+        model, _ = load_parent(model, Path(cfg.init_from).expanduser())
+    model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
+    if weights["folder"] is not None:
+        load_weights(weights["folder"], model)
+    model.eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- the export
+def default_out(run_dir: Path, strategy: str, merge: bool) -> Path:
+    return run_dir / ("export-merged" if merge and strategy in MERGEABLE else "export")
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TransferError(f"{out} exists and is not an empty folder; allowed: a new or empty folder (--out)")
+
+
+def export(run_dir: Path, merge: bool = False, out: Path | None = None, which: str | None = None) -> dict:
+    """Write the run's tuned model to `out`; return what export.json says of it."""
+    run_dir = Path(run_dir).resolve()
+    record = read_run(run_dir)
+    strategy = record["config"]["strategy"]["name"]
+    if strategy == "qlora":
+        raise TransferError(
+            "strategy=qlora is not exported: its adapter was trained on a 4-bit NF4 base, which no merge "
+            f"reproduces; allowed: lora, dora, ia3 and the full strategies (the adapter itself is in {run_dir}/checkpoints)"
+        )
+    out = Path(out).resolve() if out is not None else default_out(run_dir, strategy, merge)
+    check_out(out)
+    weights = pick_weights(record, run_dir, which)
+    cfg = run_config(record, run_dir)
+    print(f"rebuilding {run_dir.name}: {_describe(record, weights)}", flush=True)
+    model, tokenizer = rebuild(cfg, weights)
+    _check_same_shape(model, record, run_dir)
+    peft = hasattr(model, "peft_config")
+    if merge and not peft:
+        print(f"--merge: nothing to merge, strategy={strategy} trained the model's own weights", flush=True)
+    info = {
+        "run": str(run_dir),
+        "strategy": strategy,
+        "weights": {**weights, "folder": str(weights["folder"]) if weights["folder"] else None},
+        "merged": bool(merge and peft),
+        "format": "adapter" if peft and not merge else "model",
+        "dtype": cfg.model.dtype.value,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+    def write(tmp: Path) -> None:
+        info.update(_write(model, tokenizer, tmp, out, merge, peft))
+        (tmp / EXPORT_RECORD).write_text(json.dumps(info, indent=2))
+
+    _write_atomically(out, write)
+    return {**info, "out": str(out)}
+
+
+def _check_same_shape(model, record: dict, run_dir: Path) -> None:
+    """The rebuilt model has the run's parameter count: a model or strategy that changed since is named, not exported."""
+    from transfer.strategies import parameter_report
+
+    then, now = (record.get("params") or {}).get("total"), parameter_report(model)["total"]
+    if then is not None and then != now:
+        raise TransferError(
+            f"{run_dir}: rebuilt, its model has {now:,} parameters where the run had {then:,} "
+            "(the model or strategy changed since it ran); allowed: a run made with this version of transfer"
+        )
+
+
+def _write(model, tokenizer, tmp: Path, out: Path, merge: bool, peft: bool) -> dict:
+    """The model's files in `tmp` (to become `out`); the parameter counts."""
+    if peft and merge:
+        print("merging the adapter into the base weights (peft merge_and_unload)", flush=True)
+        model = model.merge_and_unload(safe_merge=True)  # safe: refuses a merge that makes NaNs
+    if peft and not merge:
+        adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model.peft_config["default"].base_model_name_or_path = str(out / ADAPTER_BASE)  # where its base is
+        model.save_pretrained(tmp, save_embedding_layers=False)  # adapters target linear layers only (strategies)
+        base = model.unload()
+        base.save_pretrained(tmp / ADAPTER_BASE)
+        tokenizer.save_pretrained(tmp / ADAPTER_BASE)
+        tokenizer.save_pretrained(tmp)
+        return {"parameters": count(base), "adapter_parameters": adapter, "class": type(base).__name__}
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    return {"parameters": count(model), "class": type(model).__name__}
+
+
+def shown(path: Path) -> str:
+    """A path as a line shows it: relative to the working folder when inside it (paths in export.json are whole)."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def count(model) -> int:
+    """Parameters, a tied matrix once (as `parameters()` yields it)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _write_atomically(out: Path, write) -> None:
+    """Write into a temporary sibling and rename it into place: a failed export leaves no half folder."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        os.replace(tmp, out)  # onto a missing or empty folder only (check_out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _describe(record: dict, weights: dict) -> str:
+    cfg = record["config"]
+    model = (record.get("model") or {}).get("name_or_path") or cfg["model"].get("name_or_path") or cfg["model"]["name"]
+    where = f" from {shown(weights['folder'])}" if weights["folder"] else " (the untrained model: nothing to load)"
+    return f"{model}, strategy {cfg['strategy']['name']}, {weights['which']} weights of step {weights['step']}{where}"
+
+
+# ---------------------------------------------------------------- loading and checking an export
+def load_export(out: Path):
+    """(model, tokenizer) from an export folder, as its user would load them: transformers (and peft for an adapter)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out)
+    info = json.loads((out / EXPORT_RECORD).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    if info["format"] == "adapter":
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(out / ADAPTER_BASE, dtype=info["dtype"])
+        return PeftModel.from_pretrained(base, out).eval(), tokenizer
+    return AutoModelForCausalLM.from_pretrained(out, dtype=info["dtype"]).eval(), tokenizer
+
+
+def recorded_validation(record: dict, step: int) -> dict:
+    """The validation result the run recorded for the weights of `step`: final, baseline (0) or along the way."""
+    final = record["eval"]["final"]["validation"]
+    if step == record["train"]["final_weights"]["step"]:
+        return final
+    if step == 0:
+        return record["eval"]["baseline"]["validation"]
+    for point in record["train"].get("validation_curve") or []:
+        if point["step"] == step:
+            return point
+    raise TransferError(f"--check: the run recorded no validation result for step {step}; export its final weights")
+
+
+def check_export(out: Path, tolerance: float = 1e-4) -> dict:
+    """The exported model's validation perplexity beside the one the run recorded for the same weights.
+
+    The split is the run's validation split, prepared by its objective with the exported tokenizer
+    (so the tokenizer's round trip is checked too), scored by evaluation.perplexity on this
+    machine's device for the run's hardware settings. They agree when the token counts are the
+    same and the perplexities are within `tolerance`, relative.
+    """
+    from transfer.evaluation.perplexity import perplexity
+    from transfer.hardware import resolve
+    from transfer.objectives import build_objective
+    from transfer.objectives.base import TokenObjective
+
+    out = Path(out).resolve()
+    info = json.loads((out / EXPORT_RECORD).read_text())
+    run_dir = Path(info["run"])
+    record = read_run(run_dir)
+    cfg = run_config(record, run_dir)
+    expected = recorded_validation(record, info["weights"]["step"])
+    model, tokenizer = load_export(out)
+    objective = build_objective(cfg, tokenizer)
+    if not isinstance(objective, TokenObjective) or "perplexity" not in expected:
+        raise TransferError(f"--check: objective={cfg.objective.name} is not judged by perplexity; allowed: lm, sft")
+    validation = objective.prepare(cfg.eval.max_tokens)["validation"]
+    hardware = resolve(cfg.hardware)
+    model.to(hardware.device)
+    measured = perplexity(model, validation, cfg.eval_batch_size, hardware, objective.pad_id, "check")
+    difference = abs(measured["perplexity"] - expected["perplexity"]) / expected["perplexity"]
+    return {
+        "recorded": expected["perplexity"],
+        "measured": measured["perplexity"],
+        "relative_difference": difference,
+        "tolerance": tolerance,
+        "tokens": measured["tokens"],
+        "recorded_tokens": expected.get("tokens"),
+        "precision": hardware.precision,
+        "recorded_precision": (record.get("hardware") or {}).get("precision"),
+        "agree": measured["tokens"] == expected.get("tokens") and difference <= tolerance,
+    }
+
+
+def describe_check(result: dict) -> str:
+    precision = result["precision"]
+    if result["recorded_precision"] not in (None, precision):
+        precision += f" (the run: {result['recorded_precision']})"
+    return (
+        f"check: validation perplexity {result['recorded']:.6f} recorded, {result['measured']:.6f} measured "
+        f"(relative difference {result['relative_difference']:.2e}, tolerance {result['tolerance']:.0e}; "
+        f"{result['tokens']:,} tokens, {result['recorded_tokens']:,} recorded; {precision}): "
+        f"{'agree' if result['agree'] else 'DIFFER'}"
+    )
+
+
+# ---------------------------------------------------------------- the command
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m transfer.export", description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a completed run's folder (it holds metrics.json and checkpoints/)")
+    parser.add_argument("--merge", action="store_true", help="fold a lora, dora or ia3 adapter into the base weights")
+    parser.add_argument("--out", help="the folder to write (default: RUN/export, or RUN/export-merged with --merge)")
+    parser.add_argument(
+        "--weights", choices=("best", "last"), help="default: those of the run's final evaluation (eval.weights)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="compare the export's validation perplexity with the run's"
+    )
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="--check's relative tolerance (default 1e-4)")
+    args = parser.parse_args(argv)
+    if not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
+        parser.error(f"--tolerance {args.tolerance}: allowed: a finite number >= 0")
+    _quiet()
+    try:
+        info = export(Path(args.run), args.merge, Path(args.out) if args.out else None, args.weights)
+        what = f"{info['class']} {'merged model' if info['merged'] else 'model'}, {info['parameters']:,} parameters"
+        if info["format"] == "adapter":
+            what = (
+                f"an adapter of {info['adapter_parameters']:,} parameters over its base, "
+                f"{ADAPTER_BASE}/ ({info['class']}, {info['parameters']:,} parameters)"
+            )
+        print(f"wrote {shown(Path(info['out']))}: {what}", flush=True)
+        if args.check:
+            result = check_export(Path(info["out"]), args.tolerance)
+            print(describe_check(result))
+            return 0 if result["agree"] else 1
+    except TransferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _quiet() -> None:
+    """The library notices a run silences, and the progress bars of loading a few small files."""
+    import transformers
+
+    from transfer.cli import _silence_known_noise
+
+    _silence_known_noise()
+    transformers.utils.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
