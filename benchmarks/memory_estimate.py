@@ -58,7 +58,7 @@ def run(row: str, folder: Path, shape: dict, device: str, out: Path, extra: list
         sys.executable, "-m", "transfer", "model=local", f"model.name_or_path={folder}",
         "model.tokenizer_from_json=true", f"hardware={device}", f"block_size={shape['seq']}",
         f"micro_batch_size={shape['micro']}", "grad_accum_steps=1", "max_steps=3", "eval_interval=0",
-        "eval.max_tokens=16384", "eval/reference=none", "checkpoint.enabled=false", f"hydra.run.dir={out}",
+        "eval.max_tokens=16384", "eval/probes=[]", "checkpoint.enabled=false", f"hydra.run.dir={out}",
         *ROWS[row], *extra,
     ]  # fmt: skip
     proc = subprocess.run(args, capture_output=True, text=True)

@@ -11,10 +11,10 @@ import pytest
 # Small, fast settings for real runs of the default experiment on a CPU.
 FAST = [
     "max_steps=30", "eval_interval=10", "block_size=64", "micro_batch_size=8", "eval_batch_size=32",
-    "eval.max_tokens=4096", "eval.reference.max_tokens=4096", "eval.max_new_tokens=8",
+    "eval.max_tokens=4096", "eval.probes.python_docs.max_tokens=4096", "eval.max_new_tokens=8",
 ]  # fmt: skip
 # The shortest real run with a checkpoint: what the resume and overwrite tests start from.
-SHORT = [*FAST, "max_steps=10", "eval_interval=0", "eval/reference=none"]
+SHORT = [*(a for a in FAST if not a.startswith("eval.probes.")), "max_steps=10", "eval_interval=0", "eval/probes=[]"]
 # A sweep of two jobs that differ only in the learning rate, with a checkpoint halfway.
 SWEEP = ["-m", *FAST, "max_steps=20", "checkpoint.interval=10", "optimizer.lr=1e-4,1e-3"]
 

@@ -26,7 +26,7 @@ def test_eval_throughput_benchmark_runs_and_losses_agree():
 
 
 def test_startup_benchmark_reads_the_timing_of_a_real_run():
-    out = _run("startup.py", "--repeats", "1", "eval.max_tokens=1024", "eval.reference.max_tokens=1024")
+    out = _run("startup.py", "--repeats", "1", "eval.max_tokens=1024", "eval.probes.python_docs.max_tokens=1024")
     row = out.strip().splitlines()[-1]
     assert row.count(" s |") == 7, out
 

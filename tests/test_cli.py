@@ -50,7 +50,7 @@ def test_single_run_writes_a_sane_record(fast_run):
         "dataset": "rust_concepts",
         "hardware": "auto",
         "optimizer": "adamw",
-        "reference": "python_docs",
+        "probes": "python_docs",
     }
     # parameter counts are elements, and equal to the model's own numel sum
     cfg = compose_config(FAST)
@@ -73,7 +73,8 @@ def test_tensorboard_holds_the_scalars(fast_run):
     assert {"train/loss", "train/lr", "train/grad_norm", "validation/loss", "validation/perplexity"} <= tags
     assert [e.step for e in events.Scalars("validation/loss")] == [0, 10, 20, 30]  # baseline, then every 10 steps
     lrs = [e.value for e in events.Scalars("train/lr")]  # log_interval=1
-    assert len(lrs) == 30 and max(lrs) == pytest.approx(3e-4) and lrs[0] < lrs[1] and lrs[-1] < 0.2 * 3e-4
+    peak = 1e-3  # strategy=full's own rate (optimizer.lr unset)
+    assert len(lrs) == 30 and max(lrs) == pytest.approx(peak) and lrs[0] < lrs[1] and lrs[-1] < 0.2 * peak
 
 
 def test_two_job_sweep(two_job_sweep):

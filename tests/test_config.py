@@ -46,7 +46,9 @@ ALL_CHOICES = [(g, o) for g in schema.GROUPS for o in group_options(g)]
 
 
 def test_every_group_has_options():
-    assert group_options("model") == ["local", "qwen2_0_5b", "qwen2_5_0_5b", "qwen3_0_6b", "smollm2_135m", "tiny"]
+    assert group_options("model") == [
+        "local", "qwen2_0_5b", "qwen2_5_0_5b", "qwen3_0_6b", "smollm2_135m", "tiny", "tiny_random",
+    ]  # fmt: skip
     assert group_options("hardware") == ["auto", "cpu", "cuda"]
     assert group_options("optimizer") == ["adamw", "sgd"]
     assert {"rust_concepts", "text_files", "hub"} <= set(group_options("dataset"))
@@ -133,7 +135,7 @@ def test_schema_rejections_are_one_line(overrides, message):
         (["strategy=freeze_lower", "strategy.frozen_blocks=-2"], "strategy.frozen_blocks=-2: allowed an integer 0.."),
         (["strategy=adapter", "strategy.trained_blocks=0"], "strategy.trained_blocks=0: allowed an integer 1.."),
         (["strategy=lora", "strategy.modules_to_save=[lm_head]"], "'lm_head' is unknown; allowed: head, embeddings"),
-        (["eval.reference.max_tokens=1"], "eval.reference.max_tokens=1: allowed 2 or more"),
+        (["eval.probes.python_docs.max_tokens=1"], "eval.probes.python_docs.max_tokens=1: allowed 2 or more"),
         (["eval.max_tokens=0"], "eval.max_tokens=0: allowed 2 or more, or null for every token"),
         (["resume=/nonexistent"], "resume='/nonexistent': no such folder"),
         (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] must be two numbers"),
@@ -161,7 +163,9 @@ def test_sweep_params_of_an_experiment_are_checked():
     check_command_line(["-m", "+experiment=smoke"])
     with pytest.raises(TransferError, match="unknown key 'strategy.frozen_blocks'"):
         check_command_line(["-m", "+experiment=smoke", "strategy.frozen_blocks=3"])  # full has no frozen_blocks
-    with pytest.raises(TransferError, match="unknown experiment 'smok'; allowed: smoke, strategy_comparison"):
+    with pytest.raises(
+        TransferError, match="unknown experiment 'smok'; allowed: replay_sweep, smoke, strategy_comparison"
+    ):
         check_command_line(["-m", "+experiment=smok"])
 
 
@@ -184,7 +188,7 @@ def test_compose_works_in_a_fresh_process():
     import subprocess
     import sys
 
-    code = "from transfer.validate import compose_config; print(compose_config([]).eval.reference.name)"
+    code = "from transfer.validate import compose_config; print(list(compose_config([]).eval.probes))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "python_docs"
+    assert proc.stdout.strip() == "['python_docs']"

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 TINY = [
     "block_size=64", "micro_batch_size=4", "grad_accum_steps=2", "eval_batch_size=32", "eval.max_tokens=2048",
-    "eval/reference=none", "eval.max_new_tokens=4", "log_interval=1", "hardware.estimate_memory=false",
+    "eval/probes=[]", "eval.max_new_tokens=4", "log_interval=1", "hardware.estimate_memory=false",
 ]  # fmt: skip
 LORA = [*TINY, "max_steps=6", "eval_interval=3", "strategy=lora", "strategy.dropout=0"]  # dropout draws differ by rank
 FULL = [*TINY, "max_steps=30", "eval_interval=10", "checkpoint.interval=5"]

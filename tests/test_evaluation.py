@@ -33,7 +33,8 @@ def overfit_args(tmp_path: Path) -> list[str]:
         "dataset=text_files", f"dataset.train_files=[{splits['train']}]",
         f"dataset.validation_files=[{splits['validation']}]", f"dataset.test_files=[{splits['test']}]",
         "max_steps=400", "eval_interval=5", "optimizer.lr=3e-3", "optimizer.warmup_ratio=0",
-        "block_size=64", "eval/reference=none", "checkpoint.enabled=false",
+        "block_size=64", "eval/probes=[]", "checkpoint.enabled=false",
+        "model=tiny_random",  # learns from the four passages at once, then overfits them (pretrained: it only forgets)
     ]  # fmt: skip
 
 
@@ -91,15 +92,27 @@ def test_record_has_reference_samples_memory_and_tensorboard(fast_run):
 
     r = record_of(fast_run)
     for when in ("baseline", "final"):
-        ref = r["eval"][when]["reference"]
+        ref = r["eval"][when]["ref_python_docs"]
         assert math.isfinite(ref["perplexity"])
         assert ref["tokens"] == 4096 - 4096 // 64  # the first token of each block is unscored
     for split in ("validation", "test"):  # eval.max_tokens=4096
         assert r["data"][split]["tokens"] == 4096 and r["data"][split]["sequences"] == 64
         assert r["eval"]["baseline"][split]["tokens"] == r["eval"]["final"][split]["tokens"] == 4096 - 64
-    assert r["eval"]["change_pct"]["reference"] == pytest.approx(
-        100 * (r["eval"]["final"]["reference"]["perplexity"] / r["eval"]["baseline"]["reference"]["perplexity"] - 1)
+    assert r["eval"]["change_pct"]["ref_python_docs"] == pytest.approx(
+        100
+        * (
+            r["eval"]["final"]["ref_python_docs"]["perplexity"] / r["eval"]["baseline"]["ref_python_docs"]["perplexity"]
+            - 1
+        )
     )
+    # the default probe is of the Rust prose's genre (technical documentation): the record says so
+    assert r["eval"]["probes"]["ref_python_docs"] == {
+        "source": "python_docs",
+        "kind": "text",
+        "format": "text",
+        "genre": "technical documentation",
+        "same_genre_as_training": True,
+    }
     assert [s["prompt"] for s in r["samples"]] == [
         "In Rust, Vec<T> is",
         "The Result type in Rust",
@@ -114,7 +127,7 @@ def test_record_has_reference_samples_memory_and_tensorboard(fast_run):
 
     events = EventAccumulator(str(fast_run), size_guidance={"tensors": 0})
     events.Reload()
-    assert {"reference/perplexity", "final/validation_perplexity"} <= set(events.Tags()["scalars"])
+    assert {"ref_python_docs/perplexity", "final/validation_perplexity"} <= set(events.Tags()["scalars"])
     assert {"samples/0/text_summary", "samples/2/text_summary"} <= set(events.Tags()["tensors"])
     plugins = events.PluginTagToContent("hparams")
     assert "_hparams_/experiment" in plugins and "_hparams_/session_start_info" in plugins
@@ -129,8 +142,8 @@ def test_checkpoints_rotate_and_keep_the_best(fast_run):
 
 
 # dropout on, so that the RNG state matters too
-LORA = [*FAST, "max_steps=40", "eval_interval=20", "checkpoint.interval=10", "log_interval=1",
-        "strategy=lora", "strategy.dropout=0.1", "eval/reference=none"]  # fmt: skip
+LORA = [*(a for a in FAST if not a.startswith("eval.probes.")), "max_steps=40", "eval_interval=20", "checkpoint.interval=10", "log_interval=1",
+        "strategy=lora", "strategy.dropout=0.1", "eval/probes=[]"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -162,20 +175,20 @@ def test_resume_under_another_config_is_refused(short_run, tmp_path):
     record["status"] = "running"
     (run / "metrics.json").write_text(json.dumps(record))
     # another learning rate, and other evaluation blocks: both change what the run measures
-    args = [*SHORT, "optimizer.lr=1e-3", "eval.max_tokens=2048", "resume=true", "hydra.run.dir=run"]
+    args = [*SHORT, "optimizer.lr=1e-2", "eval.max_tokens=2048", "resume=true", "hydra.run.dir=run"]
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 2  # refused before Hydra rewrites the folder's .hydra/
     assert proc.stderr.strip() == (
-        "error: resume: run was run with optimizer.lr=0.0003, this run has optimizer.lr=0.001 (2 difference(s)); "
+        "error: resume: run was run with optimizer.lr=0.001, this run has optimizer.lr=0.01 (2 difference(s)); "
         "repeat the interrupted command's overrides and add resume=true"
     )
     # the checkpoint keeps its own copy of the config: resume=PATH from another folder is compared with it
-    args = [*SHORT, "optimizer.lr=1e-3", f"resume={run}", "hydra.run.dir=other"]
+    args = [*SHORT, "optimizer.lr=1e-2", f"resume={run}", "hydra.run.dir=other"]
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 1
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
     assert len(errors) == 1
-    assert "was made with optimizer.lr=0.0003, this run has optimizer.lr=0.001 (1 difference(s))" in errors[0]
+    assert "was made with optimizer.lr=0.001, this run has optimizer.lr=0.01 (1 difference(s))" in errors[0]
 
 
 def test_resume_accepts_a_checkpoint_made_with_other_loss_chunks(tmp_path):
@@ -245,8 +258,8 @@ def test_real_model_learns_rust_and_forgetting_is_measured(shared, tmp_path):
         f"model.name_or_path={shared / 'models' / 'stories260k'}", "model.tokenizer_from_json=true",
         "dataset=text_files", f"dataset.train_files=[{book / 'train.jsonl'}]",
         f"dataset.validation_files=[{book / 'validation.jsonl'}]", f"dataset.test_files=[{book / 'test.jsonl'}]",
-        "eval/reference=text_files", f"eval.reference.files=[{shared / 'datasets' / 'wikitext2_raw' / 'test.jsonl'}]",
-        "eval.reference.max_tokens=20000", "max_steps=40", "eval_interval=20", "block_size=128",
+        "eval/probes=[wikitext]", f"eval.probes.wikitext.files=[{shared / 'datasets' / 'wikitext2_raw' / 'test.jsonl'}]",
+        "eval.probes.wikitext.max_tokens=20000", "max_steps=40", "eval_interval=20", "block_size=128",
         "optimizer.lr=1e-3", "hydra.run.dir=run",
     ]  # fmt: skip
     proc = run_cli(args, cwd=tmp_path)
@@ -256,9 +269,9 @@ def test_real_model_learns_rust_and_forgetting_is_measured(shared, tmp_path):
     assert final["validation"]["perplexity"] < 0.8 * base["validation"]["perplexity"]
     assert final["test"]["perplexity"] < base["test"]["perplexity"]
     assert (
-        base["reference"]["tokens"] == final["reference"]["tokens"] == 20000 - 157
+        base["ref_wikitext"]["tokens"] == final["ref_wikitext"]["tokens"] == 20000 - 157
     )  # 157 blocks: first tokens unscored
-    assert math.isfinite(final["reference"]["perplexity"])
+    assert math.isfinite(final["ref_wikitext"]["perplexity"])
 
 
 def test_evaluation_is_deterministic_under_no_grad():

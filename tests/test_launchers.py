@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # four jobs of the tiny model, a few steps each, one thread each: two run side by side on two cores
 JOBS = ["-m", "seed=1,2", "optimizer.lr=1e-4,1e-3"]
 TINY = [
-    "max_steps=10", "block_size=32", "micro_batch_size=4", "eval_interval=0", "eval/reference=none",
+    "max_steps=10", "block_size=32", "micro_batch_size=4", "eval_interval=0", "eval/probes=[]",
     "checkpoint.interval=2", "checkpoint.keep=1", "eval.max_tokens=256", "eval.max_new_tokens=2", "log_interval=1",
     "hardware=cpu", "hardware.num_threads=1", "hardware.estimate_memory=false",
 ]  # fmt: skip

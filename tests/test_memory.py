@@ -195,7 +195,7 @@ def test_the_estimate_is_within_5_percent_of_what_a_cpu_run_allocates(strategy, 
     from transfer.train import train
 
     overrides = [f"strategy={strategy}", "block_size=128", "micro_batch_size=4", "grad_accum_steps=1", "max_steps=2",
-                 "eval.max_tokens=4096", "eval_batch_size=8", "eval/reference=none"]  # fmt: skip
+                 "eval.max_tokens=4096", "eval_batch_size=8", "eval/probes=[]"]  # fmt: skip
     cfg, found = _estimate(overrides)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
     model, _ = apply_strategy(model, cfg.strategy, seed=0)

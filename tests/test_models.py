@@ -21,7 +21,7 @@ def test_byte_tokenizer_round_trips_any_text():
 
 
 def test_tiny_model_is_seeded_and_shaped_by_config():
-    cfg = compose_config(["model.tiny.num_layers=2", "model.tiny.hidden_size=64"])
+    cfg = compose_config(["model=tiny_random", "model.tiny.num_layers=2", "model.tiny.hidden_size=64"])
     a, tok = load_model_and_tokenizer(cfg.model, 128)
     b, _ = load_model_and_tokenizer(cfg.model, 128)
     assert type(a).__name__ == "Qwen2ForCausalLM" and a.config.num_hidden_layers == 2

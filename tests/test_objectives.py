@@ -244,7 +244,7 @@ def parity_task(folder: Path) -> list[str]:
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return ["objective=sft", "dataset=text_files", "dataset.format=prompt_completion", "dataset.choices=[Yes,No]",
             *(f"dataset.{s}_files=[{folder / f'{s}.jsonl'}]" for s in ("train", "validation", "test")),
-            "eval/reference=none", "block_size=64", "micro_batch_size=8", "max_steps=40", "eval_interval=20",
+            "eval/probes=[]", "block_size=64", "micro_batch_size=8", "max_steps=40", "eval_interval=20",
             "checkpoint.interval=10", "log_interval=1", "optimizer.lr=1e-3", "eval.max_new_tokens=4",
             "objective.select=auc"]  # fmt: skip
 
@@ -260,7 +260,7 @@ def sft_run(tmp_path_factory) -> tuple[Path, list[str]]:
 def test_an_sft_run_records_answers_choices_and_samples(sft_run):
     root, _ = sft_run
     r = json.loads((root / "run" / "metrics.json").read_text())
-    assert r["status"] == "completed" and r["record_version"] == 2
+    assert r["status"] == "completed" and r["record_version"] == 3
     assert r["objective"] == {"name": "sft", "select": "auc", "mode": "max", "template": "plain", "train_on_prompt": False,
                               "truncation": "truncate", "batching": "padded", "choices": ["Yes", "No"]}  # fmt: skip
     train = r["train"]

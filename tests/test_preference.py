@@ -126,7 +126,7 @@ def preference_task(folder: Path, n: int = 120, held_out: int = 24) -> list[str]
                 for _ in range(size)]  # fmt: skip
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return ["dataset=text_files", *(f"dataset.{s}_files=[{folder / f'{s}.jsonl'}]" for s in ("train", "validation", "test")),
-            "block_size=64", "eval/reference=none", "eval.max_new_tokens=4"]  # fmt: skip
+            "block_size=64", "eval/probes=[]", "eval.max_new_tokens=4"]  # fmt: skip
 
 
 def prepared(folder: Path, *overrides: str):

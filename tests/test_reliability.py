@@ -171,7 +171,7 @@ CONFIG_CASES = [
          "strategy.n_layers was renamed: write strategy.trained_blocks="),
     Case("model=local without a path", ["model=local"], "model.name_or_path must be set"),
     Case("text_files without files", ["dataset=text_files"], "dataset.train_files must be set"),
-    Case("unknown experiment", ["-m", "+experiment=smok"], "unknown experiment 'smok'; allowed: smoke,"),
+    Case("unknown experiment", ["-m", "+experiment=smok"], "unknown experiment 'smok'; allowed: replay_sweep, smoke,"),
     # ranges and combinations
     Case("no steps", ["max_steps=0"], "max_steps=0 must be at least 1"),
     Case("neither steps nor epochs", ["max_steps=null", "epochs=null"], "max_steps and epochs are both null"),
@@ -249,8 +249,8 @@ CONFIG_CASES = [
     Case("empty validation file", [], "dataset.validation_files: ",
          make=lambda f, fx: ["dataset=text_files", f"dataset.train_files=[{_good(f)}]",
                              f"dataset.validation_files=[{_write('empty.jsonl', b'')(f)}]"]),  # fmt: skip
-    Case("empty reference file", ["eval/reference=text_files"], "eval.reference.files: ",
-         make=lambda f, fx: [f"eval.reference.files=[{_jsonl(f, 'ref.jsonl', [{'text': ''}])}]"]),
+    Case("empty probe file", ["eval/probes=[wikitext]"], "eval.probes.wikitext.files: ",
+         make=lambda f, fx: [f"eval.probes.wikitext.files=[{_jsonl(f, 'ref.jsonl', [{'text': ''}])}]"]),
     # output folders and resume
     Case("resume from a missing folder", ["resume=/nonexistent/run"], "resume='/nonexistent/run': no such folder"),
     Case("resume from a folder without checkpoints", [], "no checkpoint there",
@@ -262,8 +262,8 @@ CONFIG_CASES = [
          make=_record("failed")),
     Case("an unreadable record met by resume", ["hydra.run.dir=run", "resume=true"], "metrics.json is unreadable",
          make=_garbled_record),
-    Case("resume under another config", [*SHORT, "optimizer.lr=1e-3", "resume=true", "hydra.run.dir=run"],
-         "resume: run was run with optimizer.lr=0.0003, this run has optimizer.lr=0.001",
+    Case("resume under another config", [*SHORT, "optimizer.lr=1e-2", "resume=true", "hydra.run.dir=run"],
+         "resume: run was run with optimizer.lr=0.001, this run has optimizer.lr=0.01",
          make=_record("running", "short_run"), fixtures=["short_run"]),
     Case("a folder another run is writing", ["hydra.run.dir=run"], f"is in use by pid {os.getpid()} on",
          make=_locked),

@@ -22,10 +22,10 @@ from transfer.errors import TransferError
 from transfer.search import STUDY_SETTINGS, Pruning, open_storage
 from transfer.validate import check_command_line
 
-# a trial of the tiny model in about a second, with validation every 2 steps for the pruner
+# a trial of the random tiny model (which any rate improves at first) in about a second, validated every 2 steps
 TINY = [
-    "max_steps=8", "eval_interval=2", "block_size=32", "micro_batch_size=4", "eval_batch_size=32",
-    "eval.max_tokens=512", "eval/reference=none", "eval.max_new_tokens=2", "checkpoint.enabled=false",
+    "model=tiny_random", "max_steps=8", "eval_interval=2", "block_size=32", "micro_batch_size=4", "eval_batch_size=32",
+    "eval.max_tokens=512", "eval/probes=[]", "eval.max_new_tokens=2", "checkpoint.enabled=false",
     "hardware.estimate_memory=false",
 ]  # fmt: skip
 SEARCH = [

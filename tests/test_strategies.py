@@ -360,7 +360,7 @@ def test_sweep_of_every_cpu_strategy_on_tiny(tmp_path):
         "block_size=64",
         "micro_batch_size=4",
         "eval.max_tokens=2048",
-        "eval.reference.max_tokens=2048",
+        "eval.probes.python_docs.max_tokens=2048",
         "eval.max_new_tokens=4",
         "checkpoint.enabled=false",
     ]

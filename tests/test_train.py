@@ -14,6 +14,7 @@ from transfer.loss import _HEAD_IS_LAST
 from transfer.models import load_model_and_tokenizer
 from transfer.objectives import build_objective
 from transfer.optim import build_optimizer, build_scheduler
+from transfer.schema import learning_rate
 from transfer.train import plan_steps
 from transfer.validate import compose_config
 
@@ -85,7 +86,7 @@ def test_schedule_warms_up_then_follows_its_shape(schedule):
 def test_no_weight_decay_on_biases_and_norms():
     cfg = compose_config(["optimizer.weight_decay=0.1"])
     model, _ = load_model_and_tokenizer(cfg.model, 64)
-    opt = build_optimizer(model, cfg.optimizer, torch.device("cpu"))
+    opt = build_optimizer(model, cfg.optimizer, torch.device("cpu"), learning_rate(cfg)[0])
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.ndim >= 2), name
@@ -95,7 +96,7 @@ def test_no_weight_decay_on_biases_and_norms():
 def test_adamw_uses_the_fused_kernel_on_cpu_unless_told_not_to(fused):
     cfg = compose_config([f"optimizer.fused={fused}"])
     model, _ = load_model_and_tokenizer(cfg.model, 64)
-    opt = build_optimizer(model, cfg.optimizer, torch.device("cpu"))
+    opt = build_optimizer(model, cfg.optimizer, torch.device("cpu"), learning_rate(cfg)[0])
     assert bool(opt.defaults["fused"]) is fused
 
 
@@ -134,7 +135,7 @@ def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
     from transfer.loss import summed_lm_loss
     from transfer.strategies import apply_strategy
 
-    cfg = compose_config(overrides)
+    cfg = compose_config(["model=tiny_random", *overrides])  # the random model: gradients of one scale throughout
     model, _ = load_model_and_tokenizer(cfg.model, 64)
     model, _ = apply_strategy(model, cfg.strategy, seed=0)
     ids = torch.randint(0, model.config.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))

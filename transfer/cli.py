@@ -50,7 +50,7 @@ def job(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     choices = {g: hc.runtime.choices.get(g) for g in schema.GROUPS}
-    choices["reference"] = hc.runtime.choices.get("eval/reference")
+    choices["probes"] = ",".join(cfg.eval.probes) or "none"  # a list group: Hydra records no choice for it
     _log_sweep_position(hc)
     locked_here = failed = False
     with launchers.requeue_when_preempted():
@@ -59,7 +59,8 @@ def job(cfg: DictConfig) -> None:
             locked_here = distributed.is_main() and lock_folder(out_dir)
             if hc.mode == RunMode.MULTIRUN:
                 launchers.continue_earlier_attempt(cfg, out_dir)
-            run_experiment(cfg, out_dir, choices, list(hc.overrides.task), started=started)
+            sweep = Path(hc.runtime.cwd, hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+            run_experiment(cfg, out_dir, choices, list(hc.overrides.task), started=started, sweep=sweep)
         except TransferError as e:
             log.error("error: %s", e)
             failed = True

@@ -45,6 +45,7 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
     from transfer.hardware import AUTOCAST_DTYPES
     from transfer.objectives.preference import REFERENCE_FREE
     from transfer.optim import build_optimizer
+    from transfer.schema import learning_rate
     from transfer.strategies import apply_strategy
     from transfer.transforms import apply_transforms
     from transfer.validate import PREFERENCE
@@ -69,7 +70,7 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
         apply_transforms(model, cfg)
         model.train()
         loss._HEAD_IS_LAST[base] = True  # the probe compares values, which fake tensors lack; asked again in the run
-        optimizer = build_optimizer(model, cfg.optimizer, fake_device)
+        optimizer = build_optimizer(model, cfg.optimizer, fake_device, learning_rate(cfg)[0])
         ids = torch.randint(0, model.config.vocab_size, (rows, cfg.block_size))
 
         def forward(ids):

@@ -39,6 +39,8 @@ def load_model_and_tokenizer(cfg, block_size: int, quantize_4bit: bool = False, 
         _check_context(config, block_size, "tiny")
         with torch.device("meta") if not weights else contextlib.nullcontext():
             model = build_model(config, seed=cfg.tiny.seed, dtype=DTYPES[cfg.dtype.value])
+        if cfg.tiny.pretrained and weights:
+            load_tiny_weights(model)
         if quantize_4bit:  # bitsandbytes quantizes while loading: go through a checkpoint
             with tempfile.TemporaryDirectory() as tmp:
                 model.save_pretrained(tmp)
@@ -118,6 +120,26 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([EOS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+
+
+def load_tiny_weights(model) -> None:
+    """The project's pretrained tiny weights (transfer/tiny), into a model of the same shape, in its dtype."""
+    from safetensors.torch import load_file
+
+    from transfer.tiny import WEIGHTS
+
+    state = load_file(str(WEIGHTS))
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(own[k].shape)} (pretrained: {tuple(v.shape)})" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]  # fmt: skip
+    if wrong or not state.keys() <= own.keys():
+        raise TransferError(
+            f"model.tiny's shape differs from the pretrained tiny model's ({wrong[0] if wrong else 'other layers'}); "
+            "allowed: the shipped shape (conf/model/tiny.yaml), or model=tiny_random for any shape"
+        )
+    dtype = next(model.parameters()).dtype
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)  # the head is tied to them
+    model.tie_weights()
 
 
 def tiny_config(tiny, tokenizer) -> Qwen2Config:

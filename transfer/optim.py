@@ -5,8 +5,9 @@ import math
 import torch
 
 
-def build_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or SGD over the trainable parameters; no weight decay on biases and norm weights."""
+def build_optimizer(model, cfg, device: torch.device, lr: float) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters at rate `lr` (schema.learning_rate: optimizer.lr, else the
+    strategy's); no weight decay on biases and norm weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -14,11 +15,11 @@ def build_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
     ]
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     # The fused kernel updates every tensor in one pass instead of a Python loop over them
     # (on 2 CPU cores, about 5x faster per step on Qwen2-sized matrices; docs/benchmarks.md).
     fused = cfg.fused and device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def warmup_steps(cfg, total_steps: int) -> int:

@@ -24,11 +24,11 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from transfer import STARTED, distributed, validate
+from transfer import STARTED, cache, distributed, validate
 from transfer.checkpoint import check_same_config, find_resume_point, load_parent
-from transfer.data.blocks import separator_id, text_blocks
-from transfer.data.sources import reference_texts
+from transfer.data import probes
 from transfer.errors import TransferError, first_line
+from transfer.evaluation import diagnostics
 from transfer.evaluation.perplexity import perplexity
 from transfer.evaluation.samples import generate_samples
 from transfer.fmt import duration
@@ -37,18 +37,21 @@ from transfer.models import context_length, load_model_and_tokenizer
 from transfer.objectives import build_objective
 from transfer.oom import MemoryPlan
 from transfer.record import TRAINED, write_record
+from transfer.schema import learning_rate
 from transfer.strategies import apply_strategy, check_before_loading, loading_options, parameter_report
 from transfer.train import describe_metrics, log_metrics, train
 from transfer.transforms import apply_transforms
 
 log = logging.getLogger("transfer")
-RECORD_VERSION = 2  # 2: objectives; metrics per split by name; train.tokens counts real tokens
+RECORD_VERSION = 3  # 2: objectives, metrics per split by name, real tokens; 3: forgetting probes ref_<name>
 EVAL_SPLITS = ("validation", "test")
+_IN_CODE = "{} (in the package)"  # the tiny models: no name_or_path, built from the package
 
 
 def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: list[str] = (),
-                   started: float = STARTED) -> dict:  # fmt: skip
-    """`started`: when this job began (the process's start for its first job, whose imports count)."""
+                   started: float = STARTED, sweep: Path | None = None) -> dict:  # fmt: skip
+    """`started`: when this job began (the process's start for its first job, whose imports count).
+    `sweep`: the sweep's folder, whose jobs share tokens and baselines (transfer/cache.py)."""
     out_dir = Path(out_dir)
     previous = validate.read_previous(out_dir)
     if previous and previous.get("status") in TRAINED:  # finished: a search's pruned trial too
@@ -83,6 +86,9 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     timing = record["timing"] = {}
     try:
         validate.check_config(cfg)
+        lr, lr_from = learning_rate(cfg)
+        record["optimizer"] = {"name": cfg.optimizer.name, "lr": lr, "lr_from": lr_from}  # the rate the run starts at
+        record["cache"] = cache.start(_cache_folder(cfg, sweep))  # hits and misses, filled as the job goes
         hardware = resolve(cfg.hardware)
         hardware.reset_peak_memory()
         record["hardware"] = {"device": str(hardware.device), "precision": hardware.precision,
@@ -111,7 +117,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         timing["model_load"] = time.perf_counter() - clock
         record["model"] = {
             "class": type(model).__name__,
-            "name_or_path": cfg.model.name_or_path or "tiny (built in code)",
+            "name_or_path": cfg.model.name_or_path or _IN_CODE.format(cfg.model.name),
             "layers": model.config.num_hidden_layers,
             "context": context_length(model.config),
             "vocab_size": model.config.vocab_size,
@@ -128,14 +134,14 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             record["status"] = "dry_run"
             return record
 
-        # data: the objective's splits, and the reference corpus for forgetting
+        # data: the objective's splits, and the forgetting probes (ref_<name>)
         clock = time.perf_counter()
         objective = build_objective(cfg, tokenizer)
         splits = objective.prepare(cfg.eval.max_tokens)
-        reference = _reference(cfg, tokenizer)
-        if reference is not None:
-            splits["reference"] = reference
+        splits.update(probes.probe_splits(cfg, tokenizer))
+        record["eval"]["probes"] = probes.describe(cfg, tokenizer)
         record["data"] = {"block_size": cfg.block_size, **{name: seqs.summary() for name, seqs in splits.items()}}
+        record["data"].update(objective.data_summary())  # lm: the replay mixed into training
         if not loading["placed"]:
             model.to(hardware.device)
         attached = objective.attach(model, splits, cfg, hardware)  # a reference model, for preference objectives
@@ -158,14 +164,21 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         plan.movers = [model.to, objective.to]
         tensorboard = SummaryWriter(log_dir=str(out_dir), purge_step=purge_step) if distributed.is_main() else None
         with tensorboard or contextlib.nullcontext() as writer:
-            # evaluate
+            # evaluate (or reuse what a job of this sweep measured of the same function on the same tokens)
             clock = time.perf_counter()
-            baseline = record["eval"]["baseline"] = _evaluate_splits(
-                objective, trainee, splits, plan, hardware, "baseline"
-            )
+            score = lambda: {  # noqa: E731
+                "eval": _evaluate_splits(objective, trainee, splits, plan, hardware, "baseline"),
+                "samples": trainee.use(generate_samples, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware),
+            }
+            key = _baseline_key(cfg, trainee, splits, hardware, sample_inputs) if cache.active() else None
+            scored, kept = cache.baseline(key, score)
+            baseline = record["eval"]["baseline"] = scored["eval"]
+            before = scored["samples"]
+            if kept:
+                log.info("baseline: %s (from this sweep's cache: same tokens, same function)",
+                         "; ".join(f"{name} {describe_metrics(m)}" for name, m in baseline.items()))  # fmt: skip
             for name, result in baseline.items() if resumed_step is None and writer is not None else ():
                 log_metrics(writer, name, result, 0)  # step 0 of each curve
-            before = trainee.use(generate_samples, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware)
             timing["baseline_eval_and_samples"] = time.perf_counter() - clock
             # from the job's start to its first training step, less the parts measured above: imports, config, set-up
             timing["clock_from"] = "process start" if started == STARTED else "job start"
@@ -176,6 +189,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             write(out_dir, record)
 
             # train
+            initial = diagnostics.snapshot(model)  # a CPU copy of what will train, for the layer-wise diagnostics
             record["train"] = train(model, objective, splits, cfg, hardware, writer, run_dir=out_dir,
                                     resume_from=resume_from, baseline=baseline["validation"], plan=plan,
                                     trainee=trainee)  # fmt: skip
@@ -193,6 +207,8 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
                 for name in final
             }  # fmt: skip
             after = trainee.use(generate_samples, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware)
+            record["diagnostics"] = diagnostics.measure(model, initial, trainee, objective, splits, cfg, hardware)
+            log.info("%s", diagnostics.describe(record["diagnostics"]))
 
             # record
             record["samples"] = [{**b, "completion_after": a["completion"]} for b, a in zip(before, after, strict=True)]
@@ -206,8 +222,8 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         log.info(
             "validation %s -> %s%s in %.3g s of training",
             describe_metrics(baseline["validation"]), describe_metrics(final["validation"]),
-            f"; reference perplexity {baseline['reference']['perplexity']:.4g} -> {final['reference']['perplexity']:.4g}"
-            if "reference" in final else "",
+            "".join(f"; {name} perplexity {baseline[name]['perplexity']:.4g} -> {final[name]['perplexity']:.4g}"
+                    for name in record["eval"]["probes"]),
             record["train"]["seconds"],
         )  # fmt: skip
     except KeyboardInterrupt as e:
@@ -219,6 +235,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         record["error"] = first_line(e) if isinstance(e, TransferError) else f"{type(e).__name__}: {first_line(e)}"
         raise
     finally:
+        cache.stop()
         record["finished_at"] = _now()
         record["wall_seconds"] = time.perf_counter() - wall_start
         try:
@@ -233,6 +250,12 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
 def data_warnings(objective, splits, cfg) -> list[str]:
     """What makes a result mean less than it seems: too few examples for a step, pairs truncated into sameness."""
     warnings = []
+    lr, lr_from = learning_rate(cfg)
+    if lr_from == "strategy" and cfg.model.name_or_path is not None:  # rates shrink as models widen
+        warnings.append(
+            f"optimizer.lr is unset: strategy.lr={lr} was chosen on the tiny model (README: Strategies); "
+            f"set optimizer.lr for {cfg.model.name_or_path}"
+        )
     per_step, units = cfg.micro_batch_size * cfg.grad_accum_steps, objective.units(splits["train"])
     if units < per_step:
         warnings.append(
@@ -271,23 +294,40 @@ def _memory_estimate(cfg, hardware) -> dict | None:
     return {**found, "limit_bytes": limit, "advice": advice}
 
 
-def _reference(cfg, tokenizer):
-    """The reference (forgetting) corpus as blocks, joined by the end-of-text token; None for eval/reference=none."""
-    texts = reference_texts(cfg.eval.reference)
-    if texts is None:
+def _cache_folder(cfg, sweep: Path | None) -> Path | None:
+    """Where this job shares work: cache.dir, else the sweep's .cache; none for a single run or several processes."""
+    if not cfg.cache.enabled or distributed.active():  # ranks would race to score shards of one baseline
         return None
-    _, eos = separator_id(tokenizer, "eos")
-    where = f"eval.reference={cfg.eval.reference.name!r} (field {cfg.eval.reference.text_field!r})"
-    return text_blocks(texts, tokenizer, cfg.block_size, eos, keep_partial=True,
-                       max_tokens=cfg.eval.reference.max_tokens, where=where)  # fmt: skip
+    if cfg.cache.dir:
+        return Path(cfg.cache.dir).expanduser()
+    return sweep / ".cache" if sweep is not None else None
+
+
+def _baseline_key(cfg, trainee, splits, hardware, sample_inputs) -> dict:
+    """Everything the untrained model's scores depend on; the model enters as what it computes."""
+    evaluated = {name: cache.digest(s.ids, s.labels, s.starts) for name, s in splits.items() if name != "train"}
+    return {
+        "function": trainee.use(cache.model_function, splits, hardware),
+        "splits": evaluated,
+        "objective": OmegaConf.to_container(cfg.objective, resolve=True, enum_to_str=True),
+        "choices": list(cfg.dataset.get("choices") or []),
+        "eval_batch_size": cfg.eval_batch_size,
+        "samples": cache.digest(sample_inputs, cfg.eval.max_new_tokens),
+        "hardware": {
+            "device": hardware.device.type,
+            "precision": hardware.precision,
+            "loss_chunk_tokens": cfg.hardware.loss_chunk_tokens,
+        },  # fmt: skip
+        "environment": cache.environment(),
+    }
 
 
 def _evaluate_splits(objective, trainee, splits, plan, hardware, when: str) -> dict:
-    """Validation and test by the objective's evaluators; the reference corpus by perplexity. A line each.
+    """Validation and test by the objective's evaluators; the forgetting probes by perplexity. A line each.
 
     Out of memory, an evaluation is tried again as hardware.on_oom says (plan: transfer.oom)."""
     results = {}
-    for name in (*EVAL_SPLITS, "reference"):
+    for name in (*EVAL_SPLITS, *(s for s in splits if s.startswith(probes.PREFIX))):
         if name not in splits:
             continue
         clock = time.perf_counter()
@@ -298,7 +338,7 @@ def _evaluate_splits(objective, trainee, splits, plan, hardware, when: str) -> d
 
 
 def _evaluate(model, objective, split, name: str, hardware, desc: str, batch_size: int) -> dict:
-    if name == "reference":  # general text: perplexity, whatever the objective
+    if name.startswith(probes.PREFIX):  # a forgetting probe: perplexity, whatever the objective
         return perplexity(model, split, batch_size, hardware, objective.pad_id, desc)
     return objective.evaluate(model, split, batch_size, hardware, desc)
 
@@ -346,7 +386,7 @@ def _summary(record: dict, choices: dict) -> str:
     if p["tied_embeddings"]:
         tied = f" | tied embeddings, shared matrix {'trains' if p['shared_matrix_trains'] else 'frozen'}"
     labels = dict(choices)
-    if record["model"]["name_or_path"] != "tiny (built in code)":  # model.name_or_path may override a preset
+    if record["model"]["name_or_path"] != _IN_CODE.format(choices.get("model")):  # name_or_path may override a preset
         labels["model"] = Path(record["model"]["name_or_path"]).name
     return (
         f"{' · '.join(str(v) for v in labels.values())} | {p['trainable']:,} of {p['total']:,} parameters train "

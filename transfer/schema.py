@@ -93,7 +93,7 @@ class Batching(Enum):
 # ---------------------------------------------------------------- model
 @dataclass
 class TinyModelConfig:
-    """Shape of the in-code Qwen2 model used offline (weights random, seeded)."""
+    """Shape of the in-code Qwen2 model used offline: pretrained (transfer/tiny) or seeded random weights."""
 
     hidden_size: int = 128
     num_layers: int = 4
@@ -104,6 +104,9 @@ class TinyModelConfig:
     # Seeded apart from the run seed, so that every job of a sweep starts
     # from the same weights, as jobs starting from one pretrained model would.
     seed: int = 0
+    # The weights pretrained on general English by transfer/tiny/build.py (shipped in the
+    # package; the shape above must be theirs), or false: the seeded random initialisation.
+    pretrained: bool = False
 
 
 @dataclass
@@ -127,6 +130,9 @@ class ModelConfig:
 @dataclass
 class StrategyConfig:
     name: str = MISSING
+    # AdamW's learning rate for this strategy, used when optimizer.lr is null (each option's YAML
+    # says how it was chosen); optimizer.lr set on the command line or in a sweep overrides it.
+    lr: float = 3e-4
 
 
 @dataclass
@@ -238,7 +244,21 @@ class PreferenceObjectiveConfig(ObjectiveConfig):
 
 # ---------------------------------------------------------------- dataset
 @dataclass
-class DatasetConfig:
+class ExampleFields:
+    """Rows of examples (objective=sft, an instructions probe): their format and the names of their fields
+    (transfer/data/chat.py). ShareGPT's "conversations" is found as well as messages_field."""
+
+    format: ExampleFormat = ExampleFormat.auto
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"
+
+
+@dataclass
+class DatasetConfig(ExampleFields):
     name: str = MISSING
     text_field: str = "text"
     # A split the source lacks is carved out of the training documents.
@@ -247,14 +267,6 @@ class DatasetConfig:
     split_seed: int = 0
     # Greedy generations from these prompts are recorded before and after training.
     prompts: list[str] = field(default_factory=list)
-    # Examples for objective=sft: their format and the names of their fields (transfer/data/chat.py).
-    format: ExampleFormat = ExampleFormat.auto
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    output_field: str = "output"
-    messages_field: str = "messages"  # ShareGPT's "conversations" is found too
     # A task's answers, e.g. ["Yes", "No"]: each is scored after the prompt (accuracy, log-loss, AUC).
     choices: list[str] | None = None
     # The field that holds the right choice (null: the answer itself); for KTO's unpaired rows,
@@ -267,6 +279,15 @@ class DatasetConfig:
     template: Template | None = None
     # How to make the files when they are missing (a task's builder), said with the error.
     build_hint: str | None = None
+    # What sort of text this is (e.g. "technical documentation"): a forgetting probe of the same genre is
+    # flagged, since its fall is transfer, not an absence of forgetting.
+    genre: str | None = None
+    # Replay against forgetting (objective lm): this fraction of the training rows are blocks of
+    # general text; of the first j rows, exactly floor(j * replay). transfer/data/replay.py. 0: none.
+    replay: float = 0.0
+    # Replay's text: python_docs (the Python documentation's topics that no forgetting probe scores),
+    # or a list of .txt/.jsonl/.json/.csv/.parquet files, their text in text_field.
+    replay_source: Any = "python_docs"
 
 
 @dataclass
@@ -292,37 +313,48 @@ class HubDataset(DatasetConfig):
 
 
 # ---------------------------------------------------------------- evaluation
-@dataclass
-class ReferenceConfig:
-    """General text scored before and after training: what a strategy made the model forget.
+class ProbeSource(Enum):
+    python_docs = "python_docs"
+    files = "files"
+    hub = "hub"
 
-    `python_docs` is the English prose of the Python documentation shipped with
-    every CPython (pydoc_data); `none` turns the reference off.
+
+class ProbeKind(Enum):
+    text = "text"
+    instructions = "instructions"
+
+
+@dataclass
+class ProbeConfig(ExampleFields):
+    """Text scored before and after training: what a strategy made the model forget (eval.probes).
+
+    `text`: raw text, every token scored. `instructions`: instruction examples, framed by the
+    model's chat template (or the plain one for a model without), only the answers scored: the
+    forgetting that matters for an Instruct model. Rows are read like a dataset's (ExampleFields).
     """
 
-    name: str = MISSING
-    text_field: str = "text"
+    source: ProbeSource = ProbeSource.python_docs
+    kind: ProbeKind = ProbeKind.text
+    # What sort of text it is; a probe of the training data's own genre measures transfer, not forgetting,
+    # when its perplexity falls (the tables and plots say so when it equals dataset.genre).
+    genre: str | None = None
     # Score at most this many tokens (the first ones, so always the same); null = all.
     max_tokens: int | None = 65536
-
-
-@dataclass
-class ReferenceFiles(ReferenceConfig):
-    files: list[str] = MISSING
+    part: str = "heldout"  # source=python_docs: the topics the tiny model never saw (transfer/data/sources.py)
+    files: list[str] = field(default_factory=list)  # source=files
     txt_sample_by: TxtSampleBy = TxtSampleBy.paragraph
-
-
-@dataclass
-class ReferenceHub(ReferenceConfig):
-    path: str = MISSING
+    path: str | None = None  # source=hub
     config_name: str | None = None
     revision: str | None = None
     split: str = "test"
+    text_field: str = "text"
 
 
 @dataclass
 class EvalConfig:
-    reference: ReferenceConfig = MISSING
+    # Forgetting probes by name, each scored before and after training: the group eval/probes, a list
+    # (eval/probes=[python_docs,wikitext,instructions]); record and tables call each ref_<name>.
+    probes: dict[str, ProbeConfig] = field(default_factory=dict)
     # Score only the first N tokens of the validation and test splits (the same ones before,
     # during and after training), for quick checks on big splits; null = every token.
     max_tokens: int | None = None
@@ -330,6 +362,10 @@ class EvalConfig:
     max_new_tokens: int = 32
     # Weights of the final evaluation: the best by validation loss, or the last.
     weights: FinalWeights = FinalWeights.best
+    # After training, linear CKA between the base and the tuned model at each block's output, on the
+    # first cka_blocks validation sequences (record: diagnostics.cka; the weight change is always there).
+    cka: bool = False
+    cka_blocks: int = 4
 
 
 @dataclass
@@ -387,7 +423,8 @@ class DistributedConfig:
 @dataclass
 class OptimizerConfig:
     name: str = MISSING
-    lr: float = 3e-4
+    # null: the strategy's strategy.lr (see learning_rate); a number: this rate, whatever the strategy
+    lr: float | None = None
     weight_decay: float = 0.0
     # Warm-up as a number of optimizer steps, or as a fraction of them; not both.
     warmup_steps: int = 0
@@ -397,6 +434,16 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0
     # Max global gradient norm; null disables clipping (the norm is still logged).
     grad_clip: float | None = 1.0
+
+
+def learning_rate(cfg) -> tuple[float, str]:
+    """The rate a run's optimizer starts from, and where it comes from: "optimizer.lr" or "strategy".
+
+    Takes a config or its plain-dict form (a record's, a checkpoint's); one written before strategies
+    had rates of their own holds optimizer.lr, and gets it.
+    """
+    lr = cfg["optimizer"].get("lr")
+    return (lr, "optimizer.lr") if lr is not None else (cfg["strategy"]["lr"], "strategy")
 
 
 @dataclass
@@ -425,6 +472,15 @@ class SearchConfig:
     trial: int | None = None  # the trial's number in the study
     study: str | None = None
     storage: str | None = None  # the study's database URL, e.g. sqlite:///<sweep>/optuna.db
+
+
+# ---------------------------------------------------------------- cache
+@dataclass
+class CacheConfig:
+    """A sweep's shared work: tokens and the untrained model's scores, done once (transfer/cache.py)."""
+
+    enabled: bool = True
+    dir: str | None = None  # null: <sweep>/.cache in a sweep, nothing for a single run
 
 
 # ---------------------------------------------------------------- the run
@@ -467,6 +523,7 @@ class Config:
     # After a sweep, write its comparison tables and plots into <sweep>/tables/.
     tables_after_sweep: bool = True
     search: SearchConfig = field(default_factory=SearchConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 def register() -> None:
@@ -487,9 +544,6 @@ def register() -> None:
         ("dataset", "hub", HubDataset),
         ("hardware", "base", HardwareConfig),
         ("distributed", "base", DistributedConfig),
-        ("eval/reference", "base", ReferenceConfig),
-        ("eval/reference", "files", ReferenceFiles),
-        ("eval/reference", "hub", ReferenceHub),
         ("optimizer", "adamw", AdamWConfig),
         ("optimizer", "sgd", SGDConfig),
     ]:

@@ -45,7 +45,9 @@ def model_parts(model) -> Parts:
     blocks = None
     if decoder is not None:
         for child in decoder.children():
-            if isinstance(child, nn.ModuleList) and len(child) and type(child[0]).__name__ in block_classes:
+            # the class's ancestors count: FSDP2's fully_shard swaps a block's class for a subclass (FSDPQwen2DecoderLayer)
+            first = child[0] if isinstance(child, nn.ModuleList) and len(child) else None
+            if first is not None and block_classes.intersection(c.__name__ for c in type(first).__mro__):
                 blocks = child
     if blocks is None:
         raise TransferError(

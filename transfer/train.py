@@ -41,6 +41,7 @@ from transfer.hardware import MachineLoad
 from transfer.loss import smaller_chunks
 from transfer.oom import MemoryPlan, optimizer_mover, reason_of
 from transfer.optim import build_optimizer, build_scheduler
+from transfer.schema import learning_rate
 from transfer.search import Pruning
 from transfer.validate import resumable_config
 
@@ -153,7 +154,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
     checkpoints = run_dir / "checkpoints" if run_dir is not None else None
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, cfg.optimizer, hardware.device)
+    optimizer = build_optimizer(model, cfg.optimizer, hardware.device, learning_rate(cfg)[0])
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
     scaler = hardware.grad_scaler()
     max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip is not None else math.inf
@@ -243,7 +244,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
             value = step_loss.item() / normaliser  # one wait for the device per optimizer step
             if not math.isfinite(value):
                 raise TransferError(
-                    f"training loss became {value} at step {step}; lower optimizer.lr={cfg.optimizer.lr}?"
+                    f"training loss became {value} at step {step}; lower optimizer.lr={learning_rate(cfg)[0]}?"
                 )
             progress.loss_first = value if progress.loss_first is None else progress.loss_first
             progress.loss_last = value
@@ -335,7 +336,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
         "seconds": seconds,
         "steps": last_step,
         "planned_steps": total_steps,
-        "epochs": progress.samples / objective.units(examples),
+        "epochs": objective.epochs(progress.samples, examples),
         "stop_reason": progress.stop_reason,
         "tokens": tokens,  # real tokens, padding left out
         "scored_tokens": progress.scored_tokens,  # the targets the loss counted (an answer's, for sft)

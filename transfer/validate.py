@@ -34,7 +34,7 @@ MAX_SWEEP_JOBS_CHECKED = 512
 # only the order of float sums, and runs from before their default changed must resume)
 FREE_ON_RESUME = (
     "resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval",
-    "hardware.loss_chunk_tokens", "distributed", "search",
+    "hardware.loss_chunk_tokens", "distributed", "search", "eval.cka", "eval.cka_blocks", "cache",
 )  # fmt: skip
 # what strategy.modules_to_save may name, whatever the architecture calls them
 MODULE_ROLES = ("head", "embeddings")
@@ -294,13 +294,22 @@ def refuse_differences(saved: dict, cfg: DictConfig, then: str, now: str) -> Non
 
 def resumable_config(cfg) -> dict:
     """The run's config as far as it decides the training, for comparison on resume."""
-    return _without_free_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    return _rate_used(_without_free_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
 
 
 def config_differences(saved: dict, cfg) -> list[tuple[str, object, object]]:
     """(key, saved value, new value) for each setting that decides the training and differs."""
     # the saved config may hold settings made free on resume since it was written
-    return _differences(_without_free_settings(saved), resumable_config(cfg))
+    return _differences(_rate_used(_without_free_settings(saved)), resumable_config(cfg))
+
+
+def _rate_used(config: dict) -> dict:
+    """optimizer.lr as the rate used, strategy.lr dropped: the same training compares equal however its rate was
+    given, and a config saved before strategies had rates of their own compares with today's."""
+    if isinstance(config.get("optimizer"), dict) and isinstance(config.get("strategy"), dict):
+        config["optimizer"]["lr"] = schema.learning_rate(config)[0]
+        config["strategy"].pop("lr", None)
+    return config
 
 
 def _without_free_settings(config: dict) -> dict:
@@ -391,8 +400,10 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.epochs is not None and cfg.epochs <= 0:
         raise TransferError(f"epochs={cfg.epochs} must be positive (or null to train by max_steps)")
     opt = cfg.optimizer
-    if opt.lr <= 0:
-        raise TransferError(f"optimizer.lr={opt.lr} must be positive")
+    if opt.lr is not None and opt.lr <= 0:
+        raise TransferError(f"optimizer.lr={opt.lr} must be positive (or null: the strategy's strategy.lr)")
+    if cfg.strategy.lr <= 0:
+        raise TransferError(f"strategy.lr={cfg.strategy.lr} must be positive")
     if opt.weight_decay < 0:
         raise TransferError(f"optimizer.weight_decay={opt.weight_decay} must be 0 or more")
     if opt.warmup_steps < 0 or not 0 <= opt.warmup_ratio < 1:
@@ -412,8 +423,11 @@ def check_config(cfg: DictConfig) -> None:
         raise TransferError(f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {opt.momentum})")
     if not 0 <= cfg.dataset.holdout_fraction < 1:
         raise TransferError(f"dataset.holdout_fraction={cfg.dataset.holdout_fraction} must be in [0, 1)")
+    check_replay(cfg)
     if cfg.eval.max_new_tokens < 1:
         raise TransferError(f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be at least 1")
+    if cfg.eval.cka_blocks < 1:
+        raise TransferError(f"eval.cka_blocks={cfg.eval.cka_blocks} must be at least 1")
     stop = cfg.early_stopping
     if stop.patience < 0 or stop.min_delta < 0:
         raise TransferError(
@@ -431,7 +445,7 @@ def check_config(cfg: DictConfig) -> None:
         raise TransferError(f"resume={cfg.resume!r}: allowed true, false, or the path of a run folder or checkpoint")
     for key, cap in (
         ("eval.max_tokens", cfg.eval.max_tokens),
-        ("eval.reference.max_tokens", cfg.eval.reference.get("max_tokens")),
+        *((f"eval.probes.{name}.max_tokens", probe.max_tokens) for name, probe in cfg.eval.probes.items()),
     ):
         if cap is not None and cap < 2:
             raise TransferError(f"{key}={cap}: allowed 2 or more, or null for every token")
@@ -461,6 +475,38 @@ def check_config(cfg: DictConfig) -> None:
     check_init_from(cfg)
     check_hardware(cfg)
     check_inputs(cfg)
+
+
+def check_replay(cfg: DictConfig) -> None:
+    """dataset.replay: a fraction for objective lm; its source python_docs or files that no probe scores."""
+    replay, source = cfg.dataset.replay, cfg.dataset.replay_source
+    if not 0 <= replay < 1:
+        raise TransferError(f"dataset.replay={replay}: allowed a fraction of the training rows in [0, 1)")
+    if replay and cfg.objective.name != "lm":
+        raise TransferError(
+            f"dataset.replay={replay} mixes blocks of text into objective=lm's training; "
+            f"objective={cfg.objective.name} allows only 0"
+        )
+    files = list(source) if OmegaConf.is_list(source) else None
+    if source != "python_docs" and not (files and all(isinstance(f, str) for f in files)):
+        raise TransferError(
+            f"dataset.replay_source={source!r}: allowed python_docs, or a list of .txt/.jsonl/.json/.csv/.parquet files"
+        )
+    for name, probe in cfg.eval.probes.items() if replay else ():
+        shared = sorted(_resolved(files or []) & _resolved(list(probe.files)))
+        if shared:
+            raise TransferError(
+                f"dataset.replay_source holds {shared[0]}, which probe {name!r} scores; allowed: text that no probe scores"
+            )
+        if source == "python_docs" and probe.source.value == "python_docs" and probe.part != "heldout":
+            raise TransferError(
+                f"dataset.replay_source=python_docs trains on topics that probe {name!r} scores (part={probe.part}); "
+                "allowed: that probe's part=heldout, or replay files"
+            )
+
+
+def _resolved(paths: list[str]) -> set[str]:
+    return {str(Path(p).expanduser().resolve()) for p in paths}
 
 
 def check_strategy(cfg: DictConfig, depth: int | None = None) -> None:
@@ -620,8 +666,12 @@ def check_inputs(cfg: DictConfig) -> None:
         for split in ("train", "validation", "test"):
             where = f"dataset.{split}_files"
             inputs.check_data_files(cfg.dataset[f"{split}_files"], where, needs, cfg.dataset.build_hint)
-    if "files" in cfg.eval.reference:
-        inputs.check_data_files(cfg.eval.reference.files, "eval.reference.files", [(cfg.eval.reference.text_field,)])
+    if cfg.dataset.replay and cfg.dataset.replay_source != "python_docs":
+        inputs.check_data_files(list(cfg.dataset.replay_source), "dataset.replay_source", [(cfg.dataset.text_field,)])
+    for name, probe in cfg.eval.probes.items():
+        if probe.source.value == "files":
+            needs = example_fields(probe) if probe.kind.value == "instructions" else [(probe.text_field,)]
+            inputs.check_data_files(list(probe.files), f"eval.probes.{name}.files", needs)
     # a dry run reads no weights; QLoRA's dry run does (its 4-bit layers come from real weights)
     weights = not cfg.dry_run or cfg.strategy.name == "qlora"
     depth, context = inputs.model_shape(cfg.model, weights=weights)

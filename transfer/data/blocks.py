@@ -11,6 +11,7 @@ import bisect
 
 import torch
 
+from transfer import cache
 from transfer.data.sequences import Sequences
 from transfer.errors import TransferError
 
@@ -63,7 +64,7 @@ def to_blocks(ids: list[int], block_size: int, keep_partial: bool, documents: in
 def text_blocks(texts: list[str], tokenizer, block_size: int, separator: int | None, keep_partial: bool,
                 max_tokens: int | None = None, where: str = "the split") -> Sequences:  # fmt: skip
     """Tokenize, join, cut: the blocks of one split (the first max_tokens tokens of it, when given)."""
-    ids, starts = tokenize(texts, tokenizer, separator)
+    ids, starts = cache.tokens(texts, tokenizer, separator, lambda: tokenize(texts, tokenizer, separator))
     if not ids:
         raise TransferError(f"{where} is empty (no text)")
     ids, documents = first_tokens(ids, starts, max_tokens)

@@ -130,33 +130,40 @@ def _hold_out(cfg, train: list, names: list[str]) -> dict[str, list]:
     return held
 
 
-def python_docs_prose() -> list[str]:
+PYTHON_DOCS_PARTS = ("all", "train", "heldout")
+
+
+def python_docs_prose(part: str = "all") -> list[str]:
     """Paragraphs of English prose from the Python documentation every CPython ships.
 
     Code, grammar rules and headings are indented or underlined there; they are left out.
+    `part`: every topic, or the two disjoint parts that keep a probe apart from what trained:
+    `train` is two topics of every three in name order (the tiny model's pre-training text and
+    replay's general text), `heldout` the third (the forgetting probe), less the paragraphs that
+    the train topics repeat word for word (64 of 339 in Python 3.11's documentation).
     """
     from pydoc_data.topics import topics
 
+    if part not in PYTHON_DOCS_PARTS:
+        raise TransferError(f"python_docs part {part!r}; allowed: {', '.join(PYTHON_DOCS_PARTS)}")
+    by_part = {"train": [], "heldout": []}
+    for i, key in enumerate(sorted(topics)):
+        by_part["heldout" if i % 3 == 2 else "train"].extend(_prose(topics[key]))
+    if part == "all":
+        return [p for key in sorted(topics) for p in _prose(topics[key])]
+    if part == "heldout":
+        seen = set(by_part["train"])
+        return [p for p in by_part["heldout"] if p not in seen]
+    return by_part["train"]
+
+
+def _prose(topic: str) -> list[str]:
     paragraphs = []
-    for key in sorted(topics):
-        for para in topics[key].split("\n\n"):
-            lines = para.splitlines()
-            if not lines or lines[0].startswith(" ") or any(set(line) <= set("*=-~^") for line in lines if line):
-                continue
-            text = " ".join(line.strip() for line in lines)
-            if len(text) > 80 and text[-1] in ".:)" and sum(c.isalpha() for c in text) > 0.7 * len(text):
-                paragraphs.append(text)
+    for para in topic.split("\n\n"):
+        lines = para.splitlines()
+        if not lines or lines[0].startswith(" ") or any(set(line) <= set("*=-~^") for line in lines if line):
+            continue
+        text = " ".join(line.strip() for line in lines)
+        if len(text) > 80 and text[-1] in ".:)" and sum(c.isalpha() for c in text) > 0.7 * len(text):
+            paragraphs.append(text)
     return paragraphs
-
-
-def reference_texts(cfg) -> list[str] | None:
-    """The reference (forgetting) corpus's texts; None when eval.reference=none."""
-    if cfg.name == "none":
-        return None
-    if "files" in cfg:
-        rows = read_files(cfg, list(cfg.files), "eval.reference.files")
-    elif "path" in cfg:
-        rows = read_hub(cfg, cfg.split, f"eval.reference.path={cfg.path!r} split {cfg.split!r}")
-    else:
-        return python_docs_prose()
-    return [r[cfg.text_field] for r in rows if isinstance(r.get(cfg.text_field), str)]

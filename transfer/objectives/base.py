@@ -54,6 +54,14 @@ class Objective:
         """How many training units (examples, pairs) a split holds: what an epoch passes over."""
         return len(split)
 
+    def epochs(self, drawn: int, split) -> float:
+        """Passes over the training split that `drawn` rows of training make (lm's replay rows are not of it)."""
+        return drawn / self.units(split)
+
+    def data_summary(self) -> dict:
+        """What the record's `data` says besides the splits (lm: its replay)."""
+        return {}
+
     def attach(self, model, splits: dict, run_cfg, hardware) -> dict:
         """Anything the objective needs of the model before the baseline (a reference model); what the record says."""
         return {}

@@ -1,6 +1,8 @@
 """`lm`: next-token prediction on every token of fixed blocks of concatenated text (the default)."""
 
+from transfer.data import replay
 from transfer.data.blocks import separator_id, text_blocks
+from transfer.data.sequences import ExampleStream, padded_batch
 from transfer.data.sources import SPLITS, load_texts
 from transfer.objectives.base import TokenObjective
 
@@ -13,6 +15,8 @@ def opening_words(texts: list[str], n: int = 3, words: int = 6) -> list[str]:
 
 class LanguageModelling(TokenObjective):
     name = "lm"
+    fraction = replay.exact(0.0)  # dataset.replay, exactly
+    replay_split = None  # the replay blocks, when the fraction is not 0
 
     def prepare(self, max_eval_tokens):
         texts = load_texts(self.dataset_cfg)
@@ -24,7 +28,33 @@ class LanguageModelling(TokenObjective):
             splits[name] = text_blocks(texts[name], self.tokenizer, self.block_size, separator,
                                        keep_partial=name != "train", max_tokens=cap, where=where)  # fmt: skip
         self.openings = opening_words(texts["validation"])
+        self.fraction = replay.exact(self.dataset_cfg.replay)
+        if self.fraction:
+            self.replay_split = replay.replay_blocks(self.dataset_cfg, self.tokenizer, self.block_size, separator)
         return splits
+
+    # ---------------------------------------------------------------- replay (transfer/data/replay.py)
+    def stream(self, train, seed, start, per_step):
+        if self.replay_split is None:
+            return super().stream(train, seed, start, per_step)
+        own = ExampleStream(self.replay_split.lengths(), seed + replay.SEED_OFFSET)
+        return replay.ReplayStream(super().stream(train, seed, 0, per_step), own, self.fraction, len(train), start)
+
+    def batch(self, train, stream, micro_batch_size):
+        if self.replay_split is None:
+            return super().batch(train, stream, micro_batch_size)
+        rows = [stream.next() for _ in range(micro_batch_size)]
+        return padded_batch(replay.Pool(train, self.replay_split), rows, self.pad_id)
+
+    def steps_per_epoch(self, train, per_step):
+        # a step holds (1 - f) of its rows from the training split, on average
+        return super().steps_per_epoch(train, per_step) / (1 - float(self.fraction))
+
+    def epochs(self, drawn, split):
+        return super().epochs(drawn - replay.replayed(drawn, self.fraction), split)
+
+    def data_summary(self):
+        return {"replay": replay.summary(self.dataset_cfg, self.replay_split)}
 
     def sample_inputs(self, splits, prompts):
         source = "dataset.prompts" if prompts else "the opening words of validation documents"

@@ -1,0 +1,85 @@
+"""A sweep's shared cache: tokens and baselines computed once, reused only when nothing they depend on changed."""
+
+import json
+
+import torch
+from conftest import run_ok
+
+from transfer import cache
+from transfer.data.blocks import text_blocks
+from transfer.hardware import resolve
+from transfer.models import byte_tokenizer, load_model_and_tokenizer
+from transfer.record import read_record
+from transfer.strategies import apply_strategy
+from transfer.validate import compose_config
+
+TEXTS = ["Ownership moves a value.", "Borrowing lends it.", "Lifetimes say for how long."]
+
+
+def _blocks(texts, tokenizer):
+    return text_blocks(texts, tokenizer, 8, tokenizer.eos_token_id, keep_partial=True)
+
+
+def test_tokens_are_kept_and_found_only_for_the_same_texts_and_tokenizer(tmp_path):
+    tokenizer = byte_tokenizer()
+    fresh = _blocks(TEXTS, tokenizer)
+    with cache.use(tmp_path) as stats:
+        first, again = _blocks(TEXTS, tokenizer), _blocks(TEXTS, tokenizer)
+        assert stats["tokens"] == {"hits": 1, "misses": 1}
+        _blocks([*TEXTS[:2], "Lifetimes say for how long!"], tokenizer)  # one character changed
+        assert stats["tokens"] == {"hits": 1, "misses": 2}
+        other = byte_tokenizer()
+        other.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})  # another tokenizer definition
+        _blocks(TEXTS, other)
+        assert stats["tokens"] == {"hits": 1, "misses": 3}
+    for kept in (first, again):
+        assert torch.equal(kept.ids, fresh.ids) and torch.equal(kept.starts, fresh.starts)
+    assert not cache.active()  # the block ends its use
+
+
+def _function(strategy: str, cfg_overrides=()) -> str:
+    cfg = compose_config([f"strategy={strategy}", "block_size=32", *cfg_overrides])
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
+    split = _blocks(TEXTS, tokenizer)
+    return cache.model_function(model, {"validation": split}, resolve(cfg.hardware))
+
+
+def test_the_model_enters_the_key_as_what_it_computes():
+    """LoRA and IA3 start as the base model exactly; a re-initialised model or other weights do not."""
+    full = _function("full")
+    assert _function("lora") == _function("ia3") == full
+    assert _function("scratch") != full
+    assert _function("full", ["model=tiny_random"]) != full
+
+
+SWEEP = ["max_steps=4", "eval_interval=0", "block_size=64", "eval.max_tokens=2048",
+         "eval.probes.python_docs.max_tokens=2048", "eval.max_new_tokens=4", "checkpoint.enabled=false"]  # fmt: skip
+
+
+def test_a_sweep_scores_each_baseline_once_and_reuses_it_exactly(tmp_path):
+    run_ok(["-m", "strategy=full,lora,scratch", *SWEEP, "tables_after_sweep=false", "hydra.sweep.dir=sweep"], tmp_path)
+    full, lora, scratch = (read_record(tmp_path / "sweep" / str(i)) for i in range(3))
+    assert full["cache"] == {"tokens": {"hits": 0, "misses": 4}, "baseline": {"hits": 0, "misses": 1}}
+    assert lora["cache"] == {"tokens": {"hits": 4, "misses": 0}, "baseline": {"hits": 1, "misses": 0}}
+    assert scratch["cache"]["baseline"] == {"hits": 0, "misses": 1}  # another function: scored anew
+    assert (
+        scratch["eval"]["baseline"]["validation"]["perplexity"]
+        > 10 * full["eval"]["baseline"]["validation"]["perplexity"]
+    )
+    # the reused baseline is the one the job would have measured: a single run (no cache) of lora
+    run_ok(["strategy=lora", *SWEEP, "hydra.run.dir=alone"], tmp_path)
+    alone = read_record(tmp_path / "alone")
+    assert alone["cache"] == {}
+    assert alone["eval"]["baseline"] == lora["eval"]["baseline"]
+    assert [s["completion"] for s in alone["samples"]] == [s["completion"] for s in lora["samples"]]
+    assert alone["train"]["loss_curve"] == lora["train"]["loss_curve"]
+    keys = list((tmp_path / "sweep" / ".cache").glob("baseline-*.key.json"))
+    assert len(keys) == 2 and all("function" in json.loads(k.read_text()) for k in keys)
+
+
+def test_the_cache_can_be_turned_off(tmp_path):
+    run_ok(["-m", "strategy=lora", *SWEEP, "cache.enabled=false", "tables_after_sweep=false", "hydra.sweep.dir=sweep"],
+           tmp_path)  # fmt: skip
+    assert not (tmp_path / "sweep" / ".cache").exists()
+    assert read_record(tmp_path / "sweep" / "0")["cache"] == {}
