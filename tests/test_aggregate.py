@@ -394,7 +394,7 @@ def test_paired_with_one_pair_says_so_rather_than_a_p_value():
         "status": ["completed"] * 4, "error": [None] * 4, "val_ppl_after": [10.0, 11.0, 12.0, 14.0],
     })  # fmt: skip
     jobs.attrs["override_keys"] = ["strategy", "seed"]
-    from transfer.aggregate import paired, paired_for_people
+    from transfer.contrasts import paired, paired_for_people
 
     numbers = paired(jobs, comparison(jobs), "strategy=full")
     assert numbers.at[0, "pairs"] == 1 and numbers.at[0, "val_ppl_after_diff"] == 3.0
