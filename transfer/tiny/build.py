@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m transfer.tiny.build", description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=os.environ.get("TRANSFER_SHARED"),
                         help="the shared/ folder holding Tiny Shakespeare (default: $TRANSFER_SHARED)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads: part of what makes the bytes the same")
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads: part of what makes the bytes the same")
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     args = parser.parse_args(argv)
     if args.shared is None:
