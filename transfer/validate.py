@@ -669,6 +669,12 @@ def check_inputs(cfg: DictConfig) -> None:
     if cfg.dataset.replay and cfg.dataset.replay_source != "python_docs":
         inputs.check_data_files(list(cfg.dataset.replay_source), "dataset.replay_source", [(cfg.dataset.text_field,)])
     for name, probe in cfg.eval.probes.items():
+        if probe.source.value == "files" and not probe.files:
+            raise TransferError(
+                f"eval.probes.{name}.files is empty; allowed: a list of .txt/.jsonl/.json/.csv/.parquet files"
+            )
+        if probe.source.value == "hub" and not probe.path:
+            raise TransferError(f"eval.probes.{name}.path is not set; allowed: a hub dataset name")
         if probe.source.value == "files":
             needs = example_fields(probe) if probe.kind.value == "instructions" else [(probe.text_field,)]
             inputs.check_data_files(list(probe.files), f"eval.probes.{name}.files", needs)

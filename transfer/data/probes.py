@@ -55,12 +55,8 @@ def _rows(probe, where: str, needs: list[tuple[str, ...]]) -> list[dict]:
         if probe.kind.value != "text":
             raise TransferError(f"{where}.kind={probe.kind.value!r} with source=python_docs; allowed: text")
         return [{probe.text_field: t} for t in python_docs_prose(probe.part)]
-    if source == "files":
-        if not probe.files:
-            raise TransferError(f"{where}.files is empty; allowed: a list of .txt/.jsonl/.json/.csv/.parquet files")
+    if source == "files":  # start-up checked that files and path are set (validate.check_inputs)
         return read_files(probe, list(probe.files), f"{where}.files", needs)
-    if not probe.path:
-        raise TransferError(f"{where}.path is not set; allowed: a hub dataset name, with source=hub")
     return read_hub(probe, probe.split, f"{where}.path={probe.path!r} split {probe.split!r}", needs)
 
 
