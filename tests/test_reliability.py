@@ -249,6 +249,10 @@ CONFIG_CASES = [
     Case("empty validation file", [], "dataset.validation_files: ",
          make=lambda f, fx: ["dataset=text_files", f"dataset.train_files=[{_good(f)}]",
                              f"dataset.validation_files=[{_write('empty.jsonl', b'')(f)}]"]),  # fmt: skip
+    Case("unknown python_docs part", ["eval.probes.python_docs.part=nope"],
+         "eval.probes.python_docs.part='nope'; allowed: all, train, heldout"),
+    Case("python_docs as instructions", ["eval.probes.python_docs.kind=instructions"],
+         "eval.probes.python_docs.kind='instructions' with source=python_docs; allowed: text"),
     Case("probe without files", ["eval/probes=[python_docs,text_files]"], "eval.probes.text_files.files is empty; allowed"),
     Case("empty probe file", ["eval/probes=[wikitext]"], "eval.probes.wikitext.files: ",
          make=lambda f, fx: [f"eval.probes.wikitext.files=[{_jsonl(f, 'ref.jsonl', [{'text': ''}])}]"]),

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
 from transfer import distributed, inputs, schema, search
+from transfer.data.sources import PYTHON_DOCS_PARTS
 from transfer.errors import TransferError, first_line
 from transfer.record import read_record
 
@@ -675,6 +676,10 @@ def check_inputs(cfg: DictConfig) -> None:
             )
         if probe.source.value == "hub" and not probe.path:
             raise TransferError(f"eval.probes.{name}.path is not set; allowed: a hub dataset name")
+        if probe.source.value == "python_docs" and probe.kind.value != "text":
+            raise TransferError(f"eval.probes.{name}.kind={probe.kind.value!r} with source=python_docs; allowed: text")
+        if probe.source.value == "python_docs" and probe.part not in PYTHON_DOCS_PARTS:
+            raise TransferError(f"eval.probes.{name}.part={probe.part!r}; allowed: {', '.join(PYTHON_DOCS_PARTS)}")
         if probe.source.value == "files":
             needs = example_fields(probe) if probe.kind.value == "instructions" else [(probe.text_field,)]
             inputs.check_data_files(list(probe.files), f"eval.probes.{name}.files", needs)

@@ -251,6 +251,26 @@ def fit(ids: list[int], labels: list[int], block_size: int) -> tuple[list[int], 
     return ids[:block_size], labels[:block_size], "response"
 
 
+def fitted_examples(items, tokenizer, template: str, train_on_prompt: bool, block_size: int, drop: bool,
+                    max_tokens: int | None) -> tuple[list[list[int]], list[list[int]], list, dict]:  # fmt: skip
+    """fitted_tokens of each (example, extra) of `items`, in order, until the next kept one would pass max_tokens
+    tokens in all: (ids, labels, the kept examples' extras, counts of what was cut or dropped). `items` may be a
+    generator: nothing after the example that ends it is read."""
+    counts = {"truncated_prompt": 0, "truncated_response": 0, "dropped_too_long": 0, "dropped_no_answer": 0}
+    ids_list, labels_list, kept, total = [], [], [], 0
+    for example, extra in items:
+        tokens = fitted_tokens(example, tokenizer, template, train_on_prompt, block_size, drop, counts)
+        if tokens is None:
+            continue
+        if max_tokens is not None and ids_list and total + len(tokens[0]) > max_tokens:
+            break
+        ids_list.append(tokens[0])
+        labels_list.append(tokens[1])
+        kept.append(extra)
+        total += len(tokens[0])
+    return ids_list, labels_list, kept, counts
+
+
 def fitted_tokens(example: Example, tokenizer, template: str, train_on_prompt: bool, block_size: int, drop: bool,
                   counts: dict) -> tuple[list[int], list[int]] | None:  # fmt: skip
     """training_tokens cut to block_size by `fit`, or None for an example dropped; `counts` says what was cut or dropped."""

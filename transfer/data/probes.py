@@ -9,7 +9,7 @@ is transfer rather than an absence of forgetting.
 """
 
 from transfer.data.blocks import separator_id, text_blocks
-from transfer.data.chat import detect_format, fitted_tokens, template_of, to_example
+from transfer.data.chat import detect_format, fitted_examples, template_of, to_example
 from transfer.data.sequences import Sequences
 from transfer.data.sources import python_docs_prose, read_files, read_hub
 from transfer.errors import TransferError
@@ -51,11 +51,9 @@ def _sequences(name: str, probe, tokenizer, block_size: int) -> Sequences:
 
 def _rows(probe, where: str, needs: list[tuple[str, ...]]) -> list[dict]:
     source = probe.source.value
-    if source == "python_docs":
-        if probe.kind.value != "text":
-            raise TransferError(f"{where}.kind={probe.kind.value!r} with source=python_docs; allowed: text")
+    if source == "python_docs":  # start-up checked its kind and part, files' files, hub's path (validate.check_inputs)
         return [{probe.text_field: t} for t in python_docs_prose(probe.part)]
-    if source == "files":  # start-up checked that files and path are set (validate.check_inputs)
+    if source == "files":
         return read_files(probe, list(probe.files), f"{where}.files", needs)
     return read_hub(probe, probe.split, f"{where}.path={probe.path!r} split {probe.split!r}", needs)
 
@@ -70,18 +68,9 @@ def _instructions(rows: list[dict], probe, tokenizer, block_size: int, where: st
     """The examples as `sft` validates them: the answer's tokens scored, cut to block_size, up to max_tokens."""
     template = template_of(tokenizer, "auto")
     fmt = detect_format(rows[0], probe, where) if rows else None
-    counts = {"truncated_prompt": 0, "truncated_response": 0, "dropped_too_long": 0, "dropped_no_answer": 0}
-    ids_list, labels_list, total = [], [], 0
-    for number, row in enumerate(rows, start=1):
-        example = to_example(row, fmt, probe, f"{where} row {number}")
-        tokens = fitted_tokens(example, tokenizer, template, False, block_size, False, counts)
-        if tokens is None:
-            continue
-        if probe.max_tokens is not None and ids_list and total + len(tokens[0]) > probe.max_tokens:
-            break
-        ids_list.append(tokens[0])
-        labels_list.append(tokens[1])
-        total += len(tokens[0])
+    items = ((to_example(row, fmt, probe, f"{where} row {n}"), None) for n, row in enumerate(rows, start=1))
+    ids_list, labels_list, _, counts = fitted_examples(items, tokenizer, template, False, block_size, False,
+                                                       probe.max_tokens)  # fmt: skip
     if not ids_list:
         raise TransferError(f"{where}: no example with an answer among {len(rows)} rows; allowed: rows with answers")
     info = {"examples": len(ids_list), **counts, "format": fmt, "template": template}

@@ -12,7 +12,7 @@ from transfer.data.chat import (
     answer_tokens,
     detect_format,
     fit,
-    fitted_tokens,
+    fitted_examples,
     generation_prompt,
     template_of,
     to_example,
@@ -50,22 +50,16 @@ class InstructionTuning(TokenObjective):
                 for split in SPLITS}  # fmt: skip
 
     def _examples(self, rows: list[dict], split: str, max_tokens: int | None) -> Sequences:
-        ids_list, labels_list, meta = [], [], []
-        counts = {"truncated_prompt": 0, "truncated_response": 0, "dropped_too_long": 0, "dropped_no_answer": 0}
-        for number, row in enumerate(rows, start=1):
-            where = f"dataset {self.dataset_cfg.name!r} {split} row {number}"
-            example = to_example(row, self.format, self.dataset_cfg, where)
-            gold = self._gold(row, example, where)
-            tokens = fitted_tokens(example, self.tokenizer, self.template, self.cfg.train_on_prompt, self.block_size,
-                                   self.cfg.truncation.value == "drop", counts)  # fmt: skip
-            if tokens is None:
-                continue
-            ids, labels = tokens
-            if max_tokens is not None and ids_list and sum(map(len, ids_list)) + len(ids) > max_tokens:
-                break
-            ids_list.append(ids)
-            labels_list.append(labels)
-            meta.append({"example": example, "gold": gold})
+        def items():  # lazily: a row past max_tokens is not read, nor its gold checked
+            for number, row in enumerate(rows, start=1):
+                where = f"dataset {self.dataset_cfg.name!r} {split} row {number}"
+                example = to_example(row, self.format, self.dataset_cfg, where)
+                yield example, {"example": example, "gold": self._gold(row, example, where)}
+
+        ids_list, labels_list, meta, counts = fitted_examples(
+            items(), self.tokenizer, self.template, self.cfg.train_on_prompt, self.block_size,
+            self.cfg.truncation.value == "drop", max_tokens,
+        )  # fmt: skip
         if not ids_list:
             raise TransferError(
                 f"dataset {self.dataset_cfg.name!r}: no {split} example is left of {len(rows)} "
