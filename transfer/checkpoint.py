@@ -7,6 +7,13 @@ Layout in a run folder:
 Weights: peft strategies save only the adapter, in peft's own format (loadable with
 `PeftModel.from_pretrained`); the others save their trainable tensors
 (`trainable.safetensors`), or the whole model with checkpoint.full_model=true.
+A model FSDP2 shards over several processes is saved in shards instead: each process writes
+its own through torch.distributed.checkpoint (`sharded/`: the weights, and the optimizer's
+moments of a step checkpoint), so no process ever holds the whole state. Such a checkpoint
+resumes on any number of processes, one included: torch.distributed.checkpoint lays the
+shards out for the model that reads them. With full_model=true rank 0 also writes the
+Hugging Face folder, gathered onto it alone.
+
 Each checkpoint is written to a temporary folder and renamed into place, so a
 killed run never leaves half a checkpoint behind, and a failed write (a full disk)
 leaves no temporary folder either. `manifest.json` holds the size and SHA-256 of
@@ -14,7 +21,8 @@ every other file: a resume verifies them, and the weights' values, before it tru
 a checkpoint, and falls back to the newest intact one.
 
 The trainer state is read with `torch.load(weights_only=True)`: tensors and plain values
-only, so a checkpoint from elsewhere cannot run code when it is loaded.
+only, so a checkpoint from elsewhere cannot run code when it is loaded; the shards are
+read by torch.distributed.checkpoint, whose format holds tensors and plain values alone.
 """
 
 import hashlib
@@ -24,6 +32,7 @@ import os
 import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +48,7 @@ WEIGHT_FILES = ("adapter_model.safetensors", "trainable.safetensors", "model.saf
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "run_config.json"
 MANIFEST = "manifest.json"
+SHARDS = "sharded"  # torch.distributed.checkpoint's folder: .metadata and a __<rank>_0.distcp file per process
 
 
 def check_same_config(folder: Path, cfg) -> None:
@@ -66,32 +76,22 @@ def is_peft(model) -> bool:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """A CPU copy of the trainable tensors, all that training changes; whole on every rank (FSDP2 gathers them)."""
-    return {
-        n: distributed.full_tensor(p.detach()).to("cpu", copy=True)
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
+    """A CPU copy of the trainable tensors, all that training changes: this process's shards under FSDP2."""
+    with torch.no_grad():
+        return {n: distributed.local(p).to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def restore_trainable(model, state: dict[str, torch.Tensor]) -> None:
+    """Put back what trainable_state copied."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(distributed.like(value, params[name]))
-
-
-def whole_optimizer_state(optimizer) -> dict:
-    """The optimizer's state dict with FSDP2's shards gathered: the same file whatever the number of processes."""
-    state = optimizer.state_dict()
-    return {
-        **state,
-        "state": {i: {k: distributed.full_tensor(v) for k, v in s.items()} for i, s in state["state"].items()},
-    }
+            distributed.local(params[name]).copy_(value)
 
 
 def load_optimizer_state(optimizer, state: dict) -> None:
-    """The inverse of whole_optimizer_state: each rank keeps its shard of the moments of a sharded parameter."""
+    """A whole optimizer state (saved by one process, or under DDP) into this one: each rank keeps its shard of
+    the moments of a parameter FSDP2 shards."""
     optimizer.load_state_dict(state)
     for param, values in optimizer.state.items():
         for key, value in values.items():
@@ -99,28 +99,81 @@ def load_optimizer_state(optimizer, state: dict) -> None:
                 values[key] = distributed.like(value, param)
 
 
-def save(folder: Path, model, full_model: bool, trainer_state: dict | None = None, meta: dict | None = None,
-         config: dict | None = None) -> int | None:  # fmt: skip
-    """Write a checkpoint atomically; return the size in bytes of its weight files.
+def save(folder: Path, model, full_model: bool, optimizer=None, trainer_state: dict | None = None,
+         meta: dict | None = None, config: dict | None = None) -> int | None:  # fmt: skip
+    """Write a checkpoint atomically; return the size in bytes of its weights. `optimizer`: a step checkpoint's.
 
-    In several processes every rank calls it (FSDP2 gathers the weights from all) and rank 0 writes (None elsewhere).
+    In several processes every rank calls it. Rank 0 writes the files, except the shards of an FSDP2
+    model, which each rank writes (a shared folder: the run's); the others return None.
     """
-    sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
+    sharded = distributed.is_sharded(model)
     whole = None
-    if sharded and full_model:  # gathered copies share no storage: tied weights are left out by name, as HF would
-        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-        whole = {n: distributed.full_tensor(t) for n, t in model.state_dict().items() if n not in tied}
-    trainable = None if is_peft(model) or full_model else trainable_state(model)
-    if not distributed.is_main():
-        return None
+    if sharded and full_model:  # the Hugging Face folder too: gathered onto rank 0 alone
+        whole = _gathered_on_rank_zero(model)
     tmp = folder.with_name(folder.name + ".tmp")
-    try:
+    problem = None
+    if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if trainable is None:
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            problem = e.strerror or first_line(e)
+    problem = distributed.broadcast(problem)
+    try:
+        if problem is None and sharded:
+            problem = _save_shards(tmp / SHARDS, model, optimizer)
+        if problem is None and distributed.is_main():
+            if trainer_state is not None and optimizer is not None and not sharded:
+                trainer_state = {**trainer_state, "optimizer": optimizer.state_dict()}
+            problem = _write_files(tmp, folder, model, sharded, full_model, whole, trainer_state, meta, config)
+    except BaseException:
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    problem = distributed.broadcast(problem)  # every rank goes on, or fails, with rank 0
+    if problem is not None:
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise TransferError(
+            f"cannot write the checkpoint {folder} ({problem}); free space there, or set checkpoint.enabled=false"
+        )
+    return weights_bytes(folder) if distributed.is_main() else None
+
+
+def _gathered_on_rank_zero(model) -> dict | None:
+    """The whole model's state on rank 0's CPU (None elsewhere); tied weights left out by name, as HF would."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _untied(model, whole) if distributed.is_main() else None
+
+
+def _untied(model, state: dict) -> dict:
+    """`state` without the second names of tied weights (the head that is the embedding): each tensor saved once."""
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {n: t for n, t in state.items() if n not in tied}
+
+
+def _save_shards(path: Path, model, optimizer) -> str | None:
+    """Each rank writes its shards of the model (and of the optimizer's moments); what went wrong, or None."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.save(_shard_state(model, optimizer), checkpoint_id=path)  # a failure on one rank is raised on all
+    except Exception as e:
+        return first_line(e)
+    return None
+
+
+def _write_files(tmp: Path, folder: Path, model, sharded: bool, full_model: bool, whole, trainer_state, meta,
+                 config) -> str | None:  # fmt: skip
+    """Rank 0's part: weights (unless sharded alone), state, meta, config, manifest; then the rename into place."""
+    try:
+        if not sharded and not is_peft(model) and not full_model:
+            trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trainable, tmp / "trainable.safetensors")
+        elif not sharded or full_model:
             model.save_pretrained(tmp, state_dict=whole)
-        else:
-            save_file({n: t.contiguous() for n, t in trainable.items()}, tmp / "trainable.safetensors")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
         if meta is not None:
@@ -128,7 +181,9 @@ def save(folder: Path, model, full_model: bool, trainer_state: dict | None = Non
         if config is not None:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         files = {
-            p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+            p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
         }
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         if folder.exists():
@@ -136,14 +191,8 @@ def save(folder: Path, model, full_model: bool, trainer_state: dict | None = Non
         os.replace(tmp, folder)
     except Exception as e:  # a full disk surfaces as OSError, safetensors' own error or torch's RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-        raise TransferError(
-            f"cannot write the checkpoint {folder} ({reason}); free space there, or set checkpoint.enabled=false"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return weights_bytes(folder)
+        return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -155,6 +204,16 @@ def _sha256(path: Path) -> str:
 
 
 def weights_bytes(folder: Path) -> int:
+    """The bytes of a checkpoint's weights: its weight files, or the model's tensors among the shards."""
+    if (folder / SHARDS / ".metadata").is_file() and not any((folder / f).is_file() for f in WEIGHT_FILES):
+        import torch.distributed.checkpoint as dcp
+
+        entries = dcp.FileSystemReader(folder / SHARDS).read_metadata().state_dict_metadata
+        return sum(
+            m.size.numel() * m.properties.dtype.itemsize
+            for key, m in entries.items()
+            if key.startswith("model.") and hasattr(m, "size")
+        )
     return sum((folder / f).stat().st_size for f in WEIGHT_FILES if (folder / f).is_file())
 
 
@@ -201,8 +260,12 @@ def damage(folder: Path) -> str | None:
     return None
 
 
-def load_weights(folder: Path, model) -> None:
-    """Put a checkpoint's weights into a model prepared the same way (same strategy)."""
+def load_weights(folder: Path, model, optimizer=None) -> None:
+    """Put a checkpoint's weights into a model prepared the same way (same strategy); a sharded checkpoint's
+    optimizer state too, into `optimizer` (a whole one is in the trainer state: load_optimizer_state)."""
+    if (folder / SHARDS / ".metadata").is_file():
+        _load_shards(folder / SHARDS, model, optimizer)
+        return
     if is_peft(model):
         from peft import set_peft_model_state_dict
 
@@ -216,6 +279,34 @@ def load_weights(folder: Path, model) -> None:
     result = model.load_state_dict(loaded, strict=False)
     if result.unexpected_keys:
         raise TransferError(f"checkpoint {folder} does not fit this model: unexpected {result.unexpected_keys[:3]}")
+
+
+def _load_shards(path: Path, model, optimizer) -> None:
+    """torch.distributed.checkpoint's shards into this model as it is laid out: sharded over any number of
+    processes, or whole in one (no process group needed then)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as dsd
+
+    state = _shard_state(model, optimizer)
+    with warnings.catch_warnings():  # one process reading shards is what we mean: torch warns that it assumes so
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=not distributed.active())  # fills the tensors of `state`
+    untied = dsd.StateDictOptions(strict=False)  # a tied head is its embedding, which `state` holds
+    if optimizer is None:
+        dsd.set_model_state_dict(model, state["model"], options=untied)
+    else:
+        dsd.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=untied)  # fmt: skip
+
+
+def _shard_state(model, optimizer) -> dict:
+    """What a sharded checkpoint holds, by name (FQN), as this process lays it out: DTensors under FSDP2."""
+    from torch.distributed.checkpoint import state_dict as dsd
+
+    if optimizer is None:
+        return {"model": _untied(model, dsd.get_model_state_dict(model))}
+    weights, moments = dsd.get_state_dict(model, optimizer)
+    return {"model": _untied(model, weights), "optimizer": moments}
 
 
 def load_parent(model, run_dir: Path):

@@ -6,8 +6,13 @@ Every process draws the whole optimizer step's micro-batches from the same seede
 N. Each divides its sums by the whole step's normaliser, known to all without a word exchanged,
 and DDP's all-reduce adds the pieces: the step is the single process's step, whatever N is, as
 long as N divides `grad_accum_steps` (checked before anything heavy). Only rank 0 writes the
-record, the logs, TensorBoard and checkpoints; all processes read a checkpoint to resume, so
-a resume may use another N.
+record, the logs and TensorBoard. Checkpoints of a sharded model (FSDP2) are written by every
+process, each its own shards, through torch.distributed.checkpoint (transfer/checkpoint.py);
+those of a whole one by rank 0. All processes read a checkpoint to resume, and
+torch.distributed.checkpoint lays the shards out again for another N, so a resume may use one.
+
+Evaluation is split too: each process scores the batches whose number is its rank modulo N,
+and the sums are added over the processes (`my_batches`, `summed_floats`).
 
 The loss runs inside the wrapper's forward (`Trainee`): the fused head loss reaches into the
 model's decoder and head, which called directly would bypass DDP's hooks and leave the head's
@@ -90,6 +95,44 @@ def summed(value, device):
     value = value.to(device)
     dist.all_reduce(value)
     return value
+
+
+def summed_floats(*values: float) -> list[float]:
+    """Python numbers summed over the ranks, in float64 (an evaluation's totals from each rank's share)."""
+    if not active():
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)  # a CPU tensor: gloo carries it, also beside NCCL
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def my_batches(batches, count: int):
+    """(number, batch) for this rank's share of an evaluation's `count` batches: those whose number is the
+    rank modulo N. Every rank makes as many forward passes, since FSDP2 gathers each block's weights in a
+    collective call: one with a batch fewer scores the first batch again, numbered None (not to be counted)."""
+    if not active():
+        yield from enumerate(batches)
+        return
+    first, mine = None, 0
+    for number, batch in enumerate(batches):
+        first = batch if first is None else first
+        if number % world_size() == rank():
+            mine += 1
+            yield number, batch
+    for _ in range(-(-count // world_size()) - mine):
+        yield None, first
+
+
+def summed_tensor(t):
+    """A CPU tensor summed over the ranks: each fills its own entries of a table, zeros elsewhere."""
+    if active():
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
 
 
 def barrier() -> None:
@@ -181,6 +224,16 @@ class Trainee:
     def gradient_scale(self) -> int:
         """DDP and FSDP2 average the ranks' gradients; the step's update is their sum."""
         return world_size() if self.wrapper is not None else 1
+
+
+def is_sharded(model) -> bool:
+    """Whether FSDP2 shards the model's parameters over the processes."""
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def local(p):
+    """This process's shard of an FSDP2 parameter (its storage itself, without grad mode); any other tensor as it is."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def full_tensor(t):

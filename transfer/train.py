@@ -150,7 +150,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
     total_steps, bound = plan_steps(cfg, objective.steps_per_epoch(examples, per_step))
     validate_every = cfg.eval_interval
     pruning = Pruning.from_config(cfg)  # in an Optuna search, this run's trial (transfer/search.py); else inert
-    saving = cfg.checkpoint.enabled and run_dir is not None  # every rank gathers a checkpoint; rank 0 writes it
+    saving = cfg.checkpoint.enabled and run_dir is not None  # every rank takes part in a checkpoint (checkpoint.save)
     checkpoints = run_dir / "checkpoints" if run_dir is not None else None
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -173,14 +173,14 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
     def save_step_checkpoint():
         nonlocal last_saved
         state = {
-            "optimizer": checkpoint.whole_optimizer_state(optimizer),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "rng": checkpoint.rng_state(),
             "progress": asdict(progress),
         }
         folder = checkpoints / f"step-{progress.step:06d}"
-        nbytes = checkpoint.save(folder, model, cfg.checkpoint.full_model, state, config=resumable_config(cfg))
+        nbytes = checkpoint.save(folder, model, cfg.checkpoint.full_model, optimizer, state,
+                                 config=resumable_config(cfg))  # fmt: skip
         if distributed.is_main():
             checkpoint.prune(checkpoints, cfg.checkpoint.keep)
         last_saved = progress.step  # the same on every rank, unlike what each sees on disk
@@ -410,8 +410,9 @@ def _resume(folder: Path, model, optimizer, scheduler, scaler, best_weights):
     """Restore weights, optimizer, scheduler, scaler, RNG and progress from a step checkpoint."""
     state = checkpoint.load_trainer_state(folder)
     try:
-        checkpoint.load_weights(folder, model)
-        checkpoint.load_optimizer_state(optimizer, state["optimizer"])
+        checkpoint.load_weights(folder, model, optimizer)  # a sharded checkpoint's optimizer state is with its weights
+        if "optimizer" in state:
+            checkpoint.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])

@@ -10,6 +10,7 @@ choice as the positive class. The same evaluator scores multiple-choice question
 import torch
 from tqdm.auto import tqdm
 
+from transfer import distributed
 from transfer.data.sequences import Sequences, evaluation_batches
 from transfer.loss import sequence_logprobs
 
@@ -17,19 +18,22 @@ from transfer.loss import sequence_logprobs
 @torch.no_grad()
 def choice_scores(model, seqs: Sequences, n_choices: int, batch_size: int, hardware, pad_id: int,
                   desc: str = "choices") -> torch.Tensor:  # fmt: skip
-    """[examples, choices]: each choice's summed log-probability; `seqs` holds example 0's choices, then 1's, ..."""
+    """[examples, choices]: each choice's summed log-probability; `seqs` holds example 0's choices, then 1's, ...
+
+    In several processes each scores its share of the batches, and every process gets the whole table."""
     was_training = model.training
     model.eval()
-    sums = []
-    batches = evaluation_batches(seqs, batch_size, pad_id)
-    for batch in tqdm(batches, total=-(-len(seqs) // batch_size), desc=desc, leave=False, unit="batch", disable=None):
+    sums = torch.zeros(len(seqs), dtype=torch.float64)
+    n_batches = -(-len(seqs) // batch_size)
+    batches = distributed.my_batches(evaluation_batches(seqs, batch_size, pad_id), n_batches)
+    for number, batch in tqdm(batches, total=n_batches, desc=desc, leave=False, unit="batch", disable=None):
         batch = batch.to(hardware.device)
         with hardware.autocast():
-            sums.append(
-                sequence_logprobs(model, batch.input_ids, batch.labels, hardware.loss_chunk_tokens or 4096).cpu()
-            )
+            scores = sequence_logprobs(model, batch.input_ids, batch.labels, hardware.loss_chunk_tokens or 4096)
+        if number is not None:
+            sums[number * batch_size : number * batch_size + len(scores)] = scores.double().cpu()
     model.train(was_training)
-    return torch.cat(sums).view(-1, n_choices)
+    return distributed.summed_tensor(sums).view(-1, n_choices)
 
 
 def choice_metrics(scores: torch.Tensor, gold: torch.Tensor) -> dict:

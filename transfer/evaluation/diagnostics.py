@@ -23,17 +23,14 @@ import math
 
 import torch
 
-from transfer import distributed
+from transfer import checkpoint, distributed
 from transfer.data.sequences import padded_batch
 from transfer.strategies import model_parts
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     """The weights training will change, as they are before it, on the CPU; {} for peft, whose base stays frozen."""
-    if hasattr(model, "peft_config"):
-        return {}
-    with torch.no_grad():
-        return {n: _local(p).to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    return {} if checkpoint.is_peft(model) else checkpoint.trainable_state(model)
 
 
 def measure(model, before: dict, trainee, objective, splits: dict, cfg, hardware) -> dict:
@@ -117,7 +114,7 @@ def _weights(module, before: dict, names: dict, path: str = ""):
         yield from peft_kind(module, path)
         return
     for p in module.parameters(recurse=False):
-        after, old = _local(p), before.get(names[id(p)])
+        after, old = distributed.local(p), before.get(names[id(p)])
         if old is None:  # frozen: not copied, not changed
             yield path, after, None
         else:
@@ -170,11 +167,6 @@ def _saved(wrapper, path: str):
     pairs = zip(wrapper.original_module.named_parameters(), trained.named_parameters(), strict=True)
     for (_, old), (_, new) in pairs:
         yield path, old.detach(), new.detach().float() - old.detach().float()
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """This process's shard of an FSDP2 parameter (its storage itself, without grad mode); any other tensor as it is."""
-    return p.to_local() if hasattr(p, "to_local") else p
 
 
 # ---------------------------------------------------------------- linear CKA
@@ -251,7 +243,7 @@ def _swapped(model, before: dict):
 
     def swap():
         for name, saved in before.items():
-            local = _local(params[name])
+            local = distributed.local(params[name])
             current = local.to("cpu", copy=True)
             local.copy_(saved)
             before[name] = current

@@ -5,13 +5,16 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from transfer import distributed
 from transfer.data.sequences import Sequences, evaluation_batches
 from transfer.loss import smaller_chunks, summed_lm_loss
 
 
 @torch.no_grad()
 def perplexity(model, seqs: Sequences, batch_size: int, hardware, pad_id: int, desc: str = "eval") -> dict:
-    """Deterministic: eval mode (no dropout), fixed sequences, fixed order, the run's precision."""
+    """Deterministic: eval mode (no dropout), fixed sequences, fixed order, the run's precision.
+
+    In several processes each scores its share of the batches (distributed.my_batches) and the sums are added."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -21,16 +24,18 @@ def perplexity(model, seqs: Sequences, batch_size: int, hardware, pad_id: int, d
         if batch_size > 1
         else smaller_chunks(hardware.loss_chunk_tokens, longest)
     )
-    batches = evaluation_batches(seqs, batch_size, pad_id)
+    n_batches = -(-len(seqs) // batch_size)
+    batches = distributed.my_batches(evaluation_batches(seqs, batch_size, pad_id), n_batches)
     with hardware.explain_out_of_memory(f"evaluating ({desc}) at eval_batch_size={batch_size}", fixes):
-        for batch in tqdm(
-            batches, total=-(-len(seqs) // batch_size), desc=desc, leave=False, unit="batch", disable=None
-        ):
+        for number, batch in tqdm(batches, total=n_batches, desc=desc, leave=False, unit="batch", disable=None):
             batch = batch.to(hardware.device)
             with hardware.autocast():
                 loss, n = summed_lm_loss(model, batch.input_ids, batch.labels, hardware.loss_chunk_tokens)
-            total += loss.item()
-            count += n
+            if number is not None:
+                total += loss.item()
+                count += n
     model.train(was_training)
+    total, count = distributed.summed_floats(total, count)
+    count = int(count)
     mean = total / count
     return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": count}

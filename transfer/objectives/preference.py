@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from transfer import distributed
 from transfer.data.chat import (
     Example,
     fit,
@@ -424,12 +425,18 @@ class PreferenceOptimisation(Objective):
         )
         n_units = split.units(self.kto)
         kl = self._kl_estimate(model, split, list(range(len(split.seqs))), batch_size, hardware) if self.kto else None
-        for start in range(0, n_units, batch_size):
-            batch = self._batch(split, list(range(start, min(start + batch_size, n_units)))).to(hardware.device)
+        starts = range(0, n_units, batch_size)
+        units = (self._batch(split, list(range(start, min(start + batch_size, n_units)))) for start in starts)
+        for number, batch in distributed.my_batches(units, len(starts)):  # this process's share of them
+            batch = batch.to(hardware.device)
             batch.kl, rows = kl, batch.rows
             with hardware.autocast():
                 policy, live, kl_sum = self._eval_scores(model, rows, hardware.loss_chunk_tokens)
                 reference = live if batch.reference is None else batch.reference
+            if number is None:  # run again to keep the processes' forward passes in step: adds the keys, not values
+                for key in ("loss", "token_kl") if live is not None else ("loss",):
+                    sums.setdefault(key, (0.0, 0))
+                continue
             losses, parts = self._losses(policy, reference, rows.labels, batch)
             _add(sums, "loss", losses)
             if live is not None:  # per answer token, between the next-token distributions
@@ -439,7 +446,10 @@ class PreferenceOptimisation(Objective):
             rewards[batch.index] = row_rewards.double().cpu()
             logps[batch.index] = policy.double().cpu()
         model.train(was_training)
-        result = {k: total / count for k, (total, count) in sums.items()}
+        rewards, logps = distributed.summed_tensor(rewards), distributed.summed_tensor(logps)
+        keys = sorted(sums)  # the same on every process: each ran at least one batch
+        added = distributed.summed_floats(*(part for key in keys for part in sums[key]))
+        result = {key: added[2 * i] / added[2 * i + 1] for i, key in enumerate(keys)}
         if split.pairs is not None:
             chosen, rejected = rewards[split.pairs[:, 0]], rewards[split.pairs[:, 1]]
             result["reward_accuracy"] = float(
