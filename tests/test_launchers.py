@@ -71,6 +71,7 @@ def assert_same_sweeps(sweep: Path, basic: Path) -> None:
         assert_same_results(a, b)
         if a["train"]["resumed_from_step"] is None:
             assert_clock_started_in_the_job(sweep / str(number), a)
+        assert f"job {number + 1} of 4: " in (sweep / str(number) / "transfer.log").read_text()  # wherever it ran
     for name in ("comparison.csv", "jobs.csv"):  # the tables the sweep's end wrote
         mine, basics = (pd.read_csv(s / "tables" / name) for s in (sweep, basic))
         steady = [c for c in basics.columns if not c.startswith(UNSTEADY)]

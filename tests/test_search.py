@@ -122,7 +122,7 @@ def test_a_search_prunes_trials_worse_than_the_median(tmp_path):
     assert "search: best of 3 trials (2 complete, 1 pruned): trial " in proc.stdout
 
 
-def test_a_pruned_trial_appears_in_the_table_with_its_last_metrics(continued_search, tmp_path):
+def test_a_pruned_trial_appears_in_the_table_and_plots_with_its_last_metrics(continued_search, tmp_path, monkeypatch):
     """The table side of pruning, on a record as run.py writes it for a pruned trial (status pruned)."""
     sweep = tmp_path / "sweep"
     for number in ("0", "1"):
@@ -141,6 +141,23 @@ def test_a_pruned_trial_appears_in_the_table_with_its_last_metrics(continued_sea
     assert pruned["seeds"] == 1 and pruned["search.trial"] == 1
     shown = for_people(table)
     assert set(shown["status"]) == {"completed", "pruned"} and shown["val_ppl_after"].str.len().min() > 0
+    # and in the plots: the search's history marks it where it stopped; its validation curve is dashed
+    from transfer import plots
+
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.write_plots(jobs, table, tmp_path)
+    history = figures["search_history.png"].axes[0]
+    marks = {c.get_label(): c.get_offsets().tolist() for c in history.collections}
+    assert marks["pruned (its last validation)"] == [[1, first["perplexity"]]]
+    assert [x for x, _ in marks["completed"]] == [0]
+    curves = figures["validation_curves.png"].axes[0].lines
+    assert [line.get_linestyle() for line in curves if line.get_label().endswith("(pruned)")] == ["--"]
 
 
 def _study_with_two_finished_trials(tmp_path) -> tuple[str, optuna.Study]:

@@ -26,6 +26,7 @@ from transfer.validate import CONF_DIR, AlreadyDone, Plan, check_command_line
 log = logging.getLogger("transfer")
 _job_seconds: list[float] = []  # the finished jobs of this process's sweep, for the time left
 _plan: Plan | None = None
+SWEEP_JOBS = "TRANSFER_SWEEP_JOBS"  # the sweep's size, for its jobs' position lines wherever a launcher runs them
 # set by main(): the process start is its first job's to count. A job in another process (a Ray
 # worker that runs job after job, a submitit process) starts its clock when the job starts.
 _process_start_unclaimed = False
@@ -82,16 +83,20 @@ _job = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="co
 
 
 def _log_sweep_position(hc) -> None:
-    """'job 3 of 8', and the time left at the mean pace of the jobs done so far."""
-    if _plan is None or not _plan.multirun:
+    """'job 3 of 8', and the time left at the mean pace of the jobs this process has run so far.
+
+    A job in another process (Ray, submitit, SLURM) knows the sweep's size from the environment the launching
+    process handed down; its jobs run side by side, so it says no time left."""
+    if hc.mode != RunMode.MULTIRUN:
         return
+    jobs = _plan.jobs if _plan is not None else int(os.environ.get(SWEEP_JOBS, "0")) or None
     number = hc.job.num + 1
     left = ""
-    if _job_seconds:
+    if _job_seconds and _plan is not None:  # the launching process runs the jobs one after another
         mean = sum(_job_seconds) / len(_job_seconds)
-        left = f"; about {duration(mean * (_plan.jobs - number + 1))} left at {duration(mean)} a job"
+        left = f"; about {duration(mean * (jobs - number + 1))} left at {duration(mean)} a job"
     overrides = " ".join(o for o in hc.overrides.task if not o.startswith("hydra"))
-    log.info("job %d of %d: %s%s", number, _plan.jobs, overrides, left)
+    log.info("job %d%s: %s%s", number, f" of {jobs}" if jobs else "", overrides, left)
 
 
 def _silence_known_noise() -> None:
@@ -157,6 +162,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)  # a scheduler's stop is an interruption like Ctrl-C
     if _plan is not None:
         sys.argv[1:] = _plan.argv
+        if _plan.multirun:
+            os.environ[SWEEP_JOBS] = str(_plan.jobs)  # inherited by the processes a launcher starts
     global _process_start_unclaimed
     _process_start_unclaimed = True
     try:

@@ -32,6 +32,7 @@ def write_plots(jobs: pd.DataFrame, table: pd.DataFrame, folder: Path) -> list[P
         _cost(done, folder / "time_and_memory.png"),
         _task_metrics(done, folder / "task_metrics.png"),
         weight_change(jobs, folder, keys),
+        search_history(jobs, metric, folder / "search_history.png"),
     ]
     return [p for p in paths if p is not None]
 
@@ -133,8 +134,10 @@ def _with_interval(done: pd.DataFrame, metric: str, path: Path) -> Path | None:
 
 
 def _validation_curves(jobs: pd.DataFrame, keys: list[str], path: Path) -> Path | None:
-    """The validation metric during training, per row: perplexity where there is one, else reward accuracy or loss."""
-    done = jobs[(jobs["status"] == "completed") & jobs["validation_curve"].map(bool)]
+    """The validation metric during training, per row: perplexity where there is one, else reward accuracy or loss.
+
+    A search's pruned trials are drawn dashed, up to the validation at which the pruner stopped them."""
+    done = jobs[jobs["status"].isin(["completed", "pruned"]) & jobs["validation_curve"].map(bool)]
     if done.empty:
         return None
     points = [p for curve in done["validation_curve"] for p in curve]
@@ -152,7 +155,9 @@ def _validation_curves(jobs: pd.DataFrame, keys: list[str], path: Path) -> Path 
         curve = pd.DataFrame(start + [p for c in group["validation_curve"] for p in c if metric in p])
         mean = curve.groupby("step")[metric].mean()
         label = _label(key if isinstance(key, tuple) else (key,))
-        ax.plot(mean.index, mean.values, label=label, markersize=4, **_style(ax, i))
+        pruned = (group["status"] == "pruned").all()
+        ax.plot(mean.index, mean.values, label=label + (" (pruned)" if pruned else ""), markersize=4,
+                linestyle="--" if pruned else "-", **_style(ax, i))  # fmt: skip
     if metric == "perplexity":
         ax.set_yscale("log")
     direction = "higher" if metric == "reward_accuracy" else "lower"
@@ -255,3 +260,32 @@ def weight_change(jobs: pd.DataFrame, folder: Path, keys: list[str] | None = Non
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, folder / "weight_change.png")
+
+
+def search_history(jobs: pd.DataFrame, metric: str, path: Path) -> Path | None:
+    """search_history.png, for an Optuna search: each trial's `metric` in the order the study ran them, the best so far
+    as a step line; a pruned trial is a cross at its last validation. None outside a search."""
+    if "search.trial" not in jobs or metric not in jobs:
+        return None
+    trials = jobs[jobs["status"].isin(["completed", "pruned"]) & jobs["search.trial"].notna() & jobs[metric].notna()]
+    if trials.empty:
+        return None
+    trials = trials.sort_values("search.trial")
+    lower = lower_is_better(metric)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for status, marker, label in (("completed", "o", "completed"), ("pruned", "x", "pruned (its last validation)")):
+        some = trials[trials["status"] == status]
+        if not some.empty:
+            ax.scatter(some["search.trial"], some[metric], marker=marker, s=40, label=label,
+                       color="C0" if status == "completed" else "C3")  # fmt: skip
+    completed = trials[trials["status"] == "completed"]
+    if not completed.empty:
+        best = completed[metric].cummin() if lower else completed[metric].cummax()
+        ax.step(completed["search.trial"], best, where="post", color="grey", label="best so far")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("trial (the order the study ran them)")
+    ax.set_ylabel(f"{metric} ({'lower' if lower else 'higher'} is better)")
+    ax.set_title("The search: each trial's result, and the best so far")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
