@@ -67,12 +67,14 @@ def _perplexity_vs_trainable(done: pd.DataFrame, path: Path) -> Path | None:
             front.append((row["trainable_params"], best))
     ax.step(*zip(*front, strict=True), where="post", color="grey", linestyle="--", linewidth=1, label="Pareto front")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("final validation perplexity (lower is better)")
-    ax.set_title("Domain perplexity against trainable parameters")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return _finished(
+        fig,
+        ax,
+        "trainable parameters (log scale)",
+        "final validation perplexity (lower is better)",
+        "Domain perplexity against trainable parameters",
+        path,
+    )
 
 
 SAME_GENRE = "same genre as the training data: a fall is transfer, not absence of forgetting"
@@ -161,12 +163,14 @@ def _validation_curves(jobs: pd.DataFrame, keys: list[str], path: Path) -> Path 
     if metric == "perplexity":
         ax.set_yscale("log")
     direction = "higher" if metric == "reward_accuracy" else "lower"
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"validation {metric.replace('_', ' ')} ({direction} is better; mean over seeds)")
-    ax.set_title("Validation during training")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return _finished(
+        fig,
+        ax,
+        "optimizer step",
+        f"validation {metric.replace('_', ' ')} ({direction} is better; mean over seeds)",
+        "Validation during training",
+        path,
+    )
 
 
 def _cost(done: pd.DataFrame, path: Path) -> Path | None:
@@ -228,6 +232,16 @@ def _ci(row, col: str) -> float:
     return 0.0 if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
+def _finished(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """A one-panel plot's labels, grid and legend; then saved."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -254,12 +268,14 @@ def weight_change(jobs: pd.DataFrame, folder: Path, keys: list[str] | None = Non
     # logarithmic from the decade of the smallest change, linear below it: frozen blocks (exactly 0) stay on the plot
     ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(smallest)) if math.isfinite(smallest) else 1e-6)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("decoder block (0: nearest the embeddings)")
-    ax.set_ylabel("relative weight change ||ΔW||_F / ||W||_F (mean over seeds)")
-    ax.set_title("How much training moved each block")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, folder / "weight_change.png")
+    return _finished(
+        fig,
+        ax,
+        "decoder block (0: nearest the embeddings)",
+        "relative weight change ||ΔW||_F / ||W||_F (mean over seeds)",
+        "How much training moved each block",
+        folder / "weight_change.png",
+    )
 
 
 def search_history(jobs: pd.DataFrame, metric: str, path: Path) -> Path | None:
@@ -283,9 +299,11 @@ def search_history(jobs: pd.DataFrame, metric: str, path: Path) -> Path | None:
         best = completed[metric].cummin() if lower else completed[metric].cummax()
         ax.step(completed["search.trial"], best, where="post", color="grey", label="best so far")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("trial (the order the study ran them)")
-    ax.set_ylabel(f"{metric} ({'lower' if lower else 'higher'} is better)")
-    ax.set_title("The search: each trial's result, and the best so far")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return _finished(
+        fig,
+        ax,
+        "trial (the order the study ran them)",
+        f"{metric} ({'lower' if lower else 'higher'} is better)",
+        "The search: each trial's result, and the best so far",
+        path,
+    )
