@@ -236,3 +236,36 @@ def test_the_readme_launcher_commands_are_accepted(ray, submitit, monkeypatch):
     for argv in commands:
         plan = check_command_line(argv)
         assert plan is not None and plan.multirun, argv
+
+
+@pytest.mark.slow
+def test_a_submitit_job_of_two_tasks_is_one_job_on_two_processes(submitit, tmp_path):
+    """hydra.launcher.tasks_per_node=2: the two tasks of the job join as torchrun's processes would (FSDP2 for full
+    fine-tuning), train as one process does, and write one record, one log and one TensorBoard file."""
+    from transfer.run import run_experiment
+    from transfer.validate import compose_config
+
+    args = [*TINY, "max_steps=6", "eval_interval=3", "grad_accum_steps=2"]
+    run_ok(["-m", *args, "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.sweep.dir=sweep"],
+           tmp_path)  # fmt: skip
+    job = tmp_path / "sweep" / "0"
+    record = json.loads((job / "metrics.json").read_text())
+    assert record["hardware"]["processes"] == 2 and record["hardware"]["distributed"] == "fsdp"
+    single = run_experiment(compose_config(args), tmp_path / "one", choices={})
+    curve = lambda r: [p["loss"] for p in r["train"]["loss_curve"]]  # noqa: E731
+    assert curve(record) == pytest.approx(curve(single), rel=1e-6)
+    assert record["eval"]["final"]["test"]["loss"] == pytest.approx(single["eval"]["final"]["test"]["loss"], rel=1e-6)
+    assert sorted(p.name for p in (job / "checkpoints" / "step-000006" / "sharded").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"
+    ]  # fmt: skip
+    assert len(list(job.glob("events.out.tfevents.*"))) == 1
+    assert (job / "transfer.log").read_text().count("baseline validation:") == 1
+
+
+def test_accumulation_that_does_not_divide_among_a_jobs_tasks_is_one_line(submitit):
+    from transfer.errors import TransferError
+    from transfer.validate import check_command_line
+
+    with pytest.raises(TransferError, match=r"^grad_accum_steps=3 does not divide among 4 processes"):
+        check_command_line(["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=2",
+                            "hydra.launcher.nodes=2", "grad_accum_steps=3", "seed=1,2"])  # fmt: skip

@@ -46,6 +46,7 @@ def job(cfg: DictConfig) -> None:
     started = STARTED if _process_start_unclaimed else time.perf_counter()
     _process_start_unclaimed = False
     _silence_known_noise()
+    tasks = launchers.join_tasks()  # a submitit job of several tasks: one job on several processes
     from transfer.run import run_experiment
 
     hc = HydraConfig.get()
@@ -75,6 +76,8 @@ def job(cfg: DictConfig) -> None:
                 unlock_folder(out_dir)
             _release_device_memory()
             _job_seconds.append(time.perf_counter() - started)
+            if tasks:
+                distributed.shutdown()
     if failed and distributed.active():
         sys.exit(1)  # torchrun then stops the other processes, which would wait for this one in a collective
 

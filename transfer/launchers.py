@@ -1,6 +1,7 @@
-"""What a job needs when a launcher other than Hydra's basic one runs it (Ray, submitit/SLURM): to continue
-an earlier attempt of itself, to stop cleanly before submitit requeues it, and a sweep's exit status
-read from the jobs' records rather than from the launching process, which may never have seen them run.
+"""What a job needs when a launcher other than Hydra's basic one runs it (Ray, submitit/SLURM): to join its
+other tasks (a submitit job of several is one job on several processes), to continue an earlier attempt
+of itself, to stop cleanly before submitit requeues it, and a sweep's exit status read from the jobs'
+records rather than from the launching process, which may never have seen them run.
 """
 
 import contextlib
@@ -18,6 +19,25 @@ from transfer.record import FINISHED, job_outcomes, read_record
 from transfer.validate import Plan, read_previous
 
 log = logging.getLogger("transfer")
+
+
+def join_tasks() -> bool:
+    """A submitit job of several tasks (hydra.launcher.tasks_per_node, nodes) is one job on several processes, as
+    under torchrun: each task takes its rank from submitit, joins the others, and all but rank 0 log warnings only.
+    True when this process joined (it leaves again at the job's end: distributed.shutdown)."""
+    if distributed.active() or "SUBMITIT_EXECUTOR" not in os.environ:
+        return False
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks < 2:
+        return False
+    # every task sees the node's GPUs; distributed.init picks the local rank's
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    distributed.init()
+    if not distributed.is_main():
+        logging.getLogger().setLevel(logging.WARNING)
+        os.environ["TQDM_DISABLE"] = "1"
+    return True
 
 
 def continue_earlier_attempt(cfg: DictConfig, out_dir) -> None:

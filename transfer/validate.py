@@ -129,7 +129,7 @@ def check_command_line(argv: list[str]) -> Plan | None:
         swept = [o.key_or_group for o in overrides if o.is_sweep_override() and _is_group_or_hydra(o)]
     configs = [compose_config(overrides) for overrides in jobs[:MAX_SWEEP_JOBS_CHECKED]]
     for cfg in configs:
-        check_config(cfg)
+        check_config(cfg, distributed.processes_per_job(run))
     # the folder is pinned: a ${now:...} in its name must not move on to the next second before Hydra reads it
     key, out_dir = ("hydra.sweep.dir", run.hydra.sweep.dir) if args.multirun else ("hydra.run.dir", run.hydra.run.dir)
     pinned = "'" + str(out_dir).replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -370,7 +370,7 @@ def _fields(object_type) -> list[str]:
     return [f.name for f in dataclasses.fields(object_type)] if dataclasses.is_dataclass(object_type) else []
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, processes: int | None = None) -> None:
     """Checks the schema cannot express: ranges and combinations of values, and what the run will read."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -386,7 +386,7 @@ def check_config(cfg: DictConfig) -> None:
             f"distributed=fsdp shards full fine-tuning; strategy={cfg.strategy.name} trains small adapters: "
             "allowed: distributed=ddp or auto"
         )
-    processes = distributed.world_size()  # torchrun's processes share each step's micro-batches
+    processes = processes or distributed.world_size()  # a job's processes share each step's micro-batches
     if cfg.grad_accum_steps % processes:
         micro, accum = cfg.micro_batch_size, cfg.grad_accum_steps
         same = f", e.g. micro_batch_size={micro // processes} grad_accum_steps={accum * processes} for the same batch"
