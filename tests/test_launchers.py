@@ -266,6 +266,9 @@ def test_accumulation_that_does_not_divide_among_a_jobs_tasks_is_one_line(submit
     from transfer.errors import TransferError
     from transfer.validate import check_command_line
 
-    with pytest.raises(TransferError, match=r"^grad_accum_steps=3 does not divide among 4 processes"):
+    with pytest.raises(
+        TransferError,
+        match=r"^grad_accum_steps=3 does not divide among 4 processes \(hydra.launcher.tasks_per_node x nodes\), ",
+    ):
         check_command_line(["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=2",
                             "hydra.launcher.nodes=2", "grad_accum_steps=3", "seed=1,2"])  # fmt: skip

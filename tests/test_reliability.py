@@ -502,6 +502,35 @@ def test_fault_a_crafted_trainer_state_runs_no_code(short_run, tmp_path, handed)
     assert_nothing_lost(before, hydra_may_rewrite=True)
 
 
+@pytest.mark.parametrize("craft", ["code in the metadata", "a pickled entry"])
+def test_fault_crafted_shards_run_no_code(tmp_path, craft):
+    """torch.distributed.checkpoint reads .metadata with plain pickle, and a non-tensor entry with
+    torch.load(weights_only=False): a crafted sharded checkpoint is refused before torch reads either."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from transfer.checkpoint import SHARDS, UnsafeCheckpoint, damage, load_weights
+    from transfer.models import load_model_and_tokenizer
+    from transfer.validate import compose_config
+
+    cfg = compose_config(["model=tiny_random"])
+    model, _ = load_model_and_tokenizer(cfg.model, 64)
+    folder, marker = tmp_path / "step-000010", tmp_path / "code-ran"
+    state = {"model": model.state_dict()}
+    if craft == "a pickled entry":
+        state["extra"] = Evil(marker)  # saved as bytes; torch would unpickle it on load
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save(state, checkpoint_id=folder / SHARDS)
+    if craft == "code in the metadata":
+        (folder / SHARDS / ".metadata").write_bytes(pickle.dumps(Evil(marker)))
+    named = "posix.system" if craft == "code in the metadata" else "BytesStorageMetadata"
+    for check in (damage, lambda folder: load_weights(folder, model)):
+        with pytest.raises(UnsafeCheckpoint, match=rf"\.metadata names \S*{named}, which .* never does; refused"):
+            check(folder)
+    assert not marker.exists(), "the pickle ran"
+
+
 def test_fault_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(fast_run, tmp_path):
     run = copy_run(fast_run, tmp_path / "run")
     _as_killed(run)

@@ -107,9 +107,13 @@ def save(folder: Path, model, full_model: bool, optimizer=None, trainer_state: d
     model, which each rank writes (a shared folder: the run's); the others return None.
     """
     sharded = distributed.is_sharded(model)
-    whole = None
+    whole = shards = None
     if sharded and full_model:  # the Hugging Face folder too: gathered onto rank 0 alone
         whole = _gathered_on_rank_zero(model)
+    if sharded:  # before any rank can fail alone: every rank must reach dcp.save
+        shards, groups = _shard_state(model, optimizer)
+        if trainer_state is not None and groups is not None:
+            trainer_state = {**trainer_state, "optimizer_param_groups": groups}
     tmp = folder.with_name(folder.name + ".tmp")
     problem = None
     if distributed.is_main():
@@ -121,7 +125,7 @@ def save(folder: Path, model, full_model: bool, optimizer=None, trainer_state: d
     problem = distributed.broadcast(problem)
     try:
         if problem is None and sharded:
-            problem = _save_shards(tmp / SHARDS, model, optimizer)
+            problem = _save_shards(tmp / SHARDS, shards)
         if problem is None and distributed.is_main():
             if trainer_state is not None and optimizer is not None and not sharded:
                 trainer_state = {**trainer_state, "optimizer": optimizer.state_dict()}
@@ -150,19 +154,32 @@ def _gathered_on_rank_zero(model) -> dict | None:
 
 def _untied(model, state: dict) -> dict:
     """`state` without the second names of tied weights (the head that is the embedding): each tensor saved once."""
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    tied = _tied_names(model)
     return {n: t for n, t in state.items() if n not in tied}
 
 
-def _save_shards(path: Path, model, optimizer) -> str | None:
-    """Each rank writes its shards of the model (and of the optimizer's moments); what went wrong, or None."""
+def _tied_names(model) -> set[str]:
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+
+
+def _save_shards(path: Path, shards: dict) -> str | None:
+    """Each rank writes its shards (torch.distributed.checkpoint raises a failure on every rank); what went wrong."""
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.save(_shard_state(model, optimizer), checkpoint_id=path)  # a failure on one rank is raised on all
-    except Exception as e:
-        return first_line(e)
+        dcp.save(shards, checkpoint_id=path)
+    except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
+        return _failure(e)
     return None
+
+
+def _failure(e: BaseException) -> str:
+    """The first line of what failed: a CheckpointException's first rank's error, not its list of ranks."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))
+        e = error[0] if isinstance(error, tuple) else error
+    return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
 
 
 def _write_files(tmp: Path, folder: Path, model, sharded: bool, full_model: bool, whole, trainer_state, meta,
@@ -240,6 +257,13 @@ def damage(folder: Path) -> str | None:
             return f"{name}: {path.stat().st_size:,} bytes where {entry.get('bytes'):,} were written (truncated?)"
         if _sha256(path) != entry.get("sha256"):
             return f"{name}: its checksum differs from the one written with it (changed or damaged)"
+    if (folder / SHARDS / ".metadata").is_file():
+        try:
+            check_shard_metadata(folder / SHARDS)
+        except UnsafeCheckpoint:
+            raise
+        except TransferError as e:
+            return f"{SHARDS}/.metadata: {e}"
     for name in WEIGHT_FILES:
         path = folder / name
         if not path.is_file():
@@ -260,11 +284,10 @@ def damage(folder: Path) -> str | None:
     return None
 
 
-def load_weights(folder: Path, model, optimizer=None) -> None:
-    """Put a checkpoint's weights into a model prepared the same way (same strategy); a sharded checkpoint's
-    optimizer state too, into `optimizer` (a whole one is in the trainer state: load_optimizer_state)."""
+def load_weights(folder: Path, model) -> None:
+    """Put a checkpoint's weights into a model prepared the same way (same strategy)."""
     if (folder / SHARDS / ".metadata").is_file():
-        _load_shards(folder / SHARDS, model, optimizer)
+        _load_shards(folder / SHARDS, model)
         return
     if is_peft(model):
         from peft import set_peft_model_state_dict
@@ -281,32 +304,89 @@ def load_weights(folder: Path, model, optimizer=None) -> None:
         raise TransferError(f"checkpoint {folder} does not fit this model: unexpected {result.unexpected_keys[:3]}")
 
 
-def _load_shards(path: Path, model, optimizer) -> None:
-    """torch.distributed.checkpoint's shards into this model as it is laid out: sharded over any number of
-    processes, or whole in one (no process group needed then)."""
+def _load_shards(path: Path, model, optimizer=None, param_groups=None) -> None:
+    """torch.distributed.checkpoint's shards into this model (and optimizer) as it is laid out: sharded over any
+    number of processes, or whole in one (no process group needed then)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import state_dict as dsd
 
-    state = _shard_state(model, optimizer)
-    with warnings.catch_warnings():  # one process reading shards is what we mean: torch warns that it assumes so
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(state, checkpoint_id=path, no_dist=not distributed.active())  # fills the tensors of `state`
-    untied = dsd.StateDictOptions(strict=False)  # a tied head is its embedding, which `state` holds
+    check_shard_metadata(path)  # before torch unpickles it
+    state, _ = _shard_state(model, optimizer)
+    try:
+        with warnings.catch_warnings():  # one process reading shards is what we mean: torch warns that it assumes so
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(state, checkpoint_id=path, no_dist=not distributed.active())  # fills the tensors of `state`
+    except (Exception, dcp.api.CheckpointException) as e:
+        raise TransferError(f"checkpoint {path.parent} does not fit this model ({_failure(e)})") from None
+    options = dsd.StateDictOptions(strict=False)  # a tied head is its embedding, which `state` holds
     if optimizer is None:
-        dsd.set_model_state_dict(model, state["model"], options=untied)
+        missing = dsd.set_model_state_dict(model, state["model"], options=options).missing_keys
     else:
-        dsd.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                           options=untied)  # fmt: skip
+        moments = {**state["optimizer"], "param_groups": param_groups}
+        missing = dsd.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=moments,
+                                     options=options).missing_keys  # fmt: skip
+    untied = set(missing) - _tied_names(model)
+    if untied:
+        raise TransferError(f"checkpoint {path.parent} does not fit this model: it lacks {sorted(untied)[:3]}")
 
 
-def _shard_state(model, optimizer) -> dict:
-    """What a sharded checkpoint holds, by name (FQN), as this process lays it out: DTensors under FSDP2."""
+def load_training_state(folder: Path, model, optimizer, trainer_state: dict) -> None:
+    """A step checkpoint's weights and optimizer state, whichever way they were saved: whole (the optimizer's in
+    the trainer state), or in shards (its moments there, its param groups in the trainer state)."""
+    if "optimizer" in trainer_state:
+        load_weights(folder, model)
+        load_optimizer_state(optimizer, trainer_state["optimizer"])
+    else:
+        _load_shards(folder / SHARDS, model, optimizer, trainer_state["optimizer_param_groups"])
+
+
+def _shard_state(model, optimizer) -> tuple[dict, list | None]:
+    """What a sharded checkpoint holds, by name (FQN), as this process lays it out (DTensors under FSDP2): tensors
+    only, the model's and the optimizer's moments; and the optimizer's param groups, kept with the trainer state."""
     from torch.distributed.checkpoint import state_dict as dsd
 
     if optimizer is None:
-        return {"model": _untied(model, dsd.get_model_state_dict(model))}
+        return {"model": _untied(model, dsd.get_model_state_dict(model))}, None
     weights, moments = dsd.get_state_dict(model, optimizer)
-    return {"model": _untied(model, weights), "optimizer": moments}
+    return {"model": _untied(model, weights), "optimizer": {"state": moments["state"]}}, moments["param_groups"]
+
+
+# what a .metadata file of torch.distributed.checkpoint may name: its own records, shapes, dtypes, paths
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        allowed = name in _METADATA_CLASSES.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        )
+        if not allowed:
+            raise UnsafeCheckpoint(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_shard_metadata(path: Path) -> None:
+    """torch reads a sharded checkpoint's .metadata with plain pickle, and any non-tensor entry with
+    torch.load(weights_only=False): a file that names anything but the metadata's own records, shapes and dtypes
+    (its entries' BytesStorageMetadata included: ours hold tensors only) is refused before torch reads it."""
+    file = path / ".metadata"
+    try:
+        with open(file, "rb") as fh:
+            _MetadataUnpickler(fh).load()
+    except UnsafeCheckpoint as e:
+        raise UnsafeCheckpoint(
+            f"resume: {file} names {e}, which the metadata of a checkpoint of ours never does; refused, since "
+            "loading it could run code (resume only from checkpoints you made)"
+        ) from None
+    except Exception as e:
+        raise TransferError(f"{file} is unreadable ({first_line(e)})") from None
 
 
 def load_parent(model, run_dir: Path):

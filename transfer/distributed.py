@@ -38,6 +38,23 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def gpu_index() -> int:
+    """This process's GPU: its local rank, among the GPUs it sees (a scheduler may show each process its own)."""
+    import torch
+
+    return local_rank() % max(1, torch.cuda.device_count())
+
+
+def bars_off() -> bool | None:
+    """tqdm's `disable`: None (shown on a terminal) on rank 0, True on the others, whose bars would repeat it."""
+    return None if is_main() else True
+
+
+def share(count: int) -> int:
+    """How many of `count` evaluation batches each process runs (distributed.my_batches)."""
+    return -(-count // world_size())
+
+
 def processes_per_job(run) -> int:
     """How many processes run each job of a command: torchrun's, or a submitit job's tasks (`run`: the config with
     its hydra node; hydra.launcher.tasks_per_node x nodes)."""
@@ -65,7 +82,7 @@ def init() -> None:
     if dist.is_initialized():
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(gpu_index())
         dist.init_process_group("cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group("gloo")
@@ -80,6 +97,28 @@ def broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def from_rank_zero(fn):
+    """`fn()` as rank 0 computes it, on every rank; its error raised on every rank, as a TransferError (the others
+    must not wait for rank 0 in a collective it never reaches). For work each rank would do alike, such as
+    checksumming a checkpoint's every shard before a resume."""
+    if not active():
+        return fn()
+    from transfer.errors import TransferError, first_line
+
+    result = error = None
+    if is_main():
+        try:
+            result = fn()
+        except TransferError as e:
+            error = str(e)
+        except Exception as e:
+            error = f"{type(e).__name__}: {first_line(e)}"
+    result, error = broadcast((result, error))
+    if error is not None:
+        raise TransferError(error)
+    return result
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -130,7 +169,7 @@ def my_batches(batches, count: int):
         if number % world_size() == rank():
             mine += 1
             yield number, batch
-    for _ in range(-(-count // world_size()) - mine):
+    for _ in range(share(count) - mine):
         yield None, first
 
 

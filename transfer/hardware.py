@@ -125,7 +125,7 @@ def resolve(cfg) -> Hardware:
             "hardware.device=cuda but no CUDA device is available here; allowed on this machine: auto, cpu"
         )
     on_gpu = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", distributed.local_rank()) if on_gpu else torch.device("cpu")  # torchrun: one GPU each
+    device = torch.device("cuda", distributed.gpu_index()) if on_gpu else torch.device("cpu")  # torchrun: one GPU each
     precision = cfg.precision.value
     if precision == "auto":  # bf16 where the GPU computes it natively; a CPU gains nothing from it
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"

@@ -32,11 +32,11 @@ def join_tasks() -> bool:
     if submitit.JobEnvironment().num_tasks < 2:
         return False
     # every task sees the node's GPUs; distributed.init picks the local rank's
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    # submitit's values win over any MASTER_* a cluster's environment left
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     distributed.init()
     if not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)
-        os.environ["TQDM_DISABLE"] = "1"
     return True
 
 

@@ -62,7 +62,8 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             log.info("%s holds a completed run: skipped (resume=true)", out_dir)
             return previous
         raise TransferError(f"{out_dir} already holds a completed run; choose another output folder (hydra.run.dir)")
-    resume_from = find_resume_point(cfg.resume, out_dir)  # verified, before anything is written
+    # verified (every file's checksum: by rank 0 alone under torchrun), before anything is written
+    resume_from = distributed.from_rank_zero(lambda: find_resume_point(cfg.resume, out_dir))
     if resume_from is not None:
         check_same_config(resume_from, cfg)
     record = {

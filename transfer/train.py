@@ -188,7 +188,8 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
 
     model.train()
     # a bar on a terminal; in a log file (nohup, a cluster) its carriage returns would flood it: lines instead
-    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=distributed.bars_off())  # fmt: skip
     pace = Pace()
     hardware.synchronize()
     started = time.perf_counter()
@@ -410,9 +411,7 @@ def _resume(folder: Path, model, optimizer, scheduler, scaler, best_weights):
     """Restore weights, optimizer, scheduler, scaler, RNG and progress from a step checkpoint."""
     state = checkpoint.load_trainer_state(folder)
     try:
-        checkpoint.load_weights(folder, model, optimizer)  # a sharded checkpoint's optimizer state is with its weights
-        if "optimizer" in state:
-            checkpoint.load_optimizer_state(optimizer, state["optimizer"])
+        checkpoint.load_training_state(folder, model, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
@@ -421,7 +420,9 @@ def _resume(folder: Path, model, optimizer, scheduler, scaler, best_weights):
     best = folder.parent / "best"
     if progress.best_step:  # step 0 is the untrained model: best_weights holds it already
         saved_step = json.loads((best / "best.json").read_text())["step"] if (best / "best.json").is_file() else None
-        problem = checkpoint.damage(best) if saved_step == progress.best_step else None
+        problem = (
+            distributed.from_rank_zero(lambda: checkpoint.damage(best)) if saved_step == progress.best_step else None
+        )
         if problem:
             log.warning("best weights of step %s are damaged (%s): the final evaluation cannot use them",
                         saved_step, problem)  # fmt: skip

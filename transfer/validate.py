@@ -386,12 +386,14 @@ def check_config(cfg: DictConfig, processes: int | None = None) -> None:
             f"distributed=fsdp shards full fine-tuning; strategy={cfg.strategy.name} trains small adapters: "
             "allowed: distributed=ddp or auto"
         )
-    processes = processes or distributed.world_size()  # a job's processes share each step's micro-batches
+    # a job's processes share each step's micro-batches: torchrun's, or a submitit job's tasks
+    where = " (hydra.launcher.tasks_per_node x nodes)" if processes and processes != distributed.world_size() else ""
+    processes = processes or distributed.world_size()
     if cfg.grad_accum_steps % processes:
         micro, accum = cfg.micro_batch_size, cfg.grad_accum_steps
         same = f", e.g. micro_batch_size={micro // processes} grad_accum_steps={accum * processes} for the same batch"
         raise TransferError(
-            f"grad_accum_steps={accum} does not divide among {processes} processes, which share each step's "
+            f"grad_accum_steps={accum} does not divide among {processes} processes{where}, which share each step's "
             f"micro-batches; allowed: a multiple of {processes}{same if micro % processes == 0 else ''}"
         )
     if cfg.max_steps is None and cfg.epochs is None:

@@ -26,7 +26,14 @@ def choice_scores(model, seqs: Sequences, n_choices: int, batch_size: int, hardw
     sums = torch.zeros(len(seqs), dtype=torch.float64)
     n_batches = -(-len(seqs) // batch_size)
     batches = distributed.my_batches(evaluation_batches(seqs, batch_size, pad_id), n_batches)
-    for number, batch in tqdm(batches, total=n_batches, desc=desc, leave=False, unit="batch", disable=None):
+    for number, batch in tqdm(
+        batches,
+        total=distributed.share(n_batches),
+        desc=desc,
+        leave=False,
+        unit="batch",
+        disable=distributed.bars_off(),
+    ):
         batch = batch.to(hardware.device)
         with hardware.autocast():
             scores = sequence_logprobs(model, batch.input_ids, batch.labels, hardware.loss_chunk_tokens or 4096)

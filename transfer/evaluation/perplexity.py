@@ -27,7 +27,14 @@ def perplexity(model, seqs: Sequences, batch_size: int, hardware, pad_id: int, d
     n_batches = -(-len(seqs) // batch_size)
     batches = distributed.my_batches(evaluation_batches(seqs, batch_size, pad_id), n_batches)
     with hardware.explain_out_of_memory(f"evaluating ({desc}) at eval_batch_size={batch_size}", fixes):
-        for number, batch in tqdm(batches, total=n_batches, desc=desc, leave=False, unit="batch", disable=None):
+        for number, batch in tqdm(
+            batches,
+            total=distributed.share(n_batches),
+            desc=desc,
+            leave=False,
+            unit="batch",
+            disable=distributed.bars_off(),
+        ):
             batch = batch.to(hardware.device)
             with hardware.autocast():
                 loss, n = summed_lm_loss(model, batch.input_ids, batch.labels, hardware.loss_chunk_tokens)
