@@ -8,10 +8,10 @@ choice as the positive class. The same evaluator scores multiple-choice question
 """
 
 import torch
-from tqdm.auto import tqdm
 
 from transfer import distributed
-from transfer.data.sequences import Sequences, evaluation_batches
+from transfer.data.sequences import Sequences
+from transfer.evaluation import my_batches
 from transfer.loss import sequence_logprobs
 
 
@@ -24,16 +24,7 @@ def choice_scores(model, seqs: Sequences, n_choices: int, batch_size: int, hardw
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(seqs), dtype=torch.float64)
-    n_batches = -(-len(seqs) // batch_size)
-    batches = distributed.my_batches(evaluation_batches(seqs, batch_size, pad_id), n_batches)
-    for number, batch in tqdm(
-        batches,
-        total=distributed.share(n_batches),
-        desc=desc,
-        leave=False,
-        unit="batch",
-        disable=distributed.bars_off(),
-    ):
+    for number, batch in my_batches(seqs, batch_size, pad_id, desc):
         batch = batch.to(hardware.device)
         with hardware.autocast():
             scores = sequence_logprobs(model, batch.input_ids, batch.labels, hardware.loss_chunk_tokens or 4096)

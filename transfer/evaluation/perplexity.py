@@ -3,10 +3,10 @@
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from transfer import distributed
-from transfer.data.sequences import Sequences, evaluation_batches
+from transfer.data.sequences import Sequences
+from transfer.evaluation import my_batches
 from transfer.loss import smaller_chunks, summed_lm_loss
 
 
@@ -24,17 +24,8 @@ def perplexity(model, seqs: Sequences, batch_size: int, hardware, pad_id: int, d
         if batch_size > 1
         else smaller_chunks(hardware.loss_chunk_tokens, longest)
     )
-    n_batches = -(-len(seqs) // batch_size)
-    batches = distributed.my_batches(evaluation_batches(seqs, batch_size, pad_id), n_batches)
     with hardware.explain_out_of_memory(f"evaluating ({desc}) at eval_batch_size={batch_size}", fixes):
-        for number, batch in tqdm(
-            batches,
-            total=distributed.share(n_batches),
-            desc=desc,
-            leave=False,
-            unit="batch",
-            disable=distributed.bars_off(),
-        ):
+        for number, batch in my_batches(seqs, batch_size, pad_id, desc):
             batch = batch.to(hardware.device)
             with hardware.autocast():
                 loss, n = summed_lm_loss(model, batch.input_ids, batch.labels, hardware.loss_chunk_tokens)
