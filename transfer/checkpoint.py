@@ -17,12 +17,14 @@ Hugging Face folder, gathered onto it alone.
 Each checkpoint is written to a temporary folder and renamed into place, so a
 killed run never leaves half a checkpoint behind, and a failed write (a full disk)
 leaves no temporary folder either. `manifest.json` holds the size and SHA-256 of
-every other file: a resume verifies them, and the weights' values, before it trusts
-a checkpoint, and falls back to the newest intact one.
+every other file: a resume verifies them, and the safetensors weights' values, before it
+trusts a checkpoint, and falls back to the newest intact one.
 
 The trainer state is read with `torch.load(weights_only=True)`: tensors and plain values
-only, so a checkpoint from elsewhere cannot run code when it is loaded; the shards are
-read by torch.distributed.checkpoint, whose format holds tensors and plain values alone.
+only, so a checkpoint from elsewhere cannot run code when it is loaded. Shards hold tensors
+only (the optimizer's param groups are in the trainer state); torch.distributed.checkpoint
+unpickles their `.metadata` without such a guard, so it is read first through a list of
+the classes it may name (check_shard_metadata).
 """
 
 import hashlib
