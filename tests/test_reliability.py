@@ -502,33 +502,66 @@ def test_fault_a_crafted_trainer_state_runs_no_code(short_run, tmp_path, handed)
     assert_nothing_lost(before, hydra_may_rewrite=True)
 
 
-@pytest.mark.parametrize("craft", ["code in the metadata", "a pickled entry"])
+CRAFTED_SHARDS = {  # what a crafted sharded checkpoint does -> what the refusal names
+    "code in the metadata": "names posix.system",
+    "a pickled entry": "names torch.distributed.checkpoint.metadata.BytesStorageMetadata",
+    "tensors read from elsewhere": "points to '../elsewhere.distcp'",
+    "state set on a class": "names state for Metadata",
+    "torch's fallback to a rank's metadata": "is no checkpoint metadata",
+}
+
+
+@pytest.mark.parametrize("craft", list(CRAFTED_SHARDS))
 def test_fault_crafted_shards_run_no_code(tmp_path, craft):
-    """torch.distributed.checkpoint reads .metadata with plain pickle, and a non-tensor entry with
-    torch.load(weights_only=False): a crafted sharded checkpoint is refused before torch reads either."""
+    """torch.distributed.checkpoint reads .metadata with plain pickle (and, when that fails, a rank's own
+    __<rank>.metadata), and a non-tensor entry with torch.load(weights_only=False): a crafted sharded checkpoint is
+    refused before torch reads any of it, and nothing it names runs."""
     import pickle
 
     import torch.distributed.checkpoint as dcp
 
-    from transfer.checkpoint import SHARDS, UnsafeCheckpoint, damage, load_weights
+    from transfer.checkpoint import SHARDS, damage, load_weights
+    from transfer.errors import TransferError, UnsafeCheckpoint
     from transfer.models import load_model_and_tokenizer
     from transfer.validate import compose_config
 
     cfg = compose_config(["model=tiny_random"])
     model, _ = load_model_and_tokenizer(cfg.model, 64)
     folder, marker = tmp_path / "step-000010", tmp_path / "code-ran"
+    shards, metadata = folder / SHARDS, folder / SHARDS / ".metadata"
     state = {"model": model.state_dict()}
     if craft == "a pickled entry":
         state["extra"] = Evil(marker)  # saved as bytes; torch would unpickle it on load
     with pytest.warns(UserWarning, match="torch.distributed is disabled"):
-        dcp.save(state, checkpoint_id=folder / SHARDS)
+        dcp.save(state, checkpoint_id=str(shards))
     if craft == "code in the metadata":
-        (folder / SHARDS / ".metadata").write_bytes(pickle.dumps(Evil(marker)))
-    named = "posix.system" if craft == "code in the metadata" else "BytesStorageMetadata"
-    for check in (damage, lambda folder: load_weights(folder, model)):
-        with pytest.raises(UnsafeCheckpoint, match=rf"\.metadata names \S*{named}, which .* never does; refused"):
-            check(folder)
+        metadata.write_bytes(pickle.dumps(Evil(marker)))
+    elif craft == "tensors read from elsewhere":
+        genuine = pickle.loads(metadata.read_bytes())
+        for info in genuine.storage_data.values():
+            info.relative_path = "../elsewhere.distcp"
+        metadata.write_bytes(pickle.dumps(genuine))
+    elif craft == "state set on a class":  # a BUILD on the Metadata class itself
+        metadata.write_bytes(b"ctorch.distributed.checkpoint.metadata\nMetadata\n}S'crafted'\nI1\nsb.")
+    elif craft == "torch's fallback to a rank's metadata":
+        metadata.write_bytes(pickle.dumps(0))  # unpickles, but is no metadata: torch would then read __0.metadata
+        (shards / "__0.metadata").write_bytes(pickle.dumps(Evil(marker)))
+    refused = CRAFTED_SHARDS[craft]
+    if craft == "torch's fallback to a rank's metadata":  # merely damaged: a resume falls back past it
+        assert refused in damage(folder)
+        with pytest.raises(TransferError, match=refused):
+            load_weights(folder, model)
+    else:
+        for check in (damage, lambda folder: load_weights(folder, model)):
+            with pytest.raises(
+                UnsafeCheckpoint,
+                match=rf"\.metadata {refused}[^:]*: the metadata of a checkpoint of ours never does; refused",
+            ):
+                check(folder)
+    from torch.distributed.checkpoint.metadata import Metadata
+
     assert not marker.exists(), "the pickle ran"
+    assert not hasattr(Metadata, "crafted")
 
 
 def test_fault_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(fast_run, tmp_path):

@@ -7,12 +7,9 @@ Layout in a run folder:
 Weights: peft strategies save only the adapter, in peft's own format (loadable with
 `PeftModel.from_pretrained`); the others save their trainable tensors
 (`trainable.safetensors`), or the whole model with checkpoint.full_model=true.
-A model FSDP2 shards over several processes is saved in shards instead: each process writes
-its own through torch.distributed.checkpoint (`sharded/`: the weights, and the optimizer's
-moments of a step checkpoint), so no process ever holds the whole state. Such a checkpoint
-resumes on any number of processes, one included: torch.distributed.checkpoint lays the
-shards out for the model that reads them. With full_model=true rank 0 also writes the
-Hugging Face folder, gathered onto it alone.
+A model FSDP2 shards over several processes is saved in shards instead (`sharded/`,
+transfer/shards.py), which resume on any number of processes; with full_model=true rank 0
+also writes the Hugging Face folder, gathered onto it alone.
 
 Each checkpoint is written to a temporary folder and renamed into place, so a
 killed run never leaves half a checkpoint behind, and a failed write (a full disk)
@@ -21,10 +18,8 @@ every other file: a resume verifies them, and the safetensors weights' values, b
 trusts a checkpoint, and falls back to the newest intact one.
 
 The trainer state is read with `torch.load(weights_only=True)`: tensors and plain values
-only, so a checkpoint from elsewhere cannot run code when it is loaded. Shards hold tensors
-only (the optimizer's param groups are in the trainer state); torch.distributed.checkpoint
-unpickles their `.metadata` without such a guard, so it is read first through a list of
-the classes it may name (check_shard_metadata).
+only, so a checkpoint from elsewhere cannot run code when it is loaded; the shards' metadata
+is read through a list of the classes it may name (shards.read_metadata).
 """
 
 import hashlib
@@ -34,14 +29,13 @@ import os
 import pickle
 import random
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from transfer import distributed
-from transfer.errors import TransferError, first_line
+from transfer.errors import TransferError, UnsafeCheckpoint, first_line
 from transfer.inputs import safetensors_problem
 from transfer.validate import config_differences
 
@@ -50,7 +44,7 @@ WEIGHT_FILES = ("adapter_model.safetensors", "trainable.safetensors", "model.saf
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "run_config.json"
 MANIFEST = "manifest.json"
-SHARDS = "sharded"  # torch.distributed.checkpoint's folder: .metadata and a __<rank>_0.distcp file per process
+SHARDS = "sharded"  # an FSDP2 model's checkpoint in shards (transfer/shards.py)
 
 
 def check_same_config(folder: Path, cfg) -> None:
@@ -113,7 +107,9 @@ def save(folder: Path, model, full_model: bool, optimizer=None, trainer_state: d
     if sharded and full_model:  # the Hugging Face folder too: gathered onto rank 0 alone
         whole = _gathered_on_rank_zero(model)
     if sharded:  # before any rank can fail alone: every rank must reach dcp.save
-        shards, groups = _shard_state(model, optimizer)
+        from transfer import shards as sharding
+
+        shards, groups = sharding.shard_state(model, optimizer)
         if trainer_state is not None and groups is not None:
             trainer_state = {**trainer_state, "optimizer_param_groups": groups}
     tmp = folder.with_name(folder.name + ".tmp")
@@ -127,7 +123,7 @@ def save(folder: Path, model, full_model: bool, optimizer=None, trainer_state: d
     problem = distributed.broadcast(problem)
     try:
         if problem is None and sharded:
-            problem = _save_shards(tmp / SHARDS, shards)
+            problem = sharding.save(tmp / SHARDS, shards)
         if problem is None and distributed.is_main():
             if trainer_state is not None and optimizer is not None and not sharded:
                 trainer_state = {**trainer_state, "optimizer": optimizer.state_dict()}
@@ -150,38 +146,10 @@ def _gathered_on_rank_zero(model) -> dict | None:
     """The whole model's state on rank 0's CPU (None elsewhere); tied weights left out by name, as HF would."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from transfer.shards import untied
+
     whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return _untied(model, whole) if distributed.is_main() else None
-
-
-def _untied(model, state: dict) -> dict:
-    """`state` without the second names of tied weights (the head that is the embedding): each tensor saved once."""
-    tied = _tied_names(model)
-    return {n: t for n, t in state.items() if n not in tied}
-
-
-def _tied_names(model) -> set[str]:
-    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-
-
-def _save_shards(path: Path, shards: dict) -> str | None:
-    """Each rank writes its shards (torch.distributed.checkpoint raises a failure on every rank); what went wrong."""
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        dcp.save(shards, checkpoint_id=path)
-    except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
-        return _failure(e)
-    return None
-
-
-def _failure(e: BaseException) -> str:
-    """The first line of what failed: a CheckpointException's first rank's error, not its list of ranks."""
-    failures = getattr(e, "failures", None)
-    if failures:
-        error = next(iter(failures.values()))
-        e = error[0] if isinstance(error, tuple) else error
-    return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    return untied(model, whole) if distributed.is_main() else None
 
 
 def _write_files(tmp: Path, folder: Path, model, sharded: bool, full_model: bool, whole, trainer_state, meta,
@@ -225,14 +193,9 @@ def _sha256(path: Path) -> str:
 def weights_bytes(folder: Path) -> int:
     """The bytes of a checkpoint's weights: its weight files, or the model's tensors among the shards."""
     if (folder / SHARDS / ".metadata").is_file() and not any((folder / f).is_file() for f in WEIGHT_FILES):
-        import torch.distributed.checkpoint as dcp
+        from transfer.shards import model_bytes
 
-        entries = dcp.FileSystemReader(folder / SHARDS).read_metadata().state_dict_metadata
-        return sum(
-            m.size.numel() * m.properties.dtype.itemsize
-            for key, m in entries.items()
-            if key.startswith("model.") and hasattr(m, "size")
-        )
+        return model_bytes(folder / SHARDS)
     return sum((folder / f).stat().st_size for f in WEIGHT_FILES if (folder / f).is_file())
 
 
@@ -260,8 +223,10 @@ def damage(folder: Path) -> str | None:
         if _sha256(path) != entry.get("sha256"):
             return f"{name}: its checksum differs from the one written with it (changed or damaged)"
     if (folder / SHARDS / ".metadata").is_file():
+        from transfer.shards import read_metadata
+
         try:
-            check_shard_metadata(folder / SHARDS)
+            read_metadata(folder / SHARDS)
         except UnsafeCheckpoint:
             raise
         except TransferError as e:
@@ -289,7 +254,9 @@ def damage(folder: Path) -> str | None:
 def load_weights(folder: Path, model) -> None:
     """Put a checkpoint's weights into a model prepared the same way (same strategy)."""
     if (folder / SHARDS / ".metadata").is_file():
-        _load_shards(folder / SHARDS, model)
+        from transfer.shards import load
+
+        load(folder / SHARDS, model)
         return
     if is_peft(model):
         from peft import set_peft_model_state_dict
@@ -306,32 +273,6 @@ def load_weights(folder: Path, model) -> None:
         raise TransferError(f"checkpoint {folder} does not fit this model: unexpected {result.unexpected_keys[:3]}")
 
 
-def _load_shards(path: Path, model, optimizer=None, param_groups=None) -> None:
-    """torch.distributed.checkpoint's shards into this model (and optimizer) as it is laid out: sharded over any
-    number of processes, or whole in one (no process group needed then)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import state_dict as dsd
-
-    check_shard_metadata(path)  # before torch unpickles it
-    state, _ = _shard_state(model, optimizer)
-    try:
-        with warnings.catch_warnings():  # one process reading shards is what we mean: torch warns that it assumes so
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load(state, checkpoint_id=path, no_dist=not distributed.active())  # fills the tensors of `state`
-    except (Exception, dcp.api.CheckpointException) as e:
-        raise TransferError(f"checkpoint {path.parent} does not fit this model ({_failure(e)})") from None
-    options = dsd.StateDictOptions(strict=False)  # a tied head is its embedding, which `state` holds
-    if optimizer is None:
-        missing = dsd.set_model_state_dict(model, state["model"], options=options).missing_keys
-    else:
-        moments = {**state["optimizer"], "param_groups": param_groups}
-        missing = dsd.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=moments,
-                                     options=options).missing_keys  # fmt: skip
-    untied = set(missing) - _tied_names(model)
-    if untied:
-        raise TransferError(f"checkpoint {path.parent} does not fit this model: it lacks {sorted(untied)[:3]}")
-
-
 def load_training_state(folder: Path, model, optimizer, trainer_state: dict) -> None:
     """A step checkpoint's weights and optimizer state, whichever way they were saved: whole (the optimizer's in
     the trainer state), or in shards (its moments there, its param groups in the trainer state)."""
@@ -339,56 +280,9 @@ def load_training_state(folder: Path, model, optimizer, trainer_state: dict) -> 
         load_weights(folder, model)
         load_optimizer_state(optimizer, trainer_state["optimizer"])
     else:
-        _load_shards(folder / SHARDS, model, optimizer, trainer_state["optimizer_param_groups"])
+        from transfer.shards import load
 
-
-def _shard_state(model, optimizer) -> tuple[dict, list | None]:
-    """What a sharded checkpoint holds, by name (FQN), as this process lays it out (DTensors under FSDP2): tensors
-    only, the model's and the optimizer's moments; and the optimizer's param groups, kept with the trainer state."""
-    from torch.distributed.checkpoint import state_dict as dsd
-
-    if optimizer is None:
-        return {"model": _untied(model, dsd.get_model_state_dict(model))}, None
-    weights, moments = dsd.get_state_dict(model, optimizer)
-    return {"model": _untied(model, weights), "optimizer": {"state": moments["state"]}}, moments["param_groups"]
-
-
-# what a .metadata file of torch.distributed.checkpoint may name: its own records, shapes, dtypes, paths
-_METADATA_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                                              "TensorStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-}  # fmt: skip
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        allowed = name in _METADATA_CLASSES.get(module, ()) or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        )
-        if not allowed:
-            raise UnsafeCheckpoint(f"{module}.{name}")
-        return super().find_class(module, name)
-
-
-def check_shard_metadata(path: Path) -> None:
-    """torch reads a sharded checkpoint's .metadata with plain pickle, and any non-tensor entry with
-    torch.load(weights_only=False): a file that names anything but the metadata's own records, shapes and dtypes
-    (its entries' BytesStorageMetadata included: ours hold tensors only) is refused before torch reads it."""
-    file = path / ".metadata"
-    try:
-        with open(file, "rb") as fh:
-            _MetadataUnpickler(fh).load()
-    except UnsafeCheckpoint as e:
-        raise UnsafeCheckpoint(
-            f"resume: {file} names {e}, which the metadata of a checkpoint of ours never does; refused, since "
-            "loading it could run code (resume only from checkpoints you made)"
-        ) from None
-    except Exception as e:
-        raise TransferError(f"{file} is unreadable ({first_line(e)})") from None
+        load(folder / SHARDS, model, optimizer, trainer_state["optimizer_param_groups"])
 
 
 def load_parent(model, run_dir: Path):
@@ -495,10 +389,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class UnsafeCheckpoint(TransferError):
-    """A trainer state that holds more than tensors and plain values: made elsewhere, never loaded."""
 
 
 def load_trainer_state(folder: Path) -> dict:

@@ -155,6 +155,8 @@ def main() -> None:
         if _plan is not None and pinned is not None:
             quiet = ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
             _plan.argv = pinned if distributed.is_main() else [*pinned, *quiet]
+        if not distributed.is_main():
+            os.environ["TQDM_DISABLE"] = "1"  # the libraries' bars (loading weights); ours ask distributed.bars_off
     if verdict is not None:
         code, line = verdict
         if distributed.is_main():

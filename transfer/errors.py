@@ -6,6 +6,10 @@ class TransferError(Exception):
     """
 
 
+class UnsafeCheckpoint(TransferError):
+    """A checkpoint file that holds more than tensors and plain values: made elsewhere, never loaded."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM: the run stops at a step boundary, says `interrupted` in its record, and can be resumed."""
 

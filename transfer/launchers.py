@@ -37,6 +37,7 @@ def join_tasks() -> bool:
     distributed.init()
     if not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)
+        os.environ["TQDM_DISABLE"] = "1"  # the libraries' bars (loading weights); ours ask distributed.bars_off
     return True
 
 
