@@ -386,6 +386,12 @@ def test_paired_differences_from_a_baseline(probe_sweep, tmp_path, capsys):
     val = [line.split("|")[4] for line in rows]  # Δ val_ppl_after: 1, 2, 3 is not significant, 5, 5.1 is
     assert "n.s." in val[0] and "n.s." not in val[1] and "Δ: this row minus strategy=full" in md
     assert "paired:" in printed and rows[0] in printed
+    # aggregated again without a baseline: that table is no longer this aggregation's, and goes
+    (tmp_path / "notes.md").write_text("mine")
+    assert main([str(probe_sweep), "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "paired.md").exists() and not (tmp_path / "paired.csv").exists()
+    assert f"removed {tmp_path / 'paired.csv'}: an earlier aggregation's" in capsys.readouterr().out
+    assert (tmp_path / "notes.md").read_text() == "mine" and (tmp_path / "comparison.md").is_file()
 
 
 def test_paired_with_one_pair_says_so_rather_than_a_p_value():

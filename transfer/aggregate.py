@@ -432,7 +432,26 @@ def write_tables(
         numbers.to_csv(written[-1], index=False)
     from transfer.plots import write_plots
 
-    return written + write_plots(jobs, table, folder)
+    written += write_plots(jobs, table, folder)
+    _remove_stale(folder, written)
+    return written
+
+
+# what an aggregation writes only sometimes (transfer/contrasts.py, transfer/plots.py): an earlier one's may be there
+OPTIONAL_OUTPUTS = ("paired.md", "paired.csv", "best_per_*.md", "best_per_*.csv", "perplexity_vs_trainable.png",
+                    "gain_vs_forgetting.png", "ci_*.png", "validation_curves.png", "time_and_memory.png",
+                    "task_metrics.png", "weight_change.png", "search_history.png")  # fmt: skip
+
+
+def _remove_stale(folder: Path, written: list[Path]) -> None:
+    """An earlier aggregation's optional tables and plots that this one did not make: left, they would pass for
+    this sweep's (a paired table of a baseline no longer asked for, a plot of jobs since removed)."""
+    made = {p.name for p in written}
+    for pattern in OPTIONAL_OUTPUTS:
+        for stale in sorted(folder.glob(pattern)):
+            if stale.name not in made and stale.is_file():
+                stale.unlink()
+                print(f"removed {stale}: an earlier aggregation's, which this one does not make")
 
 
 def aggregate(
