@@ -26,7 +26,9 @@ TINY = [
     "block_size=64", "micro_batch_size=4", "grad_accum_steps=2", "eval_batch_size=5", "eval.max_tokens=2048",
     "eval/probes=[]", "eval.max_new_tokens=4", "log_interval=1", "hardware.estimate_memory=false", "eval.cka=true",
 ]  # fmt: skip
-LORA = [*TINY, "max_steps=6", "eval_interval=3", "strategy=lora", "strategy.dropout=0"]  # dropout draws differ by rank
+LORA = [*(o for o in TINY if not o.startswith("hardware.estimate_memory")), "max_steps=6", "eval_interval=3",
+        "strategy=lora", "strategy.dropout=0",  # dropout draws differ by rank
+        "hardware.memory_limit=0.0001"]  # fmt: skip
 # validation improves by more than min_delta at steps 5, 15 and 25 (not 30): best/ is saved before the stop, read
 # back by the resume, and put back from each process's shards for the final evaluation
 FULL = [*TINY, "max_steps=30", "eval_interval=5", "checkpoint.interval=5", "early_stopping.min_delta=0.05"]
@@ -79,6 +81,11 @@ def test_two_processes_train_as_one(lora_runs):
     for split in ("validation", "test"):
         assert record["eval"]["final"][split]["loss"] == pytest.approx(single["eval"]["final"][split]["loss"], rel=1e-6)
     assert record["train"]["tokens"] == single["train"]["tokens"]  # both processes' tokens, counted once
+    # the memory estimate is rank 0's of one whole model, said so, and not judged against the limit as one process's is
+    estimate = record["memory_estimate"]
+    assert estimate["notes"][-1].startswith("one process holding the whole model, not each of torchrun's 2:")
+    assert estimate["peak_bytes"] == single["memory_estimate"]["peak_bytes"]
+    assert estimate["advice"] is None and single["memory_estimate"]["advice"].startswith("the run's estimated peak")
     assert_same_diagnostics(record, single)
 
 

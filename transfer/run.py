@@ -273,13 +273,25 @@ def data_warnings(objective, splits, cfg) -> list[str]:
 
 
 def _memory_estimate(cfg, hardware) -> dict | None:
-    """The estimated peak (transfer/memory.py), logged, and one warning line when it does not fit."""
+    """The estimated peak (transfer/memory.py), logged, and one warning line when it does not fit.
+
+    It is one process's holding the whole model. Under torchrun rank 0 makes it for all, and it is not judged
+    against the device: FSDP2 shares weights, gradients and optimizer states among the processes, DDP's buckets
+    add a copy of the gradients, and neither is modelled."""
     from transfer.memory import fits_advice, memory_limit, safe_estimate
 
-    shapes, _ = load_model_and_tokenizer(cfg.model, cfg.block_size, weights=False)  # the meta device: no weights read
-    found = safe_estimate(cfg, shapes, hardware.device, hardware.precision)
+    def estimate():
+        shapes, _ = load_model_and_tokenizer(cfg.model, cfg.block_size, weights=False)  # the meta device: no weights
+        return safe_estimate(cfg, shapes, hardware.device, hardware.precision)
+
+    found = distributed.from_rank_zero(estimate)
     if found is None:
         return None
+    if distributed.active():
+        found["notes"].append(
+            f"one process holding the whole model, not each of torchrun's {distributed.world_size()}: FSDP2 "
+            "shares weights, gradients and optimizer states among them, DDP's buckets add a copy of the gradients"
+        )
     t, gib = found["training"], 2**30
     log.info(
         "estimated peak %.3g GiB on %s: weights %.3g, gradients %.3g, optimizer %.3g, activations and "
@@ -288,8 +300,10 @@ def _memory_estimate(cfg, hardware) -> dict | None:
         t["activations"] / gib, t["activations_per_block"] / gib, t["head_and_loss"] / gib,
         found["evaluation"]["peak"] / gib,
     )  # fmt: skip
+    if distributed.active():
+        log.info("the estimate is %s", found["notes"][-1])
     limit = memory_limit(cfg, hardware.device)
-    advice = fits_advice(cfg, found, limit) if limit else None
+    advice = fits_advice(cfg, found, limit) if limit and not distributed.active() else None
     if advice:
         log.warning("%s", advice)
     return {**found, "limit_bytes": limit, "advice": advice}
