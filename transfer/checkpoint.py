@@ -310,7 +310,7 @@ def load_parent(model, run_dir: Path):
             f"init_from={str(run_dir)!r}: its final weights (step {final['step']}) are not on disk "
             "(checkpoint.enabled=false, or removed); allowed: a run that kept its checkpoints"
         )
-    problem = damage(folder)
+    problem = distributed.from_rank_zero(lambda: damage(folder))  # under torchrun: one rank checksums it
     if problem:
         raise TransferError(f"init_from={str(run_dir)!r}: {folder} is damaged ({problem})")
     if (folder / "adapter_config.json").is_file():

@@ -134,7 +134,8 @@ def any_rank(flag: bool, device) -> bool:
 
 
 def summed(value, device):
-    """A tensor summed over the ranks (a step's loss from its shares)."""
+    """A tensor summed over the ranks, on `device` (a step's loss from its shares; an evaluation's table, each rank
+    filling its own entries and zeros elsewhere)."""
     if not active():
         return value
     import torch.distributed as dist
@@ -149,11 +150,8 @@ def summed_floats(*values: float) -> list[float]:
     if not active():
         return list(values)
     import torch
-    import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)  # a CPU tensor: gloo carries it, also beside NCCL
-    dist.all_reduce(t)
-    return t.tolist()
+    return summed(torch.tensor(values, dtype=torch.float64), "cpu").tolist()  # gloo carries CPU tensors, beside NCCL
 
 
 def my_batches(batches, count: int):
@@ -171,15 +169,6 @@ def my_batches(batches, count: int):
             yield number, batch
     for _ in range(share(count) - mine):
         yield None, first
-
-
-def summed_tensor(t):
-    """A CPU tensor summed over the ranks: each fills its own entries of a table, zeros elsewhere."""
-    if active():
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
 
 
 def barrier() -> None:

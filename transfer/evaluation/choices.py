@@ -31,7 +31,7 @@ def choice_scores(model, seqs: Sequences, n_choices: int, batch_size: int, hardw
         if number is not None:
             sums[number * batch_size : number * batch_size + len(scores)] = scores.double().cpu()
     model.train(was_training)
-    return distributed.summed_tensor(sums).view(-1, n_choices)
+    return distributed.summed(sums, "cpu").view(-1, n_choices)
 
 
 def choice_metrics(scores: torch.Tensor, gold: torch.Tensor) -> dict:

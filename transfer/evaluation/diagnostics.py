@@ -239,19 +239,9 @@ def _block_outputs(model, split, indices: list[int], batch_size: int, hardware, 
 @contextlib.contextmanager
 def _swapped(model, before: dict):
     """The snapshot's weights in the model for the while, the trained ones back after: an exact round trip."""
-    params = dict(model.named_parameters())
-
-    def swap():
-        for name, saved in before.items():
-            local = distributed.local(params[name])
-            current = local.to("cpu", copy=True)
-            local.copy_(saved)
-            before[name] = current
-
-    with torch.no_grad():
-        swap()
+    trained = checkpoint.trainable_state(model)
+    checkpoint.restore_trainable(model, before)
     try:
         yield
     finally:
-        with torch.no_grad():
-            swap()
+        checkpoint.restore_trainable(model, trained)

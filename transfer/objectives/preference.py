@@ -446,7 +446,7 @@ class PreferenceOptimisation(Objective):
             rewards[batch.index] = row_rewards.double().cpu()
             logps[batch.index] = policy.double().cpu()
         model.train(was_training)
-        rewards, logps = distributed.summed_tensor(rewards), distributed.summed_tensor(logps)
+        rewards, logps = distributed.summed(rewards, "cpu"), distributed.summed(logps, "cpu")
         keys = sorted(sums)  # the same on every process: each ran at least one batch
         added = distributed.summed_floats(*(part for key in keys for part in sums[key]))
         result = {key: added[2 * i] / added[2 * i + 1] for i, key in enumerate(keys)}
