@@ -289,12 +289,11 @@ def search_history(jobs: pd.DataFrame, metric: str, path: Path) -> Path | None:
     trials = trials.sort_values("search.trial")
     lower = lower_is_better(metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for status, marker, label in (("completed", "o", "completed"), ("pruned", "x", "pruned (its last validation)")):
-        some = trials[trials["status"] == status]
+    completed, pruned = (trials[trials["status"] == status] for status in ("completed", "pruned"))
+    for some, marker, label, color in ((completed, "o", "completed", "C0"),
+                                       (pruned, "x", "pruned (its last validation)", "C3")):  # fmt: skip
         if not some.empty:
-            ax.scatter(some["search.trial"], some[metric], marker=marker, s=40, label=label,
-                       color="C0" if status == "completed" else "C3")  # fmt: skip
-    completed = trials[trials["status"] == "completed"]
+            ax.scatter(some["search.trial"], some[metric], marker=marker, s=40, label=label, color=color)
     if not completed.empty:
         best = completed[metric].cummin() if lower else completed[metric].cummax()
         ax.step(completed["search.trial"], best, where="post", color="grey", label="best so far")

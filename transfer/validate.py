@@ -128,8 +128,9 @@ def check_command_line(argv: list[str]) -> Plan | None:
         jobs = BasicSweeper.split_arguments(overrides, None)[0]
         swept = [o.key_or_group for o in overrides if o.is_sweep_override() and _is_group_or_hydra(o)]
     configs = [compose_config(overrides) for overrides in jobs[:MAX_SWEEP_JOBS_CHECKED]]
+    processes = distributed.processes_per_job(run)
     for cfg in configs:
-        check_config(cfg, distributed.processes_per_job(run))
+        check_config(cfg, processes)
     # the folder is pinned: a ${now:...} in its name must not move on to the next second before Hydra reads it
     key, out_dir = ("hydra.sweep.dir", run.hydra.sweep.dir) if args.multirun else ("hydra.run.dir", run.hydra.run.dir)
     pinned = "'" + str(out_dir).replace("\\", "\\\\").replace("'", "\\'") + "'"
