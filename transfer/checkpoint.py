@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from transfer import distributed
-from transfer.errors import TransferError, UnsafeCheckpoint, first_line
+from transfer.errors import TransferError, UnsafeCheckpoint, first_line, reason
 from transfer.inputs import safetensors_problem
 from transfer.validate import config_differences
 
@@ -119,7 +119,7 @@ def save(folder: Path, model, full_model: bool, optimizer=None, trainer_state: d
         try:
             tmp.mkdir(parents=True)
         except OSError as e:
-            problem = e.strerror or first_line(e)
+            problem = reason(e)
     problem = distributed.broadcast(problem)
     try:
         if problem is None and sharded:
@@ -178,7 +178,7 @@ def _write_files(tmp: Path, folder: Path, model, sharded: bool, full_model: bool
         os.replace(tmp, folder)
     except Exception as e:  # a full disk surfaces as OSError, safetensors' own error or torch's RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        return reason(e)
     return None
 
 

@@ -20,6 +20,16 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def reason(e: BaseException) -> str:
+    """Why a write or read failed, in a few words: an OS error's own ("No space left on device"), else the first
+    line; of torch.distributed.checkpoint's CheckpointException, its first failing rank's error, not its rank list."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))
+        e = error[0] if isinstance(error, tuple) else error
+    return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+
+
 def innermost(e: BaseException) -> BaseException:
     """The exception at the bottom of a chain of wrappers (`raise ... from`, or raised while handling)."""
     seen = {id(e)}

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageIn
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from transfer import distributed
-from transfer.errors import TransferError, UnsafeCheckpoint, first_line
+from transfer.errors import TransferError, UnsafeCheckpoint, first_line, reason
 
 SHARD_FILE = re.compile(r"__\d+_\d+\.distcp")
 
@@ -54,7 +54,7 @@ def save(path: Path, shards: dict) -> str | None:
     try:
         dcp.save(shards, checkpoint_id=str(path))  # a str: the metadata then holds no path object
     except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
-        return failure(e)
+        return reason(e)
     return None
 
 
@@ -68,7 +68,7 @@ def load(path: Path, model, optimizer=None, param_groups=None) -> None:
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             dcp.load(state, storage_reader=_Reader(path, metadata), no_dist=not distributed.active())  # fills `state`
     except (Exception, dcp.api.CheckpointException) as e:
-        raise TransferError(f"checkpoint {path.parent} does not fit this model ({failure(e)})") from None
+        raise TransferError(f"checkpoint {path.parent} does not fit this model ({reason(e)})") from None
     options = dsd.StateDictOptions(strict=False)  # a tied head is its embedding, which `state` holds
     if optimizer is None:
         missing = dsd.set_model_state_dict(model, state["model"], options=options).missing_keys
@@ -88,15 +88,6 @@ def model_bytes(path: Path) -> int:
         for key, entry in read_metadata(path).state_dict_metadata.items()
         if key.startswith("model.")
     )
-
-
-def failure(e: BaseException) -> str:
-    """The first line of what failed: a CheckpointException's first rank's error, not its list of ranks."""
-    failures = getattr(e, "failures", None)
-    if failures:
-        error = next(iter(failures.values()))
-        e = error[0] if isinstance(error, tuple) else error
-    return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
 
 
 # ---------------------------------------------------------------- reading .metadata safely
