@@ -3,6 +3,7 @@
     python benchmarks/trainer_vs_hf.py                  # CPU: reduced Qwen2-0.5B shape, fp32
     python benchmarks/trainer_vs_hf.py --device cuda    # GPU: the full Qwen2-0.5B shape, bf16, seq 1024, + MFU
     python benchmarks/trainer_vs_hf.py --device cuda --micro 16 --rows full   # another micro-batch
+    python benchmarks/trainer_vs_hf.py --device cuda hardware.compile=true    # a speed lever of ours (--hf-compile: HF's)
 
 Same model (Qwen2 widths, random weights, seed 0), same token blocks in the same
 order, micro-batch, sequence length, precision, optimizer (AdamW, torch's fused kernel
@@ -83,7 +84,8 @@ class StepClock:
             self.times[step], self.losses[step] = time.perf_counter(), value
 
 
-def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], micro: int | None) -> dict:
+def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], micro: int | None,
+           hf_compile: bool = False) -> dict:  # fmt: skip
     """One measurement, in its own process."""
     import torch
 
@@ -93,6 +95,7 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], 
     from transfer.objectives import build_objective
     from transfer.strategies import apply_strategy, parameter_report
     from transfer.train import train
+    from transfer.transforms import apply_transforms
     from transfer.validate import compose_config
 
     shape = {**SHAPES[shape_name], **({"micro": micro} if micro else {})}
@@ -100,6 +103,7 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], 
     hardware = resolve(cfg.hardware)
     model, _ = apply_strategy(build_model(model_config(shape), seed=0), cfg.strategy, seed=0)
     params = parameter_report(model)
+    transforms = apply_transforms(model, cfg)  # ours' hardware.compile / attention / gradient_checkpointing
     model.to(hardware.device)
     n_blocks = shape["steps"] * shape["micro"]
     ids = torch.randint(0, shape["vocab"], (n_blocks, shape["seq"]), generator=torch.Generator().manual_seed(0))
@@ -109,17 +113,20 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], 
     order = [stream.next() for _ in range(n_blocks)]  # the order our trainer draws them in
     hardware.reset_peak_memory()
     clock = StepClock(hardware)
+    started = time.perf_counter()
     if impl == "ours":
         train(model, objective, {"train": blocks}, cfg, hardware, writer=clock)
     else:
-        hf_train(model, blocks, order, cfg, shape, clock)
+        hf_train(model, blocks, order, cfg, shape, clock, hf_compile)
     warm, last = shape["warmup"], shape["steps"]
     seconds = clock.times[last] - clock.times[warm]
     tokens = (last - warm) * shape["micro"] * shape["seq"]
     result = {
         "impl": impl, "row": row, "tokens_per_second": tokens / seconds, "peak_memory_bytes": hardware.peak_memory()["bytes"],
         "final_loss": clock.losses[last], "trainable": params["trainable"], "total": params["total"],
-        "loss_chunk_tokens": cfg.hardware.loss_chunk_tokens,
+        "loss_chunk_tokens": cfg.hardware.loss_chunk_tokens, "transforms": transforms,
+        # from calling the trainer to its first step's end: set-up, allocations, kernel choices, compiling
+        "first_step_seconds": clock.times[1] - started,
     }  # fmt: skip
     if hardware.device.type == "cuda":
         # 6 N per token for forward and backward of the weights (2 N for frozen ones' forward only
@@ -132,7 +139,7 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], 
     return result
 
 
-def hf_train(model, blocks, order, cfg, shape, clock) -> None:
+def hf_train(model, blocks, order, cfg, shape, clock, hf_compile: bool) -> None:
     from torch.utils.data import Dataset, SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -165,14 +172,16 @@ def hf_train(model, blocks, order, cfg, shape, clock) -> None:
             adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_epsilon=opt.eps, max_grad_norm=opt.grad_clip,
             lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
             bf16=shape["precision"] == "bf16", use_cpu=cfg.hardware.device.value == "cpu", dataloader_num_workers=0,
-            disable_tqdm=True, seed=cfg.seed, optim="adamw_torch_fused",
+            disable_tqdm=True, seed=cfg.seed, optim="adamw_torch_fused", torch_compile=hf_compile,
         )  # fmt: skip
         SameOrderTrainer(model=model, args=args, train_dataset=Ordered(), callbacks=[Clock()]).train()
 
 
-def measure(impl: str, row: str, shape: str, device: str, extra: list[str], micro: int | None) -> dict:
+def measure(
+    impl: str, row: str, shape: str, device: str, extra: list[str], micro: int | None, hf_compile: bool
+) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--row", row, "--shape", shape, "--device", device,
-           *(["--micro", str(micro)] if micro else []), *extra]  # fmt: skip
+           *(["--micro", str(micro)] if micro else []), *(["--hf-compile"] if hf_compile else []), *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{impl}/{row} failed:\n{proc.stderr[-3000:]}")
@@ -189,12 +198,14 @@ def main() -> None:
     parser.add_argument(
         "ours_overrides", nargs="*", help="overrides for our runs only, e.g. hardware.loss_chunk_tokens=0"
     )
+    parser.add_argument("--hf-compile", action="store_true", help="HF's Trainer with torch_compile=True (whole model)")
     parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = args.shape or args.device
     if args.worker:
-        print(json.dumps(worker(args.worker, args.row, shape, args.device, args.ours_overrides, args.micro)))
+        print(json.dumps(worker(args.worker, args.row, shape, args.device, args.ours_overrides, args.micro,
+                                args.hf_compile)))  # fmt: skip
         return
 
     rows = args.rows.split(",")
@@ -203,19 +214,24 @@ def main() -> None:
     for r in range(args.repeats):
         for row in rows:
             for impl in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):  # A B, then B A
-                results[row, impl].append(measure(impl, row, shape, args.device, args.ours_overrides, args.micro))
-                print(f"  repeat {r + 1}/{args.repeats} {row:12s} {impl:4s} "
-                      f"{results[row, impl][-1]['tokens_per_second']:10,.0f} tok/s", file=sys.stderr, flush=True)  # fmt: skip
+                results[row, impl].append(measure(impl, row, shape, args.device, args.ours_overrides, args.micro,
+                                                  args.hf_compile))  # fmt: skip
+                last = results[row, impl][-1]  # the first repeat's first step is the one that compiles cold
+                print(f"  repeat {r + 1}/{args.repeats} {row:12s} {impl:4s} {last['tokens_per_second']:10,.0f} tok/s, "
+                      f"first step {last['first_step_seconds']:.3g} s", file=sys.stderr, flush=True)  # fmt: skip
 
     s = {**SHAPES[shape], **({"micro": args.micro} if args.micro else {})}
     chunks = results[rows[0], "ours"][0]["loss_chunk_tokens"]
-    ours_extra = f" · ours: loss_chunk_tokens={chunks}" + (
-        f", overrides {' '.join(args.ours_overrides)}" if args.ours_overrides else ""
+    ours_extra = (
+        f" · ours: loss_chunk_tokens={chunks}"
+        + (f", overrides {' '.join(args.ours_overrides)}" if args.ours_overrides else "")
+        + (" · HF: torch_compile=True" if args.hf_compile else "")
     )
     print(
         f"# {date.today()} · device {args.device} · shape {shape}: {s}{ours_extra} · {args.repeats} repeats, medians\n"
     )
-    head = "| row | trainable | ours tok/s | HF tok/s | ours/HF | ours peak MiB | HF peak MiB | ours/HF | ours loss | HF loss |"
+    head = ("| row | trainable | ours tok/s | HF tok/s | ours/HF | ours peak MiB | HF peak MiB | ours/HF | ours loss | "
+            "HF loss | ours first step s | HF first step s |")  # fmt: skip
     print(head + (" ours MFU | HF MFU |" if args.device == "cuda" else ""))
     print("|" + "---|" * (head.count("|") - 1 + (2 if args.device == "cuda" else 0)))
     disagreements = []
@@ -228,7 +244,8 @@ def main() -> None:
         if abs(loss_o - loss_h) > LOSS_RTOL * abs(loss_h):
             disagreements.append(f"{row}: ours {loss_o:.6f} vs HF {loss_h:.6f}")
         line = (f"| {row} | {ours[0]['trainable']:,} | {tps_o:,.0f} | {tps_h:,.0f} | {tps_o / tps_h:.2f} | "
-                f"{mem_o:,.0f} | {mem_h:,.0f} | {mem_o / mem_h:.2f} | {loss_o:.4f} | {loss_h:.4f} |")  # fmt: skip
+                f"{mem_o:,.0f} | {mem_h:,.0f} | {mem_o / mem_h:.2f} | {loss_o:.4f} | {loss_h:.4f} | "
+                f"{med(ours, 'first_step_seconds'):.3g} | {med(hf, 'first_step_seconds'):.3g} |")  # fmt: skip
         if args.device == "cuda":
             line += f" {med(ours, 'mfu') or 0:.1%} | {med(hf, 'mfu') or 0:.1%} |"
         print(line)

@@ -130,6 +130,7 @@ def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
         total_params=params.get("total"),
         trainable_pct=params.get("trainable_pct"),
         train_seconds=train.get("seconds"),
+        warmup_seconds=train.get("warmup_seconds"),  # of train_seconds: first steps, compiling included
         tokens_per_second=train.get("tokens_per_second"),
         contended=(train.get("machine") or {}).get("contended"),  # the run shared the CPUs: its speed says less
         samples_per_second=train.get("samples_per_second"),
@@ -329,7 +330,7 @@ DEFAULT_COLUMNS = [
     "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_log_loss_after",
     "val_reward_accuracy_before", "val_reward_accuracy_after", "val_margin_after", "val_token_kl_after",
     "test_ppl_before", "test_ppl_after", "test_auc_after", "ref_ppl_before", "ref_ppl_after", PROBES,
-    "train_seconds", "tokens_per_second", "contended", "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb",
+    "train_seconds", "warmup_seconds", "tokens_per_second", "contended", "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb",
     "best_step", "status", "error",
 ]  # fmt: skip
 # What ± means in every table that shows it; printed and written under them.
@@ -394,7 +395,7 @@ def _formatter(col: str):
         return lambda v: f"{v:,.0f}"
     if col.endswith("_pct"):
         return lambda v: f"{v:+.3g}" if "change" in col else f"{v:.3g}"
-    if col in ("tokens_per_second", "samples_per_second", "train_seconds") or col.endswith("_mb"):
+    if col in ("tokens_per_second", "samples_per_second", "train_seconds", "warmup_seconds") or col.endswith("_mb"):
         return lambda v: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
     return lambda v: f"{v:.3g}"  # perplexities, losses, accuracies
 

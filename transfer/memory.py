@@ -67,7 +67,9 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
         model.to_empty(device=fake_device)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.tie_weights()  # to_empty gives each module its own tensor: a tied head shares the embedding's again
-        apply_transforms(model, cfg)
+        apply_transforms(model, cfg, compile_blocks=False)
+        if cfg.hardware.compile:
+            notes.append("compiled blocks estimated as uncompiled ones: fused kernels keep fewer temporaries")
         model.train()
         loss._HEAD_IS_LAST[base] = True  # the probe compares values, which fake tensors lack; asked again in the run
         optimizer = build_optimizer(model, cfg.optimizer, fake_device, learning_rate(cfg)[0])

@@ -41,6 +41,13 @@ class OnOutOfMemory(Enum):
     cpu = "cpu"
 
 
+class Attention(Enum):
+    auto = "auto"  # transformers' choice: sdpa where the model has it, else eager
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
 class WeightDtype(Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -405,6 +412,14 @@ class HardwareConfig:
     on_oom: OnOutOfMemory = OnOutOfMemory.halve
     # Recompute each block's activations in the backward pass instead of keeping them: less memory, more time.
     gradient_checkpointing: bool = False
+    # The attention kernel: auto (transformers' choice: sdpa where the model has it, else eager), sdpa,
+    # eager, or flash_attention_2 (the flash-attn package; a CUDA GPU in bf16 or fp16).
+    attention: Attention = Attention.auto
+    # torch.compile each decoder block (regional: the blocks share one compiled graph). The first step and
+    # the first evaluation pay for compiling (the record's training.warmup_seconds); samples run uncompiled.
+    compile: bool = False
+    # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
+    compile_mode: str = "default"
     # GiB a run may use; null: what the device has free when the run starts. An estimated peak
     # above it is one warning line with the settings that would fit (transfer/memory.py).
     memory_limit: float | None = None

@@ -345,6 +345,8 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
         "samples": progress.samples,
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         "samples_per_second": progress.samples / seconds if seconds > 0 else None,
+        # the first step of each process's stretch: allocations, kernel choices, and compiling (hardware.compile)
+        "warmup_seconds": progress.warmup_seconds,
         # the same, without the first step of each process (allocations, kernel choices): the steady pace
         "tokens_per_second_after_first_step": (
             (tokens - progress.warmup_tokens) / (seconds - progress.warmup_seconds)

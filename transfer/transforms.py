@@ -1,14 +1,33 @@
-"""What is done to the adapted model before it trains, in order: gradient checkpointing (then, in time,
-compiling and the distributed wrap). One function, so that the order is written once."""
+"""What is done to the adapted model before it trains, in order: the attention kernel, gradient checkpointing,
+compiling each block (the distributed wrap comes after, in transfer.distributed). One function, so that the
+order is written once."""
 
-from transfer.errors import TransferError
+import contextlib
+
+import torch
+
+from transfer.errors import TransferError, first_line
 
 
-def apply_transforms(model, cfg) -> dict:
-    """Transform `model` in place as cfg.hardware says; return what the record says was done."""
-    done = {"gradient_checkpointing": False}
-    if cfg.hardware.gradient_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+def apply_transforms(model, cfg, compile_blocks: bool = True) -> dict:
+    """Transform `model` in place as cfg.hardware says; return what the record says was done.
+
+    `compile_blocks=False` leaves compiling out (the memory estimate runs the blocks uncompiled, on fake tensors).
+    """
+    from transfer.strategies import model_parts
+
+    hw = cfg.hardware
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hw.attention.value != "auto":
+        try:
+            base.set_attn_implementation(hw.attention.value)
+        except (ValueError, ImportError) as e:
+            raise TransferError(
+                f"hardware.attention={hw.attention.value}: {type(base).__name__} cannot use it here ({first_line(e)}); "
+                "allowed: auto, sdpa, eager, flash_attention_2"
+            ) from None
+    done = {"attention": base.config._attn_implementation, "gradient_checkpointing": False, "compiled": None}
+    if hw.gradient_checkpointing:
         if not getattr(base, "supports_gradient_checkpointing", False):
             raise TransferError(
                 f"hardware.gradient_checkpointing=true: {type(base).__name__} does not support it; allowed: false"
@@ -21,4 +40,20 @@ def apply_transforms(model, cfg) -> dict:
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         done["gradient_checkpointing"] = True
+    if hw.compile and compile_blocks:
+        # per block, as torchtune does: one block's code compiles once and serves every block (the weights
+        # are the graph's inputs), in seconds rather than the minutes of a whole model, and the parameter names
+        # (checkpoints) stay as they were
+        blocks = model_parts(model).blocks
+        for block in blocks:
+            block.compile(mode=hw.compile_mode)
+        done["compiled"] = {"what": "each decoder block", "blocks": len(blocks), "mode": hw.compile_mode}
     return done
+
+
+def uncompiled():
+    """Compiled blocks run as plain PyTorch inside: for generation, whose cache changes shape at every token,
+    and for forward hooks, which would each make torch.compile compile again."""
+    if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6: compiled blocks compile for these too
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")

@@ -11,7 +11,10 @@ This module must not import torch or transformers: it runs in well under a secon
 """
 
 import dataclasses
+import importlib.util
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +38,10 @@ MAX_SWEEP_JOBS_CHECKED = 512
 # only the order of float sums, and runs from before their default changed must resume)
 FREE_ON_RESUME = (
     "resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval",
-    "hardware.loss_chunk_tokens", "distributed", "search", "eval.cka", "eval.cka_blocks", "cache",
+    "hardware.loss_chunk_tokens", "hardware.attention", "hardware.compile", "hardware.compile_mode", "distributed",
+    "search", "eval.cka", "eval.cka_blocks", "cache",
 )  # fmt: skip
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # what strategy.modules_to_save may name, whatever the architecture calls them
 MODULE_ROLES = ("head", "embeddings")
 # Hydra's launcher plugins that install as extras of ours: launcher -> (extra, the modules it brings)
@@ -551,12 +556,30 @@ def check_block_count(cfg: DictConfig, depth: int | None) -> int | None:
 
 
 def check_hardware(cfg: DictConfig) -> None:
-    """A GPU where the config needs one, and no fp16 on the CPU, asked without importing torch."""
-    device, precision = cfg.hardware.device.value, cfg.hardware.precision.value
-    needs_cuda = device == "cuda" or cfg.strategy.name == "qlora"
+    """A GPU where the config needs one, no fp16 on the CPU, what compiling and the attention kernel need,
+    asked without importing torch."""
+    hw = cfg.hardware
+    device, precision, attention = hw.device.value, hw.precision.value, hw.attention.value
+    check_compile(hw)
+    flash = attention == "flash_attention_2"
+    if flash and importlib.util.find_spec("flash_attn") is None:
+        raise TransferError(
+            "hardware.attention=flash_attention_2 needs the flash-attn package, which is not installed here "
+            "(pip install flash-attn); allowed without it: auto, sdpa, eager"
+        )
+    if flash and precision == "fp32":
+        raise TransferError(
+            "hardware.attention=flash_attention_2 computes in half precision only; allowed with it: "
+            "hardware.precision=auto, bf16 or fp16"
+        )
+    needs_cuda = device == "cuda" or cfg.strategy.name == "qlora" or flash
     cuda = inputs.cuda_available() if needs_cuda or device == "auto" else False
     if cuda is not False:
         return
+    if flash:
+        raise TransferError(
+            "hardware.attention=flash_attention_2 needs a CUDA GPU and there is none here; allowed: auto, sdpa, eager"
+        )
     if device == "cuda":
         raise TransferError(
             "hardware.device=cuda but no CUDA device is available here; allowed on this machine: auto, cpu"
@@ -569,6 +592,22 @@ def check_hardware(cfg: DictConfig) -> None:
         raise TransferError(
             f"hardware.precision=fp16 on the CPU (hardware.device={device}): allowed there fp32 or bf16; "
             "fp16 autocast is slow on CPUs and needs loss scaling"
+        )
+
+
+def check_compile(hw: DictConfig) -> None:
+    if hw.compile_mode not in COMPILE_MODES:
+        raise TransferError(f"hardware.compile_mode={hw.compile_mode!r}: allowed {', '.join(COMPILE_MODES)}")
+    if hw.compile_mode != "default" and not hw.compile:
+        raise TransferError(
+            f"hardware.compile_mode={hw.compile_mode} has no effect without hardware.compile=true; set both"
+        )
+    # torch.compile's code generators build C++ (CPU), or Triton's kernel launchers (GPU), with the system's compiler
+    compiler = os.environ.get("CXX") or "g++"
+    if hw.compile and not any(shutil.which(c) for c in (compiler, "c++", "clang++")):
+        raise TransferError(
+            f"hardware.compile=true needs a C++ compiler ({compiler}, c++ or clang++, or $CXX) and none is on PATH; "
+            "install one or set hardware.compile=false"
         )
 
 

@@ -26,6 +26,7 @@ import torch
 from transfer import checkpoint, distributed
 from transfer.data.sequences import padded_batch
 from transfer.strategies import model_parts
+from transfer.transforms import uncompiled
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -224,7 +225,7 @@ def _block_outputs(model, split, indices: list[int], batch_size: int, hardware, 
         for start in range(0, len(indices), batch_size):
             rows = indices[start : start + batch_size]
             batch = padded_batch(split, rows, pad_id).to(hardware.device)
-            with hardware.autocast():
+            with hardware.autocast(), uncompiled():
                 base.get_decoder()(input_ids=batch.input_ids)
             real = torch.arange(batch.input_ids.shape[1]) < lengths[rows][:, None]  # right padding left out
             for outputs in found:

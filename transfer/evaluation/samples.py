@@ -2,6 +2,8 @@
 
 import torch
 
+from transfer.transforms import uncompiled
+
 
 @torch.no_grad()
 def generate_samples(model, tokenizer, inputs: list[dict], max_new_tokens: int, hardware) -> list[dict]:
@@ -16,7 +18,7 @@ def generate_samples(model, tokenizer, inputs: list[dict], max_new_tokens: int, 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for item in inputs:
         ids = torch.tensor([item["input_ids"]], device=hardware.device)
-        with hardware.autocast():
+        with hardware.autocast(), uncompiled():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad)  # fmt: skip
         completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
