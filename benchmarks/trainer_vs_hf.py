@@ -73,20 +73,29 @@ def overrides(row: str, shape: dict, device: str, extra: list[str]) -> list[str]
 
 
 class StepClock:
-    """Stands in for the TensorBoard writer: notes when each optimizer step has finished, and its loss."""
+    """Stands in for the TensorBoard writer: notes when each optimizer step has finished, and its loss;
+    moves the profiler, if any, on to the next step."""
 
-    def __init__(self, hardware):
-        self.hardware, self.times, self.losses = hardware, {}, {}
+    def __init__(self, hardware, profiler=None):
+        self.hardware, self.profiler, self.times, self.losses = hardware, profiler, {}, {}
 
     def add_scalar(self, tag, value, step):
         if tag == "train/loss":
-            self.hardware.synchronize()
-            self.times[step], self.losses[step] = time.perf_counter(), value
+            self.tick(step)
+            self.losses[step] = value
+
+    def tick(self, step: int) -> None:
+        self.hardware.synchronize()
+        self.times[step] = time.perf_counter()
+        if self.profiler is not None:
+            self.profiler.step()
 
 
 def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], micro: int | None,
-           hf_compile: bool = False) -> dict:  # fmt: skip
-    """One measurement, in its own process."""
+           hf_compile: bool = False, profile: int = 0) -> dict:  # fmt: skip
+    """One measurement, in its own process; `profile` > 0: under torch's profiler, with its top operations."""
+    import contextlib
+
     import torch
 
     from transfer.data.blocks import to_blocks
@@ -111,14 +120,23 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], 
     objective = build_objective(cfg, byte_tokenizer())  # the language-modelling loss; its data is made here
     stream = objective.stream(blocks, cfg.seed, 0, shape["micro"] * cfg.grad_accum_steps)
     order = [stream.next() for _ in range(n_blocks)]  # the order our trainer draws them in
-    hardware.reset_peak_memory()
-    clock = StepClock(hardware)
-    started = time.perf_counter()
-    if impl == "ours":
-        train(model, objective, {"train": blocks}, cfg, hardware, writer=clock)
-    else:
-        hf_train(model, blocks, order, cfg, shape, clock, hf_compile)
     warm, last = shape["warmup"], shape["steps"]
+    profiler = None
+    if profile:  # the timed steps only: the warm-up ones are waited out
+        kinds = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else []
+        )
+        profiler = torch.profiler.profile(
+            activities=kinds, schedule=torch.profiler.schedule(wait=warm, warmup=0, active=last - warm)
+        )
+    hardware.reset_peak_memory()
+    clock = StepClock(hardware, profiler)
+    started = time.perf_counter()
+    with profiler if profiler is not None else contextlib.nullcontext():
+        if impl == "ours":
+            train(model, objective, {"train": blocks}, cfg, hardware, writer=clock)
+        else:
+            hf_train(model, blocks, order, cfg, shape, clock, hf_compile)
     seconds = clock.times[last] - clock.times[warm]
     tokens = (last - warm) * shape["micro"] * shape["seq"]
     result = {
@@ -128,6 +146,9 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], 
         # from calling the trainer to its first step's end: set-up, allocations, kernel choices, compiling
         "first_step_seconds": clock.times[1] - started,
     }  # fmt: skip
+    if profiler is not None:
+        by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        result["profile"] = profiler.key_averages().table(sort_by=by, row_limit=profile, max_name_column_width=60)
     if hardware.device.type == "cuda":
         # 6 N per token for forward and backward of the weights (2 N for frozen ones' forward only
         # is not subtracted: MFU against the model, as commonly reported), plus attention
@@ -157,8 +178,7 @@ def hf_train(model, blocks, order, cfg, shape, clock, hf_compile: bool) -> None:
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            clock.hardware.synchronize()
-            clock.times[state.global_step] = time.perf_counter()
+            clock.tick(state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -177,11 +197,10 @@ def hf_train(model, blocks, order, cfg, shape, clock, hf_compile: bool) -> None:
         SameOrderTrainer(model=model, args=args, train_dataset=Ordered(), callbacks=[Clock()]).train()
 
 
-def measure(
-    impl: str, row: str, shape: str, device: str, extra: list[str], micro: int | None, hf_compile: bool
-) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--row", row, "--shape", shape, "--device", device,
-           *(["--micro", str(micro)] if micro else []), *(["--hf-compile"] if hf_compile else []), *extra]  # fmt: skip
+def measure(impl: str, row: str, shape: str, args, profile: int = 0) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--row", row, "--shape", shape, "--device", args.device,
+           *(["--micro", str(args.micro)] if args.micro else []), *(["--hf-compile"] if args.hf_compile else []),
+           "--profile", str(profile), *args.ours_overrides]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{impl}/{row} failed:\n{proc.stderr[-3000:]}")
@@ -199,13 +218,17 @@ def main() -> None:
         "ours_overrides", nargs="*", help="overrides for our runs only, e.g. hardware.loss_chunk_tokens=0"
     )
     parser.add_argument("--hf-compile", action="store_true", help="HF's Trainer with torch_compile=True (whole model)")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="then one more run of each under torch's profiler: its N most time-consuming operations",
+    )  # fmt: skip
     parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = args.shape or args.device
     if args.worker:
         print(json.dumps(worker(args.worker, args.row, shape, args.device, args.ours_overrides, args.micro,
-                                args.hf_compile)))  # fmt: skip
+                                args.hf_compile, args.profile)))  # fmt: skip
         return
 
     rows = args.rows.split(",")
@@ -214,8 +237,7 @@ def main() -> None:
     for r in range(args.repeats):
         for row in rows:
             for impl in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):  # A B, then B A
-                results[row, impl].append(measure(impl, row, shape, args.device, args.ours_overrides, args.micro,
-                                                  args.hf_compile))  # fmt: skip
+                results[row, impl].append(measure(impl, row, shape, args))
                 last = results[row, impl][-1]  # the first repeat's first step is the one that compiles cold
                 print(f"  repeat {r + 1}/{args.repeats} {row:12s} {impl:4s} {last['tokens_per_second']:10,.0f} tok/s, "
                       f"first step {last['first_step_seconds']:.3g} s", file=sys.stderr, flush=True)  # fmt: skip
@@ -251,6 +273,10 @@ def main() -> None:
         print(line)
     print(f"\n{time.perf_counter() - started:.0f} s in all; final losses agree within {LOSS_RTOL:g} (relative)"
           if not disagreements else f"\nFINAL LOSSES DISAGREE: {'; '.join(disagreements)}")  # fmt: skip
+    for row in rows if args.profile else ():  # separate runs: the profiler's own cost stays out of the table above
+        for impl in ("ours", "hf"):
+            found = measure(impl, row, shape, args, profile=args.profile)
+            print(f"\n## {row}, {impl}: the timed steps under torch's profiler\n\n```\n{found['profile']}```")
     if disagreements:
         sys.exit(1)
 

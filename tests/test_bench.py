@@ -14,9 +14,13 @@ def _run(script: str, *args: str) -> str:
 
 
 def test_trainer_benchmark_runs_and_losses_agree():
-    out = _run("trainer_vs_hf.py", "--shape", "tiny", "--repeats", "1", "--rows", "lora")
+    out = _run("trainer_vs_hf.py", "--shape", "tiny", "--repeats", "1", "--rows", "lora", "--profile", "1000")
     assert len([line for line in out.splitlines() if line.startswith("| lora")]) == 1
     assert "final losses agree" in out
+    for impl in ("ours", "hf"):  # the profiled runs' tables (every operation): the timed steps, 3 of the shape's 4
+        table = out.split(f"## lora, {impl}: the timed steps under torch's profiler")[1].split("```")[1]
+        calls = {line[:60].strip(): line.split()[-1] for line in table.splitlines()[3:] if line.strip()}
+        assert calls["ProfilerStep*"] == calls["Optimizer.step#AdamW.step"] == "3", table
 
 
 def test_eval_throughput_benchmark_runs_and_losses_agree():
