@@ -4,8 +4,9 @@
     python benchmarks/trainer_vs_hf.py --device cuda    # GPU: the full Qwen2-0.5B shape, bf16, seq 1024, + MFU
     python benchmarks/trainer_vs_hf.py --device cuda --micro 16 --rows full   # another micro-batch
     python benchmarks/trainer_vs_hf.py --device cuda hardware.compile=true    # a speed lever of ours (--hf-compile: HF's)
+    python benchmarks/trainer_vs_hf.py --shape cpu-small --model ../shared/models/stories260k   # a real pretrained model
 
-Same model (Qwen2 widths, random weights, seed 0), same token blocks in the same
+Same model (Qwen2 widths, random weights, seed 0; or a real pretrained one), same token blocks in the same
 order, micro-batch, sequence length, precision, optimizer (AdamW, torch's fused kernel
 as in HF's default `adamw_torch_fused`, constant rate, clipping 1.0, no decay on
 biases and norms), strategy and number of optimizer steps.
@@ -91,12 +92,12 @@ class StepClock:
             self.profiler.step()
 
 
-def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], micro: int | None,
-           hf_compile: bool = False, profile: int = 0) -> dict:  # fmt: skip
-    """One measurement, in its own process; `profile` > 0: under torch's profiler, with its top operations."""
+def worker(impl: str, row: str, shape_name: str, args) -> dict:
+    """One measurement, in its own process; `args.profile` > 0: under torch's profiler, with its top operations."""
     import contextlib
 
     import torch
+    from transformers import AutoModelForCausalLM
 
     from transfer.data.blocks import to_blocks
     from transfer.hardware import resolve
@@ -107,10 +108,18 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], 
     from transfer.transforms import apply_transforms
     from transfer.validate import compose_config
 
-    shape = {**SHAPES[shape_name], **({"micro": micro} if micro else {})}
-    cfg = compose_config(overrides(row, shape, device, extra if impl == "ours" else []))
+    device, profile = args.device, args.profile
+    shape = {**SHAPES[shape_name], **({"micro": args.micro} if args.micro else {})}
+    cfg = compose_config(overrides(row, shape, device, args.ours_overrides if impl == "ours" else []))
     hardware = resolve(cfg.hardware)
-    model, _ = apply_strategy(build_model(model_config(shape), seed=0), cfg.strategy, seed=0)
+    if args.model:  # a real pretrained model: its own architecture, widths, vocabulary and weights
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        widths = base.config
+        shape.update(layers=widths.num_hidden_layers, vocab=widths.vocab_size, hidden=widths.hidden_size)
+    else:
+        base = build_model(model_config(shape), seed=0)
+    torch.manual_seed(0)  # LoRA's A matrices start random: the same in both trainers' processes
+    model, _ = apply_strategy(base, cfg.strategy, seed=0)
     params = parameter_report(model)
     transforms = apply_transforms(model, cfg)  # ours' hardware.compile / attention / gradient_checkpointing
     model.to(hardware.device)
@@ -136,7 +145,7 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], 
         if impl == "ours":
             train(model, objective, {"train": blocks}, cfg, hardware, writer=clock)
         else:
-            hf_train(model, blocks, order, cfg, shape, clock, hf_compile)
+            hf_train(model, blocks, order, cfg, shape, clock, args.hf_compile)
     seconds = clock.times[last] - clock.times[warm]
     tokens = (last - warm) * shape["micro"] * shape["seq"]
     result = {
@@ -144,7 +153,7 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], 
         "final_loss": clock.losses[last], "trainable": params["trainable"], "total": params["total"],
         "loss_chunk_tokens": cfg.hardware.loss_chunk_tokens, "transforms": transforms,
         # from calling the trainer to its first step's end: set-up, allocations, kernel choices, compiling
-        "first_step_seconds": clock.times[1] - started,
+        "first_step_seconds": clock.times[1] - started, "shape": shape,
     }  # fmt: skip
     if profiler is not None:
         by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
@@ -152,7 +161,7 @@ def worker(impl: str, row: str, shape_name: str, device: str, extra: list[str], 
     if hardware.device.type == "cuda":
         # 6 N per token for forward and backward of the weights (2 N for frozen ones' forward only
         # is not subtracted: MFU against the model, as commonly reported), plus attention
-        n, layers, hidden, seq = params["total"], shape["layers"], 896, shape["seq"]
+        n, layers, hidden, seq = params["total"], shape["layers"], shape.get("hidden", 896), shape["seq"]
         flops_per_token = 6 * n + 12 * layers * hidden * seq
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
@@ -200,6 +209,7 @@ def hf_train(model, blocks, order, cfg, shape, clock, hf_compile: bool) -> None:
 def measure(impl: str, row: str, shape: str, args, profile: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--row", row, "--shape", shape, "--device", args.device,
            *(["--micro", str(args.micro)] if args.micro else []), *(["--hf-compile"] if args.hf_compile else []),
+           *(["--model", args.model] if args.model else []),
            "--profile", str(profile), *args.ours_overrides]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -217,6 +227,7 @@ def main() -> None:
     parser.add_argument(
         "ours_overrides", nargs="*", help="overrides for our runs only, e.g. hardware.loss_chunk_tokens=0"
     )
+    parser.add_argument("--model", help="a real pretrained model's folder (its widths replace the shape's)")
     parser.add_argument("--hf-compile", action="store_true", help="HF's Trainer with torch_compile=True (whole model)")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N",
@@ -227,8 +238,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = args.shape or args.device
     if args.worker:
-        print(json.dumps(worker(args.worker, args.row, shape, args.device, args.ours_overrides, args.micro,
-                                args.hf_compile, args.profile)))  # fmt: skip
+        print(json.dumps(worker(args.worker, args.row, shape, args)))
         return
 
     rows = args.rows.split(",")
@@ -242,7 +252,7 @@ def main() -> None:
                 print(f"  repeat {r + 1}/{args.repeats} {row:12s} {impl:4s} {last['tokens_per_second']:10,.0f} tok/s, "
                       f"first step {last['first_step_seconds']:.3g} s", file=sys.stderr, flush=True)  # fmt: skip
 
-    s = {**SHAPES[shape], **({"micro": args.micro} if args.micro else {})}
+    s = results[rows[0], "ours"][0]["shape"]  # the model's widths, with --model
     chunks = results[rows[0], "ours"][0]["loss_chunk_tokens"]
     ours_extra = (
         f" · ours: loss_chunk_tokens={chunks}"
@@ -250,7 +260,9 @@ def main() -> None:
         + (" · HF: torch_compile=True" if args.hf_compile else "")
     )
     print(
-        f"# {date.today()} · device {args.device} · shape {shape}: {s}{ours_extra} · {args.repeats} repeats, medians\n"
+        f"# {date.today()} · device {args.device} · shape {shape}: {s}"
+        + (f" · model {args.model} (pretrained)" if args.model else "")
+        + f"{ours_extra} · {args.repeats} repeats, medians\n"
     )
     head = ("| row | trainable | ours tok/s | HF tok/s | ours/HF | ours peak MiB | HF peak MiB | ours/HF | ours loss | "
             "HF loss | ours first step s | HF first step s |")  # fmt: skip

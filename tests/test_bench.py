@@ -23,6 +23,16 @@ def test_trainer_benchmark_runs_and_losses_agree():
         assert calls["ProfilerStep*"] == calls["Optimizer.step#AdamW.step"] == "3", table
 
 
+def test_trainer_benchmark_on_a_real_pretrained_model(shared):
+    model = shared / "models" / "stories260k"  # Llama, 260,032 parameters, tied embeddings
+    out = _run("trainer_vs_hf.py", "--shape", "tiny", "--repeats", "1", "--rows", "lora", "--model", str(model))
+    assert f"model {model} (pretrained)" in out and "'layers': 5, 'vocab': 512" in out
+    (row,) = [line.split("|") for line in out.splitlines() if line.startswith("| lora")]
+    assert row[2].strip() == "92,480"  # LoRA r=16 on the 7 projections of 5 blocks of width 64
+    ours, hf = float(row[9]), float(row[10])  # LoRA's A starts alike in both processes: the same losses
+    assert abs(ours - hf) <= 1e-4  # as printed, to 4 decimals (they differed by 0.05 when A did not)
+
+
 def test_eval_throughput_benchmark_runs_and_losses_agree():
     # the script exits non-zero when our loss and the plain loop's disagree
     out = _run("eval_throughput.py", "--shape", "tiny", "--blocks", "4", "--repeats", "1")

@@ -23,8 +23,11 @@ def test_compiled_blocks_train_evaluate_and_sample_as_plain_ones(tmp_path):
 
     plain = run_experiment(compose_config(RUN), tmp_path / "plain", {})
     compiled_before = counters["stats"]["unique_graphs"]
-    compiled = run_experiment(compose_config([*RUN, "hardware.compile=true"]), tmp_path / "compiled", {})
+    # with a sweep's cache, whose key runs the model too (compiled, once a layer, when it ran with a KV cache)
+    compiled = run_experiment(compose_config([*RUN, "hardware.compile=true", f"cache.dir={tmp_path / 'cache'}"]),
+                              tmp_path / "compiled", {})  # fmt: skip
     assert compiled["status"] == plain["status"] == "completed"
+    # all of it compiled: torch.compile gave up on nothing (it would be listed, as "gave_up")
     assert compiled["transforms"]["compiled"] == {"what": "each decoder block", "blocks": 4, "mode": "default"}
     assert plain["transforms"]["compiled"] is None
     # the blocks did run compiled: torch.compile captured graphs for them (training's and evaluation's)
@@ -39,6 +42,27 @@ def test_compiled_blocks_train_evaluate_and_sample_as_plain_ones(tmp_path):
     assert said(compiled) == said(plain) and len(said(plain)) == 3
     # compiling is paid in the first step, and the record says so
     assert compiled["train"]["warmup_seconds"] > plain["train"]["warmup_seconds"]
+
+
+def test_a_sweeps_next_job_compiles_afresh_and_the_record_says_when_compile_gave_up(tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from transfer import transforms
+    from transfer.run import run_experiment
+
+    cfg = compose_config([*RUN, "hardware.compile=true", "max_steps=2", "eval_interval=0"])
+    first = run_experiment(cfg, tmp_path / "first", {})  # a sweep's first job, in the same process as the next
+    assert "gave_up" not in first["transforms"]["compiled"]
+    # the next job may compile a block's code once only (a limit of 1): evaluation's version is one too many
+    monkeypatch.setattr(transforms, "RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    before = counters["stats"]["unique_graphs"]
+    second = run_experiment(cfg, tmp_path / "second", {})
+    assert counters["stats"]["unique_graphs"] > before  # compiled again, not left with the first job's versions
+    (line,) = second["transforms"]["compiled"]["gave_up"]
+    assert line.startswith("torch._dynamo hit config.recompile_limit (1)") and "function:" in line
+    losses = lambda record: [point["loss"] for point in record["train"]["loss_curve"]]  # noqa: E731
+    assert losses(second) == pytest.approx(losses(first), rel=1e-6)  # uncompiled from then on computes the same
 
 
 @pytest.mark.parametrize("strategy", ["full", "lora"])
@@ -68,10 +92,12 @@ def test_eager_attention_computes_what_sdpa_computes(strategy):
         (["hardware.compile_mode=max-autotune"],
          "hardware.compile_mode=max-autotune has no effect without hardware.compile=true; set both"),
         (["hardware.attention=flash_attention_2"], "hardware.attention=flash_attention_2 needs the flash-attn package"),
+        (["hardware=cpu", "hardware.precision=bf16", "hardware.attention=flash_attention_2"],
+         "hardware.attention=flash_attention_2 runs on a CUDA GPU, not hardware.device=cpu; allowed there: auto"),
     ],
 )  # fmt: skip
 def test_speed_settings_this_machine_cannot_use_are_one_line(overrides, message):
-    if "flash_attention_2" in overrides[0] and __import__("importlib").util.find_spec("flash_attn"):
+    if overrides[0].endswith("flash_attention_2") and __import__("importlib").util.find_spec("flash_attn"):
         pytest.skip("flash-attn is installed here")
     with pytest.raises(TransferError) as e:
         check_config(compose_config(overrides))

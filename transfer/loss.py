@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from transfer.data.sequences import IGNORE
+from transfer.transforms import uncompiled
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def _probe_head_is_last(model, base, probe: torch.Tensor) -> bool:
     was_training = model.training
     model.eval()  # no dropout: the two passes must see the same network
     try:
-        with torch.no_grad():
+        with torch.no_grad(), uncompiled():  # a one-off check: no compiled version of its own
             logits = model(input_ids=probe, use_cache=False).logits
             try:
                 direct = base.get_output_embeddings()(

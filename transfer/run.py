@@ -40,7 +40,7 @@ from transfer.record import TRAINED, write_record
 from transfer.schema import learning_rate
 from transfer.strategies import apply_strategy, check_before_loading, loading_options, parameter_report
 from transfer.train import describe_metrics, log_metrics, train
-from transfer.transforms import apply_transforms
+from transfer.transforms import apply_transforms, compile_gave_up
 
 log = logging.getLogger("transfer")
 RECORD_VERSION = 3  # 2: objectives, metrics per split by name, real tokens; 3: forgetting probes ref_<name>
@@ -215,6 +215,10 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
             record["samples"] = [{**b, "completion_after": a["completion"]} for b, a in zip(before, after, strict=True)]
             record["memory"] = hardware.peak_memory()
             record["memory_plan"] = plan.record()
+            gave_up = compile_gave_up() if record["transforms"]["compiled"] else []
+            if gave_up:  # those functions ran uncompiled from then on: the speed is not all compiled blocks'
+                record["transforms"]["compiled"]["gave_up"] = gave_up
+                log.warning("torch.compile gave up and ran uncompiled from then on: %s", "; ".join(gave_up))
             record["hardware"]["device_at_end"] = str(hardware.device)
             if writer is not None:
                 _write_samples(out_dir, writer, record["samples"])

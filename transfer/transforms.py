@@ -3,6 +3,7 @@ compiling each block (the distributed wrap comes after, in transfer.distributed)
 order is written once."""
 
 import contextlib
+import logging
 
 import torch
 
@@ -41,6 +42,11 @@ def apply_transforms(model, cfg, compile_blocks: bool = True) -> dict:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         done["gradient_checkpointing"] = True
     if hw.compile and compile_blocks:
+        # A sweep's jobs share one process: each starts from nothing, or the earlier jobs' versions of the block's
+        # code would count against this one's limit, beyond which torch.compile runs the code uncompiled.
+        torch.compiler.reset()
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        _gave_up.watch()
         # per block, as torchtune does: one block's code compiles once and serves every block (the weights
         # are the graph's inputs), in seconds rather than the minutes of a whole model, and the parameter names
         # (checkpoints) stay as they were
@@ -49,6 +55,38 @@ def apply_transforms(model, cfg, compile_blocks: bool = True) -> dict:
             block.compile(mode=hw.compile_mode)
         done["compiled"] = {"what": "each decoder block", "blocks": len(blocks), "mode": hw.compile_mode}
     return done
+
+
+# Versions of one compiled function (training's and evaluation's, batch sizes halved after out-of-memory, the last
+# short batch) before torch.compile gives up on it; its default, 8, left one run of a 4-step LoRA job 3 to spare.
+RECOMPILE_LIMIT = 32
+
+
+class _GaveUp(logging.Handler):
+    """torch.compile's one log line when it gives up on a function, which then runs uncompiled: kept for the record."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def watch(self) -> None:
+        self.lines = []
+        source = logging.getLogger("torch._dynamo.convert_frame")
+        if self not in source.handlers:
+            source.addHandler(self)
+
+    def emit(self, record) -> None:
+        message = record.getMessage()
+        if "hit config." in message:
+            self.lines.append(" ".join(line.strip() for line in message.splitlines()[:3]))
+
+
+_gave_up = _GaveUp()
+
+
+def compile_gave_up() -> list[str]:
+    """What torch.compile gave up on during this job (its own words), which then ran uncompiled."""
+    return list(_gave_up.lines)
 
 
 def uncompiled():

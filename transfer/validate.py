@@ -562,6 +562,11 @@ def check_hardware(cfg: DictConfig) -> None:
     device, precision, attention = hw.device.value, hw.precision.value, hw.attention.value
     check_compile(hw)
     flash = attention == "flash_attention_2"
+    if flash and device == "cpu":
+        raise TransferError(
+            "hardware.attention=flash_attention_2 runs on a CUDA GPU, not hardware.device=cpu; allowed there: "
+            "auto, sdpa, eager"
+        )
     if flash and importlib.util.find_spec("flash_attn") is None:
         raise TransferError(
             "hardware.attention=flash_attention_2 needs the flash-attn package, which is not installed here "
