@@ -115,7 +115,8 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
     if args.model:  # a real pretrained model: its own architecture, widths, vocabulary and weights
         base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         widths = base.config
-        shape.update(layers=widths.num_hidden_layers, vocab=widths.vocab_size, hidden=widths.hidden_size)
+        shape.update(layers=widths.num_hidden_layers, vocab=widths.vocab_size, hidden=widths.hidden_size,
+                     inter=widths.intermediate_size, heads=widths.num_attention_heads, kv=widths.num_key_value_heads)  # fmt: skip
     else:
         base = build_model(model_config(shape), seed=0)
     torch.manual_seed(0)  # LoRA's A matrices start random: the same in both trainers' processes
