@@ -181,3 +181,18 @@ def test_real_out_of_memory_is_survived_by_halving_or_moving_to_the_cpu(policy):
     else:
         assert hardware.device.type == "cpu" and next(model.parameters()).device.type == "cpu"
         assert plan.events[0]["change"] == "moved from cuda (bf16) to cpu (fp32)"
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_blocks_on_cuda_learn_as_plain_ones_and_compile_all_through(tmp_path, mode):
+    """hardware.compile on a GPU in bf16 (Triton kernels; reduce-overhead adds CUDA graphs): the same learning."""
+    from transfer.run import run_experiment
+    from transfer.validate import compose_config
+
+    run = [*ON_CUDA, "hardware.precision=bf16", "checkpoint.enabled=false"]
+    plain = run_experiment(compose_config(run), tmp_path / "plain", {})
+    compiled = run_experiment(compose_config([*run, "hardware.compile=true", f"hardware.compile_mode={mode}"]),
+                              tmp_path / "compiled", {})  # fmt: skip
+    assert compiled["transforms"]["compiled"] == {"what": "each decoder block", "blocks": 4, "mode": mode}
+    before, after = perplexities(compiled)
+    assert after == pytest.approx(perplexities(plain)[1], rel=0.02) and after < 0.5 * before
