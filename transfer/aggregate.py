@@ -40,7 +40,7 @@ _MISSING = object()  # a key a config lacks, apart from one set to null
 DEFAULT_ROOT = Path("multirun")
 # the numbers of a run that are not evaluation metrics; those are read from the record by name
 RUN_METRICS = [
-    "trainable_params", "total_params", "trainable_pct", "train_seconds", "tokens_per_second", "samples_per_second",
+    "trainable_params", "total_params", "trainable_pct", "train_seconds", "warmup_seconds", "tokens_per_second", "samples_per_second",
     "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb", "best_step", "steps",
 ]  # fmt: skip
 # what a split and a metric are called in a column: val_ppl_after, test_auc_before, ref_change_pct
