@@ -40,8 +40,8 @@ _MISSING = object()  # a key a config lacks, apart from one set to null
 DEFAULT_ROOT = Path("multirun")
 # the numbers of a run that are not evaluation metrics; those are read from the record by name
 RUN_METRICS = [
-    "trainable_params", "total_params", "trainable_pct", "train_seconds", "warmup_seconds", "tokens_per_second", "samples_per_second",
-    "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb", "best_step", "steps",
+    "trainable_params", "total_params", "trainable_pct", "train_seconds", "warmup_seconds", "tokens_per_second",
+    "samples_per_second", "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb", "best_step", "steps",
 ]  # fmt: skip
 # what a split and a metric are called in a column: val_ppl_after, test_auc_before, ref_change_pct
 SPLIT_SHORT = {"validation": "val", "test": "test", "reference": "ref"}
@@ -330,8 +330,8 @@ DEFAULT_COLUMNS = [
     "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_log_loss_after",
     "val_reward_accuracy_before", "val_reward_accuracy_after", "val_margin_after", "val_token_kl_after",
     "test_ppl_before", "test_ppl_after", "test_auc_after", "ref_ppl_before", "ref_ppl_after", PROBES,
-    "train_seconds", "warmup_seconds", "tokens_per_second", "contended", "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb",
-    "best_step", "status", "error",
+    "train_seconds", "warmup_seconds", "tokens_per_second", "contended", "peak_memory_mb", "estimated_peak_mb",
+    "checkpoint_mb", "best_step", "status", "error",
 ]  # fmt: skip
 # What ± means in every table that shows it; printed and written under them.
 CI_NOTE = (

@@ -190,9 +190,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _has_shards(folder: Path) -> bool:
+    """Whether a checkpoint holds a sharded model (transfer/shards.py), whose metadata names its tensors."""
+    return (folder / SHARDS / ".metadata").is_file()
+
+
 def weights_bytes(folder: Path) -> int:
     """The bytes of a checkpoint's weights: its weight files, or the model's tensors among the shards."""
-    if (folder / SHARDS / ".metadata").is_file() and not any((folder / f).is_file() for f in WEIGHT_FILES):
+    if _has_shards(folder) and not any((folder / f).is_file() for f in WEIGHT_FILES):
         from transfer.shards import model_bytes
 
         return model_bytes(folder / SHARDS)
@@ -222,7 +227,7 @@ def damage(folder: Path) -> str | None:
             return f"{name}: {path.stat().st_size:,} bytes where {entry.get('bytes'):,} were written (truncated?)"
         if _sha256(path) != entry.get("sha256"):
             return f"{name}: its checksum differs from the one written with it (changed or damaged)"
-    if (folder / SHARDS / ".metadata").is_file():
+    if _has_shards(folder):
         from transfer.shards import read_metadata
 
         try:
@@ -253,7 +258,7 @@ def damage(folder: Path) -> str | None:
 
 def load_weights(folder: Path, model) -> None:
     """Put a checkpoint's weights into a model prepared the same way (same strategy)."""
-    if (folder / SHARDS / ".metadata").is_file():
+    if _has_shards(folder):
         from transfer.shards import load
 
         load(folder / SHARDS, model)
