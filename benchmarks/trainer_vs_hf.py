@@ -4,6 +4,7 @@
     python benchmarks/trainer_vs_hf.py --device cuda    # GPU: the full Qwen2-0.5B shape, bf16, seq 1024, + MFU
     python benchmarks/trainer_vs_hf.py --device cuda --micro 16 --rows full   # another micro-batch
     python benchmarks/trainer_vs_hf.py --device cuda hardware.compile=true    # a speed lever of ours (--hf-compile: HF's)
+    python benchmarks/trainer_vs_hf.py --device cuda hardware.kernels=liger --hf-liger   # Liger's kernels in both
     python benchmarks/trainer_vs_hf.py --shape cpu-small --model ../shared/models/stories260k   # a real pretrained model
 
 Same model (Qwen2 widths, random weights, seed 0; or a real pretrained one), same token blocks in the same
@@ -122,7 +123,7 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
     torch.manual_seed(0)  # LoRA's A matrices start random: the same in both trainers' processes
     model, _ = apply_strategy(base, cfg.strategy, seed=0)
     params = parameter_report(model)
-    transforms = apply_transforms(model, cfg)  # ours' hardware.compile / attention / gradient_checkpointing
+    transforms = apply_transforms(model, cfg)  # ours' hardware.compile / attention / kernels / checkpointing
     model.to(hardware.device)
     n_blocks = shape["steps"] * shape["micro"]
     ids = torch.randint(0, shape["vocab"], (n_blocks, shape["seq"]), generator=torch.Generator().manual_seed(0))
@@ -146,7 +147,7 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
         if impl == "ours":
             train(model, objective, {"train": blocks}, cfg, hardware, writer=clock)
         else:
-            hf_train(model, blocks, order, cfg, shape, clock, args.hf_compile)
+            hf_train(model, blocks, order, cfg, shape, clock, args.hf_compile, args.hf_liger)
     seconds = clock.times[last] - clock.times[warm]
     tokens = (last - warm) * shape["micro"] * shape["seq"]
     result = {
@@ -170,7 +171,7 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
     return result
 
 
-def hf_train(model, blocks, order, cfg, shape, clock, hf_compile: bool) -> None:
+def hf_train(model, blocks, order, cfg, shape, clock, hf_compile: bool, hf_liger: bool) -> None:
     from torch.utils.data import Dataset, SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -203,6 +204,7 @@ def hf_train(model, blocks, order, cfg, shape, clock, hf_compile: bool) -> None:
             lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
             bf16=shape["precision"] == "bf16", use_cpu=cfg.hardware.device.value == "cpu", dataloader_num_workers=0,
             disable_tqdm=True, seed=cfg.seed, optim="adamw_torch_fused", torch_compile=hf_compile,
+            use_liger_kernel=hf_liger,
         )  # fmt: skip
         SameOrderTrainer(model=model, args=args, train_dataset=Ordered(), callbacks=[Clock()]).train()
 
@@ -210,6 +212,7 @@ def hf_train(model, blocks, order, cfg, shape, clock, hf_compile: bool) -> None:
 def measure(impl: str, row: str, shape: str, args, profile: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--row", row, "--shape", shape, "--device", args.device,
            *(["--micro", str(args.micro)] if args.micro else []), *(["--hf-compile"] if args.hf_compile else []),
+           *(["--hf-liger"] if args.hf_liger else []),
            *(["--model", args.model] if args.model else []),
            "--profile", str(profile), *args.ours_overrides]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -230,6 +233,8 @@ def main() -> None:
     )
     parser.add_argument("--model", help="a real pretrained model's folder (its widths replace the shape's)")
     parser.add_argument("--hf-compile", action="store_true", help="HF's Trainer with torch_compile=True (whole model)")
+    parser.add_argument("--hf-liger", action="store_true",
+                        help="HF's Trainer with use_liger_kernel=True (ours: the override hardware.kernels=liger)")  # fmt: skip
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N",
         help="then one more run of each under torch's profiler: its N most time-consuming operations",
@@ -259,6 +264,7 @@ def main() -> None:
         f" · ours: loss_chunk_tokens={chunks}"
         + (f", overrides {' '.join(args.ours_overrides)}" if args.ours_overrides else "")
         + (" · HF: torch_compile=True" if args.hf_compile else "")
+        + (" · HF: use_liger_kernel=True" if args.hf_liger else "")
     )
     print(
         f"# {date.today()} · device {args.device} · shape {shape}: {s}"

@@ -7,6 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton's kernels (Liger's, hardware.kernels=liger) run on a CPU only in Triton's interpreter, which Triton chooses
+# when a kernel is defined: before any test imports one. A GPU runs them compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Small, fast settings for real runs of the default experiment on a CPU.
 FAST = [

@@ -1,5 +1,7 @@
 """The benchmark scripts run, so they cannot rot (tiny shapes; no time is asserted)."""
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,15 @@ def test_trainer_benchmark_on_a_real_pretrained_model(shared):
     assert row[2].strip() == "92,480"  # LoRA r=16 on the 7 projections of 5 blocks of width 64
     ours, hf = float(row[9]), float(row[10])  # LoRA's A starts alike in both processes: the same losses
     assert abs(ours - hf) <= 1e-4  # as printed, to 4 decimals (they differed by 0.05 when A did not)
+
+
+def test_head_loss_benchmark_runs_and_the_ways_agree():
+    # Liger's kernels on a CPU in Triton's interpreter (conftest sets it where there is no GPU)
+    liger = importlib.util.find_spec("liger_kernel") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+    out = _run("head_loss.py", "--tokens", "64", "--vocab", "1000", "--repeats", "1", *(["--liger"] if liger else []))
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "way" not in line]
+    assert rows == ["autograd", "ours", *(["liger"] if liger else [])]
+    assert "losses and gradients agree with ours" in out  # the script exits non-zero otherwise
 
 
 def test_eval_throughput_benchmark_runs_and_losses_agree():

@@ -196,3 +196,49 @@ def test_compiled_blocks_on_cuda_learn_as_plain_ones_and_compile_all_through(tmp
     assert compiled["transforms"]["compiled"] == {"what": "each decoder block", "blocks": 4, "mode": mode}
     before, after = perplexities(compiled)
     assert after == pytest.approx(perplexities(plain)[1], rel=0.02) and after < 0.5 * before
+
+
+liger = pytest.mark.skipif(__import__("importlib").util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+
+
+@liger
+def test_liger_kernels_on_cuda_learn_as_ours_and_the_next_job_runs_transformers_own(tmp_path):
+    """hardware.kernels=liger in bf16: Liger's norms, MLPs, RoPE and fused loss learn as PyTorch's and ours do, and a
+    later job of the same process (a sweep's) runs transformers' own functions again."""
+    import sys
+
+    from transformers import Qwen2ForCausalLM
+
+    from transfer.run import run_experiment
+    from transfer.validate import compose_config
+
+    modeling = sys.modules[Qwen2ForCausalLM.__module__]
+    rope = modeling.apply_rotary_pos_emb
+    run = [*ON_CUDA, "hardware.precision=bf16", "checkpoint.enabled=false"]
+    fast = run_experiment(compose_config([*run, "hardware.kernels=liger"]), tmp_path / "liger", {})
+    assert fast["transforms"]["kernels"]["modules"] == 13 and modeling.apply_rotary_pos_emb is not rope
+    plain = run_experiment(compose_config(run), tmp_path / "plain", {})
+    assert plain["transforms"]["kernels"] == "torch" and modeling.apply_rotary_pos_emb is rope
+    before, after = perplexities(fast)
+    assert after == pytest.approx(perplexities(plain)[1], rel=0.02) and after < 0.5 * before
+
+
+@liger
+def test_ligers_fused_loss_on_cuda_matches_ours_in_bf16():
+    from transfer import loss
+    from transfer.models import load_model_and_tokenizer
+    from transfer.validate import compose_config
+
+    model, _ = load_model_and_tokenizer(compose_config(["strategy=full"]).model, 128)
+    model.cuda()
+    ids = torch.randint(0, 257, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    ours = loss_and_grads(model, ids, ids, 4096, autocast=torch.bfloat16)
+    loss.LIGER_HEADS.add(model.get_output_embeddings())
+    try:
+        theirs = loss_and_grads(model, ids, ids, 4096, autocast=torch.bfloat16)
+    finally:
+        loss.LIGER_HEADS.discard(model.get_output_embeddings())
+    assert theirs[1] == ours[1] == 4 * 127
+    torch.testing.assert_close(theirs[0], ours[0], rtol=2e-3, atol=0)
+    for name, grad in ours[2].items():
+        assert torch.linalg.norm(theirs[2][name] - grad) <= 3e-2 * torch.linalg.norm(grad), name

@@ -37,7 +37,12 @@ def test_gradient_checkpointing_keeps_less_and_computes_the_same(strategy):
         model, _ = load_model_and_tokenizer(cfg.model, 128)
         torch.manual_seed(0)  # LoRA's A matrices start random: the same in both, as a run's seed makes them
         model, _ = apply_strategy(model, cfg.strategy, seed=0)
-        assert apply_transforms(model, cfg) == {"attention": "sdpa", "gradient_checkpointing": on, "compiled": None}
+        assert apply_transforms(model, cfg) == {
+            "attention": "sdpa",
+            "kernels": "torch",
+            "gradient_checkpointing": on,
+            "compiled": None,
+        }
         model.train()
         results[on] = (saved_for_backward(model, ids), loss_and_grads(model, ids, ids, 4096))
     (kept_plain, (loss_plain, _, grads_plain)), (kept_ckpt, (loss_ckpt, _, grads_ckpt)) = results[False], results[True]

@@ -1,10 +1,16 @@
-"""Speed levers (hardware.compile, hardware.attention): each computes what the plain run computes, and the
+"""Speed levers (hardware.compile, hardware.attention, hardware.kernels): each computes what the plain run computes, and the
 record says which was used. How much faster they are is a benchmark's question (docs/benchmarks.md)."""
+
+import importlib.metadata
+import importlib.util
+import sys
 
 import pytest
 import torch
 from conftest import loss_and_grads
 
+from transfer import loss
+from transfer.data.sequences import IGNORE
 from transfer.errors import TransferError
 from transfer.models import load_model_and_tokenizer
 from transfer.strategies import apply_strategy
@@ -14,6 +20,7 @@ from transfer.validate import check_config, compose_config
 RUN = ["strategy=lora", "strategy.dropout=0", "block_size=64", "max_steps=4", "eval_interval=2",
        "eval.max_tokens=1024", "eval.max_new_tokens=3", "optimizer.warmup_ratio=0", "checkpoint.enabled=false",
        "hardware=cpu", "hardware.estimate_memory=false"]  # fmt: skip
+needs_liger = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed")
 
 
 def test_compiled_blocks_train_evaluate_and_sample_as_plain_ones(tmp_path):
@@ -102,6 +109,94 @@ def test_speed_settings_this_machine_cannot_use_are_one_line(overrides, message)
     with pytest.raises(TransferError) as e:
         check_config(compose_config(overrides))
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_liger_without_a_gpu_is_one_line():
+    with pytest.raises(TransferError) as e:
+        check_config(compose_config(["hardware=cpu", "hardware.kernels=liger"]))
+    assert str(e.value) == "hardware.kernels=liger runs Triton kernels on a CUDA GPU, not hardware.device=cpu; " \
+        "allowed there: torch"  # fmt: skip
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(TransferError) as e:  # hardware=auto, on this machine
+        check_config(compose_config(["hardware.kernels=liger"]))
+    if not all(importlib.util.find_spec(name) for name in ("liger_kernel", "triton")):
+        assert str(e.value).startswith(
+            "hardware.kernels=liger needs the liger-kernel package (and triton), which is not"
+        )
+    else:
+        assert str(e.value) == "hardware.kernels=liger needs a CUDA GPU and there is none here; allowed: torch"
+
+
+@needs_liger
+def test_liger_patches_its_model_alone_and_the_next_job_gets_transformers_own_code():
+    from transformers import Qwen2ForCausalLM
+
+    modeling = sys.modules[Qwen2ForCausalLM.__module__]
+    names = ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP")
+    own = {name: getattr(modeling, name) for name in names}
+    cfg = compose_config(["strategy=lora", "hardware.kernels=liger"])
+    model, _ = load_model_and_tokenizer(cfg.model, 64)
+    model, _ = apply_strategy(model, cfg.strategy, seed=0)
+    described = {"name": "liger", "version": importlib.metadata.version("liger-kernel"), "model_type": "qwen2"}
+    assert apply_transforms(model, cfg, estimate=True)["kernels"] == described  # the estimate's: checked, not patched
+    assert not any("forward" in vars(m) for m in model.modules())
+    done = apply_transforms(model, cfg)["kernels"]
+    # each of the 4 blocks' MLP and two norms, and the final norm; the rotary embedding is a function of the module
+    assert done == {**described, "modules": 4 * 3 + 1, "functions": ["apply_rotary_pos_emb"],
+                    "loss": "fused linear cross-entropy"}  # fmt: skip
+    assert model.get_base_model().get_output_embeddings() in loss.LIGER_HEADS
+    # a model built after it (a sweep's next job, in the same process) is transformers' own
+    assert modeling.Qwen2RMSNorm is own["Qwen2RMSNorm"] and modeling.Qwen2MLP is own["Qwen2MLP"]
+    assert modeling.apply_rotary_pos_emb is not own["apply_rotary_pos_emb"]  # called at every step of this job
+    plain = compose_config(["strategy=lora"])
+    later, _ = load_model_and_tokenizer(plain.model, 64)
+    assert apply_transforms(later, plain)["kernels"] == "torch"
+    assert {name: getattr(modeling, name) for name in names} == own
+    assert not any("forward" in vars(m) for m in later.modules())
+    assert later.get_output_embeddings() not in loss.LIGER_HEADS
+
+
+@needs_liger
+def test_liger_refuses_a_model_it_has_no_kernels_for_in_one_line():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(TransferError) as e:  # in the memory estimate: before the run reads a weight
+        apply_transforms(model, compose_config(["hardware.kernels=liger"]), estimate=True)
+    assert str(e.value) == "hardware.kernels=liger: liger-kernel has no kernels for GPT2LMHeadModel (model type " \
+        "'gpt2'); allowed for it: torch"  # fmt: skip
+
+
+@needs_liger
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's check, in Triton's interpreter; test_cuda runs it")
+@pytest.mark.parametrize("scored", ["every-token", "answers-only"])
+def test_ligers_fused_loss_computes_ours(scored):
+    """Liger's fused linear cross-entropy, as training's loss, equals ours: the same sum, count and gradients,
+    with prompt positions (IGNORE) left out. On a CPU its Triton kernels run in Triton's interpreter (conftest)."""
+    cfg = compose_config(["strategy=full"])
+    model, _ = load_model_and_tokenizer(cfg.model, 64)
+    ids = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(0))
+    labels = ids if scored == "every-token" else ids.clone().index_fill_(1, torch.arange(10), IGNORE)
+    head = model.get_output_embeddings()
+    ours = loss_and_grads(model, ids, labels, 4096)
+    loss.LIGER_HEADS.add(head)
+    try:
+        import liger_kernel.transformers as liger
+
+        calls = []
+        with pytest.MonkeyPatch.context() as patch:  # it is Liger's that runs
+            forward = liger.LigerFusedLinearCrossEntropyLoss.forward
+            patch.setattr(liger.LigerFusedLinearCrossEntropyLoss, "forward",
+                          lambda self, *a: calls.append(a) or forward(self, *a))  # fmt: skip
+            theirs = loss_and_grads(model, ids, labels, 4096)
+        assert len(calls) == 1
+    finally:
+        loss.LIGER_HEADS.discard(head)
+    assert theirs[1] == ours[1] == (94 if scored == "every-token" else 76)
+    torch.testing.assert_close(theirs[0], ours[0], rtol=1e-6, atol=0)
+    for name, grad in ours[2].items():
+        assert torch.linalg.norm(theirs[2][name] - grad) <= 1e-5 * torch.linalg.norm(grad), name
 
 
 def test_compile_without_a_cxx_compiler_is_one_line(monkeypatch):

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 SMALL_CHUNK_TOKENS = 1024
 # per model: does forward() return the head's output as it is? (see _logits_are_the_head)
 _HEAD_IS_LAST = weakref.WeakKeyDictionary()
+# heads whose training loss is Liger's fused linear cross-entropy (hardware.kernels=liger, transfer/transforms.py)
+LIGER_HEADS = weakref.WeakSet()
 
 
 def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0,
@@ -55,13 +57,20 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     fused = type(head) is torch.nn.Linear and head.bias is None and torch.is_grad_enabled()
+    liger = fused and head in LIGER_HEADS  # it chunks by itself
     one_chunk = (targets.numel() if all_scored else count) <= chunk_tokens
-    if not chunk_tokens or (one_chunk and not fused) or not _logits_are_the_head(model, base, input_ids):
+    if not (chunk_tokens or liger) or (one_chunk and not fused) or not _logits_are_the_head(model, base, input_ids):
         logits = model(**inputs).logits
         return _loss(logits.flatten(0, 1), targets), count
     hidden = base.get_decoder()(**inputs).last_hidden_state.flatten(0, 1)
     if keep is not None:
         hidden, targets = hidden[keep], targets[keep]
+    if liger:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")(
+            head.weight, hidden, targets
+        ), count
     if fused:
         return _FusedHeadLoss.apply(hidden, head.weight, targets, chunk_tokens), count
     # recomputed in the backward pass when there is one; plainly computed in evaluation

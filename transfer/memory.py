@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from transfer.errors import first_line
+from transfer.errors import TransferError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,11 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
         model.to_empty(device=fake_device)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.tie_weights()  # to_empty gives each module its own tensor: a tied head shares the embedding's again
-        apply_transforms(model, cfg, compile_blocks=False)
+        apply_transforms(model, cfg, estimate=True)
         if cfg.hardware.compile:
             notes.append("compiled blocks estimated as uncompiled ones: fused kernels keep fewer temporaries")
+        if cfg.hardware.kernels.value == "liger":
+            notes.append("Liger's kernels estimated as PyTorch's, and its loss as ours: an upper bound")
         model.train()
         loss._HEAD_IS_LAST[base] = True  # the probe compares values, which fake tensors lack; asked again in the run
         optimizer = build_optimizer(model, cfg.optimizer, fake_device, learning_rate(cfg)[0])
@@ -274,6 +276,8 @@ def safe_estimate(cfg, shapes, device, precision) -> dict | None:
     try:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
             return estimate(cfg, shapes, device, precision)
+    except TransferError:  # a setting this model cannot take: said before its weights are read
+        raise
     except Exception as e:  # an estimate is advice: a run never fails for want of one
         log.info("no memory estimate for this config: %s: %s", type(e).__name__, first_line(e))
         return None

@@ -48,6 +48,11 @@ class Attention(Enum):
     flash_attention_2 = "flash_attention_2"
 
 
+class Kernels(Enum):
+    torch = "torch"  # PyTorch's own operations, and our fused loss (transfer/loss.py)
+    liger = "liger"  # Liger's Triton kernels: RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (a CUDA GPU)
+
+
 class WeightDtype(Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -420,6 +425,9 @@ class HardwareConfig:
     compile: bool = False
     # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
     compile_mode: str = "default"
+    # The kernels of the blocks' norms, MLPs and rotary embeddings and of the training loss: torch, or liger
+    # (the liger-kernel package, on a CUDA GPU; transfer/transforms.py).
+    kernels: Kernels = Kernels.torch
     # GiB a run may use; null: what the device has free when the run starts. An estimated peak
     # above it is one warning line with the settings that would fit (transfer/memory.py).
     memory_limit: float | None = None

@@ -1,24 +1,28 @@
-"""What is done to the adapted model before it trains, in order: the attention kernel, gradient checkpointing,
-compiling each block (the distributed wrap comes after, in transfer.distributed). One function, so that the
-order is written once."""
+"""What is done to the adapted model before it trains, in order: the attention kernel, Liger's kernels, gradient
+checkpointing, compiling each block (the distributed wrap comes after, in transfer.distributed). One function, so
+that the order is written once."""
 
 import contextlib
+import importlib.metadata
 import logging
+import sys
 
 import torch
 
 from transfer.errors import TransferError, first_line
 
 
-def apply_transforms(model, cfg, compile_blocks: bool = True) -> dict:
+def apply_transforms(model, cfg, estimate: bool = False) -> dict:
     """Transform `model` in place as cfg.hardware says; return what the record says was done.
 
-    `compile_blocks=False` leaves compiling out (the memory estimate runs the blocks uncompiled, on fake tensors).
+    `estimate=True` checks the settings but leaves out compiling and Liger's kernels: the memory estimate runs the
+    model uncompiled, on fake tensors, which Triton's kernels cannot take.
     """
     from transfer.strategies import model_parts
 
     hw = cfg.hardware
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _undo_liger()  # what an earlier job of this process patched in transformers' modules
     if hw.attention.value != "auto":
         try:
             base.set_attn_implementation(hw.attention.value)
@@ -27,7 +31,10 @@ def apply_transforms(model, cfg, compile_blocks: bool = True) -> dict:
                 f"hardware.attention={hw.attention.value}: {type(base).__name__} cannot use it here ({first_line(e)}); "
                 "allowed: auto, sdpa, eager, flash_attention_2"
             ) from None
-    done = {"attention": base.config._attn_implementation, "gradient_checkpointing": False, "compiled": None}
+    done = {"attention": base.config._attn_implementation, "kernels": "torch", "gradient_checkpointing": False,
+            "compiled": None}  # fmt: skip
+    if hw.kernels.value == "liger":
+        done["kernels"] = _apply_liger(base, patch=not estimate)
     if hw.gradient_checkpointing:
         if not getattr(base, "supports_gradient_checkpointing", False):
             raise TransferError(
@@ -41,7 +48,7 @@ def apply_transforms(model, cfg, compile_blocks: bool = True) -> dict:
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         done["gradient_checkpointing"] = True
-    if hw.compile and compile_blocks:
+    if hw.compile and not estimate:
         # A sweep's jobs share one process: each starts from nothing, or the earlier jobs' versions of the block's
         # code would count against this one's limit, beyond which torch.compile runs the code uncompiled.
         torch.compiler.reset()
@@ -55,6 +62,56 @@ def apply_transforms(model, cfg, compile_blocks: bool = True) -> dict:
             block.compile(mode=hw.compile_mode)
         done["compiled"] = {"what": "each decoder block", "blocks": len(blocks), "mode": hw.compile_mode}
     return done
+
+
+# transformers' module attributes that Liger replaced: (module, name) -> the original (_GONE: there was none)
+_LIGER_REPLACED = {}
+_GONE = object()
+
+
+def _apply_liger(base, patch: bool) -> dict:
+    """Liger's kernels in `base`'s norms, MLPs and rotary embeddings, and its fused linear cross-entropy as the
+    training loss (transfer/loss.py). Liger replaces the modeling module's classes and functions, for every model
+    of the type in the process: the classes go back at once (the model is built), the functions that the blocks
+    call at each step go back when the next job of the process starts (_undo_liger)."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    from transfer import loss
+
+    model_type = base.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise TransferError(
+            f"hardware.kernels=liger: liger-kernel has no kernels for {type(base).__name__} (model type "
+            f"{model_type!r}); allowed for it: torch"
+        )
+    done = {"name": "liger", "version": importlib.metadata.version("liger-kernel"), "model_type": model_type}
+    if not patch:
+        return done
+    module = sys.modules[type(base).__module__]
+    before = dict(vars(module))
+    own_forward = sum("forward" in vars(m) for m in base.modules())
+    # the loss is ours to choose (below): the model's own forward() and cross-entropy stay as they are
+    _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
+    replaced = sorted(name for name, value in vars(module).items() if before.get(name, _GONE) is not value)
+    for name in replaced:
+        original = before.get(name, _GONE)
+        _LIGER_REPLACED.setdefault((module, name), original)
+        if isinstance(original, type):
+            setattr(module, name, original)
+    loss.LIGER_HEADS.add(base.get_output_embeddings())
+    done["modules"] = sum("forward" in vars(m) for m in base.modules()) - own_forward
+    done["functions"] = [name for name in replaced if not isinstance(before.get(name), type)]
+    done["loss"] = "fused linear cross-entropy"
+    return done
+
+
+def _undo_liger() -> None:
+    for (module, name), original in _LIGER_REPLACED.items():
+        if original is _GONE:
+            delattr(module, name)
+        else:
+            setattr(module, name, original)
+    _LIGER_REPLACED.clear()
 
 
 # Versions of one compiled function (training's and evaluation's, batch sizes halved after out-of-memory, the last

@@ -38,8 +38,8 @@ MAX_SWEEP_JOBS_CHECKED = 512
 # only the order of float sums, and runs from before their default changed must resume)
 FREE_ON_RESUME = (
     "resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval",
-    "hardware.loss_chunk_tokens", "hardware.attention", "hardware.compile", "hardware.compile_mode", "distributed",
-    "search", "eval.cka", "eval.cka_blocks", "cache",
+    "hardware.loss_chunk_tokens", "hardware.attention", "hardware.compile", "hardware.compile_mode", "hardware.kernels",
+    "distributed", "search", "eval.cka", "eval.cka_blocks", "cache",
 )  # fmt: skip
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # what strategy.modules_to_save may name, whatever the architecture calls them
@@ -577,7 +577,16 @@ def check_hardware(cfg: DictConfig) -> None:
             "hardware.attention=flash_attention_2 computes in half precision only; allowed with it: "
             "hardware.precision=auto, bf16 or fp16"
         )
-    needs_cuda = device == "cuda" or cfg.strategy.name == "qlora" or flash
+    liger = hw.kernels.value == "liger"
+    if liger and device == "cpu":
+        raise TransferError("hardware.kernels=liger runs Triton kernels on a CUDA GPU, not hardware.device=cpu; "
+                            "allowed there: torch")  # fmt: skip
+    if liger and (importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is None):
+        raise TransferError(
+            "hardware.kernels=liger needs the liger-kernel package (and triton), which is not installed here "
+            "(pip install -e '.[liger]'); allowed without it: torch"
+        )
+    needs_cuda = device == "cuda" or cfg.strategy.name == "qlora" or flash or liger
     cuda = inputs.cuda_available() if needs_cuda or device == "auto" else False
     if cuda is not False:
         return
@@ -585,6 +594,8 @@ def check_hardware(cfg: DictConfig) -> None:
         raise TransferError(
             "hardware.attention=flash_attention_2 needs a CUDA GPU and there is none here; allowed: auto, sdpa, eager"
         )
+    if liger:
+        raise TransferError("hardware.kernels=liger needs a CUDA GPU and there is none here; allowed: torch")
     if device == "cuda":
         raise TransferError(
             "hardware.device=cuda but no CUDA device is available here; allowed on this machine: auto, cpu"
