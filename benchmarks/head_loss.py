@@ -40,7 +40,7 @@ def ours_loss(hidden, weight, targets, chunk):
 def liger_loss(hidden, weight, targets, chunk):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets)
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum", accum_dtype=torch.float32)(weight, hidden, targets)
 
 
 WAYS = {"autograd": autograd_loss, "ours": ours_loss, "liger": liger_loss}

@@ -138,13 +138,13 @@ def test_liger_patches_its_model_alone_and_the_next_job_gets_transformers_own_co
     cfg = compose_config(["strategy=lora", "hardware.kernels=liger"])
     model, _ = load_model_and_tokenizer(cfg.model, 64)
     model, _ = apply_strategy(model, cfg.strategy, seed=0)
-    described = {"name": "liger", "version": importlib.metadata.version("liger-kernel"), "model_type": "qwen2"}
+    described = {"name": "liger", "version": importlib.metadata.version("liger-kernel"), "model_type": "qwen2",
+                 "loss": "Liger's fused linear cross-entropy, where the logits are the head's output"}  # fmt: skip
     assert apply_transforms(model, cfg, estimate=True)["kernels"] == described  # the estimate's: checked, not patched
     assert not any("forward" in vars(m) for m in model.modules())
     done = apply_transforms(model, cfg)["kernels"]
     # each of the 4 blocks' MLP and two norms, and the final norm; the rotary embedding is a function of the module
-    assert done == {**described, "modules": 4 * 3 + 1, "functions": ["apply_rotary_pos_emb"],
-                    "loss": "fused linear cross-entropy"}  # fmt: skip
+    assert done == {**described, "modules": 4 * 3 + 1, "functions": ["apply_rotary_pos_emb"]}
     assert model.get_base_model().get_output_embeddings() in loss.LIGER_HEADS
     # a model built after it (a sweep's next job, in the same process) is transformers' own
     assert modeling.Qwen2RMSNorm is own["Qwen2RMSNorm"] and modeling.Qwen2MLP is own["Qwen2MLP"]
@@ -166,6 +166,50 @@ def test_liger_refuses_a_model_it_has_no_kernels_for_in_one_line():
         apply_transforms(model, compose_config(["hardware.kernels=liger"]), estimate=True)
     assert str(e.value) == "hardware.kernels=liger: liger-kernel has no kernels for GPT2LMHeadModel (model type " \
         "'gpt2'); allowed for it: torch"  # fmt: skip
+
+
+@needs_liger
+@pytest.mark.parametrize(
+    "overrides, loss_used",
+    [
+        (["objective=dpo", "dataset=hh_rlhf_harmless"], "dpo's own, from sequence log-probabilities"),
+        (["strategy.modules_to_save=[head]"],
+         "ours: Liger's fused loss takes a bias-free torch.nn.Linear head, not ModulesToSaveWrapper"),
+    ],
+)  # fmt: skip
+def test_the_record_says_which_loss_liger_leaves_to_whom(overrides, loss_used):
+    cfg = compose_config(["strategy=lora", "hardware.kernels=liger", *overrides])
+    model, _ = load_model_and_tokenizer(cfg.model, 64)
+    model, _ = apply_strategy(model, cfg.strategy, seed=0)
+    assert apply_transforms(model, cfg, estimate=True)["kernels"]["loss"] == loss_used
+
+
+class _OwnQwen2(__import__("transformers").Qwen2ForCausalLM):
+    """A model class of its own module, as trust_remote_code loads one."""
+
+
+@needs_liger
+def test_liger_refuses_what_its_kernels_would_not_patch_or_would_change_in_one_line(monkeypatch):
+    from transformers import Qwen2Config
+
+    cfg = compose_config(["hardware.kernels=liger"])
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    with pytest.raises(TransferError) as e:
+        apply_transforms(_OwnQwen2(Qwen2Config(**tiny)), cfg, estimate=True)
+    assert str(e.value) == f"hardware.kernels=liger: _OwnQwen2 is the model's own code ({__name__}, " \
+        "trust_remote_code), which Liger's kernels do not patch; allowed for it: torch"  # fmt: skip
+    from transformers import Qwen2ForCausalLM
+
+    with pytest.raises(TransferError) as e:
+        apply_transforms(Qwen2ForCausalLM(Qwen2Config(**tiny, hidden_act="gelu")), cfg, estimate=True)
+    assert str(e.value) == "hardware.kernels=liger: Qwen2ForCausalLM's MLP activation is 'gelu', and Liger's " \
+        "SwiGLU kernel computes silu; allowed for it: torch"  # fmt: skip
+    # nor may an out-of-memory move the job to the CPU, where the kernels cannot run
+    monkeypatch.setattr("transfer.inputs.cuda_available", lambda: True)
+    with pytest.raises(TransferError) as e:
+        check_config(compose_config(["hardware.kernels=liger", "hardware.on_oom=cpu"]))
+    assert str(e.value) == "hardware.on_oom=cpu would go on on the CPU, where hardware.kernels=liger cannot run; " \
+        "allowed with it: fail, halve"  # fmt: skip
 
 
 @needs_liger

@@ -133,7 +133,7 @@ def test_perplexity_is_token_weighted_over_the_whole_split():
 )
 def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
     from transfer.loss import summed_lm_loss
-    from transfer.strategies import apply_strategy
+    from transfer.strategies import apply_strategy, base_model
 
     cfg = compose_config(["model=tiny_random", *overrides])  # the random model: gradients of one scale throughout
     model, _ = load_model_and_tokenizer(cfg.model, 64)
@@ -153,7 +153,7 @@ def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
             torch.testing.assert_close(grads_chunked[name], grads_whole[name], rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():  # evaluation takes the chunked path without gradients
         torch.testing.assert_close(summed_lm_loss(model, ids, labels, chunk_tokens=50)[0], whole, rtol=1e-5, atol=0)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     assert _HEAD_IS_LAST[base] is True  # the chunked path did run: the model was found to allow it
 
 

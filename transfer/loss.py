@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from transfer.data.sequences import IGNORE
+from transfer.strategies import base_model
 from transfer.transforms import uncompiled
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,10 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
     keep = None if all_scored else (targets != IGNORE).nonzero().squeeze(1)
     count = labels[:, 1:].numel() if all_scored else len(keep)
     inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings()
     fused = type(head) is torch.nn.Linear and head.bias is None and torch.is_grad_enabled()
-    liger = fused and head in LIGER_HEADS  # it chunks by itself
+    liger = fused and head in LIGER_HEADS and count > 0  # it chunks by itself; it divides by the count
     one_chunk = (targets.numel() if all_scored else count) <= chunk_tokens
     if not (chunk_tokens or liger) or (one_chunk and not fused) or not _logits_are_the_head(model, base, input_ids):
         logits = model(**inputs).logits
@@ -68,9 +69,9 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
     if liger:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")(
-            head.weight, hidden, targets
-        ), count
+        # the head's gradient summed in float32 over the chunks, as ours is, whatever the weights' dtype
+        liger_loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum", accum_dtype=torch.float32)
+        return liger_loss(head.weight, hidden, targets), count
     if fused:
         return _FusedHeadLoss.apply(hidden, head.weight, targets, chunk_tokens), count
     # recomputed in the backward pass when there is one; plainly computed in evaluation
@@ -91,7 +92,7 @@ def scored_head_inputs(model, input_ids: torch.Tensor, labels: torch.Tensor, pos
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
     inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if _logits_are_the_head(model, base, input_ids):
         return (
             base.get_decoder()(**inputs).last_hidden_state[rows, cols],

@@ -46,7 +46,7 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
     from transfer.objectives.preference import REFERENCE_FREE
     from transfer.optim import build_optimizer
     from transfer.schema import learning_rate
-    from transfer.strategies import apply_strategy
+    from transfer.strategies import apply_strategy, base_model
     from transfer.transforms import apply_transforms
     from transfer.validate import PREFERENCE
 
@@ -63,11 +63,12 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
     # storage on the run's device
     with torch.device("meta"):
         model, _ = apply_strategy(shapes, strategy, seed=0)
+    # outside the fake mode: a library it imports (Liger's) would keep fake tensors made at import
+    apply_transforms(model, cfg, estimate=True)
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device(fake_device):
         model.to_empty(device=fake_device)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         base.tie_weights()  # to_empty gives each module its own tensor: a tied head shares the embedding's again
-        apply_transforms(model, cfg, estimate=True)
         if cfg.hardware.compile:
             notes.append("compiled blocks estimated as uncompiled ones: fused kernels keep fewer temporaries")
         if cfg.hardware.kernels.value == "liger":

@@ -37,9 +37,14 @@ class Parts:
     tied: bool
 
 
+def base_model(model):
+    """The transformers model itself: under peft's wrapper where there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def model_parts(model) -> Parts:
     """The blocks, embeddings, final norm and head of a causal LM (peft-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     block_classes = set(getattr(base, "_no_split_modules", None) or [])
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     blocks = None

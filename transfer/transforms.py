@@ -18,10 +18,10 @@ def apply_transforms(model, cfg, estimate: bool = False) -> dict:
     `estimate=True` checks the settings but leaves out compiling and Liger's kernels: the memory estimate runs the
     model uncompiled, on fake tensors, which Triton's kernels cannot take.
     """
-    from transfer.strategies import model_parts
+    from transfer.strategies import base_model, model_parts
 
     hw = cfg.hardware
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     _undo_liger()  # what an earlier job of this process patched in transformers' modules
     if hw.attention.value != "auto":
         try:
@@ -34,7 +34,7 @@ def apply_transforms(model, cfg, estimate: bool = False) -> dict:
     done = {"attention": base.config._attn_implementation, "kernels": "torch", "gradient_checkpointing": False,
             "compiled": None}  # fmt: skip
     if hw.kernels.value == "liger":
-        done["kernels"] = _apply_liger(base, patch=not estimate)
+        done["kernels"] = _apply_liger(base, cfg.objective.name, patch=not estimate)
     if hw.gradient_checkpointing:
         if not getattr(base, "supports_gradient_checkpointing", False):
             raise TransferError(
@@ -69,39 +69,62 @@ _LIGER_REPLACED = {}
 _GONE = object()
 
 
-def _apply_liger(base, patch: bool) -> dict:
+def _apply_liger(base, objective: str, patch: bool) -> dict:
     """Liger's kernels in `base`'s norms, MLPs and rotary embeddings, and its fused linear cross-entropy as the
     training loss (transfer/loss.py). Liger replaces the modeling module's classes and functions, for every model
     of the type in the process: the classes go back at once (the model is built), the functions that the blocks
     call at each step go back when the next job of the process starts (_undo_liger)."""
+    import inspect
+
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
 
     from transfer import loss
+    from transfer.validate import PREFERENCE
 
-    model_type = base.config.model_type
+    name, model_type = type(base).__name__, base.config.model_type
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         raise TransferError(
-            f"hardware.kernels=liger: liger-kernel has no kernels for {type(base).__name__} (model type "
-            f"{model_type!r}); allowed for it: torch"
+            f"hardware.kernels=liger: liger-kernel has no kernels for {name} (model type {model_type!r}); "
+            "allowed for it: torch"
         )
+    if not type(base).__module__.startswith("transformers.models."):  # Liger patches transformers' code, not this
+        raise TransferError(
+            f"hardware.kernels=liger: {name} is the model's own code ({type(base).__module__}, trust_remote_code), "
+            "which Liger's kernels do not patch; allowed for it: torch"
+        )
+    act = getattr(base.config, "hidden_act", None)
+    if "swiglu" in inspect.signature(MODEL_TYPE_TO_APPLY_LIGER_FN[model_type]).parameters and act not in (
+        None, "silu", "swish"
+    ):  # fmt: skip
+        raise TransferError(  # Liger's SwiGLU is SiLU's: it would change what the model computes
+            f"hardware.kernels=liger: {name}'s MLP activation is {act!r}, and Liger's SwiGLU kernel computes silu; "
+            "allowed for it: torch"
+        )
+    head = base.get_output_embeddings()
     done = {"name": "liger", "version": importlib.metadata.version("liger-kernel"), "model_type": model_type}
+    if objective in PREFERENCE:
+        done["loss"] = f"{objective}'s own, from sequence log-probabilities"
+    elif type(head) is torch.nn.Linear and head.bias is None:
+        done["loss"] = "Liger's fused linear cross-entropy, where the logits are the head's output"
+    else:
+        done["loss"] = f"ours: Liger's fused loss takes a bias-free torch.nn.Linear head, not {type(head).__name__}"
     if not patch:
         return done
     module = sys.modules[type(base).__module__]
     before = dict(vars(module))
     own_forward = sum("forward" in vars(m) for m in base.modules())
-    # the loss is ours to choose (below): the model's own forward() and cross-entropy stay as they are
-    _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
-    replaced = sorted(name for name, value in vars(module).items() if before.get(name, _GONE) is not value)
-    for name in replaced:
-        original = before.get(name, _GONE)
-        _LIGER_REPLACED.setdefault((module, name), original)
-        if isinstance(original, type):
-            setattr(module, name, original)
-    loss.LIGER_HEADS.add(base.get_output_embeddings())
+    try:  # the loss is ours to choose (above): the model's own forward() and cross-entropy stay as they are
+        _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
+    finally:  # what was replaced is put back even when patching failed halfway
+        replaced = sorted(name for name, value in vars(module).items() if before.get(name, _GONE) is not value)
+        for name in replaced:
+            original = before.get(name, _GONE)
+            _LIGER_REPLACED.setdefault((module, name), original)
+            if isinstance(original, type):
+                setattr(module, name, original)
+    loss.LIGER_HEADS.add(head)
     done["modules"] = sum("forward" in vars(m) for m in base.modules()) - own_forward
     done["functions"] = [name for name in replaced if not isinstance(before.get(name), type)]
-    done["loss"] = "fused linear cross-entropy"
     return done
 
 

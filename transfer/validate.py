@@ -586,6 +586,13 @@ def check_hardware(cfg: DictConfig) -> None:
             "hardware.kernels=liger needs the liger-kernel package (and triton), which is not installed here "
             "(pip install -e '.[liger]'); allowed without it: torch"
         )
+    gpu_only = [
+        f"hardware.{key}" for key, on in (("attention=flash_attention_2", flash), ("kernels=liger", liger)) if on
+    ]
+    if gpu_only and hw.on_oom.value == "cpu":
+        raise TransferError(
+            f"hardware.on_oom=cpu would go on on the CPU, where {gpu_only[0]} cannot run; allowed with it: fail, halve"
+        )
     needs_cuda = device == "cuda" or cfg.strategy.name == "qlora" or flash or liger
     cuda = inputs.cuda_available() if needs_cuda or device == "auto" else False
     if cuda is not False:

@@ -25,7 +25,7 @@ import torch
 
 from transfer import checkpoint, distributed
 from transfer.data.sequences import padded_batch
-from transfer.strategies import model_parts
+from transfer.strategies import base_model, model_parts
 from transfer.transforms import uncompiled
 
 
@@ -209,7 +209,7 @@ def block_cka(trainee, before: dict, split, count: int, batch_size: int, hardwar
 @torch.no_grad()
 def _block_outputs(model, split, indices: list[int], batch_size: int, hardware, pad_id: int) -> list[torch.Tensor]:
     """Each block's output at the real tokens of `indices`, [tokens, hidden] per block, in float32."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     blocks = model_parts(model).blocks
     found = [[] for _ in blocks]
     lengths = split.lengths()
