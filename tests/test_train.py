@@ -290,3 +290,5 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
     assert str(e.value).endswith("at eval_batch_size=1 (Tried to allocate 2.25 GiB); to fit: hardware.precision=bf16")
     hw.loss_chunk_tokens = 512
     assert "loss_chunk_tokens" not in " ".join(transfer.train.memory_fixes(16, 1, 1024, hw))
+    hw.loss_chunk_tokens, hw.kernels = 4096, "liger"  # Liger's loss, which makes its own chunks
+    assert "loss_chunk_tokens" not in " ".join(transfer.train.memory_fixes(16, 1, 1024, hw))

@@ -52,6 +52,7 @@ class Hardware:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
     loss_chunk_tokens: int = 0  # see transfer.loss
+    kernels: str = "torch"  # torch | liger: whose kernels (transfer/transforms.py), and so whose training loss
 
     def autocast(self):
         dtype = AUTOCAST_DTYPES[self.precision]
@@ -135,4 +136,4 @@ def resolve(cfg) -> Hardware:
         )
     if cfg.num_threads is not None and device.type == "cpu":
         torch.set_num_threads(cfg.num_threads)
-    return Hardware(device, precision, cfg.loss_chunk_tokens)
+    return Hardware(device, precision, cfg.loss_chunk_tokens, cfg.kernels.value)

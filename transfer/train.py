@@ -405,7 +405,8 @@ def memory_fixes(micro: int, accum: int, block_size: int, hardware) -> list[str]
         fixes = [f"micro_batch_size={micro // 2} grad_accum_steps={accum * 2} (the same batch per step)"]
     else:
         fixes = [f"block_size={block_size // 2}"]
-    chunks = smaller_chunks(hardware.loss_chunk_tokens, micro * block_size)
+    # Liger's training loss makes its own chunks: ours' size changes nothing there
+    chunks = smaller_chunks(hardware.loss_chunk_tokens, micro * block_size) if hardware.kernels != "liger" else []
     return [*fixes, *chunks, "a strategy that trains less (adapter, lora)"]
 
 

@@ -52,7 +52,9 @@ def apply_transforms(model, cfg, estimate: bool = False) -> dict:
         # A sweep's jobs share one process: each starts from nothing, or the earlier jobs' versions of the block's
         # code would count against this one's limit, beyond which torch.compile runs the code uncompiled.
         torch.compiler.reset()
-        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        # its name since torch 2.6 (cache_size_limit before)
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, RECOMPILE_LIMIT)
         _gave_up.watch()
         # per block, as torchtune does: one block's code compiles once and serves every block (the weights
         # are the graph's inputs), in seconds rather than the minutes of a whole model, and the parameter names
