@@ -59,6 +59,7 @@ def test_table_rows_means_and_stds(sweep, capsys):
             ("ref_python_docs_change_pct", lambda r: r["eval"]["change_pct"]["ref_python_docs"]),
             ("train_seconds", lambda r: r["train"]["seconds"]),
             ("warmup_seconds", lambda r: r["train"]["warmup_seconds"]),
+            ("steady_tokens_per_second", lambda r: r["train"]["tokens_per_second_after_first_step"]),
             ("trainable_params", lambda r: r["params"]["trainable"]),
         ]:
             values = [value(r) for r in mine]

@@ -27,7 +27,8 @@ TINY = [
 ]  # fmt: skip
 RAY = ["hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", "hydra.launcher.ray.init.include_dashboard=false"]
 # what differs from run to run however the jobs are launched: the table's columns of time and memory
-UNSTEADY = ("train_seconds", "warmup_seconds", "tokens_per_second", "samples_per_second", "peak_memory_mb",
+UNSTEADY = ("train_seconds", "warmup_seconds", "tokens_per_second", "steady_tokens_per_second", "samples_per_second",
+            "peak_memory_mb",
             "estimated_peak_mb", "checkpoint_mb", "contended", "sweep")  # fmt: skip
 
 

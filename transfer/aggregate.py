@@ -41,7 +41,8 @@ DEFAULT_ROOT = Path("multirun")
 # the numbers of a run that are not evaluation metrics; those are read from the record by name
 RUN_METRICS = [
     "trainable_params", "total_params", "trainable_pct", "train_seconds", "warmup_seconds", "tokens_per_second",
-    "samples_per_second", "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb", "best_step", "steps",
+    "steady_tokens_per_second", "samples_per_second", "peak_memory_mb", "estimated_peak_mb", "checkpoint_mb",
+    "best_step", "steps",
 ]  # fmt: skip
 # what a split and a metric are called in a column: val_ppl_after, test_auc_before, ref_change_pct
 SPLIT_SHORT = {"validation": "val", "test": "test", "reference": "ref"}
@@ -132,6 +133,8 @@ def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
         train_seconds=train.get("seconds"),
         warmup_seconds=train.get("warmup_seconds"),  # of train_seconds: first steps, compiling included
         tokens_per_second=train.get("tokens_per_second"),
+        # without each process's first step: the pace a compiled run keeps once compiled
+        steady_tokens_per_second=train.get("tokens_per_second_after_first_step"),
         contended=(train.get("machine") or {}).get("contended"),  # the run shared the CPUs: its speed says less
         samples_per_second=train.get("samples_per_second"),
         steps=train.get("steps"),
@@ -330,8 +333,8 @@ DEFAULT_COLUMNS = [
     "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_log_loss_after",
     "val_reward_accuracy_before", "val_reward_accuracy_after", "val_margin_after", "val_token_kl_after",
     "test_ppl_before", "test_ppl_after", "test_auc_after", "ref_ppl_before", "ref_ppl_after", PROBES,
-    "train_seconds", "warmup_seconds", "tokens_per_second", "contended", "peak_memory_mb", "estimated_peak_mb",
-    "checkpoint_mb", "best_step", "status", "error",
+    "train_seconds", "warmup_seconds", "tokens_per_second", "steady_tokens_per_second", "contended", "peak_memory_mb",
+    "estimated_peak_mb", "checkpoint_mb", "best_step", "status", "error",
 ]  # fmt: skip
 # What ± means in every table that shows it; printed and written under them.
 CI_NOTE = (
@@ -395,7 +398,7 @@ def _formatter(col: str):
         return lambda v: f"{v:,.0f}"
     if col.endswith("_pct"):
         return lambda v: f"{v:+.3g}" if "change" in col else f"{v:.3g}"
-    if col in ("tokens_per_second", "samples_per_second", "train_seconds", "warmup_seconds") or col.endswith("_mb"):
+    if col.endswith(("tokens_per_second", "samples_per_second", "_seconds", "_mb")):
         return lambda v: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
     return lambda v: f"{v:.3g}"  # perplexities, losses, accuracies
 
