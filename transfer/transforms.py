@@ -117,16 +117,16 @@ def _apply_liger(base, objective: str, patch: bool) -> dict:
     own_forward = sum("forward" in vars(m) for m in base.modules())
     try:  # the loss is ours to choose (above): the model's own forward() and cross-entropy stay as they are
         _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
-    finally:  # what was replaced is put back even when patching failed halfway
-        replaced = sorted(name for name, value in vars(module).items() if before.get(name, _GONE) is not value)
-        for name in replaced:
-            original = before.get(name, _GONE)
-            _LIGER_REPLACED.setdefault((module, name), original)
+    finally:  # kept for _undo_liger, and the classes put back, even when patching failed halfway
+        replaced = sorted(attr for attr, value in vars(module).items() if before.get(attr, _GONE) is not value)
+        for attr in replaced:
+            original = before.get(attr, _GONE)
+            _LIGER_REPLACED.setdefault((module, attr), original)
             if isinstance(original, type):
-                setattr(module, name, original)
+                setattr(module, attr, original)
     loss.LIGER_HEADS.add(head)
     done["modules"] = sum("forward" in vars(m) for m in base.modules()) - own_forward
-    done["functions"] = [name for name in replaced if not isinstance(before.get(name), type)]
+    done["functions"] = [attr for attr in replaced if not isinstance(before.get(attr), type)]
     return done
 
 
