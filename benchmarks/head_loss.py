@@ -21,29 +21,19 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from transfer.data.sequences import IGNORE  # noqa: E402
 from transfer.hardware import AUTOCAST_DTYPES, Hardware  # noqa: E402
-from transfer.loss import _FusedHeadLoss  # noqa: E402
+from transfer.loss import _FusedHeadLoss, _loss, liger_head_loss  # noqa: E402
 
-
-def autograd_loss(hidden, weight, targets, chunk):
-    return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
-
-
-def ours_loss(hidden, weight, targets, chunk):
-    return _FusedHeadLoss.apply(hidden, weight, targets, chunk)
-
-
-def liger_loss(hidden, weight, targets, chunk):
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    return LigerFusedLinearCrossEntropyLoss(reduction="sum", accum_dtype=torch.float32)(weight, hidden, targets)
-
-
-WAYS = {"autograd": autograd_loss, "ours": ours_loss, "liger": liger_loss}
+# the three as training calls them (transfer/loss.py)
+WAYS = {
+    "autograd": lambda hidden, weight, targets, chunk: _loss(hidden @ weight.T, targets),
+    "ours": _FusedHeadLoss.apply,
+    "liger": lambda hidden, weight, targets, chunk: liger_head_loss(hidden, weight, targets),
+}
 
 
 def step(way, hidden, weight, targets, hardware, chunk):
@@ -80,7 +70,7 @@ def main() -> None:
     weight = (torch.randn(args.vocab, args.hidden, generator=generator) * args.hidden**-0.5).to(device)
     weight.requires_grad_()
     targets = torch.randint(0, args.vocab, (tokens,), generator=generator).to(device)
-    targets[: tokens // 8] = -100  # a prompt's positions, unscored
+    targets[: tokens // 8] = IGNORE  # a prompt's positions, unscored
 
     seconds, peaks, results = {w: [] for w in ways}, {}, {}
     for way in ways:  # once each, untimed: kernels chosen and compiled, the memory measured alone

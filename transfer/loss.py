@@ -57,7 +57,7 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
     inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
     base = base_model(model)
     head = base.get_output_embeddings()
-    fused = type(head) is torch.nn.Linear and head.bias is None and torch.is_grad_enabled()
+    fused = plain_head(head) and torch.is_grad_enabled()
     liger = fused and head in LIGER_HEADS and count > 0  # it chunks by itself; it divides by the count
     one_chunk = (targets.numel() if all_scored else count) <= chunk_tokens
     if not (chunk_tokens or liger) or (one_chunk and not fused) or not _logits_are_the_head(model, base, input_ids):
@@ -67,11 +67,7 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
     if keep is not None:
         hidden, targets = hidden[keep], targets[keep]
     if liger:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        # the head's gradient summed in float32 over the chunks, as ours is, whatever the weights' dtype
-        liger_loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum", accum_dtype=torch.float32)
-        return liger_loss(head.weight, hidden, targets), count
+        return liger_head_loss(hidden, head.weight, targets), count
     if fused:
         return _FusedHeadLoss.apply(hidden, head.weight, targets, chunk_tokens), count
     # recomputed in the backward pass when there is one; plainly computed in evaluation
@@ -81,6 +77,20 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
         part = slice(start, start + chunk_tokens)
         total = total + chunk_loss(head, hidden[part], targets[part])
     return total, count
+
+
+def plain_head(head) -> bool:
+    """A bias-free torch.nn.Linear: the head the fused losses (ours, Liger's) compute with."""
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
+def liger_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Liger's fused linear cross-entropy, summed (hardware.kernels=liger): sum CE(hidden @ weight.T, targets)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    # the head's gradient summed in float32 over the chunks, as ours is, whatever the weights' dtype
+    liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum", accum_dtype=torch.float32)
+    return liger(weight, hidden, targets)
 
 
 def scored_head_inputs(model, input_ids: torch.Tensor, labels: torch.Tensor, position_ids=None):

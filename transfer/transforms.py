@@ -106,7 +106,7 @@ def _apply_liger(base, objective: str, patch: bool) -> dict:
     done = {"name": "liger", "version": importlib.metadata.version("liger-kernel"), "model_type": model_type}
     if objective in PREFERENCE:
         done["loss"] = f"{objective}'s own, from sequence log-probabilities"
-    elif type(head) is torch.nn.Linear and head.bias is None:
+    elif loss.plain_head(head):
         done["loss"] = "Liger's fused linear cross-entropy, where the logits are the head's output"
     else:
         done["loss"] = f"ours: Liger's fused loss takes a bias-free torch.nn.Linear head, not {type(head).__name__}"

@@ -586,23 +586,23 @@ def check_hardware(cfg: DictConfig) -> None:
             "hardware.kernels=liger needs the liger-kernel package (and triton), which is not installed here "
             "(pip install -e '.[liger]'); allowed without it: torch"
         )
-    gpu_only = [
-        f"hardware.{key}" for key, on in (("attention=flash_attention_2", flash), ("kernels=liger", liger)) if on
-    ]
+    # the settings that run on a CUDA GPU only, and what is allowed instead
+    gpu_only = [(setting, allowed) for setting, on, allowed in (
+        ("hardware.attention=flash_attention_2", flash, "auto, sdpa, eager"),
+        ("hardware.kernels=liger", liger, "torch"),
+    ) if on]  # fmt: skip
     if gpu_only and hw.on_oom.value == "cpu":
         raise TransferError(
-            f"hardware.on_oom=cpu would go on on the CPU, where {gpu_only[0]} cannot run; allowed with it: fail, halve"
+            f"hardware.on_oom=cpu would go on on the CPU, where {gpu_only[0][0]} cannot run; allowed with it: fail, "
+            "halve"
         )
-    needs_cuda = device == "cuda" or cfg.strategy.name == "qlora" or flash or liger
+    needs_cuda = device == "cuda" or cfg.strategy.name == "qlora" or bool(gpu_only)
     cuda = inputs.cuda_available() if needs_cuda or device == "auto" else False
     if cuda is not False:
         return
-    if flash:
-        raise TransferError(
-            "hardware.attention=flash_attention_2 needs a CUDA GPU and there is none here; allowed: auto, sdpa, eager"
-        )
-    if liger:
-        raise TransferError("hardware.kernels=liger needs a CUDA GPU and there is none here; allowed: torch")
+    if gpu_only:
+        setting, allowed = gpu_only[0]
+        raise TransferError(f"{setting} needs a CUDA GPU and there is none here; allowed: {allowed}")
     if device == "cuda":
         raise TransferError(
             "hardware.device=cuda but no CUDA device is available here; allowed on this machine: auto, cpu"
