@@ -4,13 +4,29 @@ PYTHON ?= python
 SHARED := $(abspath $(wildcard ../shared))
 export TRANSFER_SHARED ?= $(SHARED)
 
-.PHONY: help install run sweep smoke tables bench bench-tables test lint format tensorboard clean
+.PHONY: help install lock run sweep smoke tables bench bench-tables test lint format tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-install:  ## install transfer and its dev tools into the active Python (editable)
-	$(PYTHON) -m pip install -e ".[dev]"
+# constraints.txt pins every distribution that `.[dev]` brings, at the versions the suite last passed with: a new
+# release of a dependency reaches a clone only through `make lock`, tested like any change (`make test`, then commit).
+install:  ## install transfer and its dev tools into the active Python (editable), at the pinned versions
+	$(PYTHON) -m pip install -c constraints.txt -e ".[dev]"
+
+# The torch release the pins are made with: the pinned one, unless TORCH=... moves it.
+TORCH ?= $(shell sed -n 's/^torch==//p' constraints.txt)
+
+lock:  ## re-pin constraints.txt from a fresh, unconstrained install in a throwaway venv (then make test, and commit)
+	@set -e; venv=$$(mktemp -d); trap 'rm -rf "$$venv"' EXIT; \
+	$(PYTHON) -m venv "$$venv"; \
+	"$$venv/bin/python" -m pip install -q torch==$(TORCH); \
+	"$$venv/bin/python" -m pip install -q -e ".[dev]"; \
+	"$$venv/bin/python" -m pip freeze --all --exclude-editable > "$$venv/frozen.txt"; \
+	{ sed -n '/^#/p' constraints.txt; grep -v '^pip==' "$$venv/frozen.txt" | sed -E 's/^([^=]+==[^+]+)\+.*/\1/'; } \
+		> constraints.txt.new; \
+	mv constraints.txt.new constraints.txt; \
+	git diff --stat -- constraints.txt || true; echo "constraints.txt re-pinned: make install, make test, then commit it"
 
 run:  ## run the default experiment (tiny model, rust_concepts, full fine-tuning) offline
 	$(PYTHON) -m transfer
