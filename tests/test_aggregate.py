@@ -2,12 +2,13 @@
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import copy_run, run_cli
 
 from transfer.aggregate import CI_NOTE, comparison, for_people, main, read_jobs
 from transfer.stats import paired_t_test, t_cdf, t_quantile, t_two_sided_p
@@ -171,6 +172,41 @@ def test_sweeps_that_vary_different_overrides_share_one_table(sweep, two_job_swe
         assert best.at[strategy, "val_ppl_after"] == winner["val_ppl_after"]
         assert best.at[strategy, "test_ppl_after"] == winner["test_ppl_after"]
         assert best.at[strategy, "candidates"] == len(candidates)
+
+
+def test_a_copied_job_is_one_seed_and_a_metric_that_is_no_number_is_named(two_job_sweep, tmp_path, capsys):
+    """`cp -r sweep/0 sweep/2`: one seed run once, found twice. And a record whose numbers include text and a list."""
+    sweep = copy_run(two_job_sweep, tmp_path / "sweep")
+    shutil.copytree(sweep / "0", sweep / "2")
+    record = json.loads((sweep / "1" / "metrics.json").read_text())
+    record["train"]["seconds"] = "12 s"
+    record["eval"]["final"]["test"]["perplexity"] = [8.0]
+    (sweep / "1" / "metrics.json").write_text(json.dumps(record))
+    seed = record["config"]["seed"]
+    notes = [
+        f"{sweep / '1'}: train_seconds is '12 s' in its record, not a number; left out",
+        f"{sweep / '1'}: test_ppl_after is [8.0] in its record, not a number; left out",
+        f"{sweep / '2'} ran the same config and seed ({seed}) as {sweep / '0'}: counted once, not as a second seed",
+    ]
+    assert main([str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 jobs (2 completed, 1 duplicate) from 1 sweep(s)" in printed
+    assert "".join(f"\n- {note}" for note in notes) in printed
+    md = (sweep / "tables" / "comparison.md").read_text()
+    assert md.endswith(f"{CI_NOTE}\n\n" + "\n".join(f"- {note}" for note in notes) + "\n")
+    table = pd.read_csv(sweep / "tables" / "comparison.csv")
+    assert sorted(table["status"]) == ["completed", "completed", "duplicate"]
+    counted = table[table["status"] == "completed"].set_index("optimizer.lr")
+    assert counted["seeds"].to_dict() == {1e-4: 1, 1e-3: 1}
+    copy = table[table["status"] == "duplicate"].iloc[0]
+    assert copy["seeds"] == 0 and copy["job"] == 2 and copy["optimizer.lr"] == 1e-4
+    assert copy["error"] == f"the same config and seed ({seed}) as {sweep / '0'}; counted there"
+    first = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert counted.at[1e-4, "val_ppl_after"] == first["eval"]["final"]["validation"]["perplexity"]
+    assert math.isnan(counted.at[1e-4, "val_ppl_after_std"])  # one seed: no spread, not a spread of 0 from a copy
+    jobs = pd.read_csv(sweep / "tables" / "jobs.csv")
+    assert math.isnan(jobs["train_seconds"][1]) and math.isnan(jobs["test_ppl_after"][1])
+    assert jobs["val_ppl_after"][1] == record["eval"]["final"]["validation"]["perplexity"]  # the rest of it counts
 
 
 def test_jobs_scored_on_different_tokens_are_never_averaged():

@@ -222,11 +222,11 @@ def test_a_sweep_keeps_the_per_block_change_out_of_jobs_csv_and_plots_its_mean_o
         job_record["diagnostics"]["weight_change"]["blocks"] = [scale * v for v in blocks]
         (tmp_path / "sweep" / str(job)).mkdir(parents=True)
         (tmp_path / "sweep" / str(job) / "metrics.json").write_text(json.dumps(job_record))
-    drawn = {}
+    drawn, save = {}, plots._save
 
     def keep_lines(fig, path):
         drawn[path.name] = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].lines}
-        return path
+        return save(fig, path)
 
     monkeypatch.setattr(plots, "_save", keep_lines)
     jobs, _, files = aggregate([tmp_path / "sweep"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import copy_run, run_cli
 from omegaconf import OmegaConf
 
 from transfer.aggregate import comparison, for_people, read_jobs
@@ -254,3 +254,155 @@ def test_the_command_line_names_a_bad_key_and_runs_nothing(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown key 'optimizer.lrr'") and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "multirun").exists()
+
+
+def _old_study(sweep: Path) -> Path:
+    """A study of two trials as a search of SEARCH's space leaves it, made before studies kept their space."""
+    sweep.mkdir(parents=True)
+    study = optuna.create_study(storage=f"sqlite:///{sweep / 'optuna.db'}", study_name="transfer")
+    space = {"optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+             "strategy.r": optuna.distributions.CategoricalDistribution((2, 4, 8))}  # fmt: skip
+    for value in (3.0, 2.5):
+        study.tell(study.ask(space), value)
+    return sweep / "optuna.db"
+
+
+def test_a_damaged_study_file_is_one_line_naming_it(tmp_path):
+    """optuna.db cut short (a full disk, a copy that stopped): resume=true names the file, and changes nothing."""
+    db = _old_study(tmp_path / "sweep")
+    db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])
+    damaged = db.read_bytes()
+    with pytest.raises(TransferError) as e:
+        check_command_line([*SEARCH, f"hydra.sweep.dir={db.parent}", "resume=true"])
+    assert str(e.value) == (
+        f"{db} is not a readable Optuna study (database disk image is malformed); allowed: the file that search "
+        "wrote, intact, or another hydra.sweep.dir (or hydra.sweeper.storage) to start afresh"
+    )
+    assert db.read_bytes() == damaged
+    # and where the sweeper or a trial opens it (a storage the start-up check does not read)
+    with pytest.raises(TransferError, match=rf"^{db} is not a readable Optuna study \(database disk image"):
+        open_storage(f"sqlite:///{db}")
+
+
+def test_an_emptied_study_file_on_resume_is_refused(tmp_path):
+    """optuna.db emptied (0 bytes) beside the trials' folders: resume=true would start a new study over them."""
+    db = _old_study(tmp_path / "sweep")
+    (db.parent / "0").mkdir()
+    (db.parent / "0" / "metrics.json").write_text(
+        json.dumps({"status": "running", "config": {"search": {"study": "transfer"}}})
+    )
+    db.write_bytes(b"")
+    with pytest.raises(TransferError) as e:
+        check_command_line([*SEARCH, f"hydra.sweep.dir={db.parent}", "resume=true"])
+    assert str(e.value) == (
+        f"resume: {db.parent} holds 1 trial(s) of study 'transfer', and {db} holds no such study; allowed: the "
+        "optuna.db that search wrote, or another hydra.sweep.dir to start afresh"
+    )
+
+
+def test_resuming_a_study_with_another_search_space_is_refused(continued_search, tmp_path):
+    """The search ran with optimizer.lr in [1e-4, 1e-2]: continuing it in [1e-5, 1e-2] would mix two searches."""
+    kept = load_study(continued_search).user_attrs["space"]  # the sweeper keeps the space it searched
+    assert {key: value["text"] for key, value in kept.items()} == {
+        "optimizer.lr": "optimizer.lr=tag(log, interval(1e-4, 1e-2))", "strategy.r": "strategy.r=choice(2,4,8)"
+    }  # fmt: skip
+    sweep = copy_run(continued_search, tmp_path / "sweep")
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    url = f"sqlite:///{(sweep / 'optuna.db').resolve()}"
+    allowed = "allowed: the study's own search space, or another hydra.sweeper.study_name (or hydra.sweep.dir) for a new study"
+    same = [o for o in SEARCH if not o.startswith("optimizer.lr=")]
+    for changed, message in [
+        ("optimizer.lr=tag(log, interval(1e-5, 1e-2))", "searched optimizer.lr=tag(log, interval(1e-4, 1e-2)), "
+         "this command optimizer.lr=tag(log, interval(1e-5, 1e-2))"),
+        ("optimizer.lr=interval(1e-4, 1e-2)", "searched optimizer.lr=tag(log, interval(1e-4, 1e-2)), "
+         "this command optimizer.lr=interval(1e-4, 1e-2)"),
+        ("strategy.dropout=choice(0.0,0.1)", "searched no strategy.dropout, this command strategy.dropout=choice(0.0,0.1)"),
+    ]:  # fmt: skip
+        args = (
+            [*same, "optimizer.lr=tag(log, interval(1e-4, 1e-2))", changed]
+            if changed.startswith("strategy.")
+            else [*same, changed]
+        )
+        with pytest.raises(TransferError) as e:
+            check_command_line([*args, *TINY, f"hydra.sweep.dir={sweep}", "resume=true"])
+        assert str(e.value) == f"study 'transfer' in {url} {message}; {allowed}"
+    check_command_line([*SEARCH, *TINY, f"hydra.sweep.dir={sweep}", "resume=true"])  # its own space
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+    # a study from before the space was kept: its trials' distributions say what it searched
+    old = _old_study(tmp_path / "old")
+    with pytest.raises(
+        TransferError, match=r"searched strategy.r=choice\(2,4,8\), this command strategy.r=choice\(2,4\);"
+    ):
+        check_command_line([*SEARCH[:-1], "strategy.r=choice(2,4)", f"hydra.sweep.dir={old.parent}", "resume=true"])
+
+
+def test_a_search_whose_metric_never_arrives_fails_with_one_line(tmp_path):
+    """The language-model objective reports no AUC: no trial can be told a value, and the search must say so."""
+    args = ["-m", "hydra/sweeper=optuna", "optimizer.lr=interval(1e-4, 1e-2)", *TINY, "hydra.sweeper.n_trials=1",
+            "hydra.sweeper.metric=eval.final.validation.auc", "hydra.sweeper.direction=maximize",
+            "hydra.sweep.dir=sweep"]  # fmt: skip
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    sweep = (tmp_path / "sweep").resolve()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: no trial of study 'transfer' produced eval.final.validation.auc (1 fail): trial 0 "
+        f"({sweep / '0'}): its record has no eval.final.validation.auc; its eval.final.validation holds loss, "
+        "perplexity, tokens"
+    )
+    assert yaml.safe_load((sweep / "optuna_best.yaml").read_text())["best"] is None
+    assert (sweep / "tables" / "comparison.csv").is_file()  # the tables of what ran, all the same
+
+
+def test_a_search_whose_every_trial_failed_says_why_the_first_did(tmp_path, capsys):
+    """The sweeper's summary, and the command's exit status from it, for trials whose jobs failed."""
+    from hydra_plugins.transfer_optuna_sweeper.sweeper import OptunaSweeper
+    from transfer.launchers import exit_status
+    from transfer.validate import Plan
+
+    sweep = tmp_path / "sweep"
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="transfer")
+    for number, error in enumerate(["ValueError: bad rank", "out of memory"]):
+        (sweep / str(number)).mkdir(parents=True)
+        (sweep / str(number) / "metrics.json").write_text(json.dumps({"status": "failed", "error": error}))
+        trial = study.ask()
+        trial.set_user_attr("job", str(sweep / str(number)))
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    sweeper = OptunaSweeper(metric=METRIC, direction="minimize")
+    sweeper.sweep_dir, sweeper.url = sweep, "sqlite:///x"
+    summary = sweeper._summarize(study)
+    line = (
+        f"no trial of study 'transfer' produced {METRIC} (2 fail): trial 0 ({sweep / '0'}) failed: ValueError: bad rank"
+    )
+    assert summary["best"] is None and summary["error"] == line
+    capsys.readouterr()
+    assert exit_status(Plan(sweep, True, 2, [], [], by_number=False)) == 1
+    assert capsys.readouterr().err == f"error: {line}\n"  # the search's line, not one per job besides
+
+
+def test_the_sweeper_refuses_a_damaged_or_other_study_in_one_line(tmp_path, capsys):
+    """What the start-up check cannot read (a study in a database server, say) the sweeper refuses the same way."""
+    import dataclasses
+
+    from hydra_plugins.transfer_optuna_sweeper.config import OptunaSweeperConf
+    from hydra_plugins.transfer_optuna_sweeper.sweeper import OptunaSweeper
+
+    db = _old_study(tmp_path / "sweep")
+    settings = {k: v for k, v in dataclasses.asdict(OptunaSweeperConf()).items() if k != "_target_"}
+    sweeper = OptunaSweeper(**{**settings, "storage": f"sqlite:///{db}"})
+    sweeper.sweep_dir, sweeper.config = tmp_path / "sweep", OmegaConf.create({})
+    space = ["optimizer.lr=tag(log, interval(1e-4, 1e-2))", "strategy.r=choice(2,4)"]
+    with pytest.raises(SystemExit) as e:
+        sweeper.sweep(space)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: study 'transfer' in sqlite:///{db} searched strategy.r=choice(2,4,8), this command strategy.r=choice(2,4); "
+        "allowed: the study's own search space, or another hydra.sweeper.study_name (or hydra.sweep.dir) for a new study\n"
+    )
+    assert len(optuna.load_study(study_name="transfer", storage=f"sqlite:///{db}").trials) == 2  # none was asked for
+    db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])
+    with pytest.raises(SystemExit) as e:
+        sweeper.sweep(space)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {db} is not a readable Optuna study (database disk image is malformed); allowed: ")
+    assert err.count("\n") == 1

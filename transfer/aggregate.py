@@ -5,7 +5,10 @@ pandas DataFrame: its overrides as columns, then what its `metrics.json` says. J
 that differ only by seed are grouped into one row of the comparison table: the mean ± the
 half-width of its 95 % Student-t confidence interval, with the number of seeds (the CSV keeps
 the standard deviation too). Failed jobs and folders without a finished record stay in the
-tables with their status; nothing is dropped silently. Trials that an Optuna search pruned
+tables with their status; nothing is dropped silently. A record that says finished without what a
+finished job writes is `unreadable`; a job that ran the config and seed of another (a copied folder,
+a sweep run twice) is `duplicate` and counted once; a metric that is no number is left out. The last
+two are said in notes under the table and on the terminal. Trials that an Optuna search pruned
 show as `pruned`, with the metrics they had when they stopped.
 
 Forgetting is measured on probes: old records have one reference corpus (split `reference`,
@@ -22,17 +25,22 @@ the plots (PNG). A multirun calls this by itself at its end (transfer.callbacks.
 """
 
 import argparse
+import json
 import logging
 import math
+import os
+import reprlib
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from transfer.errors import TransferError
+from transfer.errors import TransferError, reason
 from transfer.evaluation import DIRECTION
-from transfer.record import FINISHED, job_folders, lookup, read_record
+from transfer.record import FINISHED, job_folders, lookup, missing_fields, read_record
 from transfer.stats import ci95_half_width
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,10 @@ def find_sweeps(paths: list[str], all_sweeps: bool, root: Path = DEFAULT_ROOT) -
     if paths:
         sweeps = [Path(p) for p in paths]
         for s in sweeps:
+            if s.is_file():
+                raise TransferError(
+                    f"{str(s)!r} is a file; allowed: a sweep folder (multirun/<date>/<time>), which holds the jobs' folders"
+                )
             if not s.is_dir():
                 raise TransferError(f"sweep folder {str(s)!r} does not exist")
         return sweeps
@@ -77,11 +89,14 @@ def read_jobs(sweeps: list[Path]) -> pd.DataFrame:
     for row in rows:  # what each probe is, for the plots' labels: the first record that says wins
         for name, about in (row.pop("_probes", None) or {}).items():
             probes.setdefault(name, about)
+    # what the tables leave out or count once, said under them and on the terminal (main, TablesCallback)
+    notes = [note for row in rows for note in row.pop("_notes", [])] + mark_duplicates(rows)
     frame = pd.DataFrame(rows)
     keys = dict.fromkeys(k for row in rows for k in row.pop("_override_keys"))
     frame = frame.drop(columns="_override_keys")
     frame.attrs["override_keys"] = list(keys)
     frame.attrs["probes"] = probes
+    frame.attrs["notes"] = notes
     # override columns first, in the order they were given
     return frame[
         [
@@ -117,6 +132,10 @@ def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
     if record is None or record.get("status") in (None, "running"):
         row.update(status="incomplete", error="no finished record (killed or still running)")
         return {**row, **_choices(job, record)}
+    missing = missing_fields(record)
+    if missing:  # says it finished, holds nothing a finished job writes: not a result to count
+        row.update(status="unreadable", error=f"metrics.json says {record['status']} but has no {', '.join(missing)}")
+        return {**row, **_choices(job, None)}  # from Hydra's files: the record's may be as damaged as the rest
     cfg = record.get("config", {})
     params = record.get("params", {})
     train = record.get("train", {})
@@ -157,7 +176,43 @@ def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
         last = row["validation_curve"][-1]
         row.update({_column("validation", k, "after"): v for k, v in last.items()
                     if k != "step" and k not in NOT_METRICS and isinstance(v, (int, float))})  # fmt: skip
+    row["_notes"] = _drop_non_numbers(row, job)
+    # what makes two jobs one result: their config groups and whole config, seed included (resume=true continues
+    # the same run)
+    same = [record.get("choices"), {k: v for k, v in cfg.items() if k != "resume"}]
+    row["_same_as"] = json.dumps(same, sort_keys=True, default=str)
     return row
+
+
+def _drop_non_numbers(row: dict, job: Path) -> list[str]:
+    """A metric the record holds as text, a list or true/false is left out of the averages: one note for each."""
+    notes = []
+    for column, value in row.items():
+        numeric = (
+            column in RUN_METRICS or column == "val_tokens" or column.endswith(("_before", "_after", "_change_pct"))
+        )
+        if numeric and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            row[column] = None
+            notes.append(f"{job}: {column} is {reprlib.repr(value)} in its record, not a number; left out")
+    return notes
+
+
+def mark_duplicates(rows: list[dict]) -> list[str]:
+    """Jobs that ran the config and seed of an earlier job (a copied folder, a sweep run twice) are marked `duplicate`:
+    the first one counts, and one seed is never averaged as two. A note names each pair of folders."""
+    first, notes = {}, []
+    for row in rows:
+        key = row.pop("_same_as", None)
+        if key is None or row.get("status") not in FINISHED:
+            continue
+        folder = Path(row["sweep"]) / row["job"]
+        if key not in first:
+            first[key] = folder
+            continue
+        same = f"the same config and seed ({row.get('seed')}) as {first[key]}"
+        row.update(status="duplicate", error=f"{same}; counted there")
+        notes.append(f"{folder} ran {same}: counted once, not as a second seed")
+    return notes
 
 
 def eval_columns(ev: dict) -> dict:
@@ -166,7 +221,7 @@ def eval_columns(ev: dict) -> dict:
     for when, suffix in (("baseline", "before"), ("final", "after")):
         for split, result in (ev.get(when) or {}).items():
             for metric, value in (result or {}).items():
-                if metric not in NOT_METRICS and (value is None or isinstance(value, (int, float))):
+                if metric not in NOT_METRICS:  # a value that is no number is left out with a note (_drop_non_numbers)
                     columns[_column(split, metric, suffix)] = value
     for split, value in (ev.get("change_pct") or {}).items():
         columns[f"{SPLIT_SHORT.get(split, split)}_change_pct"] = value
@@ -302,7 +357,9 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
     if sort in table.columns:
         table = table.sort_values(sort, ascending=lower_is_better(sort), na_position="last", kind="stable")
     table = table.reset_index(drop=True)
-    table.attrs.update(group_keys=keys, sort=sort, probes=jobs.attrs.get("probes", {}))
+    table.attrs.update(
+        group_keys=keys, sort=sort, probes=jobs.attrs.get("probes", {}), notes=jobs.attrs.get("notes", [])
+    )
     return table
 
 
@@ -416,29 +473,58 @@ def main_metric(jobs: pd.DataFrame) -> str:
 def write_tables(
     jobs: pd.DataFrame, table: pd.DataFrame, folder: Path, columns: list[str] | None = None, extras: dict | None = None
 ) -> list[Path]:
-    """The comparison, every job, the extra tables (extra_tables: Markdown with their note, and CSV), the plots."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The comparison, every job, the extra tables (extra_tables: Markdown with their note, and CSV), the plots.
+
+    All or none: each is written into a private folder inside `folder` and moved into place only once
+    every one is whole, so that a full disk leaves the earlier tables as they were, not a 0-byte comparison.md.
+    """
     pretty = for_people(table, columns)
+    staging = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".tables."))
+        written = []
+        for made in _write_all(jobs, table, pretty, staging, extras or {}):
+            os.replace(made, folder / made.name)
+            written.append(folder / made.name)
+    except OSError as e:  # the errno's words: pyarrow's strerror is a sentence of its own
+        why = os.strerror(e.errno) if e.errno else reason(e)
+        raise TransferError(
+            f"cannot write the tables into {folder} ({why}); the earlier ones there are kept: "
+            "free space there, or write them elsewhere (--out)"
+        ) from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    _remove_stale(folder, written)
+    return written
+
+
+def _write_all(jobs: pd.DataFrame, table: pd.DataFrame, pretty: pd.DataFrame, folder: Path, extras: dict) -> list[Path]:
     written = [
         folder / f
         for f in ("comparison.md", "comparison.csv", "comparison.tex", "comparison.html", "jobs.csv", "jobs.parquet")
     ]
-    written[0].write_text(pretty.to_markdown(index=False) + f"\n\n{CI_NOTE}\n")
+    written[0].write_text(pretty.to_markdown(index=False) + f"\n\n{under_table(table)}\n")
     table.to_csv(written[1], index=False)
     written[2].write_text(pretty.to_latex(index=False, escape=True))
     written[3].write_text(pretty.to_html(index=False, na_rep=""))
     flat = jobs.drop(columns=["validation_curve", "weight_change"], errors="ignore")
     flat.to_csv(written[4], index=False)
     flat.astype({c: "string" for c in flat.columns if flat[c].dtype == object}).to_parquet(written[5], index=False)
-    for name, (numbers, cells, note) in (extras or {}).items():
+    for name, (numbers, cells, note) in extras.items():
         written += [folder / f"{name}.md", folder / f"{name}.csv"]
         written[-2].write_text(cells.to_markdown(index=False) + f"\n\n{note}\n")
         numbers.to_csv(written[-1], index=False)
     from transfer.plots import write_plots
 
-    written += write_plots(jobs, table, folder)
-    _remove_stale(folder, written)
-    return written
+    return written + write_plots(jobs, table, folder)
+
+
+def under_table(table: pd.DataFrame) -> str:
+    """What the comparison table's ± means, and the notes of its reading (a duplicated job, a metric left out)."""
+    notes = table.attrs.get("notes") or []
+    return CI_NOTE + ("\n\n" + "\n".join(f"- {note}" for note in notes) if notes else "")
 
 
 # what an aggregation writes only sometimes (transfer/contrasts.py, transfer/plots.py): an earlier one's may be there
@@ -513,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     except TransferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(for_people(table, columns).to_markdown(index=False) + f"\n\n{CI_NOTE}")
+    print(for_people(table, columns).to_markdown(index=False) + f"\n\n{under_table(table)}")
     for name, (_, cells, note) in extras.items():
         print(f"\n{name.replace('_', ' ')}:\n\n{cells.to_markdown(index=False)}\n\n{note}")
     counts = jobs["status"].value_counts().to_dict()

@@ -17,14 +17,38 @@ class TablesCallback(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         if not config.get("tables_after_sweep", True):
             return
-        from transfer.aggregate import aggregate, for_people
+        from transfer.aggregate import aggregate, for_people, under_table
 
         sweep = Path(config.hydra.sweep.dir)
         try:
             _, table, _ = aggregate([sweep])
-            print(for_people(table).to_markdown(index=False))
+            print(for_people(table).to_markdown(index=False) + f"\n\n{under_table(table)}")
             print(f"\ntables and plots in {sweep / 'tables'}")
         except TransferError as e:
             log.warning("no tables for %s: %s", sweep, e)
         except Exception as e:  # the jobs' records stand; `python -m transfer.aggregate` can try again
             log.warning("no tables for %s: %s: %s (python -m transfer.aggregate %s)", sweep, type(e).__name__, e, sweep)
+
+
+# the submitit plugin's launchers, and ours in their place (hydra_plugins/transfer_submitit_launcher)
+SUBMITIT = {
+    f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{name}": (
+        f"hydra_plugins.transfer_submitit_launcher.launcher.{name}"
+    )
+    for name in ("LocalLauncher", "SlurmLauncher")
+}
+
+
+class LauncherCallback(Callback):
+    """hydra/launcher=submitit_local or submitit_slurm: the sweep's launcher is ours, which waits for every job.
+
+    The plugin's stops at the first job that died, with a traceback and the other jobs left running
+    (hydra_plugins/transfer_submitit_launcher). Its settings stay the plugin's; Hydra makes the launcher
+    after this (config key `hydra.callbacks.launcher`).
+    """
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        launcher = config.hydra.get("launcher")
+        target = launcher.get("_target_") if launcher is not None else None
+        if target in SUBMITIT:
+            launcher._target_ = SUBMITIT[target]

@@ -10,11 +10,14 @@ import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig
 
 from transfer import distributed
-from transfer.errors import Interrupted
+from transfer.errors import Interrupted, first_line
 from transfer.record import FINISHED, job_outcomes, read_record
 from transfer.validate import Plan, read_previous
 
@@ -106,6 +109,10 @@ def exit_status(plan: Plan) -> int:
         except ValueError:
             return 1
         return 0 if (record or {}).get("status") in FINISHED else 1
+    searched = search_failure(plan.out_dir)
+    if searched:  # the search's own line: no trial gave its metric, and the first one's reason
+        print(f"error: {searched}", file=sys.stderr)
+        return 1
     outcomes = job_outcomes(plan.out_dir, plan.jobs if plan.by_number else 0)
     unfinished = {name: why for name, why in outcomes.items() if why}
     if not unfinished:
@@ -114,3 +121,79 @@ def exit_status(plan: Plan) -> int:
     line = f"error: {len(unfinished)} of {len(outcomes)} jobs in {plan.out_dir} did not finish: {detail}"
     print(line, file=sys.stderr)
     return 1
+
+
+def search_failure(sweep) -> str | None:
+    """What a search's summary (hydra/sweeper=optuna) says went wrong: no trial produced its metric; else None."""
+    from transfer.search import SUMMARY_NAME
+
+    path = Path(sweep) / SUMMARY_NAME
+    try:
+        summary = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return summary.get("error") if isinstance(summary, dict) and summary.get("best") is None else None
+
+
+def wait_for_jobs(jobs: list, overrides: list, first_number: int = 0, poll_s: float = 1.0) -> list:
+    """The submitit jobs' returns (hydra JobReturn) once every one has ended, however it ended.
+
+    A job that died (killed, out of memory, cancelled on the cluster) or raised returns an empty
+    JobReturn: Hydra's sweepers raise on a failed one, and how the job ended is in its record, which
+    exit_status reads. Stopped while it waits (Ctrl-C, SIGTERM), it cancels the jobs still running and
+    waits for them to end: none goes on training after the command has returned.
+    """
+    from hydra.core.utils import JobReturn, JobStatus
+
+    try:
+        while not all(job.done() for job in jobs):
+            time.sleep(poll_s)
+    except BaseException:
+        cancel_jobs(jobs)
+        raise
+    returns = []
+    for number, (job, job_overrides) in enumerate(zip(jobs, overrides, strict=True), start=first_number):
+        why = _no_result(job)
+        if why is None:
+            try:
+                returns.append(job.results()[0])
+                continue
+            except Exception as e:  # submitit's UncompletedJobError, FailedJobError: the task raised or died
+                why = first_line(e)
+        log.warning("job %d (submitit job %s) ended without a result: %s", number, job.job_id, why)
+        returns.append(JobReturn(overrides=list(job_overrides), status=JobStatus.COMPLETED))
+    return returns
+
+
+def _no_result(job) -> str | None:
+    """Why a local job that has ended has no result, without submitit's wait for one: a local job writes it
+    before its process ends, so none will come (the 15 s wait is for a cluster's shared file system)."""
+    if type(job).__name__ == "LocalJob" and not job.paths.result_pickle.exists():
+        return f"its process ended without one (state {job.state}: killed?)"
+    return None
+
+
+def cancel_jobs(jobs: list, grace_s: float = 30.0, wait_s: float = 30.0) -> None:
+    """Stop the jobs still running and wait until they have ended.
+
+    A local job first gets SIGTERM (its controller passes it on; a job in training stops after its step and
+    records `interrupted`), and after `grace_s` submitit's own cancel (SIGINT, then SIGKILL to its tasks);
+    a cluster's job, the cluster's cancel (scancel) at once.
+    """
+    running = [job for job in jobs if not job.done()]
+    if not running:
+        return
+    log.warning("stopping %d job(s) still running: %s", len(running), ", ".join(job.job_id for job in running))
+    for job in running:
+        if type(job).__name__ == "LocalJob":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(job.job_id), signal.SIGTERM)  # a local job's id is its controller's process id
+        else:
+            job.cancel(check=False)
+    for patience, then_cancel in ((grace_s, True), (wait_s, False)):
+        deadline = time.monotonic() + patience
+        while running and time.monotonic() < deadline:
+            time.sleep(0.1)
+            running = [job for job in running if not job.done()]
+        for job in running if then_cancel else []:
+            job.cancel(check=False)

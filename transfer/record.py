@@ -50,6 +50,20 @@ def read_record(folder: Path) -> dict | None:
     return record
 
 
+# what a record that says a job ended well holds besides its status: run.py writes them all
+FINISHED_FIELDS = {
+    "completed": ("config", "train", "eval.final"),
+    "pruned": ("config", "train"),  # stopped before its final evaluation
+    "dry_run": ("config", "params"),
+}
+
+
+def missing_fields(record: dict) -> list[str]:
+    """Of the fields a record of its status must hold (FINISHED_FIELDS), those it lacks or holds empty."""
+    return [path for path in FINISHED_FIELDS.get(record.get("status"), ())
+            if not isinstance(lookup(record, path), dict) or not lookup(record, path)]  # fmt: skip
+
+
 def lookup(record: dict, path: str, missing=None):
     """The value at a dotted path of a record or config (`eval.final.validation.loss`); `missing` where there is none."""
     node = record

@@ -11,6 +11,7 @@ Optuna is an optional install (`pip install -e ".[search]"`) and is imported onl
 search runs: validation imports this module and must stay fast.
 """
 
+import contextlib
 import logging
 import math
 import warnings
@@ -18,10 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from transfer.errors import TransferError
+from transfer.errors import TransferError, first_line
 from transfer.evaluation import DIRECTION
 from transfer.inputs import installed
-from transfer.record import lookup
+from transfer.record import job_folders, lookup, read_record
 
 log = logging.getLogger(__name__)
 SWEEPER_TARGET = "hydra_plugins.transfer_optuna_sweeper.sweeper.OptunaSweeper"
@@ -210,6 +211,8 @@ def check_command_line(run, parsed: list, multirun: bool, compose, is_group) -> 
         )
     base = [o.input_line for o in parsed if o.is_hydra_override() and not o.is_sweep_override()] + fixed
     check_number_types(space, base, compose, is_group)
+    resume = [o.value() for o in parsed if o.key_or_group == "resume"]
+    check_study(run.hydra.sweeper, space, Path(str(run.hydra.sweep.dir)), bool(resume and resume[-1] is True))
     jobs = [base + values for values in trial_overrides_to_check(space)]
     return parsed, jobs, [key for key in space if is_group(key)]
 
@@ -232,6 +235,116 @@ def check_number_types(space: dict[str, Param], base: list[str], compose, is_gro
                 if "interval" in value
                 else f"{param.text}: {key} is an integer; allowed whole numbers"
             )
+
+
+def check_study(sweeper, space: dict[str, Param], sweep_dir: Path, resume: bool) -> None:
+    """An existing study, before anything runs: its file readable, its search space this command's, and on
+    resume=true the study there at all. A new study (no file yet) and other storages are the sweeper's to check."""
+    url = storage_url(sweeper.storage, sweep_dir)
+    path = Path(url[len(SQLITE) :]) if url.startswith(SQLITE) else None
+    if path is None or not path.is_file():
+        return
+    with damaged_study(url):
+        storage = open_storage(url)
+        try:
+            study_id = storage.get_study_id_from_name(sweeper.study_name)
+        except KeyError:
+            study_id = None
+        if study_id is None:
+            trials = _search_jobs(sweep_dir, sweeper.study_name) if resume else 0
+            if trials:  # an emptied or replaced file: a new study would start over beside the old trials' folders
+                raise TransferError(
+                    f"resume: {sweep_dir} holds {trials} trial(s) of study {sweeper.study_name!r}, and {path} holds "
+                    "no such study; allowed: the optuna.db that search wrote, or another hydra.sweep.dir to start afresh"
+                )
+            return
+        import optuna
+
+        study = optuna.load_study(study_name=sweeper.study_name, storage=storage)
+        check_same_space(study, space, url)
+
+
+def _search_jobs(sweep_dir: Path, study_name: str) -> int:
+    """How many of a sweep folder's jobs ran as trials of the study (their records say so)."""
+    count = 0
+    for job in job_folders(sweep_dir) if sweep_dir.is_dir() else []:
+        try:
+            count += lookup(read_record(job) or {}, "config.search.study") == study_name
+        except ValueError:  # an unreadable record is the sweep's to report
+            continue
+    return count
+
+
+SPACE = "space"  # the study's user attribute with its search space: key -> {text, distribution}
+
+
+def stored_space(space: dict[str, Param]) -> dict:
+    """The search space as the study keeps it (SPACE): what the user wrote, and Optuna's own form to compare."""
+    from optuna.distributions import distribution_to_json
+
+    return {key: {"text": p.text, "distribution": distribution_to_json(p.distribution())} for key, p in space.items()}
+
+
+def check_same_space(study, space: dict[str, Param], url: str) -> None:
+    """A study continues in the space it searched: a range or a choice changed since would mix two searches in one
+    study (TPE would model both as one). One line naming the parameter and its two definitions."""
+    from optuna.distributions import json_to_distribution
+
+    kept = study.user_attrs.get(SPACE)
+    if kept is not None:
+        then = {key: (v["text"], json_to_distribution(v["distribution"])) for key, v in kept.items()}
+    else:  # a study from before the space was kept: its trials' own distributions
+        then = {}
+        for trial in study.get_trials(deepcopy=False):
+            for key, distribution in trial.distributions.items():
+                then.setdefault(key, (hydra_text(key, distribution), distribution))
+        if not then:
+            return
+    now = {key: (p.text, p.distribution()) for key, p in space.items()}
+    for key in [*then, *(k for k in now if k not in then)]:
+        old, new = then.get(key), now.get(key)
+        if old is None or new is None or old[1] != new[1]:
+            raise TransferError(
+                f"study {study.study_name!r} in {url} searched {old[0] if old else f'no {key}'}, this command "
+                f"{new[0] if new else f'no {key}'}; allowed: the study's own search space, "
+                "or another hydra.sweeper.study_name (or hydra.sweep.dir) for a new study"
+            )
+
+
+def hydra_text(key: str, distribution) -> str:
+    """An Optuna distribution in Hydra's sweep syntax, for a study that did not keep what the user wrote."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return f"{key}=choice({','.join(format_value(c) for c in distribution.choices)})"
+    interval = f"interval({distribution.low}, {distribution.high})"
+    if distribution.log:
+        return f"{key}=tag(log, {interval})"
+    if distribution.step is not None and distribution.step != 1:
+        return f"{key}=range({distribution.low}, {distribution.high + distribution.step}, {distribution.step})"
+    return f"{key}={interval if type(distribution).__name__ == 'FloatDistribution' else f'int({interval})'}"
+
+
+@contextlib.contextmanager
+def damaged_study(url: str):
+    """A study file SQLite cannot read (cut short, overwritten) as one line naming it, not SQLAlchemy's traceback."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, StorageInternalError) as e:  # Optuna's wraps SQLAlchemy's, which wraps SQLite's
+        _storages.pop(url, None)
+        cause = e.__cause__ if isinstance(e, StorageInternalError) and e.__cause__ is not None else e
+        raise TransferError(
+            f"{_where(url)} is not a readable Optuna study ({getattr(cause, 'orig', None) or first_line(cause)}); "
+            "allowed: the file that search wrote, intact, or another hydra.sweep.dir (or hydra.sweeper.storage) "
+            "to start afresh"
+        ) from None
+
+
+def _where(url: str) -> str:
+    return url[len(SQLITE) :] if url.startswith(SQLITE) else url
 
 
 # ---------------------------------------------------------------- the sweeper's settings
@@ -304,8 +417,22 @@ def outcome(record: dict | None, metric: str) -> tuple[str, float | None, str | 
         return "FAIL", None, record.get("error") or f"status {status}"
     value = metric_value(record, metric)
     if value is None:
-        return "FAIL", None, f"{metric} is not a number in its record"
+        return "FAIL", None, _no_metric(record, metric)
     return "COMPLETE", value, None
+
+
+def _no_metric(record: dict, metric: str) -> str:
+    """Why a completed record gives no value of the metric: not there (and what is there instead), or no number."""
+    node = lookup(record, metric, missing=_ABSENT)
+    if node is not _ABSENT:
+        return f"{metric} is {node!r} in its record, not a number"
+    parent = metric.rsplit(".", 1)[0]
+    there = lookup(record, parent)
+    held = f"; its {parent} holds {', '.join(there)}" if isinstance(there, dict) and there else ""
+    return f"its record has no {metric}{held}"
+
+
+_ABSENT = object()
 
 
 # ---------------------------------------------------------------- Optuna objects
@@ -331,7 +458,11 @@ def open_storage(url: str):
             Path(url[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
             # parallel jobs write to one SQLite file: wait for its lock instead of failing at once
             engine = {"connect_args": {"timeout": 60}}
-        _storages[url] = RDBStorage(url, engine_kwargs=engine)
+        with damaged_study(url):
+            try:
+                _storages[url] = RDBStorage(url, engine_kwargs=engine)
+            except RuntimeError as e:  # Optuna's: a study file of another Optuna version's schema
+                raise TransferError(f"{_where(url)}: {first_line(e)}") from None
     return _storages[url]
 
 

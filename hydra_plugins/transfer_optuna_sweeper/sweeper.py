@@ -7,6 +7,7 @@ sweep works through any launcher (the jobs may run in other processes or on othe
 """
 
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from transfer.errors import TransferError
 from transfer.record import read_record
 from transfer.search import (
+    SPACE,
     STUDY_SETTINGS,
     SUMMARY_NAME,
+    check_same_space,
+    damaged_study,
     format_value,
     make_sampler,
     open_storage,
@@ -28,6 +32,7 @@ from transfer.search import (
     reported_metric,
     search_space,
     storage_url,
+    stored_space,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,17 @@ class OptunaSweeper(Sweeper):
         self.numbered = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}"
 
     def sweep(self, arguments: list[str]) -> None:
+        """The search; what stops it (a damaged study file, a study of another space) is one line and exit status 2:
+        the start-up check (transfer.search.check_study) says the same before anything runs, where it can."""
+        self.url = storage_url(self.settings["storage"], self.sweep_dir)
+        try:
+            with damaged_study(self.url):
+                self._search(arguments)
+        except TransferError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def _search(self, arguments: list[str]) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what Optuna would, per trial
@@ -59,7 +75,6 @@ class OptunaSweeper(Sweeper):
         space, fixed = search_space(s["params"], arguments)
         # a new trial starts afresh; a killed one is continued with resume=true whatever the command line said
         self.fixed = [line for line in fixed if not line.lstrip("+~").startswith("resume=")]
-        self.url = storage_url(s["storage"], self.sweep_dir)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
         study = optuna.create_study(
@@ -70,6 +85,9 @@ class OptunaSweeper(Sweeper):
                 f"study {s['study_name']!r} in {self.url} was made to {study.direction.name.lower()}; "
                 f"allowed hydra.sweeper.direction={study.direction.name.lower()}, or another study_name"
             )
+        check_same_space(study, space, self.url)  # and a new study keeps its space, for the next run to check
+        if SPACE not in study.user_attrs:
+            study.set_user_attr(SPACE, stored_space(space))
         # the jobs build their pruner from the study's settings: one pruner for every trial, whoever launched it
         pruning = {k: s[k] for k in ("pruner", "pruner_startup_trials", "pruner_warmup_steps", "min_resource",
                                      "reduction_factor")}  # fmt: skip
@@ -189,9 +207,14 @@ class OptunaSweeper(Sweeper):
             if best is None
             else {"trial": best.number, "value": best.value, "params": best.params, "job": best.user_attrs.get("job")},
         }
+        tally = ", ".join(f"{n} {state}" for state, n in counts.items())
+        if best is None:  # the command then exits non-zero with this line (transfer.launchers.exit_status)
+            summary["error"] = (
+                f"no trial of study {study.study_name!r} produced {self.settings['metric']} ({tally or 'no trial'})"
+                + (f": {self._first_failure(trials)}" if trials else "")
+            )
         path = self.sweep_dir / SUMMARY_NAME
         OmegaConf.save(OmegaConf.create(summary), path)
-        tally = ", ".join(f"{n} {state}" for state, n in counts.items())
         if best is None:
             print(f"search: no trial completed ({tally}); study {study.study_name!r} in {self.url}")
         else:
@@ -200,6 +223,23 @@ class OptunaSweeper(Sweeper):
                   f"{self.settings['metric']} = {best.value:.6g} with {params} ({best.user_attrs.get('job')})")  # fmt: skip
         print(f"study summary in {path}")
         return summary
+
+    def _first_failure(self, trials: list) -> str:
+        """Why the first trial that gave no value gave none, from its record: its error, or what its record lacks."""
+        for trial in sorted(trials, key=lambda t: t.number):
+            folder = trial.user_attrs.get("job")
+            if trial.state.name == "PRUNED":
+                continue
+            if not folder:
+                return f"trial {trial.number} stopped before its job folder was known"
+            record = self._record(Path(folder))
+            if (record or {}).get("status") in UNFINISHED:
+                return f"trial {trial.number} ({folder}) did not finish: {(record or {}).get('status') or 'no record'}"
+            state, _, why = outcome(record, self.settings["metric"])
+            if state == "FAIL":
+                status = record["status"]
+                return f"trial {trial.number} ({folder}){'' if status == 'completed' else f' {status}'}: {why}"
+        return "every trial was pruned"
 
 
 def _quoted(text: str) -> str:

@@ -1,0 +1,62 @@
+"""The submitit plugin's launchers, waiting for every job of a batch however it ends.
+
+The plugin asks each job for its result in turn, and the first job that died (killed, out of
+memory, cancelled on the cluster) raises submitit's UncompletedJobError out of the sweep: a
+traceback, no tables for the jobs that finished, no exit line, and the jobs still running left to
+train after the command has returned. These launch the same jobs the same way, then wait for them
+all (transfer.launchers.wait_for_jobs); how each ended is read from its record, as for any launcher.
+transfer.callbacks.LauncherCallback puts them in the plugin's place when a sweep starts.
+"""
+
+import logging
+from pathlib import Path
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import filter_overrides
+from omegaconf import OmegaConf
+
+try:
+    from hydra_plugins.hydra_submitit_launcher import config as plugin_config
+    from hydra_plugins.hydra_submitit_launcher import submitit_launcher as plugin
+except ImportError:  # the slurm extra is not installed: hydra/launcher=submitit_* is refused at start-up
+    plugin = None
+
+log = logging.getLogger(__name__)
+
+
+def launch(self, job_overrides, initial_job_idx: int):
+    """The plugin's launch (hydra-submitit-launcher 1.2), but for its last step: every job waited for."""
+    import os
+
+    import submitit
+
+    from transfer.launchers import wait_for_jobs
+
+    params = self.params
+    init_params = {"folder": params["submitit_folder"]}
+    specific = {"max_num_timeout"}
+    init_params.update({f"{self._EXECUTOR}_{k}": v for k, v in params.items() if k in specific})
+    executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
+    base = set(OmegaConf.structured(plugin_config.BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()
+                                  if k not in specific | {"submitit_folder"}})  # fmt: skip
+    log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
+    sweep_dir = Path(str(self.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if "mode" in self.config.hydra.sweep:
+        os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+    job_params = []
+    for number, overrides in enumerate(job_overrides, start=initial_job_idx):
+        log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
+        job_params.append((list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state()))
+    jobs = executor.map_array(self, *zip(*job_params, strict=True))
+    return wait_for_jobs(jobs, job_overrides, initial_job_idx)
+
+
+if plugin is not None:
+
+    class LocalLauncher(plugin.LocalLauncher):
+        launch = launch
+
+    class SlurmLauncher(plugin.SlurmLauncher):
+        launch = launch
