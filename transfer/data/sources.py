@@ -3,24 +3,47 @@
 A split the source lacks is carved out of the training rows (`holdout_fraction`, seeded by
 `split_seed`, the same for every job of a sweep). What a row becomes (text for `lm`, a
 conversation for `sft`) is the objective's business.
+
+Each row remembers where it was read (`Row.origin`: the file and line, or the hub split and
+row), so that a problem with a row names the place to fix it, also after the row was held out.
+A CSV file's cells are read as text, as written: pandas would make "42" a number and "NA" a null.
 """
 
+import csv
+import itertools
 import logging
 import random
 import sys
 from pathlib import Path
 
 from transfer.errors import TransferError, first_line, innermost
-from transfer.inputs import BUILDERS, check_data_files
+from transfer.inputs import BUILDERS, alternative, answers, blank, check_data_files, csv_rows, is_text, json_item_lines
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
+
+
+class Row(dict):
+    """A row's fields, and where it was read: `origin` is "dataset.train_files: 'train.jsonl' line 8" or the like."""
+
+    __slots__ = ("place", "number")
+
+    @property
+    def origin(self) -> str:
+        return f"{self.place} {self.number}"
+
+
+def origin(row: dict, otherwise: str) -> str:
+    """Where the row was read, for messages; `otherwise` for a row made in memory."""
+    return row.origin if isinstance(row, Row) else otherwise
 
 
 def load_rows(cfg, needs: list[tuple[str, ...]]) -> dict[str, list[dict]]:
     """The rows of each split that hold something in a field of `needs`; a missing split is held out from train.
 
     `needs` lists alternatives, each the fields a row must have (transfer.inputs.check_data_files).
+    Rows of examples whose answers are all empty are refused, some of them warned of: such an
+    answer is not learned, only the end of its turn.
     """
     if "path" in cfg:
         rows = {name: _hub_split(cfg, getattr(cfg, f"{name}_split"), needs) for name in SPLITS}
@@ -29,7 +52,34 @@ def load_rows(cfg, needs: list[tuple[str, ...]]) -> dict[str, list[dict]]:
     missing = [name for name in ("validation", "test") if rows[name] is None]
     if missing:
         rows.update(_hold_out(cfg, rows["train"], missing))
+    if not is_text(needs):
+        for name, split in rows.items():
+            _empty_answers(split, needs, _labels(cfg), f"dataset {cfg.name!r} {name}")
     return rows
+
+
+def _labels(cfg) -> tuple[str, ...]:
+    return (cfg.get("label_field") or "label",)
+
+
+def _empty_answers(rows: list[dict], needs, labels, where: str) -> None:
+    empty = []
+    for row in rows:
+        fields = alternative(row, needs)
+        if fields is not None and all(blank(a) for a in answers(row, fields, labels)):
+            empty.append(row)
+    if not empty:
+        return
+    first = origin(empty[0], f"row {rows.index(empty[0]) + 1}")
+    if len(empty) == len(rows):
+        raise TransferError(
+            f"{where}: the answer of every one of its {len(rows)} rows is empty ({first}, ...): nothing of an answer "
+            "would be scored, only the end of each turn; allowed: rows with answers"
+        )
+    log.warning(
+        "%s: %d of %d rows have an empty answer (%s%s): nothing of their answers is scored, only the end of the turn",
+        where, len(empty), len(rows), first, ", ..." if len(empty) > 1 else "",
+    )  # fmt: skip
 
 
 def load_texts(cfg) -> dict[str, list[str]]:
@@ -51,22 +101,74 @@ def _files_split(cfg, split: str, files: list[str], needs) -> list[dict] | None:
 def read_files(cfg, files: list[str], where: str, needs: list[tuple[str, ...]] | None = None) -> list[dict]:
     """The rows of local files, one type per call, that hold something in a field of `needs` (default: the text)."""
     needs = needs or [(cfg.text_field,)]
-    check_data_files(files, where, needs, cfg.get("build_hint"))  # done at start-up: cached, unless a file changed
+    # done at start-up: cached, unless a file changed
+    check_data_files(files, where, needs, cfg.get("build_hint"), labels=_labels(cfg))
     suffixes = {BUILDERS[Path(f).suffix.lower()] for f in files}
     if len(suffixes) > 1:
         raise TransferError(f"{where} mixes file types {sorted(suffixes)}; use one type per split")
     builder = suffixes.pop()
-    kwargs = {"sample_by": cfg.txt_sample_by.value} if builder == "text" else {}
+    paths = [Path(f).expanduser() for f in files]
+    kwargs = {}
+    if builder == "text":
+        kwargs = {"sample_by": cfg.txt_sample_by.value, "encoding": "utf-8-sig"}  # no byte-order mark in the text
+    elif builder == "csv":
+        columns = {name for path in paths for name in _csv_header(path)}
+        kwargs = {"encoding": "utf-8-sig", "na_filter": False, "converters": dict.fromkeys(columns, str)}
     import datasets
 
     quiet_progress_bars(datasets)
     try:
-        table = datasets.load_dataset(
-            builder, data_files=[str(Path(f).expanduser()) for f in files], split="train", **kwargs
-        )
+        table = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", **kwargs)
     except Exception as e:  # datasets wraps the reader's error: the innermost one says what is wrong
         raise TransferError(f"{where}: cannot read {list(files)}: {first_line(innermost(e))}") from None
-    return _rows(table, needs, where)
+    places = [_numbers(path, builder, kwargs.get("sample_by")) for path in paths]
+    if all(p is not None for p in places) and sum(len(p[1]) for p in places) == len(table):
+        numbering = [(f"{where}: {f!r} {unit}", numbers) for f, (unit, numbers) in zip(files, places, strict=True)]
+    else:  # the rows could not be told apart by line: messages name the split's row instead
+        numbering = None
+    return _rows(table, needs, where, numbering)
+
+
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        return next(csv.reader(fh), [])
+
+
+def _numbers(path: Path, builder: str, sample_by: str | None) -> tuple[str, list[int] | range] | None:
+    """What numbers a file's rows (line, or row of a Parquet file) and the number of each row `datasets` reads from
+    it, in order; None where that cannot be told."""
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return "row", range(1, pq.ParquetFile(path).metadata.num_rows + 1)
+        if builder == "csv":
+            with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+                reader = csv.reader(fh)
+                header = next(reader, [])
+                return "line", [line for line, _ in csv_rows(reader, header)]
+        if builder == "text" and sample_by == "line":
+            with open(path, encoding="utf-8-sig", errors="replace") as fh:
+                return "line", range(1, sum(1 for _ in fh) + 1)
+        if builder == "text":
+            with open(path, encoding="utf-8-sig", errors="replace") as fh:
+                text = fh.read()
+            if sample_by == "document":
+                return "line", [1]
+            lines, line = [], 1
+            for piece in text.split("\n\n"):  # as `datasets` cuts paragraphs; empty pieces are no row
+                if piece:
+                    lines.append(line)
+                line += piece.count("\n") + 2
+            return "line", lines
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            fh.seek(0)
+            if head[:1] == b"[":
+                return "line", json_item_lines(fh.read().decode("utf-8-sig", errors="replace"))
+            return "line", [number for number, line in enumerate(fh, start=1) if line.strip()]
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def quiet_progress_bars(datasets) -> None:
@@ -94,15 +196,30 @@ def read_hub(cfg, split: str, where: str, needs: list[tuple[str, ...]] | None = 
         raise TransferError(
             f"{where} (config {cfg.config_name!r}) cannot be loaded from the hub, offline or unknown? ({first_line(e)})"
         ) from None
-    return _rows(table, needs or [(cfg.text_field,)], where)
+    return _rows(table, needs or [(cfg.text_field,)], where, [(f"{where} row", range(1, len(table) + 1))])
 
 
-def _rows(table, needs: list[tuple[str, ...]], where: str) -> list[dict]:
+def _rows(table, needs: list[tuple[str, ...]], where: str, numbering=None) -> list[dict]:
+    """The rows that hold something in a field of `needs`, each a Row that knows where it was read where `numbering`
+    ([(place, the numbers of its rows)], in the table's order) says."""
     present = [f for alternative in needs for f in alternative if f in table.column_names]
     if not present:
         what = f"dataset.text_field={needs[0][0]!r}" if len(needs) == 1 else "field an example needs"
         raise TransferError(f"{where}: no {what}; allowed: {', '.join(table.column_names)}")
-    return [row for row in table.to_list() if any(_filled(row.get(f)) for f in present)]
+    rows = table.to_list()
+    if numbering is not None:
+        places = itertools.chain.from_iterable(zip(itertools.repeat(place), numbers) for place, numbers in numbering)
+        rows = [_row(fields, place, number) for fields, (place, number) in zip(rows, places, strict=True)]
+    kept = [row for row in rows if any(_filled(row.get(f)) for f in present)]
+    if rows and not kept:
+        raise TransferError(f"{where}: none of its {len(rows)} rows holds anything in {', '.join(map(repr, present))}")
+    return kept
+
+
+def _row(fields: dict, place: str, number: int) -> Row:
+    row = Row(fields)
+    row.place, row.number = place, number
+    return row
 
 
 def _filled(value) -> bool:
@@ -115,7 +232,7 @@ def _hold_out(cfg, train: list, names: list[str]) -> dict[str, list]:
     n_each = max(1, round(len(train) * cfg.holdout_fraction))
     if cfg.holdout_fraction == 0 or len(train) <= n_each * len(names):
         raise TransferError(
-            f"dataset {cfg.name!r} has no {' or '.join(names)} split and {len(train)} training documents "
+            f"dataset {cfg.name!r} has no {' or '.join(names)} split and {len(train)} training rows "
             f"cannot spare dataset.holdout_fraction={cfg.holdout_fraction} for it; "
             "give split files or a fraction in (0, 1)"
         )
