@@ -150,8 +150,83 @@ def test_range_checks(overrides, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        # nan and inf pass every comparison a range check makes (nan <= 0 is false): one finiteness check for all
+        (["optimizer.lr=nan"], "optimizer.lr=nan: allowed a finite number"),
+        (["optimizer.lr=inf"], "optimizer.lr=inf: allowed a finite number"),
+        (["strategy.lr=-inf"], "strategy.lr=-inf: allowed a finite number"),
+        (["optimizer.weight_decay=nan"], "optimizer.weight_decay=nan: allowed a finite number"),
+        (["optimizer.grad_clip=inf"], "optimizer.grad_clip=inf: allowed a finite number"),
+        (["optimizer.min_lr_ratio=nan"], "optimizer.min_lr_ratio=nan: allowed a finite number"),
+        (["optimizer.warmup_ratio=nan"], "optimizer.warmup_ratio=nan: allowed a finite number"),
+        (["optimizer.eps=inf"], "optimizer.eps=inf: allowed a finite number"),
+        (["optimizer.betas=[nan,0.999]"], "optimizer.betas=[nan, 0.999]: allowed finite numbers"),
+        (["epochs=inf", "max_steps=null"], "epochs=inf: allowed a finite number"),
+        (["early_stopping.min_delta=nan"], "early_stopping.min_delta=nan: allowed a finite number"),
+        (["dataset.holdout_fraction=nan"], "dataset.holdout_fraction=nan: allowed a finite number"),
+        (["hardware.memory_limit=inf"], "hardware.memory_limit=inf: allowed a finite number"),
+        (["strategy=lora", "strategy.dropout=nan"], "strategy.dropout=nan: allowed a finite number"),
+        (["strategy=freeze_lower", "strategy.frozen_blocks=nan"], "strategy.frozen_blocks=nan: allowed a finite"),
+        (["objective=dpo", "objective.beta=inf", *REQUIRED[("objective", "dpo")]], "objective.beta=inf: allowed a"),
+        (
+            ["objective=kto", "objective.desirable_weight=nan", *REQUIRED[("objective", "kto")]],
+            "objective.desirable_weight=nan: allowed a finite number",
+        ),
+        # what torch's optimizers refuse with a traceback
+        (["optimizer.eps=0"], "optimizer.eps=0.0 must be positive"),
+        (["optimizer=sgd", "optimizer.momentum=-0.5"], "optimizer.momentum=-0.5 must be 0 or more"),
+        # on_oom=cpu casts the weights to fp32, which bitsandbytes' 4-bit weights refuse
+        (["strategy=qlora", "hardware.on_oom=cpu"], "hardware.on_oom=cpu would cast the weights to fp32 on the CPU"),
+        # a block of one token holds no next token to predict
+        (["block_size=1"], "block_size=1 must be at least 2"),
+        # numpy's seed range; torch's generator takes seed x 100,003: both hold below 2**32
+        (["seed=-1"], "seed=-1: allowed an integer 0..4294967295"),
+        (["seed=4294967296"], "seed=4294967296: allowed an integer 0..4294967295"),
+        (["dataset.split_seed=-3"], "dataset.split_seed=-3: allowed an integer 0..4294967295"),
+        (["model.tiny.seed=-1"], "model.tiny.seed=-1: allowed an integer 0..4294967295"),
+        (["strategy=scratch", "strategy.init_seed=-1"], "strategy.init_seed=-1: allowed an integer 0..4294967295"),
+    ],
+)
+def test_values_that_would_fail_later_are_refused_at_start(overrides, message):
+    cfg = compose_config(overrides)
+    with pytest.raises(TransferError) as e:
+        check_config(cfg)
+    assert str(e.value).startswith(message), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_the_largest_seed_allowed_seeds_every_generator():
+    from transfer.run import seed_everything
+
+    cfg = compose_config(["seed=4294967295"])
+    check_config(cfg)
+    seed_everything(cfg.seed)  # numpy's bound, and the stream's torch generator below (data/sequences.py)
+    torch.Generator().manual_seed(cfg.seed * 100_003 + 1)
+
+
 def test_warmup_steps_take_precedence_over_the_ratio():
-    check_config(compose_config(["optimizer.warmup_steps=10"]))  # the ratio in adamw.yaml is then unused
+    from transfer.optim import build_scheduler
+
+    def rates(*overrides):  # the learning rate at each of 100 steps, as the loop's scheduler sets it
+        cfg = compose_config(["max_steps=100", "optimizer.lr=1.0", "optimizer.schedule=constant", *overrides])
+        check_config(cfg)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps=cfg.max_steps)
+        out = []
+        for _ in range(cfg.max_steps):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    # 10 steps of warm-up, though the ratio alone would make it 50: lr * (step + 1) / 11, then the peak
+    both = rates("optimizer.warmup_steps=10", "optimizer.warmup_ratio=0.5")
+    assert both[:11] == pytest.approx([(step + 1) / 11 for step in range(10)] + [1.0], rel=1e-12)
+    assert both[10:] == [1.0] * 90
+    ratio = rates("optimizer.warmup_ratio=0.5")  # warmup_steps=0: the ratio's 50 steps
+    assert ratio[10] == pytest.approx(11 / 51, rel=1e-12) and ratio[49] == pytest.approx(50 / 51) and ratio[50] == 1.0
 
 
 def test_bad_strategy_values_in_a_sweep_fail_at_start():

@@ -1,5 +1,7 @@
 """Memory: gradient checkpointing, halving on out-of-memory, the precision a GPU gets by default."""
 
+import re
+
 import pytest
 import torch
 from conftest import loss_and_grads
@@ -257,3 +259,121 @@ def test_advice_halves_what_exceeds_the_limit_keeping_the_batch_per_step():
     assert fits_advice(cfg, found, found["peak_bytes"]) is None
     advice = fits_advice(cfg, found, fixed // 2)  # not even the weights fit
     assert "micro_batch_size" not in advice and "a strategy that trains less (lora, qlora)" in advice
+
+
+# a run of the tiny model whose micro-batch needs about 12 GiB: far over a 1 GiB limit, on any machine
+TOO_BIG = ["hardware=cpu", "block_size=64", "micro_batch_size=4096", "eval_batch_size=16", "hardware.memory_limit=1"]
+
+
+def test_a_run_far_too_big_is_refused_before_its_weights_are_read_with_settings_that_fit(tmp_path, monkeypatch):
+    import transfer.run
+    from transfer.errors import TransferError
+    from transfer.record import read_record
+
+    loaded = []  # the `weights` of each load: the estimate's shapes are built on the meta device, without them
+    real = transfer.run.load_model_and_tokenizer
+
+    def load(*args, **kwargs):
+        loaded.append(kwargs.get("weights", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transfer.run, "load_model_and_tokenizer", load)
+    with pytest.raises(TransferError) as e:
+        transfer.run.run_experiment(compose_config(TOO_BIG), tmp_path / "run", {"model": "tiny"})
+    line = str(e.value)
+    assert loaded == [False]
+    record = read_record(tmp_path / "run")
+    assert record["status"] == "failed" and record["error"] == line
+    assert record["memory_estimate"]["refused"] is True and record["memory_estimate"]["advice"] == line
+    assert record["memory_estimate"]["peak_bytes"] > 2 * record["memory_estimate"]["limit_bytes"] == 2 * 2**30
+    assert line.startswith("the run's estimated peak, ") and "is more than 2x the 1 GiB available on cpu" in line
+    assert line.endswith("refused before loading the weights (hardware.on_oom=halve cannot act on the CPU, where the "
+                         "kernel ends a process that runs out; hardware.memory_check=warn runs it anyway)")  # fmt: skip
+    # the micro-batch it advises fits, by the same estimate, with the same examples per step
+    advised = re.search(r"to fit: micro_batch_size=(\d+) grad_accum_steps=(\d+) \(the same batch per step\)", line)
+    micro, accum = int(advised.group(1)), int(advised.group(2))
+    assert micro * accum == 4096 and micro < 4096
+    _, smaller = _estimate([*TOO_BIG, f"micro_batch_size={micro}", f"grad_accum_steps={accum}"])
+    assert smaller["peak_bytes"] <= 2**30 < 2 * smaller["peak_bytes"]  # the largest halving that fits
+    assert "\n" not in line
+
+
+def test_a_dry_run_far_too_big_is_estimated_not_refused(tmp_path):
+    from transfer.run import run_experiment
+
+    record = run_experiment(compose_config([*TOO_BIG, "dry_run=true"]), tmp_path / "run", {"model": "tiny"})
+    assert record["status"] == "dry_run"
+    assert record["memory_estimate"]["advice"].startswith("the run's estimated peak, ")
+
+
+def test_the_refusal_leaves_a_run_to_try_where_on_oom_can_act_or_when_told():
+    from transfer.memory import fits_advice, refusal
+
+    _, found = _estimate(TOO_BIG)
+    cpu, cuda, limit = torch.device("cpu"), torch.device("cuda"), 2**30
+    peak = found["peak_bytes"]
+
+    def judged(overrides, device, limit=limit):
+        return refusal(compose_config([*TOO_BIG, *overrides]), found, limit, device)
+
+    assert peak > 2 * limit
+    assert "hardware.on_oom=halve cannot act on the CPU" in judged([], cpu)
+    assert "hardware.on_oom=cpu cannot act on the CPU" in judged(["hardware.on_oom=cpu"], cpu)
+    assert judged(["hardware.memory_check=warn"], cpu) is None
+    assert judged(["hardware.on_oom=cpu"], cuda) is None  # it goes on on the CPU when the GPU runs out
+    assert judged([], cuda) is None  # halving to a micro-batch of 1 fits: the GPU's error lets it halve
+    assert "(hardware.on_oom=fail; hardware.memory_check=warn" in judged(["hardware.on_oom=fail"], cuda)
+    weights = found["training"]["weights"]  # below what even batches of one need: halving cannot help
+    assert "halving to batches of one still needs" in judged([], cuda, limit=weights // 2)
+    # within twice the limit the estimate's own approximations could explain it: a warning, not a refusal
+    assert judged([], cpu, limit=int(peak / 1.9)) is None
+    assert fits_advice(compose_config(TOO_BIG), found, int(peak / 1.9)).startswith("the run's estimated peak")
+
+
+def test_on_oom_cpu_casts_half_precision_weights_to_the_fp32_it_records():
+    """A GPU run of bf16 weights that goes on on the CPU: the record says cpu (fp32), and the weights, the optimizer's
+    moments and the reference copy are fp32 then (the CPU runs no autocast), and the next step trains in it."""
+    from pathlib import Path
+
+    from transfer.hardware import Hardware
+    from transfer.objectives import build_objective
+    from transfer.oom import MemoryPlan, optimizer_mover
+    from transfer.optim import build_optimizer
+
+    pairs = Path(__file__).resolve().parent / "data" / "pairs.jsonl"
+    cfg = compose_config(["model.dtype=bfloat16", "hardware.on_oom=cpu", "objective=dpo", "dataset=text_files",
+                          f"dataset.train_files=[{pairs}]", "block_size=64", "eval.max_tokens=512"])  # fmt: skip
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    objective = build_objective(cfg, tokenizer)
+    splits = objective.prepare(cfg.eval.max_tokens)
+    hardware = Hardware(torch.device("cuda"), "bf16")  # the GPU the run was on; only the plan's bookkeeping reads it
+    objective.attach(model, splits, cfg, hardware)  # full fine-tuning: a frozen copy of the model is the reference
+    optimizer = build_optimizer(model, cfg.optimizer, torch.device("cpu"), 1e-3)
+
+    def step():
+        stream = objective.stream(splits["train"], 0, 0, 2)
+        batch = objective.batch(splits["train"], stream, 2)
+        objective.begin_step(model, [batch], hardware)
+        loss_sum, _, _ = objective.loss(model, batch.to(hardware.device), hardware.loss_chunk_tokens)
+        loss_sum.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    hardware.device = torch.device("cpu")  # the step that made the moments in bf16, as on the GPU
+    step()
+    hardware.device = torch.device("cuda")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    plan = MemoryPlan(cfg, hardware)
+    plan.movers = [model.to, optimizer_mover(optimizer), objective.to]
+    plan.recover("training step 2", "OutOfMemoryError: CUDA out of memory")
+    assert plan.record()["events"][0]["change"] == "moved from cuda (bf16) to cpu (fp32)"
+    assert (hardware.device.type, hardware.precision) == ("cpu", "fp32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    moments = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert moments and {v.dtype for v in moments} == {torch.float32}
+    reference = objective._reference_model
+    assert {p.dtype for p in reference.parameters()} == {torch.float32}
+    before = [p.detach().clone() for p in model.parameters()]
+    step()  # fused AdamW takes parameters and moments of one dtype only
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -4,6 +4,8 @@ Heavy imports (torch, transformers) happen inside the job, after the config of
 every job has been checked, so a bad override fails within a second.
 """
 
+import contextlib
+import errno
 import logging
 import os
 import shlex
@@ -11,14 +13,17 @@ import signal
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import hydra
+import hydra._internal.utils
+import hydra.core.utils
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transfer import STARTED, distributed, launchers, schema
-from transfer.errors import Interrupted, TransferError
+from transfer.errors import Interrupted, TransferError, reason
 from transfer.fmt import duration
 from transfer.lock import lock_folder, unlock_all, unlock_folder
 from transfer.validate import CONF_DIR, AlreadyDone, Plan, check_command_line
@@ -30,6 +35,61 @@ SWEEP_JOBS = "TRANSFER_SWEEP_JOBS"  # the sweep's size, for its jobs' position l
 # set by main(): the process start is its first job's to count. A job in another process (a Ray
 # worker that runs job after job, a submitit process) starts its clock when the job starts.
 _process_start_unclaimed = False
+_unwritten: list[str] = []  # what Hydra could not write into the job's .hydra/ folder (_save_config), for job()
+
+
+def _save_config(cfg, filename: str, output_dir: Path) -> None:
+    """Hydra's writer of a job's .hydra/ files, made whole or nothing: written aside, then renamed over the old one.
+
+    Hydra's own truncates the file first, so a full disk leaves it cut short, and its error is a traceback
+    before the job starts. Here the old file stays, and the job says why in one line (job())."""
+    path = Path(output_dir) / filename
+    temporary = path.with_name(f".{filename}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        _unwritten.append(f"cannot write {path} ({reason(e)})")
+
+
+hydra.core.utils._save_config = _save_config  # run_job looks it up there when each job starts, in every launcher
+# what a write answers on a full disk, over a quota, or in a folder that cannot be written
+CANNOT_WRITE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)
+_hydra_run_and_report = hydra._internal.utils.run_and_report
+
+
+def _run_and_report(func):
+    """Hydra's runner, for what Hydra writes outside a job (a sweep's multirun.yaml): where that cannot be written,
+    one line and exit 1, not the traceback Hydra prints. A job's own errors never reach it (job())."""
+
+    def guarded():
+        try:
+            return func()
+        except OSError as e:
+            if e.errno not in CANNOT_WRITE:
+                raise
+            where = f" {_plan.out_dir}" if _plan is not None else ""
+            print(f"error: cannot write in the output folder{where} ({reason(e)}); free space there, or choose "
+                  "another output folder", file=sys.stderr)  # fmt: skip
+            sys.exit(1)
+
+    return _hydra_run_and_report(guarded)
+
+
+hydra._internal.utils.run_and_report = _run_and_report  # hydra.main's wrapper calls it by this name
+
+
+def _close_file_logs(folder: Path) -> None:
+    """Hydra's log file in a folder that cannot be written: each line's failure would print a traceback."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder.resolve():
+            root.removeHandler(handler)
+            with contextlib.suppress(OSError):
+                handler.close()
 
 
 def job(cfg: DictConfig) -> None:
@@ -40,8 +100,6 @@ def job(cfg: DictConfig) -> None:
     state, not a copy of this one's. Nothing it does reaches back: how it ended is in its record.
     """
     global _process_start_unclaimed
-    from pathlib import Path
-
     # a job's clock starts in the job; the launching process's first job counts the process's imports
     started = STARTED if _process_start_unclaimed else time.perf_counter()
     _process_start_unclaimed = False
@@ -51,12 +109,20 @@ def job(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
+    unwritten = _unwritten[:]
+    _unwritten.clear()
+    if unwritten:  # a full disk, most likely: the log file there cannot be written either
+        _close_file_logs(out_dir)
     choices = {g: hc.runtime.choices.get(g) for g in schema.GROUPS}
     choices["probes"] = ",".join(cfg.eval.probes) or "none"  # a list group: Hydra records no choice for it
     _log_sweep_position(hc)
     locked_here = failed = False
     with launchers.requeue_when_preempted():
         try:
+            if unwritten:
+                raise TransferError(
+                    f"{unwritten[0]}; nothing was run: free space there, or choose another output folder"
+                )
             # a sweep's job folder; a single run's is held already, and under torchrun rank 0 holds it
             locked_here = distributed.is_main() and lock_folder(out_dir)
             if hc.mode == RunMode.MULTIRUN:

@@ -6,7 +6,8 @@
   step's sums are divided by the whole step's normaliser, the same update. An evaluation
   halves `eval_batch_size` the same way. The sizes reached hold for the rest of the run.
 - `cpu`: the model (with the optimizer's state and any reference model) moves to the CPU in
-  fp32 and the step or evaluation is tried again there.
+  fp32, half-precision weights cast to it (no autocast runs there: the record's fp32 is what
+  computes), and the step or evaluation is tried again there.
 
 Every change is a line in the log and an entry of the record's `memory_plan.events`.
 """
@@ -33,7 +34,8 @@ class MemoryPlan:
         self.micro, self.accum = cfg.micro_batch_size, cfg.grad_accum_steps
         self.eval_batch_size = cfg.eval_batch_size
         self.events: list[dict] = []
-        self.movers: list = []  # what moves to the CPU with the model: the optimizer, a reference model
+        # what moves to the CPU with the model (the optimizer, a reference model): each called move(device, dtype)
+        self.movers: list = []
 
     def can_recover(self, evaluation: bool = False) -> bool:
         if distributed.active():  # one rank trying again alone would leave the others waiting in an all-reduce
@@ -54,7 +56,7 @@ class MemoryPlan:
             self.micro, self.accum = self.micro // 2, self.accum * 2
         else:
             for move in self.movers:
-                move(torch.device("cpu"))
+                move(torch.device("cpu"), torch.float32)
             change = f"moved from {self.hardware.device} ({self.hardware.precision}) to cpu (fp32)"
             self.hardware.device, self.hardware.precision = torch.device("cpu"), "fp32"
             release_memory()
@@ -94,12 +96,13 @@ def release_memory() -> None:
 
 
 def optimizer_mover(optimizer):
-    """Moves an optimizer's state (AdamW's moments) along with its parameters."""
+    """Moves an optimizer's state (AdamW's moments) along with its parameters, cast as they are."""
 
-    def move(device):
+    def move(device, dtype=None):
         for state in optimizer.state.values():
             for key, value in state.items():
                 if torch.is_tensor(value):  # the fused kernel keeps `step` on the parameters' device too
-                    state[key] = value.to(device)
+                    cast = dtype if dtype is not None and value.is_floating_point() else None
+                    state[key] = value.to(device, cast)
 
     return move

@@ -41,6 +41,11 @@ class OnOutOfMemory(Enum):
     cpu = "cpu"
 
 
+class MemoryCheck(Enum):
+    refuse = "refuse"
+    warn = "warn"
+
+
 class Attention(Enum):
     auto = "auto"  # transformers' choice: sdpa where the model has it, else eager
     sdpa = "sdpa"
@@ -372,7 +377,8 @@ class EvalConfig:
     max_tokens: int | None = None
     # New tokens generated greedily for each of dataset.prompts.
     max_new_tokens: int = 32
-    # Weights of the final evaluation: the best by validation loss, or the last.
+    # Weights of the final evaluation: the best by objective.select on the validation split (its loss unless
+    # set otherwise), or the last.
     weights: FinalWeights = FinalWeights.best
     # After training, linear CKA between the base and the tuned model at each block's output, on the
     # first cka_blocks validation sequences (record: diagnostics.cka; the weight change is always there).
@@ -384,7 +390,8 @@ class EvalConfig:
 class EarlyStoppingConfig:
     # Stop after this many validations without improvement (0: never stop early).
     patience: int = 0
-    # An improvement must lower the validation loss by more than this.
+    # An improvement must move objective.select's validation value (the loss unless set otherwise) by more than
+    # this, in its better direction (loss falls, auc rises).
     min_delta: float = 0.0
 
 
@@ -431,6 +438,10 @@ class HardwareConfig:
     # GiB a run may use; null: what the device has free when the run starts. An estimated peak
     # above it is one warning line with the settings that would fit (transfer/memory.py).
     memory_limit: float | None = None
+    # An estimated peak more than twice the memory (memory_limit, or what is free): refuse the run before its
+    # weights are read, in one line with the settings that would fit, unless on_oom can act there (on a GPU:
+    # cpu, or halve when batches of one fit); warn: one warning line, and the run tries. A dry run is never refused.
+    memory_check: MemoryCheck = MemoryCheck.refuse
     # Estimate the peak on fake tensors before loading the weights (a few seconds for a 0.5B model).
     estimate_memory: bool = True
 

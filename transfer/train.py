@@ -158,6 +158,13 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
     scaler = hardware.grad_scaler()
     max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip is not None else math.inf
+    if baseline and objective.select not in baseline:  # KTO's pair metrics on unpaired rows from the hub
+        measured = ", ".join(m for m in objective.metrics if m in baseline)
+        why = " (its rows are unpaired: no pair to compare)" if objective.name == "kto" else ""
+        raise TransferError(
+            f"objective.select={objective.select}: the validation split gives no {objective.select}{why}; "
+            f"allowed with this data: {measured}"
+        )
     # the untrained weights are the best until validation says otherwise
     best = baseline[objective.select] if baseline else objective.worst()
     progress = Progress(best_value=best, best_step=0 if validate_every else None)
@@ -301,7 +308,13 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
                     best_weights = checkpoint.trainable_state(model)
                     if saving:
                         meta = {"step": step, objective.select: value}
-                        checkpoint.save(checkpoints / "best", model, cfg.checkpoint.full_model, meta=meta)
+                        checkpoint.save(
+                            checkpoints / "best",
+                            model,
+                            cfg.checkpoint.full_model,
+                            meta=meta,
+                            config=resumable_config(cfg),
+                        )  # whose they are (checkpoint.check_own)
                 else:
                     progress.evals_since_best += 1
                 if cfg.early_stopping.patience and progress.evals_since_best >= cfg.early_stopping.patience:

@@ -12,6 +12,7 @@ This module must not import torch or transformers: it runs in well under a secon
 
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -24,8 +25,14 @@ from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    ValidationError,
+)
 
 from transfer import distributed, inputs, schema, search
 from transfer.data.sources import PYTHON_DOCS_PARTS
@@ -39,7 +46,7 @@ MAX_SWEEP_JOBS_CHECKED = 512
 FREE_ON_RESUME = (
     "resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval",
     "hardware.loss_chunk_tokens", "hardware.attention", "hardware.compile", "hardware.compile_mode", "hardware.kernels",
-    "distributed", "search", "eval.cka", "eval.cka_blocks", "cache",
+    "distributed", "search", "eval.cka", "eval.cka_blocks", "cache", "hardware.memory_check",
 )  # fmt: skip
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # what strategy.modules_to_save may name, whatever the architecture calls them
@@ -54,6 +61,9 @@ LAUNCHER_EXTRAS = {
 # launcher settings that are open dicts of keyword arguments (ray.init(), @ray.remote, sbatch options):
 # Hydra adds a key there only when written +key=value, so a plain key=value is passed on as ++key=value
 OPEN_LAUNCHER_DICTS = ("hydra.launcher.ray.init.", "hydra.launcher.ray.remote.", "hydra.launcher.additional_parameters.")  # fmt: skip
+# the settings that seed a generator; numpy's take 0..2**32-1, the data stream's torch generator seed x 100,003
+SEEDS = ("seed", "dataset.split_seed", "model.tiny.seed", "strategy.init_seed")
+MAX_SEED = 2**32 - 1
 # keys that were renamed: (option's schema class, old key) -> new key
 RENAMED = {
     (schema.FreezeLowerConfig, "n_layers"): "frozen_blocks",
@@ -247,6 +257,8 @@ def check_run_dir(run_dir: Path, resume, cfg: DictConfig) -> None:
     if resume is True:
         if previous is None and not (run_dir / "checkpoints").is_dir():
             raise TransferError(f"resume=true but {run_dir} holds no run; name it: hydra.run.dir=<the run folder>")
+        if previous is None:  # checkpoints without their record: each checkpoint's config is compared (checkpoint.py)
+            return
         if previous.get("status") == "completed":
             raise AlreadyDone(f"{run_dir} holds a completed run: nothing to resume")
         if isinstance(previous.get("config"), dict):
@@ -376,15 +388,40 @@ def _fields(object_type) -> list[str]:
     return [f.name for f in dataclasses.fields(object_type)] if dataclasses.is_dataclass(object_type) else []
 
 
+def check_finite(node: DictConfig, prefix: str = "") -> None:
+    """No setting means nan or infinity, and both pass the range checks (every comparison with nan is false):
+    the run would fail hours later, or train on nonsense."""
+    for key in node.keys():
+        try:
+            value = node[key]
+            if isinstance(value, ListConfig):
+                value = list(value)
+        except InterpolationResolutionError:  # ${hydra:...} before Hydra runs: a path, not a number
+            continue
+        if isinstance(value, DictConfig) and not (prefix == "" and key == "hydra"):
+            check_finite(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise TransferError(f"{prefix}{key}={value}: allowed a finite number")
+        elif isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise TransferError(f"{prefix}{key}={value}: allowed finite numbers")
+
+
 def check_config(cfg: DictConfig, processes: int | None = None) -> None:
     """Checks the schema cannot express: ranges and combinations of values, and what the run will read."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise TransferError(f"{missing[0]} must be set (it has no default for this choice)")
-    positive = ["micro_batch_size", "grad_accum_steps", "block_size", "eval_batch_size", "log_interval"]
+    check_finite(cfg)
+    positive = ["micro_batch_size", "grad_accum_steps", "eval_batch_size", "log_interval"]
     for key in positive:
         if cfg[key] < 1:
             raise TransferError(f"{key}={cfg[key]} must be at least 1")
+    if cfg.block_size < 2:
+        raise TransferError(f"block_size={cfg.block_size} must be at least 2 (a token, and the next one to predict)")
+    for key in SEEDS:
+        seed = OmegaConf.select(cfg, key)
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise TransferError(f"{key}={seed}: allowed an integer 0..{MAX_SEED} (numpy's seeds)")
     if cfg.eval_interval < 0:
         raise TransferError(f"eval_interval={cfg.eval_interval} must be 0 (off) or a positive step count")
     if cfg.distributed.name == "fsdp" and cfg.strategy.name in schema.PEFT_STRATEGIES:
@@ -428,6 +465,10 @@ def check_config(cfg: DictConfig, processes: int | None = None) -> None:
         raise TransferError(f"optimizer.grad_clip={opt.grad_clip} must be positive (or null for no clipping)")
     if "betas" in opt and (len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas)):
         raise TransferError(f"optimizer.betas={list(opt.betas)} must be two numbers in [0, 1)")
+    if "eps" in opt and opt.eps <= 0:  # 0: a gradient of 0 (a padding token's embedding) divides 0 by 0
+        raise TransferError(f"optimizer.eps={opt.eps} must be positive")
+    if "momentum" in opt and opt.momentum < 0:
+        raise TransferError(f"optimizer.momentum={opt.momentum} must be 0 or more")
     if opt.get("nesterov") and opt.momentum <= 0:
         raise TransferError(f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {opt.momentum})")
     if not 0 <= cfg.dataset.holdout_fraction < 1:
@@ -482,6 +523,7 @@ def check_config(cfg: DictConfig, processes: int | None = None) -> None:
         raise TransferError(f"hardware.memory_limit={limit} must be a positive number of GiB (or null: what is free)")
     check_objective(cfg)
     check_init_from(cfg)
+    check_cache_folders(cfg)
     check_hardware(cfg)
     check_inputs(cfg)
 
@@ -596,6 +638,11 @@ def check_hardware(cfg: DictConfig) -> None:
             f"hardware.on_oom=cpu would go on on the CPU, where {gpu_only[0][0]} cannot run; allowed with it: fail, "
             "halve"
         )
+    if cfg.strategy.name == "qlora" and hw.on_oom.value == "cpu":  # the CPU computes in fp32 (transfer/oom.py)
+        raise TransferError(
+            "hardware.on_oom=cpu would cast the weights to fp32 on the CPU, and strategy=qlora's 4-bit weights "
+            "cannot be cast; allowed with it: fail, halve"
+        )
     needs_cuda = device == "cuda" or cfg.strategy.name == "qlora" or bool(gpu_only)
     cuda = inputs.cuda_available() if needs_cuda or device == "auto" else False
     if cuda is not False:
@@ -671,6 +718,12 @@ def check_objective(cfg: DictConfig) -> None:
     if objective.name in PREFERENCE:
         allowed = ["loss"] if dataset.format.value == "unpaired" else ["loss", "reward_accuracy", "margin"]
         check_preference(objective)
+    if objective.name == "kto" and cfg.micro_batch_size * cfg.grad_accum_steps == 1:
+        raise TransferError(
+            "objective=kto with micro_batch_size x grad_accum_steps = 1: its KL estimate pairs each prompt with "
+            "another answer of the step, and with one answer a step it is that answer's own reward; allowed: 2 or "
+            "more answers a step, e.g. grad_accum_steps=2"
+        )
     if objective.select not in allowed:
         choices_hint = "; accuracy, auc and log_loss need dataset.choices" if objective.name == "sft" else ""
         raise TransferError(f"objective.select={objective.select!r}: allowed {', '.join(allowed)}{choices_hint}")
@@ -701,23 +754,92 @@ def check_preference(o: DictConfig) -> None:
 
 
 def check_init_from(cfg: DictConfig) -> None:
-    """init_from names a completed run of the same model, with its final weights on disk."""
+    """init_from names a completed run of the same model, with its final weights on disk; so does every run it
+    started from in turn (its own init_from): the chain is loaded oldest first (checkpoint.load_parent)."""
     if cfg.init_from is None:
         return
-    folder = Path(cfg.init_from).expanduser()
     where = f"init_from={cfg.init_from!r}"
-    parent = read_previous(folder) if folder.is_dir() else None
-    if parent is None:
-        raise TransferError(f"{where}: no run there (no metrics.json); allowed: the folder of a completed run")
-    if parent.get("status") != "completed":
-        raise TransferError(f"{where}: that run is {parent.get('status')}, not completed; allowed: a completed run")
-    theirs = (parent.get("config") or {}).get("model", {}).get("name_or_path")
-    if theirs != cfg.model.name_or_path:
-        raise TransferError(f"{where}: that run trained model {theirs!r}, this one loads {cfg.model.name_or_path!r}")
-    if (parent.get("config") or {}).get("strategy", {}).get("name") == "qlora":
+    for number, (folder, parent) in enumerate(init_from_chain(Path(cfg.init_from).expanduser(), where)):
+        that = "that run" if number == 0 else f"its ancestor {folder}"
+        difference = model_difference(parent.get("config") or {}, cfg)
+        if difference:
+            key, theirs, ours = difference
+            if key == "model.name_or_path":
+                raise TransferError(f"{where}: {that} trained model {theirs!r}, this one loads {ours!r}")
+            raise TransferError(
+                f"{where}: {that} trained {key}={theirs!r}, this one has {key}={ours!r}: its weights would fill only "
+                "part of this model; allowed: a run of the same model"
+            )
+        if (parent.get("config") or {}).get("strategy", {}).get("name") == "qlora":
+            raise TransferError(
+                f"{where}: {that} is a QLoRA run, whose adapter cannot be merged into 4-bit weights here; "
+                "allowed: other runs"
+            )
+
+
+def check_cache_folders(cfg: DictConfig) -> None:
+    """The folders a job keeps shared work in can be written in: found now, not after the work is done."""
+    if cfg.cache.enabled and cfg.cache.dir:
+        inputs.check_writable_folder(Path(cfg.cache.dir), "cache.dir")
+    if cfg.objective.get("precompute_reference"):
+        inputs.check_writable_folder(Path(cfg.objective.reference_cache), "objective.reference_cache")
+
+
+# what decides a model's weights' names and shapes; dtype, tokenizer and loading options do not
+MODEL_IDENTITY = ("name_or_path", "revision", "tiny")
+
+
+def model_difference(saved: dict, cfg: DictConfig) -> tuple[str, object, object] | None:
+    """(key, theirs, ours) of the first setting by which a run's model differs from this config's, or None."""
+    ours = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
+    theirs = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+    for key in MODEL_IDENTITY:
+        differences = _differences(theirs.get(key), ours.get(key), f"model.{key}.")
+        if differences:
+            return differences[0]
+    return None
+
+
+def init_from_chain(folder: Path, where: str) -> list[tuple[Path, dict]]:
+    """The completed run in `folder` and the runs it started from, newest first: [(folder, record), ...].
+
+    A run's parent is the folder its record's `init_from.run` names (whole since records say so), else its config's
+    init_from as it was given (relative to where that run was started: found from here only if the same)."""
+    chain: list[tuple[Path, dict]] = []
+    while folder is not None:
+        if any(folder.resolve() == seen.resolve() for seen, _ in chain):
+            raise TransferError(f"{where}: the runs' init_from lead back to {folder}; allowed: a chain without a loop")
+        that = f"{chain[-1][0]} started from {folder} (its init_from), and that run" if chain else "that run"
+        record = read_previous(folder) if folder.is_dir() else None
+        if record is None and chain:
+            raise TransferError(
+                f"{where}: {chain[-1][0]} started from {folder} (its init_from), which holds no run as seen from here; "
+                "allowed: a chain of completed runs whose folders are where they were"
+            )
+        if record is None:
+            raise TransferError(f"{where}: no run there (no metrics.json); allowed: the folder of a completed run")
+        if record.get("status") != "completed":
+            raise TransferError(f"{where}: {that} is {record.get('status')}, not completed; allowed: a completed run")
+        chain.append((folder, record))
+        linked = (record.get("init_from") or {}).get("run") or (record.get("config") or {}).get("init_from")
+        folder = Path(linked).expanduser() if linked else None
+    return chain
+
+
+def check_pairs_for_select(cfg: DictConfig) -> None:
+    """KTO's reward_accuracy and margin compare a pair's answers: the validation rows must be pairs.
+
+    The files passed the check with unpaired rows allowed; failing it with pairs alone, they hold unpaired rows.
+    Data from the hub is known only once read: the loop says so then (train.py)."""
+    split = "validation" if cfg.dataset.validation_files else "train"  # no validation files: carved from training's
+    where = f"dataset.{split}_files"
+    try:
+        inputs.check_data_files(cfg.dataset[f"{split}_files"], where, preference_fields(cfg.dataset, False))
+    except TransferError:
         raise TransferError(
-            f"{where}: a QLoRA run's adapter cannot be merged into 4-bit weights here; allowed: other runs"
-        )
+            f"objective.select={cfg.objective.select} compares the two answers of a pair, and {where} holds "
+            "unpaired rows (prompt, completion, label); allowed with them: objective.select=loss"
+        ) from None
 
 
 def check_inputs(cfg: DictConfig) -> None:
@@ -731,7 +853,10 @@ def check_inputs(cfg: DictConfig) -> None:
         )  # fmt: skip
         for split in ("train", "validation", "test"):
             where = f"dataset.{split}_files"
-            inputs.check_data_files(cfg.dataset[f"{split}_files"], where, needs, cfg.dataset.build_hint)
+            inputs.check_data_files(cfg.dataset[f"{split}_files"], where, needs, cfg.dataset.build_hint,
+                                    labels=(cfg.dataset.label_field or "label",))  # fmt: skip
+        if name == "kto" and cfg.objective.select != "loss":
+            check_pairs_for_select(cfg)
     if cfg.dataset.replay and cfg.dataset.replay_source != "python_docs":
         inputs.check_data_files(list(cfg.dataset.replay_source), "dataset.replay_source", [(cfg.dataset.text_field,)])
     for name, probe in cfg.eval.probes.items():
