@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from conftest import run_ok
 
 from transfer import cache
 from transfer.data.blocks import text_blocks
+from transfer.errors import TransferError
 from transfer.hardware import resolve
 from transfer.models import byte_tokenizer, load_model_and_tokenizer
 from transfer.record import read_record
@@ -83,3 +85,74 @@ def test_the_cache_can_be_turned_off(tmp_path):
            tmp_path)  # fmt: skip
     assert not (tmp_path / "sweep" / ".cache").exists()
     assert read_record(tmp_path / "sweep" / "0")["cache"] == {}
+
+
+# ---------------------------------------------------------------- entries that cannot be trusted
+def test_a_baseline_edited_on_disk_is_computed_again_with_a_warning(tmp_path, caplog):
+    key, calls = {"splits": "x"}, []
+
+    def compute():
+        calls.append(1)
+        return {"validation": {"loss": 1.25, "perplexity": 3.49}}
+
+    with cache.use(tmp_path) as stats:
+        first, kept = cache.baseline(key, compute)
+        (entry,) = tmp_path.glob("baseline-*[0-9a-f].json")
+        entry.write_text(entry.read_text().replace("1.25", "0.5"))  # the loss edited, its checksum not
+        again, kept_again = cache.baseline(key, compute)
+        assert again == first and (kept, kept_again) == (False, False) and len(calls) == 2
+        assert stats["baseline"] == {"hits": 0, "misses": 2, "damaged": 1}
+        assert f"cache entry {entry} is damaged (its content differs from the checksum written with it)" in caplog.text
+        entry.write_text(entry.read_text()[:20])  # cut short
+        assert cache.baseline(key, compute) == (first, False) and stats["baseline"]["damaged"] == 2
+        assert cache.baseline(key, compute) == (first, True)  # the entry written again is trusted again
+
+
+def test_token_entries_cut_short_or_pickled_are_computed_again_and_run_nothing(tmp_path, caplog):
+    tokenizer = byte_tokenizer()
+    fresh = _blocks(TEXTS, tokenizer)
+    with cache.use(tmp_path) as stats:
+        _blocks(TEXTS, tokenizer)
+        (entry,) = tmp_path.glob("tokens-*.pt")
+        data = entry.read_bytes()
+        entry.write_bytes(data[: len(data) // 2])
+        assert torch.equal(_blocks(TEXTS, tokenizer).ids, fresh.ids)
+        # an entry that would build an object when loaded: refused by weights_only, never run
+        torch.save({"ids": torch.tensor([1]), "starts": torch.tensor([0, 1]), "sha256": Exploit()}, entry)
+        assert torch.equal(_blocks(TEXTS, tokenizer).ids, fresh.ids)
+        torch.save({"ids": torch.tensor([1, 2]), "starts": torch.tensor([0, 2])}, entry)  # no checksum: not ours
+        assert torch.equal(_blocks(TEXTS, tokenizer).ids, fresh.ids)
+        assert stats["tokens"] == {"hits": 0, "misses": 4, "damaged": 3}
+        assert torch.equal(_blocks(TEXTS, tokenizer).ids, fresh.ids) and stats["tokens"]["hits"] == 1
+    assert not (tmp_path / "exploited").exists()
+    assert caplog.text.count("is damaged") == 3
+
+
+class Exploit:
+    def __reduce__(self):
+        return (open, ("exploited", "w"))
+
+
+def test_writers_of_one_entry_never_share_a_temporary_file(tmp_path):
+    """A second writer of the same entry, while the first is still writing: each writes its own temporary file, and
+    the entry is whole (one of the two) when both are done."""
+    path = tmp_path / "entry.pt"
+    seen = []
+
+    def first(f):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        cache.save_tensors(path, {"a": torch.arange(3)})  # the second writer, mid-way through the first
+        f.write(b"")  # the first then ends its own write
+        torch.save({"a": torch.arange(3), "sha256": cache._tensors_digest({"a": torch.arange(3)})}, f)
+
+    cache._write(path, first)
+    assert len(seen[0]) == 1 and seen[0][0].startswith(".entry.pt.")  # the first's own temporary file
+    assert cache.load_tensors(path, ("a",), "x")["a"].tolist() == [0, 1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.pt"]  # no temporary file left behind
+
+
+def test_a_cache_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(TransferError, match=r"cache.dir='.*file': .*file is a file, not a folder; allowed: a folder"):
+        cache.start(tmp_path / "file")
+    assert not cache.active()

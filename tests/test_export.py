@@ -87,13 +87,39 @@ def test_a_merged_adapter_leaves_a_plain_model_that_computes_what_the_adapted_on
     assert {k: info["weights"][k] for k in ("which", "step")} == record["train"]["final_weights"]
 
 
+def plain_perplexity(folder: Path, record: dict) -> tuple[float, int]:
+    """An exported model's validation perplexity and scored tokens by transformers alone, no transfer code: the run's
+    validation documents, each ended by end-of-text, cut to its eval.max_tokens and into blocks of block_size."""
+    import math
+
+    import transfer
+
+    cfg = record["config"]
+    assert cfg["dataset"]["name"] == "rust_concepts" and cfg["objective"]["name"] == "lm"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    lines = (Path(transfer.__file__).parent / "corpora" / "rust_concepts" / "validation.jsonl").read_text().splitlines()
+    ids = [i for line in lines for i in [*tokenizer(json.loads(line)["text"])["input_ids"], tokenizer.eos_token_id]]
+    ids, size = ids[: cfg["eval"]["max_tokens"]], cfg["block_size"]
+    total, scored = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), size):
+            block = torch.tensor(ids[start : start + size])
+            logits = model(block[None]).logits[0, :-1].double()
+            total += torch.nn.functional.cross_entropy(logits, block[1:], reduction="sum").item()
+            scored += len(block) - 1
+    return math.exp(total / scored), scored
+
+
 def test_the_merged_models_perplexity_is_the_one_the_run_recorded(merged, runs):
     name, out = merged
     result = check_export(out)
     final = read_run(runs[name])["eval"]["final"]["validation"]
-    assert result["recorded"] == final["perplexity"]
-    assert result["tokens"] == final["tokens"]
-    assert result["measured"] == pytest.approx(final["perplexity"], rel=1e-4)
+    # the exported folder, scored by transformers alone, gives the figure the run recorded for its own model
+    perplexity, scored = plain_perplexity(out, read_run(runs[name]))
+    assert scored == final["tokens"] and perplexity == pytest.approx(final["perplexity"], rel=1e-6)
+    assert result["recorded"] == {"perplexity": final["perplexity"]}
+    assert result["measured_count"] == final["tokens"]
+    assert result["measured"]["perplexity"] == pytest.approx(final["perplexity"], rel=1e-4)
     assert result["agree"]
 
 
@@ -109,6 +135,43 @@ def test_the_tokenizer_round_trips_through_the_export(merged, runs):
         tokenizer.pad_token_id,
         len(tokenizer),
     )
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_chat_tokenizers_template_and_added_special_tokens_survive_the_export(tmp_path):
+    """A tokenizer as chat models ship one (added special tokens, a chat template), in a model folder of its own,
+    through a LoRA run and a merged export: the exported tokenizer keeps both and renders a chat to the same ids."""
+    from transfer.models import build_model, byte_tokenizer, tiny_config
+    from transfer.run import run_experiment
+    from transfer.validate import compose_config
+
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    folder = tmp_path / "chat-model"
+    shape = tiny_config(compose_config(["model=tiny_random"]).model.tiny, tokenizer)
+    build_model(shape, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    overrides = [*QUICK, "max_steps=2", "model=local", f"model.name_or_path={folder}", "strategy=lora"]
+    record = run_experiment(compose_config(overrides), tmp_path / "run", choices={}, overrides=overrides)
+    assert record["status"] == "completed", record["error"]
+    assert main([str(tmp_path / "run"), "--merge", "--out", str(tmp_path / "export")]) == 0
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert loaded.chat_template == CHATML
+    assert loaded.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [257, 258] and len(loaded) == 259
+    assert {"<|im_start|>", "<|im_end|>"} <= set(loaded.all_special_tokens)
+    chat = [{"role": "user", "content": "Answer <|im_end|> or héllo 🙂"}, {"role": "assistant", "content": "héllo"}]
+    ids = loaded.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    assert ids == tokenizer.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    # each marker one token: <|im_start|> opens two turns and the generation prompt, <|im_end|> closes two turns and
+    # stands in the user's text
+    assert ids.count(257) == 3 and ids.count(258) == 3
+    assert loaded.decode(ids, skip_special_tokens=True) == "user\nAnswer  or héllo 🙂\nassistant\nhéllo\nassistant\n"
 
 
 def test_export_check_on_the_command_line_reports_both_figures(runs, tmp_path, capsys):
@@ -212,3 +275,65 @@ def test_a_run_whose_model_no_longer_rebuilds_alike_is_refused(runs, tmp_path, c
     err = refused([str(run)], capsys)
     assert f"rebuilt, its model has {total:,} parameters where the run had {total + 1:,}" in err
     assert not (run / "export").exists()
+
+
+def _final_folder(run: Path) -> Path:
+    step = read_run(run)["train"]["final_weights"]["step"]
+    return run / "checkpoints" / f"step-{step:06d}"
+
+
+def test_weights_linked_in_from_another_run_are_refused(runs, tmp_path, capsys):
+    """A step checkpoint replaced by a link to another run's (or a weights file linked in): not this run's weights."""
+    run = edited_copy(runs["full"], tmp_path / "run", lambda r: None)
+    other = edited_copy(runs["full"], tmp_path / "other", lambda r: None)
+    folder = _final_folder(run)
+    shutil.rmtree(folder)
+    folder.symlink_to(_final_folder(other), target_is_directory=True)
+    assert f"{folder} leads out of the run ({_final_folder(other)})" in refused([str(run)], capsys)
+    folder.unlink()
+    shutil.copytree(_final_folder(other), folder)
+    (folder / "trainable.safetensors").unlink()
+    (folder / "trainable.safetensors").symlink_to(_final_folder(other) / "trainable.safetensors")
+    assert f"{folder / 'trainable.safetensors'} leads out of the run" in refused([str(run)], capsys)
+    assert not (run / "export").exists()
+
+
+def test_another_runs_checkpoint_copied_in_is_refused(runs, tmp_path, capsys):
+    """A checkpoint copied from a run of other settings: its own config says it is not this run's."""
+    run = edited_copy(runs["full"], tmp_path / "run", lambda r: r["config"].update(seed=r["config"]["seed"] + 1))
+    err = refused([str(run)], capsys)
+    assert f"was made with seed={read_run(runs['full'])['config']['seed']}, the run has seed=" in err
+    assert "it is another run's checkpoint" in err
+
+
+def test_a_weights_file_the_manifest_does_not_list_is_refused(runs, tmp_path, capsys):
+    run = edited_copy(runs["full"], tmp_path / "run", lambda r: None)
+    shutil.copy(_final_folder(run) / "trainable.safetensors", _final_folder(run) / "model.safetensors")
+    err = refused([str(run)], capsys)
+    assert "model.safetensors: not written with the checkpoint (its manifest does not list it)" in err
+
+
+def test_a_record_whose_strategy_does_not_match_its_checkpoint_is_refused(runs, tmp_path, capsys):
+    run = edited_copy(runs["full"], tmp_path / "run", lambda r: r["config"]["strategy"].update(name="lora"))
+    run_config_file = _final_folder(run) / "run_config.json"
+    saved = json.loads(run_config_file.read_text())
+    saved["strategy"] = read_run(run)["config"]["strategy"]  # as if the checkpoint too said lora
+    run_config_file.write_text(json.dumps(saved))
+    manifest = json.loads((_final_folder(run) / "manifest.json").read_text())
+    manifest["files"].pop("run_config.json")
+    (_final_folder(run) / "manifest.json").write_text(json.dumps(manifest))
+    err = refused([str(run), "--out", str(tmp_path / "out")], capsys)
+    assert "holds the model's own weights, but the run's strategy trains a peft adapter" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["out", "tmp"])
+def test_an_output_or_temporary_path_that_is_a_link_is_refused(runs, tmp_path, capsys, where):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out if where == "out" else tmp_path / ".out.tmp").symlink_to(elsewhere)
+    err = refused([str(runs["full"]), "--out", str(out)], capsys)
+    assert f"is a link (to {elsewhere}); allowed: a new or empty folder" in err
+    assert list(elsewhere.iterdir()) == []
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert "is a link" in refused([str(runs["full"]), "--out", str(tmp_path / "dangling")], capsys)

@@ -232,6 +232,23 @@ def test_choice_metrics_by_hand():
     assert m["auc"] == pytest.approx(0.75)
 
 
+def test_choice_metrics_move_when_the_choices_are_swapped():
+    """Three of four right, and every positive above every negative; the same scores with the two choices swapped are
+    one of four right and every pair ranked wrong: a scorer or a gold index that mixes up the choices cannot pass."""
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]], dtype=torch.float64)
+    gold = torch.tensor([0, 1, 1, 0])
+    right = choice_metrics(probs.log(), gold)
+    assert (right["accuracy"], right["auc"], right["choice_examples"]) == (0.75, 1.0, 4)
+    assert right["log_loss"] == pytest.approx(-(math.log(0.9) + math.log(0.8) + math.log(0.4) + math.log(0.7)) / 4)
+    swapped = choice_metrics(probs.flip(1).log(), gold)
+    assert (swapped["accuracy"], swapped["auc"]) == (0.25, 0.0)
+    assert swapped["log_loss"] == pytest.approx(-(math.log(0.1) + math.log(0.2) + math.log(0.6) + math.log(0.3)) / 4)
+    # log-likelihoods, not probabilities: a constant added to an example's scores changes nothing
+    assert choice_metrics(probs.log() - torch.tensor([[3.0], [0.5], [7.0], [1.0]], dtype=torch.float64), gold) == (
+        pytest.approx(right)
+    )
+
+
 # ---------------------------------------------------------------- a real run, killed and resumed
 def parity_task(folder: Path) -> list[str]:
     """A Yes/No task written for the tests: is the number even? Train, validation and test files."""
@@ -262,7 +279,8 @@ def test_an_sft_run_records_answers_choices_and_samples(sft_run):
     r = json.loads((root / "run" / "metrics.json").read_text())
     assert r["status"] == "completed" and r["record_version"] == 3
     assert r["objective"] == {"name": "sft", "select": "auc", "mode": "max", "template": "plain", "train_on_prompt": False,
-                              "truncation": "truncate", "batching": "padded", "choices": ["Yes", "No"]}  # fmt: skip
+                              "truncation": "truncate", "batching": "padded", "choices": ["Yes", "No"],
+                              "choices_scored": ["Yes", "No"]}  # fmt: skip
     train = r["train"]
     # the answers alone are scored: "Yes" or "No" and the end-of-text token, 3 or 4 bytes of the byte tokenizer
     assert train["scored_tokens"] < 0.2 * train["tokens"] and train["samples"] == 40 * 8
@@ -278,6 +296,39 @@ def test_an_sft_run_records_answers_choices_and_samples(sft_run):
     assert r["eval"]["change"]["validation"]["auc"] == pytest.approx(
         r["eval"]["final"]["validation"]["auc"] - r["eval"]["baseline"]["validation"]["auc"]
     )
+
+
+def test_the_recorded_task_metrics_are_the_final_models_own(sft_run, tmp_path):
+    """The record's validation accuracy, log-loss and AUC, recomputed from the exported model by transformers alone:
+    each validation prompt in the plain template, "Yes" and "No" scored by their summed log-probabilities."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transfer.export import main
+
+    root, _ = sft_run
+    record = json.loads((root / "run" / "metrics.json").read_text())
+    assert main([str(root / "run"), "--out", str(tmp_path / "model")]) == 0  # the weights of the final evaluation
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    rows = [json.loads(line) for line in (root / "validation.jsonl").read_text().splitlines()]
+    sums = torch.zeros(len(rows), 2, dtype=torch.float64)
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            prompt = tok(f"### Instruction:\n{row['prompt']}\n\n### Response:\n")["input_ids"]
+            for j, choice in enumerate(("Yes", "No")):
+                ids = torch.tensor([prompt + tok(choice)["input_ids"]])
+                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+                sums[i, j] = logp[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt) :]].sum()
+    gold = torch.tensor([0 if row["completion"] == "Yes" else 1 for row in rows])
+    p_yes = torch.softmax(sums, -1)[:, 0]
+    pos, neg = p_yes[gold == 0], p_yes[gold == 1]
+    auc = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean().item()
+    log_loss = -torch.log_softmax(sums, -1)[torch.arange(len(rows)), gold].mean().item()
+    recorded = record["eval"]["final"]["validation"]
+    assert recorded["choice_examples"] == len(rows) == 40
+    assert recorded["accuracy"] == (sums.argmax(-1) == gold).double().mean().item()
+    assert recorded["auc"] == pytest.approx(auc, abs=1e-12)
+    assert recorded["log_loss"] == pytest.approx(log_loss, rel=1e-5)
 
 
 def test_the_tables_read_the_task_metrics_from_the_record(sft_run, tmp_path):

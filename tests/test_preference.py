@@ -265,6 +265,19 @@ def test_a_run_starts_from_another_runs_final_weights(short_run, tmp_path):
     b_child, b_plain = child["eval"]["baseline"]["validation"], plain["eval"]["baseline"]["validation"]
     assert b_child["token_kl"] == 0 and b_child["reward_accuracy"] == 0.5  # the reference is the parent itself
     assert b_child["chosen_logp"] != pytest.approx(b_plain["chosen_logp"], rel=1e-3)  # and not the untrained model
+    # the child starts from exactly the parent's final weights: the parent's model, rebuilt as export rebuilds it,
+    # gives the child's log-probabilities before training
+    from transfer.export import pick_weights, read_run, rebuild, run_config
+
+    record = read_run(short_run)
+    model, _ = rebuild(run_config(record, short_run), pick_weights(record, short_run, None))
+    cfg = compose_config(args)
+    objective = build_objective(cfg, load_model_and_tokenizer(cfg.model, cfg.block_size)[1])
+    logps = objective.policy_logps(
+        model, objective.prepare(None)["validation"], cfg.eval_batch_size, resolve(cfg.hardware)
+    )
+    assert logps["chosen_logp"] == pytest.approx(b_child["chosen_logp"], rel=1e-6)
+    assert logps["rejected_logp"] == pytest.approx(b_child["rejected_logp"], rel=1e-6)
 
 
 def test_pairs_that_truncation_makes_identical_are_left_out_and_warned_of(tmp_path):
@@ -298,3 +311,39 @@ def test_kto_on_pairs_is_judged_like_the_paired_methods(tmp_path):
     assert result["reward_accuracy"] == 0.5 and result["margin"] == 0 and result["kto_kl"] == 0
     assert result["desirable_reward"] == 0 and result["undesirable_reward"] == 0 and result["token_kl"] == 0
     assert result["loss"] == pytest.approx(0.5) and result["examples"] == 2 * 24  # answers, unpaired
+
+
+def test_a_reference_cache_edited_on_disk_is_computed_again_and_shared_by_strategies(tmp_path, caplog):
+    """50 added to every cached log-probability (the checksum left as written): the entry is computed again, so the
+    untrained policy's rewards stay 0, not -5; and a LoRA job finds the entry a full job wrote (the same base)."""
+    args = ("objective=dpo", "objective.precompute_reference=true", f"objective.reference_cache={tmp_path / 'ref'}")
+    cfg, model, objective, splits, hw = prepared(tmp_path, *args, "strategy=full")
+    path = Path(objective.attach(model, splits, cfg, hw)["reference_cache"])
+    kept = torch.load(path, weights_only=True)
+    torch.save({k: v if k == "sha256" else v + 50 for k, v in kept.items()}, path)
+    cfg, model, objective, again, hw = prepared(tmp_path, *args, "strategy=lora")
+    info = objective.attach(model, again, cfg, hw)
+    assert info["reference_cache"] == str(path) and info["reference_cache_hit"] is False
+    assert f"cache entry {path} is damaged (its content differs from the checksum written with it)" in caplog.text
+    for name in ("train", "validation", "test"):
+        assert torch.equal(again[name].reference, splits[name].reference)
+    before = objective.evaluate(model, again["validation"], 8, hw, "baseline")
+    assert before["chosen_reward"] == pytest.approx(0, abs=1e-5) and before["reward_accuracy"] == 0.5
+    cfg, model, objective, third, hw = prepared(tmp_path, *args, "strategy=full")
+    assert objective.attach(model, third, cfg, hw)["reference_cache_hit"] is True  # written again, trusted again
+
+
+def test_loss_chunk_tokens_zero_means_one_pass_over_the_whole_logits(tmp_path, monkeypatch):
+    """hardware.loss_chunk_tokens=0 is autograd's path over the whole logits (schema): the preference objectives pass
+    it on as it is, for the policy, the reference and KTO's KL estimate, instead of a chunk size of their own."""
+    from transfer.objectives import preference
+
+    asked = []
+    real = preference.sequence_logprobs
+    monkeypatch.setattr(preference, "sequence_logprobs", lambda *a, **k: asked.append(a[3]) or real(*a, **k))
+    cfg, model, objective, splits, hw = prepared(tmp_path, "objective=kto", "hardware.loss_chunk_tokens=0")
+    objective.attach(model, splits, cfg, hw)
+    batches = [objective.batch(splits["train"], objective.stream(splits["train"], 0, 0, 4), 4)]
+    objective.begin_step(model, batches, hw)
+    objective.loss(model, batches[0], hw.loss_chunk_tokens)
+    assert hw.loss_chunk_tokens == 0 and len(asked) >= 3 and set(asked) == {0}

@@ -13,14 +13,19 @@ when nothing that affects it changed:
   fine-tuning; `scratch`, DoRA (whose norm is recomputed in another order) or another `init_from`
   compute their own.
 
-Entries are written atomically (parallel jobs may race to write the same one; either copy is
-right) and read with `torch.load(weights_only=True)` or as JSON: nothing executable is read.
-The folder is `<sweep>/.cache` in a sweep (`cache.dir` moves it; `cache.enabled=false` turns it off).
+Entries are written atomically, each writer through a temporary file of its own (parallel jobs
+may race to write the same one; either copy is right), and read with `torch.load(weights_only=True)`
+or as JSON: nothing executable is read. Each holds a SHA-256 of its content: an entry that was
+edited, cut short, written by something else or that does not load is computed again, with a
+warning naming it, and replaced. The folder is `<sweep>/.cache` in a sweep (`cache.dir` moves it;
+`cache.enabled=false` turns it off); it must be a folder this job can write in, checked before
+anything is computed.
 """
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -28,6 +33,11 @@ from pathlib import Path
 
 import torch
 
+from transfer.errors import TransferError, first_line, reason
+from transfer.inputs import check_writable_folder
+
+log = logging.getLogger(__name__)
+CHECKSUM = "sha256"  # the key under which an entry keeps the digest of its content
 _folder: Path | None = None
 _stats: dict = {}
 
@@ -35,10 +45,24 @@ _stats: dict = {}
 def start(folder: Path | None) -> dict:
     """From now on, reuse and keep results in `folder` (None: compute everything). Returns the hit/miss counts."""
     global _folder, _stats
+    if folder is not None:
+        writable(Path(folder), "cache.dir")
     _folder, _stats = (Path(folder) if folder is not None else None), {}
-    if _folder is not None:
-        _folder.mkdir(parents=True, exist_ok=True)
     return _stats
+
+
+def writable(folder: Path, what: str) -> None:
+    """Make `folder` if need be and prove a file can be written in it: refused in one line before any work whose
+    result would be kept there is done (a read-only folder, or a file in its place)."""
+    check_writable_folder(folder, what)  # the same words as at start-up
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise TransferError(
+            f"{what}={str(folder)!r} cannot be written in ({reason(e)}); allowed: a folder this job can write in"
+        ) from None
 
 
 def stop() -> None:
@@ -86,14 +110,46 @@ def tokens(texts: list[str], tokenizer, separator: int | None, compute) -> tuple
     if which is None:
         return compute()
     path = _folder / f"tokens-{digest(texts, which, separator)}.pt"
-    if path.is_file():
-        kept = torch.load(path, weights_only=True)
+    kept = load_tensors(path, ("ids", "starts"), "tokens")
+    if kept is not None:
         _count("tokens", "hits")
         return kept["ids"].tolist(), kept["starts"].tolist()
     ids, starts = compute()
-    _write(path, lambda f: torch.save({"ids": torch.tensor(ids), "starts": torch.tensor(starts)}, f))
+    save_tensors(path, {"ids": torch.tensor(ids, dtype=torch.long), "starts": torch.tensor(starts, dtype=torch.long)})
     _count("tokens", "misses")
     return ids, starts
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Named tensors and the digest of them, written atomically."""
+    _write(path, lambda f: torch.save({**tensors, CHECKSUM: _tensors_digest(tensors)}, f))
+
+
+def load_tensors(path: Path, names, kind: str) -> dict[str, torch.Tensor] | None:
+    """The named tensors kept at `path`, or None: none kept, or an entry that does not hold exactly them with the
+    digest they were written with (said in a warning, and counted: it is computed again and replaced)."""
+    if not path.is_file():
+        return None
+    try:
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # cut short, not torch's format, or objects weights_only refuses to build
+        return damaged(path, kind, f"unreadable: {first_line(e)}")
+    if not isinstance(kept, dict) or set(kept) != {*names, CHECKSUM}:
+        return damaged(path, kind, "not an entry of this cache (other contents)")
+    tensors = {name: kept[name] for name in names}
+    if not all(isinstance(t, torch.Tensor) for t in tensors.values()) or kept[CHECKSUM] != _tensors_digest(tensors):
+        return damaged(path, kind, "its content differs from the checksum written with it")
+    return tensors
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    return digest(*(x for name in sorted(tensors) for x in (name, tensors[name])))
+
+
+def damaged(path: Path, kind: str, why: str) -> None:
+    log.warning("cache entry %s is damaged (%s): computing it again", path, why)
+    _count(kind, "damaged")
+    return None
 
 
 @torch.no_grad()
@@ -118,14 +174,31 @@ def baseline(key: dict, compute) -> tuple[dict, bool]:
     if _folder is None:
         return compute(), False
     path = _folder / f"baseline-{digest(key)}.json"
-    if path.is_file():
+    kept = _load_json(path, "baseline")
+    if kept is not None:
         _count("baseline", "hits")
-        return json.loads(path.read_text()), True
+        return kept, True
     result = compute()
-    _write(path, lambda f: f.write(json.dumps(result).encode()))
-    (_folder / f"{path.stem}.key.json").write_text(json.dumps(key, indent=1, default=str))  # what it depends on
+    _write(path, lambda f: f.write(json.dumps({CHECKSUM: digest(result), "result": result}).encode()))
+    key_file = _folder / f"{path.stem}.key.json"  # what it depends on, for people
+    _write(key_file, lambda f: f.write(json.dumps(key, indent=1, default=str).encode()))
     _count("baseline", "misses")
     return result, False
+
+
+def _load_json(path: Path, kind: str):
+    """A JSON entry's result, or None: none kept, or one whose content differs from its digest (a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return damaged(path, kind, f"unreadable: {first_line(e)}")
+    if not isinstance(kept, dict) or set(kept) != {CHECKSUM, "result"}:
+        return damaged(path, kind, "not an entry of this cache (other contents)")
+    if kept[CHECKSUM] != digest(kept["result"]):
+        return damaged(path, kind, "its content differs from the checksum written with it")
+    return kept["result"]
 
 
 def environment() -> dict:
@@ -141,7 +214,12 @@ def environment() -> dict:
 
 
 def _count(kind: str, outcome: str) -> None:
-    _stats.setdefault(kind, {"hits": 0, "misses": 0})[outcome] += 1
+    """Hits and misses of a kind of entry (and, where there were any, entries found damaged)."""
+    counts = _stats.setdefault(kind, {})
+    if outcome != "damaged":
+        counts.setdefault("hits", 0)
+        counts.setdefault("misses", 0)
+    counts[outcome] = counts.get(outcome, 0) + 1
 
 
 def _write(path: Path, write) -> None:

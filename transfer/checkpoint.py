@@ -219,6 +219,9 @@ def damage(folder: Path) -> str | None:
         listed = None  # made before checkpoints had manifests: the checks below still apply
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST}: unreadable ({first_line(e)})"
+    unlisted = [name for name in WEIGHT_FILES if listed is not None and name not in listed and (folder / name).exists()]
+    if unlisted:
+        return f"{unlisted[0]}: not written with the checkpoint (its manifest does not list it)"
     for name, entry in (listed or {}).items():
         path = folder / name
         if not path.is_file():
@@ -263,19 +266,45 @@ def load_weights(folder: Path, model) -> None:
 
         load(folder / SHARDS, model)
         return
-    if is_peft(model):
-        from peft import set_peft_model_state_dict
+    adapter = (folder / "adapter_model.safetensors").is_file()
+    if adapter != is_peft(model):
+        holds, wants = ("a peft adapter", "trains the model's own weights") if adapter else \
+            ("the model's own weights", "trains a peft adapter")  # fmt: skip
+        raise TransferError(
+            f"checkpoint {folder} holds {holds}, but the run's strategy {wants}; allowed: a checkpoint of the same "
+            "strategy"
+        )
+    if adapter:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        tensors = load_file(folder / "adapter_model.safetensors")
+        check_fit(tensors, get_peft_model_state_dict(model), folder)
+        set_peft_model_state_dict(model, tensors)
         return
     file = folder / "trainable.safetensors"
     if not file.is_file():
         file = folder / "model.safetensors"
+    tensors = load_file(file)
+    check_fit(tensors, model.state_dict(), folder)
     params = dict(model.named_parameters())
-    loaded = {k: distributed.like(v, params[k]) if k in params else v for k, v in load_file(file).items()}
-    result = model.load_state_dict(loaded, strict=False)
-    if result.unexpected_keys:
-        raise TransferError(f"checkpoint {folder} does not fit this model: unexpected {result.unexpected_keys[:3]}")
+    model.load_state_dict({k: distributed.like(v, params[k]) if k in params else v for k, v in tensors.items()},
+                          strict=False)  # fmt: skip
+
+
+def check_fit(tensors: dict, state: dict, folder: Path) -> None:
+    """Every tensor of a checkpoint has a place of its name and shape in the model: else refused in one line naming
+    the first that do not (a checkpoint of another shape of model would fill only part of it, silently)."""
+    misfits = [
+        f"{name} {tuple(t.shape)}" + (f" where the model's is {tuple(state[name].shape)}" if name in state else
+                                      " (no such tensor here)")
+        for name, t in tensors.items()
+        if name not in state or tuple(state[name].shape) != tuple(t.shape)
+    ]  # fmt: skip
+    if misfits:
+        raise TransferError(
+            f"checkpoint {folder} does not fit this model: {len(misfits)} of its {len(tensors)} tensors have no "
+            f"place of their name and shape ({'; '.join(misfits[:3])}); allowed: weights of the same model"
+        )
 
 
 def load_training_state(folder: Path, model, optimizer, trainer_state: dict) -> None:
@@ -294,15 +323,32 @@ def load_parent(model, run_dir: Path):
     """A completed run's final weights (best or last, as it was evaluated) put into `model`, the same base model.
 
     A peft parent's adapter is merged into the base, so that a new strategy adapts the parent's
-    model (and a preference objective's reference is the parent, not the base). Returns the model
-    and what the record says of its parent.
+    model (and a preference objective's reference is the parent, not the base). A parent that
+    started from another run (its own init_from) saved only what it trained, so the chain is
+    loaded oldest first: the grandparent's weights, then the parent's over them. Returns the
+    model and what the record says of its parent (and, under `init_from`, of the parent's).
     """
-    from transfer.record import read_record
+    from transfer.validate import init_from_chain
 
-    record = read_record(run_dir)
+    info = None
+    for folder, record in reversed(init_from_chain(run_dir, f"init_from={str(run_dir)!r}")):
+        model, info = _load_run(model, folder, record, info)
+    return model, info
+
+
+def _load_run(model, run_dir: Path, record: dict, parent: dict | None):
+    """One run's final weights over `model` (which holds its parent's, if it had one)."""
     final = record["train"]["final_weights"]
-    info = {"run": str(run_dir), "weights": final["which"], "step": final["step"],
+    where = f"init_from={str(run_dir)!r}"
+    info = {"run": str(run_dir.resolve()), "weights": final["which"], "step": final["step"],
             "strategy": record["config"]["strategy"]["name"], "objective": (record.get("objective") or {}).get("name")}  # fmt: skip
+    if parent is not None:
+        info["init_from"] = parent
+    then = record.get("model") or {}
+    for key, now in (("layers", model.config.num_hidden_layers), ("vocab_size", model.config.vocab_size)):
+        if then.get(key) is not None and then[key] != now:  # the model on disk changed since that run
+            raise TransferError(f"{where}: that run's model had {key} {then[key]}, this one has {now}; "
+                                "allowed: a run of the same model")  # fmt: skip
     if final["step"] == 0:  # its untrained weights were its best: nothing to load
         return model, info
     best = run_dir / "checkpoints" / "best"
@@ -312,19 +358,58 @@ def load_parent(model, run_dir: Path):
             folder = best
     if not folder.is_dir():
         raise TransferError(
-            f"init_from={str(run_dir)!r}: its final weights (step {final['step']}) are not on disk "
+            f"{where}: its final weights (step {final['step']}) are not on disk "
             "(checkpoint.enabled=false, or removed); allowed: a run that kept its checkpoints"
         )
+    check_own(folder, run_dir, record.get("config"), where)
     problem = distributed.from_rank_zero(lambda: damage(folder))  # under torchrun: one rank checksums it
     if problem:
-        raise TransferError(f"init_from={str(run_dir)!r}: {folder} is damaged ({problem})")
+        raise TransferError(f"{where}: {folder} is damaged ({problem})")
     if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+        model = _merged_adapter(model, folder)
     else:
         load_weights(folder, model)
-    return model, {**info, "folder": str(folder)}
+    return model, {**info, "folder": str(folder.resolve())}
+
+
+def _merged_adapter(model, folder: Path):
+    """A peft adapter folded into the model, once every one of its tensors found its place."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    saved = load_file(folder / "adapter_model.safetensors")
+    try:
+        adapted = PeftModel.from_pretrained(model, folder)
+    except (RuntimeError, ValueError) as e:  # peft's size mismatch, or a target module the model lacks
+        raise TransferError(f"checkpoint {folder} does not fit this model ({first_line(e)})") from None
+    check_fit(saved, get_peft_model_state_dict(adapted), folder)
+    return adapted.merge_and_unload()
+
+
+def check_own(folder: Path, run_dir: Path, config: dict | None, where: str) -> None:
+    """`folder` is a checkpoint of the run in `run_dir`: inside it, links and all, and (where the checkpoint says
+    which config made it) made with the run's config. A folder or file linked in from another run, or a checkpoint
+    copied from one, is refused in one line: its weights are not this run's."""
+    inside = run_dir.resolve()
+    for path in (folder, *sorted(folder.rglob("*"))):
+        if not path.resolve().is_relative_to(inside):
+            raise TransferError(
+                f"{where}: {path} leads out of the run ({path.resolve()}); allowed: the run's own checkpoints"
+            )
+    saved = folder / CONFIG_FILE
+    if config is None or not saved.is_file():
+        return
+    try:
+        from omegaconf import OmegaConf
+
+        differences = config_differences(json.loads(saved.read_text()), OmegaConf.create(config))
+    except Exception as e:  # unreadable, or not a config: either way not this run's
+        differences = [(CONFIG_FILE, "unreadable", first_line(e))]
+    if differences:
+        key, theirs, ours = differences[0]
+        raise TransferError(
+            f"{where}: {folder} was made with {key}={theirs!r}, the run has {key}={ours!r}: it is another run's "
+            "checkpoint; allowed: the run's own checkpoints"
+        )
 
 
 def step_folders(run_checkpoints: Path) -> list[Path]:

@@ -88,7 +88,7 @@ def pick_weights(record: dict, run_dir: Path, which: str | None) -> dict:
 
     Step 0 is the untrained model (the best when training never beat it): nothing to load.
     """
-    from transfer.checkpoint import damage
+    from transfer.checkpoint import check_own, damage
 
     train = record["train"]
     if which is None:
@@ -114,6 +114,7 @@ def pick_weights(record: dict, run_dir: Path, which: str | None) -> dict:
             f"{run_dir}: the {which} weights (step {step}) are not on disk: {folder} is missing "
             "(checkpoint.enabled=false, or removed)"
         )
+    check_own(folder, run_dir, record.get("config"), f"{run_dir}: the {which} weights (step {step})")
     problem = damage(folder)
     if problem:
         raise TransferError(f"{run_dir}: the {which} weights (step {step}) in {folder} are damaged ({problem})")
@@ -142,8 +143,15 @@ def default_out(run_dir: Path, strategy: str, merge: bool) -> Path:
 
 
 def check_out(out: Path) -> None:
+    for path, what in ((out, "--out"), (_tmp_of(out), "the export's temporary folder")):
+        if path.is_symlink():  # dangling, or leading elsewhere: the export would land where the link points
+            raise TransferError(f"{what}: {path} is a link (to {os.readlink(path)}); allowed: a new or empty folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TransferError(f"{out} exists and is not an empty folder; allowed: a new or empty folder (--out)")
+
+
+def _tmp_of(out: Path) -> Path:
+    return out.with_name(f".{out.name}.tmp")
 
 
 def export(run_dir: Path, merge: bool = False, out: Path | None = None, which: str | None = None) -> dict:
@@ -156,7 +164,7 @@ def export(run_dir: Path, merge: bool = False, out: Path | None = None, which: s
             "strategy=qlora is not exported: its adapter was trained on a 4-bit NF4 base, which no merge "
             f"reproduces; allowed: lora, dora, ia3 and the full strategies (the adapter itself is in {run_dir}/checkpoints)"
         )
-    out = Path(out).resolve() if out is not None else default_out(run_dir, strategy, merge)
+    out = Path(os.path.abspath(out)) if out is not None else default_out(run_dir, strategy, merge)
     check_out(out)
     weights = pick_weights(record, run_dir, which)
     cfg = run_config(record, run_dir)
@@ -227,7 +235,7 @@ def count(model) -> int:
 
 def _write_atomically(out: Path, write) -> None:
     """Write into a temporary sibling and rename it into place: a failed export leaves no half folder."""
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = _tmp_of(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -275,12 +283,14 @@ def recorded_validation(record: dict, step: int) -> dict:
 
 
 def check_export(out: Path, tolerance: float = 1e-4) -> dict:
-    """The exported model's validation perplexity beside the one the run recorded for the same weights.
+    """The exported model's validation figures beside the ones the run recorded for the same weights.
 
     The split is the run's validation split, prepared by its objective with the exported tokenizer
-    (so the tokenizer's round trip is checked too), scored by evaluation.perplexity on this
-    machine's device for the run's hardware settings. They agree when the token counts are the
-    same and the perplexities are within `tolerance`, relative.
+    (so the tokenizer's round trip is checked too), scored on this machine's device for the run's
+    hardware settings: by perplexity for `lm` and `sft`, by the policy's mean log-probability of
+    the chosen and of the rejected answers for a preference objective's pairs (the rest of its
+    metrics need its reference, which an export does not hold). They agree when the counts are the
+    same and every figure is within `tolerance`, relative.
     """
     from transfer.evaluation.perplexity import perplexity
     from transfer.hardware import resolve
@@ -295,23 +305,35 @@ def check_export(out: Path, tolerance: float = 1e-4) -> dict:
     expected = recorded_validation(record, info["weights"]["step"])
     model, tokenizer = load_export(out)
     objective = build_objective(cfg, tokenizer)
-    if not isinstance(objective, TokenObjective) or "perplexity" not in expected:
-        raise TransferError(f"--check: objective={cfg.objective.name} is not judged by perplexity; allowed: lm, sft")
+    if isinstance(objective, TokenObjective) and "perplexity" in expected:
+        metrics, count = ("perplexity",), "tokens"
+    elif not isinstance(objective, TokenObjective) and "chosen_logp" in expected:
+        metrics, count = ("chosen_logp", "rejected_logp"), "examples"
+    else:
+        raise TransferError(
+            f"--check: objective={cfg.objective.name} on this data has neither perplexity nor pairs to compare; "
+            "allowed: lm, sft, and preference objectives on pairs"
+        )
     validation = objective.prepare(cfg.eval.max_tokens)["validation"]
     hardware = resolve(cfg.hardware)
     model.to(hardware.device)
-    measured = perplexity(model, validation, cfg.eval_batch_size, hardware, objective.pad_id, "check")
-    difference = abs(measured["perplexity"] - expected["perplexity"]) / expected["perplexity"]
+    if count == "tokens":
+        measured = perplexity(model, validation, cfg.eval_batch_size, hardware, objective.pad_id, "check")
+    else:
+        measured = objective.policy_logps(model, validation, cfg.eval_batch_size, hardware)
+    differences = {m: abs(measured[m] - expected[m]) / abs(expected[m]) for m in metrics}
     return {
-        "recorded": expected["perplexity"],
-        "measured": measured["perplexity"],
-        "relative_difference": difference,
+        "metrics": list(metrics),
+        "recorded": {m: expected[m] for m in metrics},
+        "measured": {m: measured[m] for m in metrics},
+        "relative_difference": max(differences.values()),
         "tolerance": tolerance,
-        "tokens": measured["tokens"],
-        "recorded_tokens": expected.get("tokens"),
+        "count": count,
+        "measured_count": measured[count],
+        "recorded_count": expected.get(count),
         "precision": hardware.precision,
         "recorded_precision": (record.get("hardware") or {}).get("precision"),
-        "agree": measured["tokens"] == expected.get("tokens") and difference <= tolerance,
+        "agree": measured[count] == expected.get(count) and max(differences.values()) <= tolerance,
     }
 
 
@@ -319,10 +341,15 @@ def describe_check(result: dict) -> str:
     precision = result["precision"]
     if result["recorded_precision"] not in (None, precision):
         precision += f" (the run: {result['recorded_precision']})"
+    figures = "; ".join(
+        f"validation {m} {result['recorded'][m]:.6f} recorded, {result['measured'][m]:.6f} measured"
+        for m in result["metrics"]
+    )
+    recorded = result["recorded_count"]
     return (
-        f"check: validation perplexity {result['recorded']:.6f} recorded, {result['measured']:.6f} measured "
-        f"(relative difference {result['relative_difference']:.2e}, tolerance {result['tolerance']:.0e}; "
-        f"{result['tokens']:,} tokens, {result['recorded_tokens']:,} recorded; {precision}): "
+        f"check: {figures} (relative difference {result['relative_difference']:.2e}, tolerance "
+        f"{result['tolerance']:.0e}; {result['measured_count']:,} {result['count']}, "
+        f"{recorded if recorded is None else format(recorded, ',')} recorded; {precision}): "
         f"{'agree' if result['agree'] else 'DIFFER'}"
     )
 

@@ -105,7 +105,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         shapes_only = cfg.dry_run and not loading["needs_weights"]
         if cfg.hardware.estimate_memory:  # before a weight is read: the config's shapes on fake tensors
             clock = time.perf_counter()
-            record["memory_estimate"] = _memory_estimate(cfg, hardware)
+            _memory_estimate(cfg, hardware, record)
             timing["memory_estimate"] = time.perf_counter() - clock
         clock = time.perf_counter()
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size, quantize_4bit=loading["quantize_4bit"],
@@ -171,7 +171,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
                 "eval": _evaluate_splits(objective, trainee, splits, plan, hardware, "baseline"),
                 "samples": trainee.use(generate_samples, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware),
             }
-            key = _baseline_key(cfg, trainee, splits, hardware, sample_inputs) if cache.active() else None
+            key = _baseline_key(cfg, objective, trainee, splits, hardware, sample_inputs) if cache.active() else None
             scored, kept = cache.baseline(key, score)
             baseline = record["eval"]["baseline"] = scored["eval"]
             before = scored["samples"]
@@ -254,7 +254,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
 
 def data_warnings(objective, splits, cfg) -> list[str]:
     """What makes a result mean less than it seems: too few examples for a step, pairs truncated into sameness."""
-    warnings = []
+    warnings = objective.data_warnings()
     lr, lr_from = learning_rate(cfg)
     if lr_from == "strategy" and cfg.model.name_or_path is not None:  # rates shrink as models widen
         warnings.append(
@@ -268,29 +268,37 @@ def data_warnings(objective, splits, cfg) -> list[str]:
             f"(micro_batch_size x grad_accum_steps): every step repeats examples"
         )
     for name in ("train", "validation", "test"):
-        same = splits[name].summary().get("identical_after_truncation", 0)
+        summary = splits[name].summary()
+        same = summary.get("identical_after_truncation", 0)
         if same:
             warnings.append(
                 f"{same} {name} pairs left out: cut to block_size={cfg.block_size}, chosen and rejected were the same"
             )
+        if summary.get("identical_in_file"):
+            warnings.append(
+                f"{summary['identical_in_file']} {name} pairs left out: their chosen and rejected answers are the same "
+                "as written in the data"
+            )
     return warnings
 
 
-def _memory_estimate(cfg, hardware) -> dict | None:
-    """The estimated peak (transfer/memory.py), logged, and one warning line when it does not fit.
+def _memory_estimate(cfg, hardware, record: dict) -> None:
+    """The estimated peak (transfer/memory.py), logged, and one warning line when it does not fit; far over
+    (memory.refusal) the run is refused here, before a weight is read, unless it is a dry run, which reads none.
 
     It is one process's holding the whole model. Under torchrun rank 0 makes it for all, and it is not judged
     against the device: FSDP2 shares weights, gradients and optimizer states among the processes, DDP's buckets
     add a copy of the gradients, and neither is modelled."""
-    from transfer.memory import fits_advice, memory_limit, safe_estimate
+    from transfer.memory import fits_advice, memory_limit, refusal, safe_estimate
 
     def estimate():
         shapes, _ = load_model_and_tokenizer(cfg.model, cfg.block_size, weights=False)  # the meta device: no weights
         return safe_estimate(cfg, shapes, hardware.device, hardware.precision)
 
     found = distributed.from_rank_zero(estimate)
+    record["memory_estimate"] = found
     if found is None:
-        return None
+        return
     if distributed.active():
         found["notes"].append(
             f"one process holding the whole model, not each of torchrun's {distributed.world_size()}: FSDP2 "
@@ -307,10 +315,14 @@ def _memory_estimate(cfg, hardware) -> dict | None:
     if distributed.active():
         log.info("the estimate is %s", found["notes"][-1])
     limit = memory_limit(cfg, hardware.device)
-    advice = fits_advice(cfg, found, limit) if limit and not distributed.active() else None
+    judged = bool(limit) and not distributed.active()
+    refused = refusal(cfg, found, limit, hardware.device) if judged and not cfg.dry_run else None
+    advice = refused or (fits_advice(cfg, found, limit) if judged else None)
+    record["memory_estimate"] = {**found, "limit_bytes": limit, "advice": advice, "refused": bool(refused)}
+    if refused:
+        raise TransferError(refused)  # the record keeps the estimate that refused it
     if advice:
         log.warning("%s", advice)
-    return {**found, "limit_bytes": limit, "advice": advice}
 
 
 def _cache_folder(cfg, sweep: Path | None) -> Path | None:
@@ -322,13 +334,15 @@ def _cache_folder(cfg, sweep: Path | None) -> Path | None:
     return sweep / ".cache" if sweep is not None else None
 
 
-def _baseline_key(cfg, trainee, splits, hardware, sample_inputs) -> dict:
-    """Everything the untrained model's scores depend on; the model enters as what it computes."""
-    evaluated = {name: cache.digest(s.ids, s.labels, s.starts) for name, s in splits.items() if name != "train"}
+def _baseline_key(cfg, objective, trainee, splits, hardware, sample_inputs) -> dict:
+    """Everything the untrained model's scores depend on; the model enters as what it computes, the objective as
+    its settings and what it made of the data (its template, the choices as scored, its reference)."""
+    evaluated = {name: cache.digest(*s.content()) for name, s in splits.items() if name != "train"}
     return {
         "function": trainee.use(cache.model_function, splits, hardware),
         "splits": evaluated,
         "objective": OmegaConf.to_container(cfg.objective, resolve=True, enum_to_str=True),
+        "objective_as_built": objective.baseline_key(),
         "choices": list(cfg.dataset.get("choices") or []),
         "eval_batch_size": cfg.eval_batch_size,
         "samples": cache.digest(sample_inputs, cfg.eval.max_new_tokens),

@@ -24,20 +24,22 @@ Too long for `block_size`: the prompt loses its start first (the part nearest th
 stays), then the response its end; or, with `objective.truncation=drop`, the example goes.
 """
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from transfer.data.sequences import IGNORE
-from transfer.errors import TransferError
+from transfer.errors import TransferError, first_line
+from transfer.inputs import described
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
          "bot": "assistant", "system": "system"}  # fmt: skip
-_SENTINEL = "\u2063sentinel\u2063"
 
 
 @dataclass
 class Example:
     messages: list[dict]  # {role, content}, the last one the assistant's answer
     raw: tuple[str, str] | None = None  # (prompt, completion) as written, for template=none
+    where: str | None = field(default=None, compare=False)  # the row it came from, for messages
 
     @property
     def answer(self) -> str:
@@ -45,7 +47,7 @@ class Example:
 
     def with_answer(self, answer: str) -> "Example":
         raw = (self.raw[0], answer) if self.raw else None
-        return Example([*self.messages[:-1], {"role": "assistant", "content": answer}], raw)
+        return Example([*self.messages[:-1], {"role": "assistant", "content": answer}], raw, self.where)
 
 
 def detect_format(row: dict, cfg, where: str) -> str:
@@ -66,17 +68,19 @@ def detect_format(row: dict, cfg, where: str) -> str:
 def to_example(row: dict, fmt: str, cfg, where: str) -> Example:
     """One row as a conversation ending in the assistant's answer."""
     if fmt == "alpaca":
-        instruction, extra = row.get(cfg.instruction_field), row.get(cfg.input_field)
+        instruction = _value(row, cfg.instruction_field, where, messages=False)
+        output = _value(row, cfg.output_field, where, messages=False)
+        extra = row.get(cfg.input_field)
         user = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
-        return _checked([{"role": "user", "content": user}, {"role": "assistant", "content": row.get(cfg.output_field)}],
-                        where)  # fmt: skip
+        return _checked([{"role": "user", "content": user}, {"role": "assistant", "content": output}], where)
     if fmt == "prompt_completion":
-        prompt, completion = row.get(cfg.prompt_field), row.get(cfg.completion_field)
-        if isinstance(prompt, str) and isinstance(completion, str):
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            return Example(_checked(messages, where).messages, raw=(prompt, completion))
-        return _checked([*_messages(prompt, where), *_messages(completion, where)], where)
-    return _checked(_messages(row.get(cfg.messages_field, row.get("conversations")), where), where)
+        return _answered(_value(row, cfg.prompt_field, where), _value(row, cfg.completion_field, where), where)
+    unset = row.get(cfg.messages_field) is None and row.get("conversations") is not None
+    name = "conversations" if unset else cfg.messages_field
+    value = row.get(name)
+    if not isinstance(value, list):
+        raise TransferError(f"{where}: {name!r} is {_said(value)}; allowed: a list of messages")
+    return _checked(_messages(value, where), where)
 
 
 def to_pair(row: dict, cfg, where: str) -> tuple[Example, Example]:
@@ -84,24 +88,43 @@ def to_pair(row: dict, cfg, where: str) -> tuple[Example, Example]:
 
     The prompt and the answers are strings, or message lists (the answers' ending with the assistant's).
     """
-    prompt = row.get(cfg.prompt_field)
-    return tuple(_answered(prompt, row.get(field), where) for field in (cfg.chosen_field, cfg.rejected_field))
+    prompt = _value(row, cfg.prompt_field, where)
+    return tuple(_answered(prompt, _value(row, name, where), where) for name in (cfg.chosen_field, cfg.rejected_field))
 
 
 def to_unpaired(row: dict, cfg, where: str) -> tuple[Example, bool]:
     """KTO's unpaired row: the prompt answered with the completion, and whether that answer is desirable."""
-    label = row.get(cfg.label_field or "label")
-    if isinstance(label, str) and label.lower() in ("true", "false"):
-        label = label.lower() == "true"
+    name = cfg.label_field or "label"
+    label = row.get(name)
+    if isinstance(label, str) and label.strip().lower() in ("true", "false", "1", "0"):  # a CSV cell is text
+        label = label.strip().lower() in ("true", "1")
     if not isinstance(label, (bool, int)) or label not in (0, 1):
-        raise TransferError(f"{where}: label {label!r} must say whether the completion is desirable: true or false")
-    return _answered(row.get(cfg.prompt_field), row.get(cfg.completion_field), where), bool(label)
+        raise TransferError(
+            f"{where}: {name!r} is {_said(label)}; allowed: true or false (whether the completion is desirable)"
+        )
+    answer = _answered(_value(row, cfg.prompt_field, where), _value(row, cfg.completion_field, where), where)
+    return answer, bool(label)
+
+
+def _value(row: dict, name: str, where: str, messages: bool = True):
+    """A prompt's or an answer's field: text, or (`messages`) a list of messages."""
+    value = row.get(name)
+    if isinstance(value, str) or (messages and isinstance(value, list)):
+        return value
+    raise TransferError(
+        f"{where}: {name!r} is {_said(value)}; allowed: {'text or a list of messages' if messages else 'text'}"
+    )
+
+
+def _said(value) -> str:
+    # a row read by `datasets` holds every field of its file: a field it lacked reads as null
+    return "missing or null" if value is None else described(value)
 
 
 def _answered(prompt, answer, where: str) -> Example:
     if isinstance(prompt, str) and isinstance(answer, str):
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        return Example(_checked(messages, where).messages, raw=(prompt, answer))
+        return Example(_checked(messages, where).messages, raw=(prompt, answer), where=where)
     answers = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else _messages(answer, where)
     return _checked([*_messages(prompt, where), *answers], where)
 
@@ -110,7 +133,7 @@ def _messages(value, where: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list):
-        raise TransferError(f"{where}: a conversation must be a list of messages, not {type(value).__name__}")
+        raise TransferError(f"{where}: a conversation must be a list of messages, not {_said(value)}")
     out = []
     for m in value:
         role = ROLES.get(str(m.get("role", m.get("from", ""))).lower()) if isinstance(m, dict) else None
@@ -125,8 +148,30 @@ def _checked(messages: list[dict], where: str) -> Example:
         raise TransferError(f"{where}: the conversation does not end with the assistant's answer")
     bad = next((m for m in messages if not isinstance(m["content"], str)), None)
     if bad is not None:
-        raise TransferError(f"{where}: a {bad['role']} message has no text (content {bad['content']!r})")
-    return Example(messages)
+        raise TransferError(f"{where}: a {bad['role']} message has no text (content {_said(bad['content'])})")
+    return Example(messages, where=where)
+
+
+@contextmanager
+def naming_the_row(example: Example):
+    """A problem met rendering an example (a chat template that refuses it or does not parse, one that cannot be
+    mapped) is one line that also names the row the example came from: the rendering says what, this says where."""
+    try:
+        yield
+    except Exception as e:
+        import jinja2
+
+        if example.where is None or not isinstance(e, (TransferError, jinja2.TemplateError)):
+            raise
+        what = str(e)
+        if not isinstance(e, TransferError):
+            what = (
+                f"the tokenizer's chat template failed ({first_line(e)}); allowed: conversations the template takes, "
+                "or objective.template=plain"
+            )
+        if what.startswith(example.where):
+            raise
+        raise TransferError(f"{example.where}: {what}") from None
 
 
 def template_of(tokenizer, template: str) -> str:
@@ -177,40 +222,84 @@ def _plain(messages: list[dict], eos: str) -> tuple[str, list[tuple[int, int, in
 
 
 def _chat(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int, int]]]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    end = _turn_end(tokenizer)
-    spans, cursor = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = text.find(m["content"], cursor)
-        if i:  # where the template starts the assistant's turn, when its rendering is a prefix of the whole
-            head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            if text.startswith(head) and text.startswith(m["content"], len(head)):
-                start = len(head)
-        if start < 0:
-            raise TransferError("the chat template changes the assistant's text; use objective.template=plain")
-        stop = start + len(m["content"])
-        turn_end = stop + len(end) if end and text.startswith(end, stop) else stop
+    """The conversation through the chat template, and where each assistant turn's text is in it.
+
+    Found by rendering, never by searching the text (an answer's words may be in the prompt too):
+    the conversation is rendered again with each assistant text replaced by a marker, the text
+    between markers is the template's own, and the answers fill the gaps as the template wrote them
+    (whole, or trimmed, as Llama's and Gemma's templates do). A template whose rendering cannot be
+    rebuilt so, to the character, is refused rather than guessed at.
+    """
+    text = _apply_template(tokenizer, messages)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    marks = {i: _marker(i, text) for i in turns}
+    shape = _apply_template(
+        tokenizer, [{**m, "content": marks[i]} if i in marks else m for i, m in enumerate(messages)]
+    )
+    pieces = _split_on(shape, [marks[i] for i in turns])
+    if pieces is None:
+        raise TransferError(
+            "the chat template rewrites the assistant's text (it does not come out where it went in); "
+            "allowed: objective.template=plain or none"
+        )
+    specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
+    rebuilt, spans = pieces[0], []
+    for number, i in enumerate(turns):
+        after = pieces[number + 1]
+        content = messages[i]["content"]
+        written = next((c for c in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip()))
+                        if text.startswith(rebuilt + c + after)), None)  # fmt: skip
+        if written is None:
+            raise TransferError(
+                f"the chat template changes the assistant's text of turn {number + 1} (not only its outer "
+                "whitespace); allowed: objective.template=plain or none"
+            )
+        start = len(rebuilt)
+        stop = start + len(written)
+        # the turn ends with the template's first special token after the text (<|im_end|>, </s>, <end_of_turn>):
+        # the model must learn to stop
+        stripped = after.lstrip(" \n")
+        token = next((t for t in specials if stripped.startswith(t)), None)
+        turn_end = stop + len(after) - len(stripped) + len(token) if token else stop
         spans.append((start, stop, turn_end))
-        cursor = turn_end
+        rebuilt += written + after
+    if rebuilt != text:
+        raise TransferError("the chat template's rendering cannot be mapped to the messages; "
+                            "allowed: objective.template=plain or none")  # fmt: skip
     return text, spans
 
 
-_TURN_ENDS: dict[int, str] = {}
+def _marker(i: int, text: str) -> str:
+    """A marker for assistant turn i that the rendered text does not hold: no whitespace at its ends (templates
+    trim), no characters a template would escape."""
+    mark = f"\u2063M{i}\u2063"
+    while mark in text:
+        mark = f"\u2063{mark}"
+    return mark
 
 
-def _turn_end(tokenizer) -> str:
-    """What the chat template writes right after an assistant's text up to its first special token (<|im_end|>)."""
-    key = id(tokenizer)
-    if key not in _TURN_ENDS:
-        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
-        after = tokenizer.apply_chat_template(probe, tokenize=False).split(_SENTINEL, 1)[-1]
-        specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
-        stripped = after.lstrip(" \n")
-        token = next((t for t in specials if stripped.startswith(t)), None)
-        _TURN_ENDS[key] = after[: len(after) - len(stripped) + len(token)] if token else ""
-    return _TURN_ENDS[key]
+def _split_on(shape: str, marks: list[str]) -> list[str] | None:
+    """`shape` cut at each marker, in order, each found exactly once: the template's own text around the answers."""
+    pieces, rest = [], shape
+    for mark in marks:
+        if shape.count(mark) != 1 or mark not in rest:
+            return None
+        before, rest = rest.split(mark, 1)
+        pieces.append(before)
+    return [*pieces, rest]
+
+
+def _apply_template(tokenizer, messages: list[dict], **kwargs) -> str:
+    """The tokenizer's chat template applied, its own refusals (roles that must alternate, a system message it does
+    not take, a syntax error) reported in one line."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as e:  # jinja2's TemplateError and what a template raises itself
+        roles = ", ".join(m["role"] for m in messages)
+        raise TransferError(
+            f"the tokenizer's chat template refused a conversation of roles [{roles}] ({type(e).__name__}: "
+            f"{first_line(e)}); allowed: conversations the template takes, or objective.template=plain"
+        ) from None
 
 
 def encode(text: str, ranges, tokenizer, template: str, everything: bool = False) -> tuple[list[int], list[int]]:
@@ -274,7 +363,8 @@ def fitted_examples(items, tokenizer, template: str, train_on_prompt: bool, bloc
 def fitted_tokens(example: Example, tokenizer, template: str, train_on_prompt: bool, block_size: int, drop: bool,
                   counts: dict) -> tuple[list[int], list[int]] | None:  # fmt: skip
     """training_tokens cut to block_size by `fit`, or None for an example dropped; `counts` says what was cut or dropped."""
-    ids, labels = training_tokens(example, tokenizer, template, train_on_prompt)
+    with naming_the_row(example):
+        ids, labels = training_tokens(example, tokenizer, template, train_on_prompt)
     if len(ids) > block_size and drop:
         counts["dropped_too_long"] += 1
         return None

@@ -56,6 +56,10 @@ class Sequences:
         return {"documents": self.documents, "sequences": len(self), "tokens": self.tokens,
                 "scored_tokens": self.scored(), **self.info}  # fmt: skip
 
+    def content(self) -> tuple:
+        """What a score of the split depends on: the tokens and which of them are scored (the sweep cache's key)."""
+        return self.ids, self.labels, self.starts
+
 
 @dataclass
 class Batch:

@@ -27,7 +27,7 @@ def choice_scores(model, seqs: Sequences, n_choices: int, batch_size: int, hardw
     for number, batch in my_batches(seqs, batch_size, pad_id, desc):
         batch = batch.to(hardware.device)
         with hardware.autocast():
-            scores = sequence_logprobs(model, batch.input_ids, batch.labels, hardware.loss_chunk_tokens or 4096)
+            scores = sequence_logprobs(model, batch.input_ids, batch.labels, hardware.loss_chunk_tokens)
         if number is not None:
             sums[number * batch_size : number * batch_size + len(scores)] = scores.double().cpu()
     model.train(was_training)

@@ -62,12 +62,17 @@ class Objective:
         """What the record's `data` says besides the splits (lm: its replay)."""
         return {}
 
+    def data_warnings(self) -> list[str]:
+        """What about the prepared data makes a result mean less than it seems (sft: choices written otherwise)."""
+        return []
+
     def attach(self, model, splits: dict, run_cfg, hardware) -> dict:
         """Anything the objective needs of the model before the baseline (a reference model); what the record says."""
         return {}
 
-    def to(self, device) -> None:
-        """Move what the objective keeps on the device (a reference model) along with the model."""
+    def to(self, device, dtype=None) -> None:
+        """Move what the objective keeps on the device (a reference model) along with the model, cast to `dtype`
+        (floating-point tensors only) when one is given."""
 
     def begin_step(self, model, batches: list, hardware) -> None:
         """Called with an optimizer step's batches before their losses: for statistics over the whole step."""
@@ -75,6 +80,10 @@ class Objective:
     def describe(self) -> dict:
         """What the record says about the objective."""
         return {"name": self.name, "select": self.select, "mode": self.mode}
+
+    def baseline_key(self) -> dict:
+        """What the untrained model's scores depend on of the objective as built (the sweep cache's key)."""
+        return self.describe()
 
 
 class TokenObjective(Objective):

@@ -29,8 +29,6 @@ split), so that it does not depend on how a step is split into micro-batches.
 """
 
 import copy
-import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -39,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from transfer import distributed
+from transfer import cache, distributed
 from transfer.data.chat import (
     Example,
     fit,
@@ -51,7 +49,7 @@ from transfer.data.chat import (
     training_tokens,
 )
 from transfer.data.sequences import IGNORE, Batch, ExampleStream, Sequences, padded_batch
-from transfer.data.sources import SPLITS, load_rows
+from transfer.data.sources import SPLITS, load_rows, origin
 from transfer.errors import TransferError
 from transfer.loss import logprobs_and_kl, scored_head_inputs, sequence_logprobs
 from transfer.objectives.base import Objective
@@ -140,6 +138,19 @@ class PreferenceSplit:
     def units(self, kto_units: bool) -> int:
         return len(self.seqs) if kto_units or self.pairs is None else len(self.pairs)
 
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def get(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.seqs.get(i)
+
+    def content(self) -> tuple:
+        """What a score of the split depends on: the answers' tokens, how they pair up, which are desirable, and the
+        reference's log-probabilities where they were precomputed (the sweep cache's key)."""
+        pairs = "unpaired" if self.pairs is None else self.pairs
+        reference = "live" if self.reference is None else self.reference
+        return (*self.seqs.content(), pairs, self.desirable, reference)
+
     def summary(self) -> dict:
         return {**self.seqs.summary(), "pairs": None if self.pairs is None else len(self.pairs), **self.info}
 
@@ -187,16 +198,20 @@ class PreferenceOptimisation(Objective):
         d = self.dataset_cfg
         ids_list, labels_list, examples, desirable, pairs = [], [], [], [], []
         counts = {"truncated_prompt": 0, "truncated_response": 0, "dropped_too_long": 0, "dropped_no_answer": 0,
-                  "identical_after_truncation": 0}  # fmt: skip
-        paired = None
+                  "identical_in_file": 0, "identical_after_truncation": 0}  # fmt: skip
+        paired, same = None, []
         for number, row in enumerate(rows, start=1):
-            where = f"dataset {d.name!r} {split} row {number}"
+            where = origin(row, f"dataset {d.name!r} {split} row {number}")  # its file and line
             is_pair = d.chosen_field in row and d.rejected_field in row
             if paired is not None and is_pair != paired:
                 raise TransferError(f"{where}: pairs and unpaired rows are mixed; one kind a dataset")
             paired = is_pair
             if is_pair:
                 answers = list(zip(to_pair(row, d, where), (True, False), strict=True))
+                if answers[0][0] == answers[1][0]:  # written so: nothing to prefer, and not truncation's doing
+                    counts["identical_in_file"] += 1
+                    same.append(where)
+                    continue
             elif self.kto:
                 answers = [to_unpaired(row, d, where)]
             else:
@@ -229,11 +244,18 @@ class PreferenceOptimisation(Objective):
                 desirable.append(good)
             if is_pair:
                 pairs.append((start, start + 1))
+        if same:
+            log.warning(
+                "dataset %r %s: %d pairs left out, their chosen and rejected answers the same as written (%s%s)",
+                d.name, split, len(same), same[0], ", ..." if len(same) > 1 else "",
+            )  # fmt: skip
         if not ids_list:
+            cut = counts["truncated_prompt"] + counts["truncated_response"] + counts["dropped_too_long"]
             raise TransferError(
                 f"dataset {d.name!r}: no {split} example is left of {len(rows)} "
-                f"({', '.join(f'{k} {v}' for k, v in counts.items() if v) or 'the split is empty'}); "
-                "allowed: a larger block_size, or objective.truncation=truncate"
+                f"({', '.join(f'{k} {v}' for k, v in counts.items() if v) or 'the split is empty'}"
+                f"{f'; the first identical as written: {same[0]}' if same else ''}); allowed: "
+                + ("a larger block_size, or objective.truncation=truncate" if cut else "pairs whose answers differ")
             )
         seqs = Sequences.from_lists(ids_list, labels_list, documents=len(rows))
         info = {"rows": len(rows), **counts, "template": self.template}
@@ -259,39 +281,41 @@ class PreferenceOptimisation(Objective):
         return info
 
     def _precompute(self, model, splits, run_cfg, hardware) -> dict:
-        key = self._cache_key(model, splits, run_cfg, hardware)
-        path = Path(self.cfg.reference_cache).expanduser() / f"{key}.pt"
+        folder = Path(self.cfg.reference_cache).expanduser()
+        cache.writable(folder, "objective.reference_cache")  # before the log-probabilities are computed
+        path = folder / f"{self._cache_key(model, splits, run_cfg, hardware)}.pt"
         names = [n for n in SPLITS if n in splits]
-        if path.is_file():
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            for name in names:
-                splits[name].reference = cached[name]
-            hit = True
-        else:
-            for name in names:
-                splits[name].reference = self._reference_logps(splits[name], run_cfg.eval_batch_size, hardware)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({name: splits[name].reference for name in names}, tmp)
-            tmp.replace(path)
-            hit = False
+        kept = cache.load_tensors(path, names, "reference")
+        if kept is not None and any(len(kept[n]) != len(splits[n].seqs) for n in names):
+            kept = cache.damaged(path, "reference", "its length differs from the split's answers")
+        for name in names:
+            splits[name].reference = (
+                kept[name] if kept is not None
+                else self._reference_logps(splits[name], run_cfg.eval_batch_size, hardware)
+            )  # fmt: skip
+        if kept is None:
+            cache.save_tensors(path, {name: splits[name].reference for name in names})
+        hit = kept is not None
         log.info("reference log-probabilities %s %s", "read from" if hit else "computed and cached in", path)
         return {"reference_of": self.reference_kind, "reference_cache": str(path), "reference_cache_hit": hit}
 
     def _cache_key(self, model, splits, run_cfg, hardware) -> str:
-        """Everything the reference's log-probabilities depend on: its weights, the tokens scored, the precision."""
-        digest = hashlib.sha256()
+        """Everything the reference's log-probabilities depend on: its weights (the base's, under the names a plain
+        model gives them, so that every strategy's jobs share one reference), the tokens scored, the settings."""
+        peft = getattr(model, "peft_config", {})
+        adapters = tuple(f".{name}." for name in peft)
+        weights = []
         with torch.no_grad():
             for name, p in sorted(model.state_dict().items()):
-                if "lora_" in name or "modules_to_save" in name:
-                    continue  # adapters are off for the reference
-                digest.update(name.encode())
-                digest.update(p.detach().float().cpu().numpy().tobytes())
-        for name in sorted(n for n in SPLITS if n in splits):
-            for tensor in (splits[name].seqs.ids, splits[name].seqs.labels, splits[name].seqs.starts):
-                digest.update(tensor.numpy().tobytes())
-        digest.update(json.dumps([hardware.device.type, hardware.precision, run_cfg.model.dtype.value]).encode())
-        return digest.hexdigest()[:32]
+                if any(a in f"{name}." for a in adapters) or ".modules_to_save." in name:
+                    continue  # an adapter's own tensors: off for the reference
+                plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(
+                    ".original_module.", ".")  # fmt: skip
+                weights.append(cache.digest(plain, p))  # one tensor at a time: no second copy of the model
+        contents = [cache.digest(*splits[name].seqs.content()) for name in sorted(n for n in SPLITS if n in splits)]
+        settings = [hardware.device.type, hardware.precision, run_cfg.model.dtype.value, run_cfg.eval_batch_size,
+                    hardware.loss_chunk_tokens, cache.environment()]  # fmt: skip
+        return cache.digest(sorted(weights), contents, settings)[:32]
 
     @torch.no_grad()
     def _reference_logps(self, split: PreferenceSplit, batch_size: int, hardware) -> torch.Tensor:
@@ -316,7 +340,7 @@ class PreferenceOptimisation(Objective):
     def _live(self, rows: Batch, chunk_tokens: int) -> torch.Tensor:
         """The reference run now: the frozen copy, or the model with its adapters disabled, in eval mode."""
         if self._reference_model is not None:
-            return sequence_logprobs(self._reference_model, rows.input_ids, rows.labels, chunk_tokens or 4096)
+            return sequence_logprobs(self._reference_model, rows.input_ids, rows.labels, chunk_tokens)
         if not hasattr(self._model, "disable_adapter"):
             raise TransferError(
                 f"objective={self.name}: no reference model is kept; set objective.precompute_reference=false"
@@ -325,13 +349,13 @@ class PreferenceOptimisation(Objective):
         self._model.eval()
         try:
             with self._model.disable_adapter():
-                return sequence_logprobs(self._model, rows.input_ids, rows.labels, chunk_tokens or 4096)
+                return sequence_logprobs(self._model, rows.input_ids, rows.labels, chunk_tokens)
         finally:
             self._model.train(was_training)
 
-    def to(self, device) -> None:
+    def to(self, device, dtype=None) -> None:
         if self._reference_model is not None:
-            self._reference_model.to(device)
+            self._reference_model.to(device, dtype)
 
     # ---------------------------------------------------------------- training
     def stream(self, split: PreferenceSplit, seed: int, start: int, per_step: int) -> ExampleStream:
@@ -388,13 +412,13 @@ class PreferenceOptimisation(Objective):
             part = slice(start, start + batch_size)
             rows = self._mismatched(split, answers[part], partners[part]).to(hardware.device)
             with hardware.autocast():
-                policy = sequence_logprobs(model, rows.input_ids, rows.labels, hardware.loss_chunk_tokens or 4096)
+                policy = sequence_logprobs(model, rows.input_ids, rows.labels, hardware.loss_chunk_tokens)
                 ratios.append(policy - self._live(rows, hardware.loss_chunk_tokens))
         return torch.cat(ratios).mean().clamp(min=0)
 
     def loss(self, model, batch: PreferenceBatch, chunk_tokens: int):
         rows = batch.rows
-        policy = sequence_logprobs(model, rows.input_ids, rows.labels, chunk_tokens or 4096)
+        policy = sequence_logprobs(model, rows.input_ids, rows.labels, chunk_tokens)
         reference = self._reference_scores(rows, batch.reference, chunk_tokens)
         losses, _ = self._losses(policy, reference, rows.labels, batch)
         return losses.sum(), batch.units, {}
@@ -466,6 +490,24 @@ class PreferenceOptimisation(Objective):
         result["examples"] = n_units
         return result
 
+    @torch.no_grad()
+    def policy_logps(self, model, split: PreferenceSplit, batch_size: int, hardware) -> dict:
+        """The policy's mean log-probability of the chosen and of the rejected answers of a split's pairs, batched
+        and computed as `evaluate` records them (chosen_logp, rejected_logp), with no reference: what an exported
+        model is checked by (export --check)."""
+        logps = torch.zeros(len(split.seqs), dtype=torch.float64)
+        n_units = split.units(self.kto)
+        for start in range(0, n_units, batch_size):
+            batch = self._batch(split, list(range(start, min(start + batch_size, n_units)))).to(hardware.device)
+            rows = batch.rows
+            with hardware.autocast():
+                hidden, head, picked, index = scored_head_inputs(model, rows.input_ids, rows.labels)
+                policy = logprobs_and_kl((hidden, head), None, picked, index, len(rows.input_ids),
+                                         hardware.loss_chunk_tokens)[0]  # fmt: skip
+            logps[batch.index] = policy.double().cpu()
+        return {"chosen_logp": float(logps[split.pairs[:, 0]].mean()),
+                "rejected_logp": float(logps[split.pairs[:, 1]].mean()), "examples": n_units}  # fmt: skip
+
     def _eval_scores(self, model, rows: Batch, chunk_tokens: int):
         """The policy's log-probabilities of the rows' answers, the live reference's (None without one),
         and the summed token KL between them: one forward pass of each."""
@@ -476,7 +518,7 @@ class PreferenceOptimisation(Objective):
         elif self.reference_kind != "none" and hasattr(self._model, "disable_adapter"):
             with self._model.disable_adapter():
                 reference = scored_head_inputs(self._model, rows.input_ids, rows.labels)[:2]
-        return logprobs_and_kl((p_hidden, p_head), reference, picked, index, len(rows.input_ids), chunk_tokens or 4096)
+        return logprobs_and_kl((p_hidden, p_head), reference, picked, index, len(rows.input_ids), chunk_tokens)
 
     def sample_inputs(self, splits, prompts):
         """The first validation prompts through the template, the chosen (desirable) answer as the reference."""
@@ -490,6 +532,13 @@ class PreferenceOptimisation(Objective):
             user = next((m["content"] for m in reversed(example.messages) if m["role"] == "user"), "")
             inputs.append({"prompt": user[-500:], "reference": example.answer, "input_ids": ids[-self.block_size :]})
         return inputs, "the first validation prompts"
+
+    def baseline_key(self) -> dict:
+        """A live reference is the initial model however it is kept (a frozen copy, or the adapters disabled: the same
+        computation), so jobs of either share a baseline; precomputed log-probabilities are their own."""
+        described = self.describe()
+        described["reference"] = self.reference_kind if self.reference_kind in ("precomputed", "none") else "live"
+        return described
 
     def describe(self) -> dict:
         keys = ("beta", "label_smoothing", "gamma", "lambda_or", "cpo_alpha", "desirable_weight", "undesirable_weight")

@@ -5,6 +5,8 @@ that names its `choices` is also judged by scoring each choice after the prompt 
 log-loss, ROC-AUC: evaluation/choices.py), which `objective.select` may pick the best weights by.
 """
 
+from collections import Counter
+
 import torch
 
 from transfer.data.chat import (
@@ -18,7 +20,7 @@ from transfer.data.chat import (
     to_example,
 )
 from transfer.data.sequences import Sequences
-from transfer.data.sources import SPLITS, load_rows
+from transfer.data.sources import SPLITS, load_rows, origin
 from transfer.errors import TransferError
 from transfer.evaluation.choices import choice_metrics, choice_scores
 from transfer.evaluation.perplexity import perplexity
@@ -41,18 +43,40 @@ class InstructionTuning(TokenObjective):
         self.choices = list(dataset_cfg.choices) if dataset_cfg.choices else None
         self.metrics = ("loss", "perplexity", *choice_metric_names(self.choices))
         self._choice_seqs: dict[int, tuple[Sequences, torch.Tensor]] = {}
+        self._forms: list[Counter] = [Counter() for _ in self.choices or ()]  # how the data writes each choice
 
     def prepare(self, max_eval_tokens):
         rows = load_rows(self.dataset_cfg, example_fields(self.dataset_cfg))
         name = self.dataset_cfg.name
         self.format = detect_format(rows["train"][0], self.dataset_cfg, f"dataset {name!r}") if rows["train"] else None
-        return {split: self._examples(rows[split], split, None if split == "train" else max_eval_tokens)
-                for split in SPLITS}  # fmt: skip
+        splits = {split: self._examples(rows[split], split, None if split == "train" else max_eval_tokens)
+                  for split in SPLITS}  # fmt: skip
+        self.scored_choices = self._choices_as_written()
+        return splits
+
+    def _choices_as_written(self) -> list[str] | None:
+        """The choices as the data's answers write them, which is what training scored: `dataset.choices=[Yes, No]`
+        on completions written " Yes" scores " Yes" (another token than "Yes"). Said in a warning where they differ."""
+        if not self.choices:
+            return None
+        self.notes = []
+        scored = []
+        for choice, forms in zip(self.choices, self._forms, strict=True):
+            written = forms.most_common(1)[0][0] if forms else choice
+            if written != choice or len(forms) > 1:
+                ways = ", ".join(f"{form!r} {n:,} times" for form, n in forms.most_common())
+                self.notes.append(f"dataset.choices {choice!r} is written {ways} in the data's answers; choices are "
+                                  f"scored as training saw them most: {written!r}")  # fmt: skip
+            scored.append(written)
+        return scored
+
+    def data_warnings(self) -> list[str]:
+        return list(getattr(self, "notes", []))
 
     def _examples(self, rows: list[dict], split: str, max_tokens: int | None) -> Sequences:
         def items():  # lazily: a row past max_tokens is not read, nor its gold checked
             for number, row in enumerate(rows, start=1):
-                where = f"dataset {self.dataset_cfg.name!r} {split} row {number}"
+                where = origin(row, f"dataset {self.dataset_cfg.name!r} {split} row {number}")  # its file and line
                 example = to_example(row, self.format, self.dataset_cfg, where)
                 yield example, {"example": example, "gold": self._gold(row, example, where)}
 
@@ -77,7 +101,10 @@ class InstructionTuning(TokenObjective):
         stripped = [c.strip() for c in self.choices]
         if not isinstance(answer, str) or answer.strip() not in stripped:
             raise TransferError(f"{where}: the answer {answer!r} is not one of dataset.choices {self.choices}")
-        return stripped.index(answer.strip())
+        gold = stripped.index(answer.strip())
+        if example.answer.strip() == stripped[gold]:  # the answer trained is the choice (not a label field's word)
+            self._forms[gold][example.answer] += 1
+        return gold
 
     def evaluate(self, model, split, batch_size, hardware, desc):
         result = perplexity(model, split, batch_size, hardware, self.pad_id, desc)
@@ -92,7 +119,7 @@ class InstructionTuning(TokenObjective):
         if id(split) not in self._choice_seqs:
             ids_list, labels_list = [], []
             for item in split.meta:
-                for choice in self.choices:
+                for choice in self.scored_choices:
                     ids, labels = answer_tokens(item["example"], choice, self.tokenizer, self.template)
                     ids, labels, _ = fit(ids, labels, self.block_size)
                     ids_list.append(ids)
@@ -121,4 +148,4 @@ class InstructionTuning(TokenObjective):
     def describe(self):
         return {**super().describe(), "template": self.template, "train_on_prompt": self.cfg.train_on_prompt,
                 "truncation": self.cfg.truncation.value, "batching": self.cfg.batching.value,
-                "choices": self.choices}  # fmt: skip
+                "choices": self.choices, "choices_scored": getattr(self, "scored_choices", None)}  # fmt: skip
