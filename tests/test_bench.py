@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -41,7 +43,24 @@ def test_head_loss_benchmark_runs_and_the_ways_agree():
     out = _run("head_loss.py", "--tokens", "64", "--vocab", "1000", "--repeats", "1", *(["--liger"] if liger else []))
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "way" not in line]
     assert rows == ["autograd", "ours", *(["liger"] if liger else [])]
-    assert "losses and gradients agree with ours" in out  # the script exits non-zero otherwise
+    # fp32 on the CPU: the same sums in another order, so tight (the script exits non-zero otherwise)
+    assert "losses and gradients agree with ours (within 1e-06 and 1e-05, relative)" in out
+
+
+def test_head_loss_benchmark_refuses_gradients_that_differ_by_more_than_fp32_rounding(monkeypatch, capsys):
+    """A way whose loss is ours but whose gradients are 1e-4 off (the forward pass unchanged, the backward scaled):
+    fp32's sums in another order stay within 1e-5, so the benchmark says it disagrees (3e-2 let it pass)."""
+    spec = importlib.util.spec_from_file_location("head_loss", BENCH / "head_loss.py")
+    head_loss = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(head_loss)
+    autograd = head_loss.WAYS["autograd"]
+    monkeypatch.setitem(head_loss.WAYS, "autograd", lambda hidden, weight, targets, chunk: autograd(
+        hidden + 1e-4 * (hidden - hidden.detach()), weight, targets, chunk))  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["head_loss.py", "--tokens", "64", "--vocab", "1000", "--repeats", "1"])
+    with pytest.raises(SystemExit) as e:
+        head_loss.main()
+    assert str(e.value).startswith("losses or gradients disagree with ours: autograd (gradients 1.00e-04 apart, ")
+    assert str(e.value).endswith("allowed in fp32: 1e-05)")
 
 
 def test_eval_throughput_benchmark_runs_and_losses_agree():
