@@ -1,3 +1,4 @@
+import fcntl
 import os
 import shutil
 import signal
@@ -40,6 +41,17 @@ def shared_folder() -> Path:
     if not value or not Path(value).is_dir():
         skip_or_fail(f"TRANSFER_SHARED={value or ''} is not the shared/ folder (real models and datasets)")
     return Path(value).resolve()  # tests run the CLI in other folders: a relative path would break there
+
+
+# The longest modules first: with two workers, the suite ends when the later one does, and a long test met last keeps
+# one core busy while the other waits (test_combinations is one test of two minutes; torchrun and launcher tests start
+# several processes). The rest keep their order.
+LONGEST_FIRST = ("test_combinations.py", "test_distributed.py", "test_launchers.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
 
 
 @pytest.fixture(scope="session")
@@ -103,26 +115,39 @@ def copy_run(folder: Path, to: Path) -> Path:
 
 
 # Real runs shared by the tests that only read them: each costs a process start and a
-# training, and the suite must stay short (issue: `make test` under ten minutes).
+# training, and the suite must stay short (issue: `make test` under ten minutes). They are made
+# once for the whole session, whichever worker of pytest-xdist asks first: the others wait for it.
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` run once per test session in a folder all workers share (under a lock); the folder."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    folder = base / f"shared-{name}"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".made").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def fast_run(tmp_path_factory) -> Path:
     """The default experiment in FAST settings, logging every step and checkpointing every 5."""
-    root = tmp_path_factory.mktemp("fast_run")
-    run_ok([*FAST, "log_interval=1", "checkpoint.interval=5", "checkpoint.keep=2", "hydra.run.dir=run"], root)
-    return root / "run"
+    args = [*FAST, "log_interval=1", "checkpoint.interval=5", "checkpoint.keep=2", "hydra.run.dir=run"]
+    return made_once(tmp_path_factory, "fast_run", lambda root: run_ok(args, root)) / "run"
 
 
 @pytest.fixture(scope="session")
 def short_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("short_run")
-    run_ok([*SHORT, "hydra.run.dir=run"], root)
-    return root / "run"
+    return made_once(tmp_path_factory, "short_run", lambda root: run_ok([*SHORT, "hydra.run.dir=run"], root)) / "run"
 
 
 @pytest.fixture(scope="session")
 def two_job_sweep(tmp_path_factory) -> Path:
     """The sweep folder, where Hydra puts it by default: multirun/<date>/<time>/."""
-    root = tmp_path_factory.mktemp("two_job_sweep")
-    run_ok(SWEEP, root)
+    root = made_once(tmp_path_factory, "two_job_sweep", lambda root: run_ok(SWEEP, root))
     (sweep,) = root.glob("multirun/*/*")
     return sweep

@@ -55,7 +55,7 @@ def test_the_model_enters_the_key_as_what_it_computes():
     assert _function("full", ["model=tiny_random"]) != full
 
 
-SWEEP = ["max_steps=4", "eval_interval=0", "block_size=64", "eval.max_tokens=2048",
+SWEEP = ["max_steps=4", "eval_interval=0", "block_size=64", "eval.max_tokens=2048", "hardware.estimate_memory=false",
          "eval.probes.python_docs.max_tokens=2048", "eval.max_new_tokens=4", "checkpoint.enabled=false"]  # fmt: skip
 
 
@@ -69,22 +69,24 @@ def test_a_sweep_scores_each_baseline_once_and_reuses_it_exactly(tmp_path):
         scratch["eval"]["baseline"]["validation"]["perplexity"]
         > 10 * full["eval"]["baseline"]["validation"]["perplexity"]
     )
-    # the reused baseline is the one the job would have measured: a single run (no cache) of lora
-    run_ok(["strategy=lora", *SWEEP, "hydra.run.dir=alone"], tmp_path)
-    alone = read_record(tmp_path / "alone")
-    assert alone["cache"] == {}
-    assert alone["eval"]["baseline"] == lora["eval"]["baseline"]
-    assert [s["completion"] for s in alone["samples"]] == [s["completion"] for s in lora["samples"]]
-    assert alone["train"]["loss_curve"] == lora["train"]["loss_curve"]
+    # that a reused baseline is the one a job measures without the cache, to the bit: tests/test_combinations.py
     keys = list((tmp_path / "sweep" / ".cache").glob("baseline-*.key.json"))
     assert len(keys) == 2 and all("function" in json.loads(k.read_text()) for k in keys)
 
 
-def test_the_cache_can_be_turned_off(tmp_path):
-    run_ok(["-m", "strategy=lora", *SWEEP, "cache.enabled=false", "tables_after_sweep=false", "hydra.sweep.dir=sweep"],
-           tmp_path)  # fmt: skip
-    assert not (tmp_path / "sweep" / ".cache").exists()
-    assert read_record(tmp_path / "sweep" / "0")["cache"] == {}
+def test_the_cache_is_the_sweeps_unless_turned_off_or_moved(tmp_path):
+    """Where a job keeps shared work (a run of a job without it: tests/test_combinations.py's single runs)."""
+    from transfer.run import _cache_folder
+
+    assert _cache_folder(compose_config([]), tmp_path / "sweep") == tmp_path / "sweep" / ".cache"
+    assert _cache_folder(compose_config([]), None) is None  # a single run
+    assert _cache_folder(compose_config(["cache.enabled=false"]), tmp_path / "sweep") is None
+    assert (
+        _cache_folder(compose_config([f"cache.dir={tmp_path / 'shared'}"]), tmp_path / "sweep") == tmp_path / "shared"
+    )
+    with cache.use(_cache_folder(compose_config(["cache.enabled=false"]), tmp_path / "sweep")) as stats:
+        assert not cache.active() and _blocks(TEXTS, byte_tokenizer()) and stats == {}
+    assert not (tmp_path / "sweep").exists()
 
 
 # ---------------------------------------------------------------- entries that cannot be trusted

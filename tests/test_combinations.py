@@ -30,7 +30,7 @@ from transfer.record import read_record
 
 COMMON = [
     "max_steps=4", "eval_interval=2", "checkpoint.interval=2", "block_size=64", "micro_batch_size=4",
-    "eval_batch_size=16", "eval.max_tokens=1024", "eval.probes.python_docs.max_tokens=1024", "eval.max_new_tokens=2",
+    "eval_batch_size=16", "eval.max_tokens=512", "eval.probes.python_docs.max_tokens=512", "eval.max_new_tokens=1",
     "hardware.estimate_memory=false", "log_interval=1", "tables_after_sweep=false",
 ]  # fmt: skip
 FAMILIES = ["lm", "sft", "dpo", "simpo"]
@@ -106,6 +106,7 @@ def _cells(family: str, runs: dict, out: Path) -> dict[str, str | None]:
         assert single["status"] == "completed" and single["train"]["resumed_from_step"] == 2, single["train"]
         assert single["cache"] == {}, single["cache"]  # a single run: no cache, its own baseline
         assert single["eval"]["baseline"] == lora["eval"]["baseline"], "the sweep's cached baseline is not the run's"
+        assert single["samples"] == lora["samples"], "the samples before or after differ"
         assert single["train"]["loss_curve"] == lora["train"]["loss_curve"], "the losses differ"
         key = METRIC[family]
         assert single["eval"]["final"]["validation"][key] == pytest.approx(lora["eval"]["final"]["validation"][key])

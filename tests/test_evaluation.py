@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, SHORT, SWEEP, assert_same_training, copy_run, kill_after_first_checkpoint, run_cli, run_ok
+from conftest import FAST, SHORT, SWEEP, copy_run, run_cli, run_ok
 
 from transfer.errors import TransferError
 from transfer.hardware import resolve
@@ -33,7 +33,7 @@ def overfit_args(tmp_path: Path) -> list[str]:
         "dataset=text_files", f"dataset.train_files=[{splits['train']}]",
         f"dataset.validation_files=[{splits['validation']}]", f"dataset.test_files=[{splits['test']}]",
         "max_steps=400", "eval_interval=5", "optimizer.lr=3e-3", "optimizer.warmup_ratio=0",
-        "block_size=64", "eval/probes=[]", "checkpoint.enabled=false",
+        "block_size=64", "eval/probes=[]", "checkpoint.enabled=false", "hardware.estimate_memory=false",
         "model=tiny_random",  # learns from the four passages at once, then overfits them (pretrained: it only forgets)
     ]  # fmt: skip
 
@@ -152,21 +152,6 @@ def lora_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lora")
     run_ok([*LORA, "hydra.run.dir=straight"], root)
     return root / "straight"
-
-
-def test_kill_and_resume_gives_the_same_losses(lora_run, tmp_path):
-    kill_after_first_checkpoint([*LORA, "hydra.run.dir=run"], tmp_path)
-    killed = record_of(tmp_path / "run")
-    assert killed["status"] == "running", "the run finished before it could be killed"
-    proc = run_cli([*LORA, "resume=true", "hydra.run.dir=run"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed, straight = record_of(tmp_path / "run"), record_of(lora_run)
-    assert resumed["train"]["resumed_from_step"] in range(10, 40, 10)
-    # CPU float32 with the same ops in the same order is deterministic: the restored
-    # weights, optimizer moments, schedule, RNG and data position give the very same
-    # numbers; 1e-6 only leaves room for the last bit of a float32 sum.
-    assert_same_training(resumed, straight)
-    assert resumed["train"]["tokens"] == straight["train"]["tokens"]
 
 
 def test_resume_under_another_config_is_refused(short_run, tmp_path):

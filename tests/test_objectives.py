@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_training, kill_after_first_checkpoint, run_ok
+from conftest import run_ok
 
 from transfer.data.chat import Example, encode, fit, render, template_of, to_example, training_tokens
 from transfer.data.sequences import IGNORE, ExampleStream, Sequences, packed_batch, padded_batch
@@ -263,7 +263,7 @@ def parity_task(folder: Path) -> list[str]:
             *(f"dataset.{s}_files=[{folder / f'{s}.jsonl'}]" for s in ("train", "validation", "test")),
             "eval/probes=[]", "block_size=64", "micro_batch_size=8", "max_steps=40", "eval_interval=20",
             "checkpoint.interval=10", "log_interval=1", "optimizer.lr=1e-3", "eval.max_new_tokens=4",
-            "objective.select=auc"]  # fmt: skip
+            "objective.select=auc", "hardware.estimate_memory=false"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -348,12 +348,3 @@ def test_the_tables_read_the_task_metrics_from_the_record(sft_run, tmp_path):
     assert not lower_is_better("val_auc_after") and lower_is_better("val_log_loss_after")
     assert (sweep / "tables" / "task_metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert "val_auc_after" in (sweep / "tables" / "comparison.md").read_text().splitlines()[0]
-
-
-def test_sft_kill_and_resume_gives_the_same_losses(sft_run, tmp_path):
-    root, args = sft_run
-    kill_after_first_checkpoint([*args, "hydra.run.dir=run"], tmp_path)
-    run_ok([*args, "resume=true", "hydra.run.dir=run"], tmp_path)
-    resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert resumed["train"]["resumed_from_step"] in (10, 20, 30)
-    assert_same_training(resumed, json.loads((root / "run" / "metrics.json").read_text()), ("loss", "auc", "accuracy"))

@@ -6,7 +6,9 @@ no traceback, and that nothing on disk before it ran was lost or changed.
 - The config-level cases run in one process (a subprocess of the tests) that calls the CLI
   once per case and in which importing torch fails: each must be refused before torch loads.
 - The job-level cases and the faults run `python -m transfer` for real: they kill, corrupt
-  and fill (a small tmpfs where the machine allows mounting one).
+  and fill (a file-size limit, which needs no privilege, or a small tmpfs where the machine
+  allows mounting one). A fault met only once data is read is raised in-process, where the
+  loop meets it.
 """
 
 import contextlib
@@ -25,10 +27,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, SHORT, SWEEP, assert_same_training, copy_run, run_cli
+from conftest import FAST, SHORT, SWEEP, assert_same_training, copy_run, run_cli, skip_or_fail
+from omegaconf import OmegaConf
 
 CORPUS = Path(__file__).resolve().parent.parent / "transfer" / "corpora" / "rust_concepts"
 INSTRUCTIONS = Path(__file__).resolve().parent / "data" / "instructions.jsonl"
+PAIRS = Path(__file__).resolve().parent / "data" / "pairs.jsonl"
+UNPAIRED = [{"prompt": f"Q{i}?", "completion": f"A{i}.", "label": i % 2 == 0} for i in range(8)]  # KTO's own rows
 # the arguments of the shared `fast_run` (conftest): a resumed or restarted run must end as it did
 FAST_RUN = [*FAST, "log_interval=1", "checkpoint.interval=5", "checkpoint.keep=2"]
 
@@ -71,6 +76,14 @@ def _good(folder: Path) -> Path:
     return _jsonl(folder, "good.jsonl", [{"text": f"Sentence {i} about borrowing in Rust."} for i in range(50)])
 
 
+def _examples(bad: dict | None, every: dict | None = None):
+    """A dataset=text_files case of 30 prompt/completion rows, line 8 replaced by `bad` (or each row by `every`)."""
+    rows = [every or {"prompt": f"Question {i}?", "completion": f" Answer {i}."} for i in range(30)]
+    if bad is not None:
+        rows[7] = bad
+    return _text_files(lambda folder: _jsonl(folder, "examples.jsonl", rows))
+
+
 def _model_variant(change):
     """model.name_or_path=<a copy of a small saved model, changed by `change(folder)`>."""
 
@@ -109,6 +122,22 @@ def _record(status: str, config_from=None):
             (folder / "run").mkdir()
             record = {"status": status}
         (folder / "run" / "metrics.json").write_text(json.dumps(record))
+        return []
+
+    return make
+
+
+def _parent_of_shape(init_from=None, **tiny):
+    """run/: a completed run of the tiny model with its shape changed by `tiny`, started from `init_from`."""
+
+    def make(folder, fx):
+        from transfer.validate import compose_config
+
+        config = OmegaConf.to_container(compose_config([]), resolve=True, enum_to_str=True)
+        config["model"]["tiny"].update(tiny)
+        config["init_from"] = init_from
+        (folder / "run").mkdir()
+        (folder / "run" / "metrics.json").write_text(json.dumps({"status": "completed", "config": config}))
         return []
 
     return make
@@ -187,6 +216,12 @@ CONFIG_CASES = [
     Case("no memory to use", ["hardware.memory_limit=0"], "hardware.memory_limit=0.0 must be a positive number of GiB"),
     Case("LoRA rank 0", ["strategy=lora", "strategy.r=0"], "strategy r=0, alpha=32, dropout=0.05: allowed r >= 1"),
     Case("bad last value of a sweep", ["-m", "optimizer.lr=1e-4,-1"], "optimizer.lr=-1.0 must be positive"),
+    Case("a learning rate that is not a number", ["optimizer.lr=nan"], "optimizer.lr=nan: allowed a finite number"),
+    Case("an infinite learning rate", ["optimizer.lr=inf"], "optimizer.lr=inf: allowed a finite number"),
+    Case("an infinite value in a sweep", ["-m", "optimizer.weight_decay=0,inf"],
+         "optimizer.weight_decay=inf: allowed a finite number"),
+    Case("a block of one token", ["block_size=1"], "block_size=1 must be at least 2"),
+    Case("a negative seed", ["seed=-1"], "seed=-1: allowed an integer 0..4294967295"),
     Case("a group's key in a sweep where one option lacks it", ["-m", "strategy=lora,full", "strategy.r=8"],
          "unknown key 'strategy.r'; allowed keys there: name"),
     # the machine
@@ -249,6 +284,22 @@ CONFIG_CASES = [
     Case("empty validation file", [], "dataset.validation_files: ",
          make=lambda f, fx: ["dataset=text_files", f"dataset.train_files=[{_good(f)}]",
                              f"dataset.validation_files=[{_write('empty.jsonl', b'')(f)}]"]),  # fmt: skip
+    Case("an example without its answer", ["objective=sft"], "examples.jsonl' line 8 has no 'completion'; it has: prompt",
+         make=_examples({"prompt": "Q?"})),
+    Case("an answer that is null", ["objective=sft"],
+         "examples.jsonl' line 8: 'completion' is null; allowed: text or a list of messages",
+         make=_examples({"prompt": "Q?", "completion": None})),
+    Case("a prompt that is a number", ["objective=sft"], "examples.jsonl' line 8: 'prompt' is a number (7); allowed:",
+         make=_examples({"prompt": 7, "completion": "Seven."})),
+    Case("an answer that is an object", ["objective=sft"],
+         "examples.jsonl' line 8: 'completion' is an object ({'text': 'A'}); allowed:",
+         make=_examples({"prompt": "Q?", "completion": {"text": "A"}})),
+    Case("a rejected answer that is null", ["objective=dpo"], "examples.jsonl' line 8: 'rejected' is null",
+         make=_examples({"prompt": "Q?", "chosen": "Yes.", "rejected": None},
+                        every={"prompt": "Q?", "chosen": "Yes.", "rejected": "No."})),
+    Case("every answer empty", ["objective=sft"],
+         "examples.jsonl': the answer of every one of its 30 rows is empty: nothing of an answer would be scored",
+         make=_examples(None, every={"prompt": "Q?", "completion": ""})),
     Case("unknown python_docs part", ["eval.probes.python_docs.part=nope"],
          "eval.probes.python_docs.part='nope'; allowed: all, train, heldout"),
     Case("python_docs as instructions", ["eval.probes.python_docs.kind=instructions"],
@@ -292,6 +343,12 @@ CONFIG_CASES = [
     Case("a beta of zero", ["objective=dpo", "objective.beta=0"], "objective.beta=0.0 must be positive"),
     Case("label smoothing of one half", ["objective=dpo", "objective.label_smoothing=0.5"],
          "objective.label_smoothing=0.5: allowed [0, 0.5)"),
+    Case("KTO with one answer a step", ["objective=kto", "micro_batch_size=1", "grad_accum_steps=1"],
+         "objective=kto with micro_batch_size x grad_accum_steps = 1",
+         make=lambda f, fx: ["dataset=text_files", f"dataset.train_files=[{PAIRS}]"]),
+    Case("KTO judged by reward accuracy on unpaired rows", ["objective=kto", "objective.select=reward_accuracy"],
+         "objective.select=reward_accuracy compares the two answers of a pair, and dataset.train_files holds unpaired",
+         make=lambda f, fx: ["dataset=text_files", f"dataset.train_files=[{_jsonl(f, 'kto.jsonl', UNPAIRED)}]"]),
     Case("a cached reference for a method without one", ["objective=simpo", "objective.precompute_reference=true"],
          "objective.precompute_reference=true: simpo uses no reference model"),
     Case("preference optimisation on plain text", ["objective=dpo"],
@@ -305,6 +362,12 @@ CONFIG_CASES = [
     Case("init_from a run of another model", [], "that run trained model 'other-org/other-model'",
          make=lambda f, fx: (_record("completed")(f, fx), (f / "run" / "metrics.json").write_text(json.dumps(
              {"status": "completed", "config": {"model": {"name_or_path": "other-org/other-model"}}})), [f"init_from={f / 'run'}"])[-1]),
+    Case("init_from a run of another shape of model", ["init_from=run"],
+         "init_from='run': that run trained model.tiny.num_layers=2, this one has model.tiny.num_layers=4: its weights "
+         "would fill only part of this model", make=_parent_of_shape(num_layers=2)),
+    Case("init_from a run whose own parent is gone", ["init_from=run"],
+         "started from /nonexistent/grandparent (its init_from), which holds no run as seen from here",
+         make=_parent_of_shape(init_from="/nonexistent/grandparent")),
 ]  # fmt: skip
 
 DRIVER = r"""
@@ -404,7 +467,7 @@ def config_results(tmp_path_factory, request):
 @pytest.mark.parametrize("case", CONFIG_CASES, ids=[c.name for c in CONFIG_CASES])
 def test_config_level_cases_are_refused_before_torch_in_one_line(case, config_results):
     if case.name not in config_results:
-        pytest.skip("not a bad input on this machine (or it cannot be made here)")
+        skip_or_fail("cannot be made on this machine (a read-only folder for root needs a mount)")
     result, folder, before = config_results[case.name]
     assert result["code"] == case.code, result
     assert not result["torch"], "torch was imported"
@@ -425,6 +488,8 @@ def test_the_table_holds_fifty_cases_or_more():
 JOB_CASES = [
     Case("a hub model while offline", ["model=qwen2_0_5b"],
          "model.name_or_path='Qwen/Qwen2-0.5B' is neither a local directory nor a model on the hub (the Hugging Face hub is unreachable", code=1),  # noqa: E501
+    Case("a run far too big for the memory", ["hardware=cpu", "micro_batch_size=4096", "hardware.memory_limit=1", "hardware.estimate_memory=true"],
+         "is more than 2x the 1 GiB available on cpu; to fit: micro_batch_size=256 grad_accum_steps=16", code=1),
     Case("a LoRA target the model lacks", ["strategy=lora", "strategy.target_modules=[qkv]"],
          "'qkv' matches no linear projection of Qwen2ForCausalLM; allowed: down_proj, gate_proj,", code=1),
     Case("a document separator the tokenizer lacks", ["objective.separator='<|nope|>'"],
@@ -434,7 +499,7 @@ JOB_CASES = [
          "objective.template=chat but this tokenizer has no chat template; allowed: auto, plain, none", code=1,
          make=lambda f, fx: ["dataset=text_files", f"dataset.train_files=[{INSTRUCTIONS}]"]),
     Case("an answer that is not one of the choices", ["objective=sft", "dataset.choices=[Yes,No]"],
-         "validation row 2: the answer 'Maybe' is not one of dataset.choices ['Yes', 'No']", code=1,
+         "validation.jsonl' line 2: the answer 'Maybe' is not one of dataset.choices ['Yes', 'No']", code=1,
          make=lambda f, fx: ["dataset=text_files", *(f"dataset.{s}_files=[{_jsonl(f, s + '.jsonl', rows)}]"
                              for s, rows in (("train", [{"prompt": "Q?", "completion": "Yes"}] * 30),
                                              ("validation", [{"prompt": "Q?", "completion": "No"},
@@ -517,6 +582,7 @@ def test_fault_crafted_shards_run_no_code(tmp_path, craft):
     __<rank>.metadata), and a non-tensor entry with torch.load(weights_only=False): a crafted sharded checkpoint is
     refused before torch reads any of it, and nothing it names runs."""
     import pickle
+    import warnings
 
     import torch.distributed.checkpoint as dcp
 
@@ -532,7 +598,8 @@ def test_fault_crafted_shards_run_no_code(tmp_path, craft):
     state = {"model": model.state_dict()}
     if craft == "a pickled entry":
         state["extra"] = Evil(marker)  # saved as bytes; torch would unpickle it on load
-    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+    with warnings.catch_warnings():  # torch's notice that it saves in one process: its words, not ours to check
+        warnings.simplefilter("ignore")
         dcp.save(state, checkpoint_id=str(shards))
     if craft == "code in the metadata":
         metadata.write_bytes(pickle.dumps(Evil(marker)))
@@ -562,6 +629,46 @@ def test_fault_crafted_shards_run_no_code(tmp_path, craft):
 
     assert not marker.exists(), "the pickle ran"
     assert not hasattr(Metadata, "crafted")
+
+
+def test_fault_kto_judged_by_a_pair_metric_on_unpaired_rows_read_at_run_time(tmp_path):
+    """Rows from the hub are known only once read: KTO with objective.select=reward_accuracy on unpaired rows is
+    one line at the start of training (its validation has no pairs to compare), not a KeyError."""
+    from transfer.errors import TransferError
+    from transfer.hardware import resolve
+    from transfer.models import load_model_and_tokenizer
+    from transfer.objectives import build_objective
+    from transfer.train import train
+    from transfer.validate import compose_config
+
+    rows = _jsonl(tmp_path, "kto.jsonl", UNPAIRED * 4)
+    cfg = compose_config(["objective=kto", "objective.select=reward_accuracy", "dataset=text_files",
+                          f"dataset.train_files=[{rows}]", "block_size=64", "max_steps=2", "micro_batch_size=2"])  # fmt: skip
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    objective = build_objective(cfg, tokenizer)
+    splits = objective.prepare(cfg.eval.max_tokens)
+    hardware = resolve(cfg.hardware)
+    objective.attach(model, splits, cfg, hardware)
+    baseline = objective.evaluate(model, splits["validation"], 8, hardware, "baseline")
+    with pytest.raises(TransferError) as e:
+        train(model, objective, splits, cfg, hardware, baseline=baseline)
+    assert str(e.value) == (
+        "objective.select=reward_accuracy: the validation split gives no reward_accuracy (its rows are unpaired: "
+        "no pair to compare); allowed with this data: loss"
+    )
+
+
+def test_fault_checkpoints_without_their_record_resume(short_run, tmp_path):
+    """A run folder whose metrics.json is gone: resume=true goes on from the checkpoints, whose own configs are
+    compared with this run's, and writes the record anew."""
+    run = copy_run(short_run, tmp_path / "run")
+    (run / "metrics.json").unlink()
+    proc = _resume(run, tmp_path, args=SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["status"] == "completed" and resumed["train"]["resumed_from_step"] == 10
+    assert_same_training(resumed, json.loads((short_run / "metrics.json").read_text()))
 
 
 def test_fault_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(fast_run, tmp_path):
@@ -692,29 +799,148 @@ def test_fault_sigterm_while_loading_records_interrupted(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"
 
 
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str):
-    """A file system of `size` at `folder`: a tmpfs where mounting is allowed."""
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:  # fmt: skip
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)])
+def files_at_most(limit: int):
+    """A subprocess's preexec_fn: it may write no file past `limit` bytes, which is what a full disk does to a write,
+    with no root and no mount; SIGXFSZ ignored, so such a write fails with EFBIG ("File too large")."""
+
+    def limit_files() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return limit_files
+
+
+@pytest.mark.parametrize("what", ["a resumed run", "a sweep"])
+def test_fault_a_full_disk_while_hydra_writes_its_files_is_one_line_and_loses_nothing(tmp_path, what):
+    """Hydra writes a job's .hydra/ files (and a sweep's multirun.yaml) before the job starts, truncating the old
+    ones first. A file-size limit (RLIMIT_FSIZE: unprivileged, where a full disk needs a mount) stops those writes
+    as a full disk would: one line naming the file or folder, exit 1, and the resumed folder's files as they were,
+    none cut short, no temporary left."""
+    import resource
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 1234\n")  # what the interrupted run's Hydra wrote
+    (run / "metrics.json").write_text(json.dumps({"status": "running"}))
+    before = snapshot(tmp_path)
+    limit = 1024  # the lock file (its holder, in JSON) fits; a composed config does not
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    if what == "a sweep":  # its multirun.yaml, written by Hydra's sweeper
+        args = ["-m", *SHORT, "optimizer.lr=1e-3,1e-4", "hydra.sweep.dir=sweep"]
+        message = "cannot write in the output folder sweep (File too large)"
+    else:
+        args = [*SHORT, "resume=true", "hydra.run.dir=run"]
+        message = f"cannot write {run / '.hydra' / 'config.yaml'} (File too large); nothing was run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "transfer", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, preexec_fn=small_disk)  # fmt: skip
+    assert proc.returncode == 1
+    line = one_error_line(proc.stdout + proc.stderr, message)
+    assert "free space there, or choose another output folder" in line
+    assert_nothing_lost(before)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".tmp"], "a temporary file was left"
 
 
 def test_fault_a_full_disk_is_one_line_and_leaves_no_temporary_folder(tmp_path):
+    import errno
+
     # the tiny model's trainable weights alone are 3.3 MB; the record, logs and events fit in 1 MB
-    with small_disk(tmp_path / "disk", "1m") as disk:
-        proc = run_cli([*SHORT, f"hydra.run.dir={disk / 'run'}"], tmp_path)
-        assert proc.returncode == 1
-        one_error_line(proc.stdout + proc.stderr, "cannot write the checkpoint")
-        assert "No space left on device" in proc.stdout + proc.stderr
-        assert not list(disk.rglob("*.tmp")), "a temporary folder was left behind"
-        record = json.loads((disk / "run" / "metrics.json").read_text())
-        assert record["status"] == "failed" and "No space left on device" in record["error"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "transfer", *SHORT, "hydra.run.dir=run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, preexec_fn=files_at_most(2**20))  # fmt: skip
+    assert proc.returncode == 1
+    line = one_error_line(proc.stdout + proc.stderr, f"cannot write the checkpoint {tmp_path / 'run' / 'checkpoints'}")
+    # the cause in the system's words (a writer's own wording around it is its own), then what to do
+    assert os.strerror(errno.EFBIG) in line and line.endswith("; free space there, or set checkpoint.enabled=false")
+    assert not list((tmp_path / "run").rglob("*.tmp")), "a temporary folder was left behind"
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["error"] == line.split("error: ", 1)[1]
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """files_at_most in this process, for a call made in-process: no file written past `limit` bytes meanwhile."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def _sweep_of_records(folder: Path) -> Path:
+    """Three finished jobs' records, as run.py writes their fields (no training): strategy x learning rate."""
+    for number, (strategy, lr, val) in enumerate([("full", 1e-3, 10.0), ("full", 1e-4, 12.0), ("lora", 1e-3, 11.0)]):
+        record = {"status": "completed", "overrides": [f"strategy={strategy}", f"optimizer.lr={lr}"],
+                  "choices": {"strategy": strategy, "model": "tiny", "dataset": "rust_concepts"},
+                  "config": {"seed": 1, "strategy": {"name": strategy}, "optimizer": {"lr": lr}},
+                  "train": {"seconds": 1.0, "steps": 10},
+                  "eval": {"final": {"validation": {"perplexity": val}}}}  # fmt: skip
+        (folder / str(number)).mkdir(parents=True)
+        (folder / str(number) / "metrics.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_fault_a_full_disk_while_the_tables_are_written_keeps_the_earlier_tables(tmp_path, capsys):
+    """The first files fit, a plot does not: the earlier tables stay whole, no 0-byte or half-new comparison.md."""
+    from transfer.aggregate import main
+
+    sweep, out = _sweep_of_records(tmp_path / "sweep"), tmp_path / "tables"
+    assert main([str(sweep), "--out", str(out), "--sort", "train_seconds"]) == 0
+    before = snapshot(out)
+    assert {p.name for p in before} >= {"comparison.md", "jobs.parquet", "ci_val_ppl_after.png"}
+    capsys.readouterr()
+    with file_size_limit(4096):  # the Markdown and CSV tables are smaller; each plot is larger
+        code = main([str(sweep), "--out", str(out)])  # sorted otherwise: every table would change
+    assert code == 2
+    printed = capsys.readouterr()
+    line = one_error_line(printed.out + printed.err, f"error: cannot write the tables into {out} (File too large); ")
+    assert line.endswith("the earlier ones there are kept: free space there, or write them elsewhere (--out)")
+    assert_nothing_lost(before)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in before), "a temporary file was left"
+    with file_size_limit(4096):  # a first aggregation: nothing, rather than a part
+        assert main([str(sweep), "--out", str(tmp_path / "new")]) == 2
+    assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_fault_the_aggregator_counts_only_records_that_hold_results(tmp_path, capsys):
+    """A record that says completed and holds nothing else, a pruned one without its training: not results.
+    And a file named where a sweep folder goes."""
+    from transfer.aggregate import main
+
+    sweep = _sweep_of_records(tmp_path / "sweep")
+    (sweep / "3" / ".hydra").mkdir(parents=True)
+    (sweep / "3" / ".hydra" / "overrides.yaml").write_text("- strategy=lora\n- optimizer.lr=0.0001\n")
+    (sweep / "3" / "metrics.json").write_text('{"status": "completed"}')
+    (sweep / "4").mkdir()
+    (sweep / "4" / "metrics.json").write_text('{"status": "pruned", "config": {"seed": 1}}')
+    before = snapshot(sweep)
+    assert main([str(sweep), "--out", str(tmp_path / "tables")]) == 0
+    assert "5 jobs (3 completed, 2 unreadable)" in capsys.readouterr().out
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "tables" / "comparison.csv")
+    assert table["status"].tolist() == ["completed"] * 3 + ["unreadable"] * 2 and table["seeds"].sum() == 3
+    assert table["error"].tolist()[3:] == ["metrics.json says completed but has no config, train, eval.final",
+                                           "metrics.json says pruned but has no train"]  # fmt: skip
+    best = pd.read_csv(tmp_path / "tables" / "best_per_strategy.csv")  # lora's one completed group, not the empty one
+    assert best.set_index("strategy").at["lora", "candidates"] == 1
+    assert_nothing_lost(before)
+    record = sweep / "0" / "metrics.json"
+    assert main([str(record)]) == 2
+    printed = capsys.readouterr()
+    assert one_error_line(printed.out + printed.err, "error: ") == (
+        f"error: {str(record)!r} is a file; allowed: a sweep folder (multirun/<date>/<time>), which holds the jobs' folders"
+    )
 
 
 def test_safetensors_framing_problems_are_named():
