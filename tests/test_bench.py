@@ -17,24 +17,22 @@ def _run(script: str, *args: str) -> str:
     return proc.stdout
 
 
-def test_trainer_benchmark_runs_and_losses_agree():
-    out = _run("trainer_vs_hf.py", "--shape", "tiny", "--repeats", "1", "--rows", "lora", "--profile", "1000")
-    assert len([line for line in out.splitlines() if line.startswith("| lora")]) == 1
-    assert "final losses agree" in out
-    for impl in ("ours", "hf"):  # the profiled runs' tables (every operation): the timed steps, 3 of the shape's 4
-        table = out.split(f"## lora, {impl}: the timed steps under torch's profiler")[1].split("```")[1]
-        calls = {line[:60].strip(): line.split()[-1] for line in table.splitlines()[3:] if line.strip()}
-        assert calls["ProfilerStep*"] == calls["Optimizer.step#AdamW.step"] == "3", table
-
-
-def test_trainer_benchmark_on_a_real_pretrained_model(shared):
+def test_trainer_benchmark_on_a_real_pretrained_model_agrees_and_profiles(shared):
+    """One run of the benchmark (each of its runs is a fresh process: the suite's time): the real pretrained model,
+    both trainers, and one more run of each under torch's profiler."""
     model = shared / "models" / "stories260k"  # Llama, 260,032 parameters, tied embeddings
-    out = _run("trainer_vs_hf.py", "--shape", "tiny", "--repeats", "1", "--rows", "lora", "--model", str(model))
+    out = _run("trainer_vs_hf.py", "--shape", "tiny", "--repeats", "1", "--rows", "lora", "--model", str(model),
+               "--profile", "1000")  # fmt: skip
     assert f"model {model} (pretrained)" in out and "'layers': 5, 'vocab': 512" in out
     (row,) = [line.split("|") for line in out.splitlines() if line.startswith("| lora")]
     assert row[2].strip() == "92,480"  # LoRA r=16 on the 7 projections of 5 blocks of width 64
     ours, hf = float(row[9]), float(row[10])  # LoRA's A starts alike in both processes: the same losses
     assert abs(ours - hf) <= 1e-4  # as printed, to 4 decimals (they differed by 0.05 when A did not)
+    assert "final losses agree" in out
+    for impl in ("ours", "hf"):  # the profiled runs' tables (every operation): the timed steps, 3 of the shape's 4
+        table = out.split(f"## lora, {impl}: the timed steps under torch's profiler")[1].split("```")[1]
+        calls = {line[:60].strip(): line.split()[-1] for line in table.splitlines()[3:] if line.strip()}
+        assert calls["ProfilerStep*"] == calls["Optimizer.step#AdamW.step"] == "3", table
 
 
 def test_head_loss_benchmark_runs_and_the_ways_agree():
