@@ -13,7 +13,7 @@ from conftest import copy_run, run_cli
 from transfer.aggregate import CI_NOTE, comparison, for_people, main, read_jobs
 from transfer.stats import paired_t_test, t_cdf, t_quantile, t_two_sided_p
 
-STEPS = ["max_steps=12", "eval_interval=6", "block_size=64", "micro_batch_size=4", "eval.max_tokens=4096", "eval.probes.python_docs.max_tokens=4096",
+STEPS = ["max_steps=6", "eval_interval=3", "block_size=64", "micro_batch_size=4", "eval.max_tokens=2048", "eval.probes.python_docs.max_tokens=2048",
          "checkpoint.enabled=false", "eval.max_new_tokens=4", "hardware.estimate_memory=false"]  # fmt: skip
 
 
