@@ -337,3 +337,18 @@ def test_an_output_or_temporary_path_that_is_a_link_is_refused(runs, tmp_path, c
     assert list(elsewhere.iterdir()) == []
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     assert "is a link" in refused([str(runs["full"]), "--out", str(tmp_path / "dangling")], capsys)
+
+
+def test_weights_that_find_no_place_of_their_name_and_shape_are_named(runs):
+    """A checkpoint of the 4-block model into a 2-block one of another width: refused, naming what does not fit (a
+    load that skipped them would leave part of the model as it was)."""
+    from transfer.checkpoint import load_weights
+    from transfer.errors import TransferError
+    from transfer.models import load_model_and_tokenizer
+    from transfer.validate import compose_config
+
+    cfg = compose_config(["model=tiny_random", "model.tiny.num_layers=2", "model.tiny.hidden_size=64"])
+    small, _ = load_model_and_tokenizer(cfg.model, 64)
+    with pytest.raises(TransferError, match=r"does not fit this model: \d+ of its \d+ tensors have no place") as e:
+        load_weights(_final_folder(runs["full"]), small)
+    assert "(no such tensor here)" in str(e.value) or "where the model's is" in str(e.value)
