@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import platform
 import tempfile
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 
 from transfer.errors import TransferError, first_line, reason
 from transfer.inputs import check_writable_folder
+from transfer.record import write_atomically
 
 log = logging.getLogger(__name__)
 CHECKSUM = "sha256"  # the key under which an entry keeps the digest of its content
@@ -223,12 +223,4 @@ def _count(kind: str, outcome: str) -> None:
 
 
 def _write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # as any file the job writes: others of the sweep (or the cluster) read it
-        os.replace(tmp, path)  # atomic: a reader sees the whole entry or none
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, write)  # a reader sees the whole entry or none; parallel writers each their own file

@@ -351,20 +351,7 @@ def _load_run(model, run_dir: Path, record: dict, parent: dict | None):
                                 "allowed: a run of the same model")  # fmt: skip
     if final["step"] == 0:  # its untrained weights were its best: nothing to load
         return model, info
-    best = run_dir / "checkpoints" / "best"
-    folder = run_dir / "checkpoints" / f"step-{final['step']:06d}"
-    if final["which"] == "best" and (best / "best.json").is_file():
-        if json.loads((best / "best.json").read_text())["step"] == final["step"]:
-            folder = best
-    if not folder.is_dir():
-        raise TransferError(
-            f"{where}: its final weights (step {final['step']}) are not on disk "
-            "(checkpoint.enabled=false, or removed); allowed: a run that kept its checkpoints"
-        )
-    check_own(folder, run_dir, record.get("config"), where)
-    problem = distributed.from_rank_zero(lambda: damage(folder))  # under torchrun: one rank checksums it
-    if problem:
-        raise TransferError(f"{where}: {folder} is damaged ({problem})")
+    folder = weights_folder(run_dir, record, final["which"], final["step"], f"{where}: its final")
     if (folder / "adapter_config.json").is_file():
         model = _merged_adapter(model, folder)
     else:
@@ -383,6 +370,28 @@ def _merged_adapter(model, folder: Path):
         raise TransferError(f"checkpoint {folder} does not fit this model ({first_line(e)})") from None
     check_fit(saved, get_peft_model_state_dict(adapted), folder)
     return adapted.merge_and_unload()
+
+
+def weights_folder(run_dir: Path, record: dict, which: str, step: int, whose: str) -> Path:
+    """The folder that holds a run's `which` weights of `step` (best/ where it holds that step, else the step's
+    checkpoint), on disk, the run's own (check_own) and intact (damage: by rank 0 alone under torchrun); one line
+    naming what is wrong otherwise. `whose` starts the line ("runs/x: the", "init_from='runs/x': its final")."""
+    checkpoints = run_dir / "checkpoints"
+    folder = checkpoints / f"step-{step:06d}"
+    best = checkpoints / "best" / "best.json"
+    if which == "best" and best.is_file() and json.loads(best.read_text()).get("step") == step:
+        folder = best.parent
+    what = f"{whose} {which} weights (step {step})"
+    if not folder.is_dir():
+        raise TransferError(
+            f"{what} are not on disk: {folder} is missing (checkpoint.enabled=false, or removed); allowed: a run "
+            "that kept its checkpoints"
+        )
+    check_own(folder, run_dir, record.get("config"), what)
+    problem = distributed.from_rank_zero(lambda: damage(folder))
+    if problem:
+        raise TransferError(f"{what} in {folder} are damaged ({problem})")
+    return folder
 
 
 def check_own(folder: Path, run_dir: Path, config: dict | None, where: str) -> None:

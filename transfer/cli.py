@@ -26,6 +26,7 @@ from transfer import STARTED, distributed, launchers, schema
 from transfer.errors import Interrupted, TransferError, reason
 from transfer.fmt import duration
 from transfer.lock import lock_folder, unlock_all, unlock_folder
+from transfer.record import write_atomically
 from transfer.validate import CONF_DIR, AlreadyDone, Plan, check_command_line
 
 log = logging.getLogger("transfer")
@@ -44,14 +45,10 @@ def _save_config(cfg, filename: str, output_dir: Path) -> None:
     Hydra's own truncates the file first, so a full disk leaves it cut short, and its error is a traceback
     before the job starts. Here the old file stays, and the job says why in one line (job())."""
     path = Path(output_dir) / filename
-    temporary = path.with_name(f".{filename}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
-        os.replace(temporary, path)
+        write_atomically(path, lambda f: f.write(OmegaConf.to_yaml(cfg).encode("utf-8")))
     except OSError as e:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
         _unwritten.append(f"cannot write {path} ({reason(e)})")
 
 

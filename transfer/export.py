@@ -88,7 +88,7 @@ def pick_weights(record: dict, run_dir: Path, which: str | None) -> dict:
 
     Step 0 is the untrained model (the best when training never beat it): nothing to load.
     """
-    from transfer.checkpoint import check_own, damage
+    from transfer.checkpoint import weights_folder
 
     train = record["train"]
     if which is None:
@@ -104,21 +104,7 @@ def pick_weights(record: dict, run_dir: Path, which: str | None) -> dict:
         step = train["best_step"]
     if step == 0:
         return {"which": which, "step": 0, "folder": None}
-    checkpoints = run_dir / "checkpoints"
-    folder = checkpoints / f"step-{step:06d}"
-    best = checkpoints / "best" / "best.json"
-    if which == "best" and best.is_file() and json.loads(best.read_text()).get("step") == step:
-        folder = best.parent
-    if not folder.is_dir():
-        raise TransferError(
-            f"{run_dir}: the {which} weights (step {step}) are not on disk: {folder} is missing "
-            "(checkpoint.enabled=false, or removed)"
-        )
-    check_own(folder, run_dir, record.get("config"), f"{run_dir}: the {which} weights (step {step})")
-    problem = damage(folder)
-    if problem:
-        raise TransferError(f"{run_dir}: the {which} weights (step {step}) in {folder} are damaged ({problem})")
-    return {"which": which, "step": step, "folder": folder}
+    return {"which": which, "step": step, "folder": weights_folder(run_dir, record, which, step, f"{run_dir}: the")}
 
 
 def rebuild(cfg, weights: dict):

@@ -135,7 +135,7 @@ def _missing(fields: list[str], needs: list[tuple[str, ...]]) -> str | None:
     """None when the fields hold one of the alternatives; else what is missing, said for people."""
     if any(all(f in fields for f in alternative) for alternative in needs):
         return None
-    if len(needs) == 1 and len(needs[0]) == 1:
+    if is_text(needs):
         return f"no field {needs[0][0]!r}"
     return f"none of the fields an example needs ({', '.join('+'.join(a) for a in needs)})"
 
@@ -145,7 +145,7 @@ def _check_rows(rows: list[dict], name: str, where: str, needs: list[tuple[str, 
     missing = _missing(fields, needs)
     if missing:
         raise TransferError(f"{where}: {name!r} has {missing}; allowed: {', '.join(fields) or 'none'}")
-    if len(needs) == 1 and len(needs[0]) == 1:  # text: some of it must be there
+    if is_text(needs):  # some of it must be there
         (field,) = needs[0]
         if not any(isinstance(r.get(field), str) and r[field].strip() for r in rows):
             raise TransferError(f"{where}: {name!r} holds no text in its field {field!r}")

@@ -16,27 +16,33 @@ FINISHED = (*TRAINED, "dry_run")
 
 
 def write_record(folder: Path, record: dict) -> Path:
-    """Write atomically (temp file, then rename): a reader never sees half a record, and a failed write keeps the last."""
+    """Write atomically (write_atomically): a reader never sees half a record, and a failed write keeps the last."""
     path = folder / RECORD_NAME
-    tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".metrics.", suffix=".tmp")
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; a record is for everyone who reads the sweep
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(record), f, indent=2, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        write_atomically(path, lambda f: f.write(json.dumps(_finite(record), indent=2, allow_nan=False).encode()))
     except OSError as e:
         raise TransferError(
             f"cannot write the record {path} ({e.strerror}); free space there, or choose another output folder"
         ) from None
-    finally:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(file)` into a temporary file of this writer's own beside `path` (binary), made durable, then renamed onto
+    it: a reader sees the whole file or the one before, writers of one file never share a temporary one, and a
+    failed write leaves none. Readable by all, as whatever a job writes: others of the sweep, or the cluster, read it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_record(folder: Path) -> dict | None:

@@ -241,7 +241,7 @@ def check_study(sweeper, space: dict[str, Param], sweep_dir: Path, resume: bool)
     """An existing study, before anything runs: its file readable, its search space this command's, and on
     resume=true the study there at all. A new study (no file yet) and other storages are the sweeper's to check."""
     url = storage_url(sweeper.storage, sweep_dir)
-    path = Path(url[len(SQLITE) :]) if url.startswith(SQLITE) else None
+    path = Path(_where(url)) if url.startswith(SQLITE) else None
     if path is None or not path.is_file():
         return
     with damaged_study(url):

@@ -35,7 +35,7 @@ from omegaconf.errors import (
 )
 
 from transfer import distributed, inputs, schema, search
-from transfer.data.sources import PYTHON_DOCS_PARTS
+from transfer.data.sources import PYTHON_DOCS_PARTS, label_fields
 from transfer.errors import TransferError, first_line
 from transfer.record import read_record
 
@@ -854,7 +854,7 @@ def check_inputs(cfg: DictConfig) -> None:
         for split in ("train", "validation", "test"):
             where = f"dataset.{split}_files"
             inputs.check_data_files(cfg.dataset[f"{split}_files"], where, needs, cfg.dataset.build_hint,
-                                    labels=(cfg.dataset.label_field or "label",))  # fmt: skip
+                                    labels=label_fields(cfg.dataset))  # fmt: skip
         if name == "kto" and cfg.objective.select != "loss":
             check_pairs_for_select(cfg)
     if cfg.dataset.replay and cfg.dataset.replay_source != "python_docs":

@@ -155,23 +155,14 @@ def _checked(messages: list[dict], where: str) -> Example:
 @contextmanager
 def naming_the_row(example: Example):
     """A problem met rendering an example (a chat template that refuses it or does not parse, one that cannot be
-    mapped) is one line that also names the row the example came from: the rendering says what, this says where."""
+    mapped: every template call goes through _apply_template, which makes it one line) also names the row the example
+    came from: the rendering says what, this says where."""
     try:
         yield
-    except Exception as e:
-        import jinja2
-
-        if example.where is None or not isinstance(e, (TransferError, jinja2.TemplateError)):
+    except TransferError as e:
+        if example.where is None:
             raise
-        what = str(e)
-        if not isinstance(e, TransferError):
-            what = (
-                f"the tokenizer's chat template failed ({first_line(e)}); allowed: conversations the template takes, "
-                "or objective.template=plain"
-            )
-        if what.startswith(example.where):
-            raise
-        raise TransferError(f"{example.where}: {what}") from None
+        raise TransferError(f"{example.where}: {e}") from None
 
 
 def template_of(tokenizer, template: str) -> str:

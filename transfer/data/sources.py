@@ -5,15 +5,16 @@ A split the source lacks is carved out of the training rows (`holdout_fraction`,
 conversation for `sft`) is the objective's business.
 
 Each row remembers where it was read (`Row.origin`: the file and line, or the hub split and
-row), so that a problem with a row names the place to fix it, also after the row was held out.
+row), so that a problem with a row names the place to fix it, also after the row was held out;
+the lines are found only when a message asks for one.
 A CSV file's cells are read as text, as written: pandas would make "42" a number and "NA" a null.
 """
 
 import csv
-import itertools
 import logging
 import random
 import sys
+from functools import partial
 from pathlib import Path
 
 from transfer.errors import TransferError, first_line, innermost
@@ -26,16 +27,30 @@ SPLITS = ("train", "validation", "test")
 class Row(dict):
     """A row's fields, and where it was read: `origin` is "dataset.train_files: 'train.jsonl' line 8" or the like."""
 
-    __slots__ = ("place", "number")
+    __slots__ = ("places", "index")
 
     @property
-    def origin(self) -> str:
-        return f"{self.place} {self.number}"
+    def origin(self) -> str | None:
+        return self.places(self.index)
+
+
+class Places:
+    """Where each row of a table was read, worked out only when a message asks for it: finding a row's line reads
+    its file again, which a run whose rows are all well is spared. `find()` lists each row's place, or gives None
+    where the rows cannot be told apart by line (they are then named by their number in the split)."""
+
+    def __init__(self, find):
+        self._find, self._found = find, None
+
+    def __call__(self, index: int) -> str | None:
+        if self._found is None:
+            self._found = self._find() or []
+        return self._found[index] if index < len(self._found) else None
 
 
 def origin(row: dict, otherwise: str) -> str:
-    """Where the row was read, for messages; `otherwise` for a row made in memory."""
-    return row.origin if isinstance(row, Row) else otherwise
+    """Where the row was read, for messages; `otherwise` for a row made in memory or that cannot be placed."""
+    return (row.origin if isinstance(row, Row) else None) or otherwise
 
 
 def load_rows(cfg, needs: list[tuple[str, ...]]) -> dict[str, list[dict]]:
@@ -54,11 +69,12 @@ def load_rows(cfg, needs: list[tuple[str, ...]]) -> dict[str, list[dict]]:
         rows.update(_hold_out(cfg, rows["train"], missing))
     if not is_text(needs):
         for name, split in rows.items():
-            _empty_answers(split, needs, _labels(cfg), f"dataset {cfg.name!r} {name}")
+            _empty_answers(split, needs, label_fields(cfg), f"dataset {cfg.name!r} {name}")
     return rows
 
 
-def _labels(cfg) -> tuple[str, ...]:
+def label_fields(cfg) -> tuple[str, ...]:
+    """The fields of a dataset's rows that hold a label (KTO's: desirable or not), not text."""
     return (cfg.get("label_field") or "label",)
 
 
@@ -102,7 +118,7 @@ def read_files(cfg, files: list[str], where: str, needs: list[tuple[str, ...]] |
     """The rows of local files, one type per call, that hold something in a field of `needs` (default: the text)."""
     needs = needs or [(cfg.text_field,)]
     # done at start-up: cached, unless a file changed
-    check_data_files(files, where, needs, cfg.get("build_hint"), labels=_labels(cfg))
+    check_data_files(files, where, needs, cfg.get("build_hint"), labels=label_fields(cfg))
     suffixes = {BUILDERS[Path(f).suffix.lower()] for f in files}
     if len(suffixes) > 1:
         raise TransferError(f"{where} mixes file types {sorted(suffixes)}; use one type per split")
@@ -121,12 +137,21 @@ def read_files(cfg, files: list[str], where: str, needs: list[tuple[str, ...]] |
         table = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", **kwargs)
     except Exception as e:  # datasets wraps the reader's error: the innermost one says what is wrong
         raise TransferError(f"{where}: cannot read {list(files)}: {first_line(innermost(e))}") from None
-    places = [_numbers(path, builder, kwargs.get("sample_by")) for path in paths]
-    if all(p is not None for p in places) and sum(len(p[1]) for p in places) == len(table):
-        numbering = [(f"{where}: {f!r} {unit}", numbers) for f, (unit, numbers) in zip(files, places, strict=True)]
-    else:  # the rows could not be told apart by line: messages name the split's row instead
-        numbering = None
-    return _rows(table, needs, where, numbering)
+    places = Places(partial(_file_places, where, list(files), builder, kwargs.get("sample_by"), len(table)))
+    return _rows(table, needs, where, places)
+
+
+def _file_places(where: str, files: list[str], builder: str, sample_by: str | None, rows: int) -> list[str] | None:
+    """Each of the table's rows as "<where>: '<file>' line N" (row N of a Parquet file), in the table's order; None
+    where the files' rows, as numbered here, are not the table's."""
+    found = [_numbers(Path(f).expanduser(), builder, sample_by) for f in files]
+    if any(p is None for p in found) or sum(len(p[1]) for p in found) != rows:
+        return None
+    return [f"{where}: {f!r} {unit} {n}" for f, (unit, numbers) in zip(files, found, strict=True) for n in numbers]
+
+
+def _row_places(where: str, rows: int) -> list[str]:
+    return [f"{where} row {n}" for n in range(1, rows + 1)]
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -196,29 +221,25 @@ def read_hub(cfg, split: str, where: str, needs: list[tuple[str, ...]] | None = 
         raise TransferError(
             f"{where} (config {cfg.config_name!r}) cannot be loaded from the hub, offline or unknown? ({first_line(e)})"
         ) from None
-    return _rows(table, needs or [(cfg.text_field,)], where, [(f"{where} row", range(1, len(table) + 1))])
+    return _rows(table, needs or [(cfg.text_field,)], where, Places(partial(_row_places, where, len(table))))
 
 
-def _rows(table, needs: list[tuple[str, ...]], where: str, numbering=None) -> list[dict]:
-    """The rows that hold something in a field of `needs`, each a Row that knows where it was read where `numbering`
-    ([(place, the numbers of its rows)], in the table's order) says."""
+def _rows(table, needs: list[tuple[str, ...]], where: str, places: Places) -> list[dict]:
+    """The rows that hold something in a field of `needs`, each a Row that can say where it was read (`places`)."""
     present = [f for alternative in needs for f in alternative if f in table.column_names]
     if not present:
         what = f"dataset.text_field={needs[0][0]!r}" if len(needs) == 1 else "field an example needs"
         raise TransferError(f"{where}: no {what}; allowed: {', '.join(table.column_names)}")
-    rows = table.to_list()
-    if numbering is not None:
-        places = itertools.chain.from_iterable(zip(itertools.repeat(place), numbers) for place, numbers in numbering)
-        rows = [_row(fields, place, number) for fields, (place, number) in zip(rows, places, strict=True)]
+    rows = [_row(fields, places, index) for index, fields in enumerate(table.to_list())]
     kept = [row for row in rows if any(_filled(row.get(f)) for f in present)]
     if rows and not kept:
         raise TransferError(f"{where}: none of its {len(rows)} rows holds anything in {', '.join(map(repr, present))}")
     return kept
 
 
-def _row(fields: dict, place: str, number: int) -> Row:
+def _row(fields: dict, places: Places, index: int) -> Row:
     row = Row(fields)
-    row.place, row.number = place, number
+    row.places, row.index = places, index
     return row
 
 

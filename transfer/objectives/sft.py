@@ -44,6 +44,8 @@ class InstructionTuning(TokenObjective):
         self.metrics = ("loss", "perplexity", *choice_metric_names(self.choices))
         self._choice_seqs: dict[int, tuple[Sequences, torch.Tensor]] = {}
         self._forms: list[Counter] = [Counter() for _ in self.choices or ()]  # how the data writes each choice
+        self.scored_choices = self.choices  # as the data writes them, once prepare() has read it
+        self.notes: list[str] = []  # where they differ
 
     def prepare(self, max_eval_tokens):
         rows = load_rows(self.dataset_cfg, example_fields(self.dataset_cfg))
@@ -59,8 +61,7 @@ class InstructionTuning(TokenObjective):
         on completions written " Yes" scores " Yes" (another token than "Yes"). Said in a warning where they differ."""
         if not self.choices:
             return None
-        self.notes = []
-        scored = []
+        scored, self.notes = [], []
         for choice, forms in zip(self.choices, self._forms, strict=True):
             written = forms.most_common(1)[0][0] if forms else choice
             if written != choice or len(forms) > 1:
@@ -71,7 +72,7 @@ class InstructionTuning(TokenObjective):
         return scored
 
     def data_warnings(self) -> list[str]:
-        return list(getattr(self, "notes", []))
+        return list(self.notes)
 
     def _examples(self, rows: list[dict], split: str, max_tokens: int | None) -> Sequences:
         def items():  # lazily: a row past max_tokens is not read, nor its gold checked
@@ -148,4 +149,4 @@ class InstructionTuning(TokenObjective):
     def describe(self):
         return {**super().describe(), "template": self.template, "train_on_prompt": self.cfg.train_on_prompt,
                 "truncation": self.cfg.truncation.value, "batching": self.cfg.batching.value,
-                "choices": self.choices, "choices_scored": getattr(self, "scored_choices", None)}  # fmt: skip
+                "choices": self.choices, "choices_scored": self.scored_choices}  # fmt: skip
