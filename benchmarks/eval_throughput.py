@@ -18,11 +18,11 @@ from datetime import date
 import torch
 from trainer_vs_hf import SHAPES, model_config
 
+from transfer.config.checks import compose_config
 from transfer.data.blocks import to_blocks
 from transfer.evaluation.perplexity import perplexity
-from transfer.hardware import resolve
-from transfer.models import build_model
-from transfer.validate import compose_config
+from transfer.models.load import build_model
+from transfer.training.hardware import resolve
 
 LOSS_RTOL = 1e-4
 

@@ -7,7 +7,7 @@
 Each way computes the summed next-token cross-entropy of `tokens` hidden states through the head and both
 gradients (the hidden states' and the head's), as one training step does:
 - `autograd`: the whole logits, `F.cross_entropy`, autograd's backward pass (hardware.loss_chunk_tokens=0);
-- `ours`: transfer.loss's fused loss, chunks of `--chunk` tokens, the gradients made in the forward pass;
+- `ours`: transfer.training.loss's fused loss, chunks of `--chunk` tokens, the gradients made in the forward pass;
 - `liger`: liger-kernel's fused linear cross-entropy (hardware.kernels=liger).
 The ways alternate over the repeats; the table has medians, the peak memory above the inputs', and each way's
 loss and gradients against ours'. The script exits non-zero when they disagree.
@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transfer.data.sequences import IGNORE  # noqa: E402
-from transfer.hardware import AUTOCAST_DTYPES, Hardware  # noqa: E402
-from transfer.loss import _FusedHeadLoss, _loss, liger_head_loss  # noqa: E402
+from transfer.training.hardware import AUTOCAST_DTYPES, Hardware  # noqa: E402
+from transfer.training.loss import _FusedHeadLoss, _loss, liger_head_loss  # noqa: E402
 
 # How far a way's loss and gradients may lie from ours (relative; the gradients' by norm), by precision. fp32: the
 # same sums in another order (measured on the CPU: the losses equal, the gradients within 2.4e-7, and Liger's in
@@ -132,7 +132,7 @@ def resident(hardware) -> int:
     """What is held before a pass: the inputs (CUDA: allocated bytes; CPU: the resident set)."""
     if hardware.device.type == "cuda":
         return torch.cuda.memory_allocated(hardware.device)
-    from transfer.hardware import proc_bytes
+    from transfer.training.hardware import proc_bytes
 
     return proc_bytes("/proc/self/status", "VmRSS") or 0
 

@@ -41,7 +41,7 @@ def save_model(shape: dict, folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from transfer.models import byte_tokenizer
+    from transfer.models.load import byte_tokenizer
 
     config = Qwen2Config(
         hidden_size=shape["hidden"], intermediate_size=shape["inter"], num_attention_heads=shape["heads"],

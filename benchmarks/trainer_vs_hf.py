@@ -100,14 +100,14 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transfer.config.checks import compose_config
     from transfer.data.blocks import to_blocks
-    from transfer.hardware import resolve
-    from transfer.models import build_model, byte_tokenizer
+    from transfer.models.load import build_model, byte_tokenizer
     from transfer.objectives import build_objective
     from transfer.strategies import apply_strategy, parameter_report
     from transfer.train import train
-    from transfer.transforms import apply_transforms
-    from transfer.validate import compose_config
+    from transfer.training.hardware import resolve
+    from transfer.training.speed import apply_transforms
 
     device, profile = args.device, args.profile
     shape = {**SHAPES[shape_name], **({"micro": args.micro} if args.micro else {})}

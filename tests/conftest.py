@@ -80,7 +80,7 @@ def loss_and_grads(model, ids, labels, chunk_tokens: int, scale: float = 1.0, au
     """
     import torch
 
-    from transfer.loss import summed_lm_loss
+    from transfer.training.loss import summed_lm_loss
 
     model.zero_grad()
     with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):

@@ -11,7 +11,7 @@ import pytest
 from conftest import copy_run, run_cli
 
 from transfer.aggregate import CI_NOTE, comparison, for_people, main, read_jobs
-from transfer.stats import paired_t_test, t_cdf, t_quantile, t_two_sided_p
+from transfer.aggregate.stats import paired_t_test, t_cdf, t_quantile, t_two_sided_p
 
 STEPS = ["max_steps=6", "eval_interval=3", "block_size=64", "micro_batch_size=4", "eval.max_tokens=2048", "eval.probes.python_docs.max_tokens=2048",
          "checkpoint.enabled=false", "eval.max_new_tokens=4", "hardware.estimate_memory=false"]  # fmt: skip
@@ -234,7 +234,7 @@ def test_notebook_runs_headless(sweep, monkeypatch):
     NotebookClient(nb, timeout=300, kernel_name="python3").execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    from transfer.plots import write_plots
+    from transfer.aggregate.plots import write_plots
 
     jobs = read_jobs([sweep])
     plots = write_plots(jobs, comparison(jobs), sweep / "tables")
@@ -269,7 +269,7 @@ def test_a_speed_taken_on_shared_cpus_is_marked_contended(monkeypatch):
     import torch
 
     from transfer.aggregate import for_people
-    from transfer.hardware import MachineLoad
+    from transfer.training.hardware import MachineLoad
 
     cpus = len(os.sched_getaffinity(0))
     loads = iter([cpus - 0.2, cpus + 0.3, cpus + 2.0])
@@ -438,7 +438,7 @@ def test_paired_with_one_pair_says_so_rather_than_a_p_value():
         "status": ["completed"] * 4, "error": [None] * 4, "val_ppl_after": [10.0, 11.0, 12.0, 14.0],
     })  # fmt: skip
     jobs.attrs["override_keys"] = ["strategy", "seed"]
-    from transfer.contrasts import paired, paired_for_people
+    from transfer.aggregate.contrasts import paired, paired_for_people
 
     numbers = paired(jobs, comparison(jobs), "strategy=full")
     assert numbers.at[0, "pairs"] == 1 and numbers.at[0, "val_ppl_after_diff"] == 3.0
@@ -481,7 +481,7 @@ def test_best_per_strategy_selects_on_validation_and_reports_test(probe_sweep, t
 
 
 def test_plots_draw_intervals_and_every_probe(probe_sweep, tmp_path, monkeypatch):
-    from transfer import plots
+    from transfer.aggregate import plots
 
     figures = {}
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.setdefault(path.stem, fig) and path)

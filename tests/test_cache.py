@@ -7,13 +7,13 @@ import torch
 from conftest import run_ok
 
 from transfer import cache
+from transfer.config.checks import compose_config
 from transfer.data.blocks import text_blocks
 from transfer.errors import TransferError
-from transfer.hardware import resolve
-from transfer.models import byte_tokenizer, load_model_and_tokenizer
+from transfer.models.load import byte_tokenizer, load_model_and_tokenizer
 from transfer.record import read_record
 from transfer.strategies import apply_strategy
-from transfer.validate import compose_config
+from transfer.training.hardware import resolve
 
 TEXTS = ["Ownership moves a value.", "Borrowing lends it.", "Lifetimes say for how long."]
 

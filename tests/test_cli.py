@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import FAST, SHORT, copy_run, run_cli
 
-from transfer.models import build_model, byte_tokenizer, tiny_config
-from transfer.validate import compose_config
+from transfer.config.checks import compose_config
+from transfer.models.load import build_model, byte_tokenizer, tiny_config
 
 
 def record_of(folder: Path) -> dict:

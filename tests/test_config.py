@@ -7,9 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from transfer import schema
+from transfer.config import schema
+from transfer.config.checks import check_command_line, check_config, compose_config, group_options
 from transfer.errors import TransferError
-from transfer.validate import check_command_line, check_config, compose_config, group_options
 
 # Options that need a value the user must give.
 CORPUS = Path(__file__).resolve().parent.parent / "transfer" / "corpora" / "rust_concepts"
@@ -207,7 +207,7 @@ def test_the_largest_seed_allowed_seeds_every_generator():
 
 
 def test_warmup_steps_take_precedence_over_the_ratio():
-    from transfer.optim import build_scheduler
+    from transfer.training.optim import build_scheduler
 
     def rates(*overrides):  # the learning rate at each of 100 steps, as the loop's scheduler sets it
         cfg = compose_config(["max_steps=100", "optimizer.lr=1.0", "optimizer.schedule=constant", *overrides])
@@ -263,7 +263,7 @@ def test_compose_works_in_a_fresh_process():
     import subprocess
     import sys
 
-    code = "from transfer.validate import compose_config; print(list(compose_config([]).eval.probes))"
+    code = "from transfer.config.checks import compose_config; print(list(compose_config([]).eval.probes))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['python_docs']"

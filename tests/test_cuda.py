@@ -40,9 +40,9 @@ def test_half_precision_training_learns_and_records_cuda_memory(tmp_path, precis
 @pytest.mark.parametrize("precision", [torch.bfloat16, torch.float16])
 def test_the_fused_loss_runs_on_cuda_and_matches_the_whole_logits(precision):
     """The default loss (fused, in chunks) must be found usable on a GPU, not silently switched off."""
-    from transfer.loss import _HEAD_IS_LAST
-    from transfer.models import load_model_and_tokenizer
-    from transfer.validate import compose_config
+    from transfer.config.checks import compose_config
+    from transfer.models.load import load_model_and_tokenizer
+    from transfer.training.loss import _HEAD_IS_LAST
 
     model, _ = load_model_and_tokenizer(compose_config([]).model, 64)
     model.cuda()
@@ -58,9 +58,9 @@ def test_the_fused_loss_runs_on_cuda_and_matches_the_whole_logits(precision):
 
 
 def test_qlora_trains_4bit_weights_and_counts_them_as_parameters(shared, tmp_path):
-    from transfer.models import load_model_and_tokenizer
+    from transfer.config.checks import compose_config
+    from transfer.models.load import load_model_and_tokenizer
     from transfer.strategies import numel
-    from transfer.validate import compose_config
 
     model = [f"model.name_or_path={shared / 'models' / 'stories260k-qwen2'}", "model.tokenizer_from_json=true"]
     cfg = compose_config([*model, "strategy=qlora"])
@@ -103,8 +103,8 @@ def test_running_out_of_cuda_memory_is_one_line_and_the_next_job_gets_the_memory
 
 def test_the_fused_loss_skips_masked_positions_on_cuda_and_matches_the_whole_logits():
     """sft's path: only scored positions meet the head, in bf16 on a GPU."""
-    from transfer.models import load_model_and_tokenizer
-    from transfer.validate import compose_config
+    from transfer.config.checks import compose_config
+    from transfer.models.load import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(compose_config([]).model, 64)
     model.cuda()
@@ -133,7 +133,7 @@ def test_sft_with_choices_trains_on_cuda_in_bf16(tmp_path):
 
 
 def test_the_command_line_finds_the_gpu_without_torch():
-    from transfer.inputs import cuda_available
+    from transfer.config.preflight import cuda_available
 
     assert cuda_available() is True
 
@@ -155,12 +155,12 @@ def test_preference_objectives_train_on_cuda_in_bf16_with_lora(tmp_path, objecti
 @pytest.mark.parametrize("policy", ["halve", "cpu"])
 def test_real_out_of_memory_is_survived_by_halving_or_moving_to_the_cpu(policy):
     """The GPU capped at 256 MiB: 64 x 512 tokens do not fit; halving finds what does, or the CPU takes over."""
-    from transfer.hardware import resolve
-    from transfer.models import load_model_and_tokenizer
+    from transfer.config.checks import compose_config
+    from transfer.models.load import load_model_and_tokenizer
     from transfer.objectives import build_objective
-    from transfer.oom import MemoryPlan
     from transfer.train import train
-    from transfer.validate import compose_config
+    from transfer.training.hardware import resolve
+    from transfer.training.oom import MemoryPlan
 
     cfg = compose_config(["hardware.device=cuda", "hardware.precision=bf16", "micro_batch_size=64", "block_size=512",
                           "max_steps=2", "eval_interval=0", f"hardware.on_oom={policy}", "optimizer.warmup_ratio=0"])  # fmt: skip
@@ -187,8 +187,8 @@ def test_real_out_of_memory_is_survived_by_halving_or_moving_to_the_cpu(policy):
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_blocks_on_cuda_learn_as_plain_ones_and_compile_all_through(tmp_path, mode):
     """hardware.compile on a GPU in bf16 (Triton kernels; reduce-overhead adds CUDA graphs): the same learning."""
+    from transfer.config.checks import compose_config
     from transfer.run import run_experiment
-    from transfer.validate import compose_config
 
     run = [*ON_CUDA, "hardware.precision=bf16", "checkpoint.enabled=false"]
     plain = run_experiment(compose_config(run), tmp_path / "plain", {})
@@ -210,8 +210,8 @@ def test_liger_kernels_on_cuda_learn_as_ours_and_the_next_job_runs_transformers_
 
     from transformers import Qwen2ForCausalLM
 
+    from transfer.config.checks import compose_config
     from transfer.run import run_experiment
-    from transfer.validate import compose_config
 
     modeling = sys.modules[Qwen2ForCausalLM.__module__]
     rope = modeling.apply_rotary_pos_emb
@@ -226,9 +226,9 @@ def test_liger_kernels_on_cuda_learn_as_ours_and_the_next_job_runs_transformers_
 
 @liger
 def test_ligers_fused_loss_on_cuda_matches_ours_in_bf16():
-    from transfer import loss
-    from transfer.models import load_model_and_tokenizer
-    from transfer.validate import compose_config
+    from transfer.config.checks import compose_config
+    from transfer.models.load import load_model_and_tokenizer
+    from transfer.training import loss
 
     model, _ = load_model_and_tokenizer(compose_config(["strategy=full"]).model, 128)
     model.cuda()

@@ -6,14 +6,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from transfer import schema
+from transfer.config import schema
+from transfer.config.checks import compose_config
 from transfer.data.blocks import first_tokens, to_blocks, tokenize
 from transfer.data.sequences import IGNORE, evaluation_batches
 from transfer.data.sources import load_rows, load_texts, read_files
 from transfer.errors import TransferError
-from transfer.models import byte_tokenizer
+from transfer.models.load import byte_tokenizer
 from transfer.objectives import build_objective
-from transfer.validate import compose_config
 
 EOS = byte_tokenizer().eos_token_id
 
@@ -273,7 +273,7 @@ def test_csv_cells_are_the_text_written_not_numbers_or_nulls(tmp_path):
 
 
 def test_json_lines_may_hold_unicode_line_separators_inside_strings(tmp_path):
-    from transfer.inputs import check_data_files
+    from transfer.config.preflight import check_data_files
 
     path = tmp_path / "u2028.jsonl"
     path.write_text("".join(json.dumps({"text": f"a\u2028b{i}"}, ensure_ascii=False) + "\n" for i in range(3)))
@@ -283,7 +283,7 @@ def test_json_lines_may_hold_unicode_line_separators_inside_strings(tmp_path):
 
 
 def test_valid_rows_pass_the_start_up_check_labels_included(tmp_path):
-    from transfer.validate import check_inputs
+    from transfer.config.checks import check_inputs
 
     rows = [{"prompt": f"Q{i}?", "completion": " A.", "good": [True, False, 1, 0][i % 4]} for i in range(20)]
     path = write_jsonl(tmp_path / "kto.jsonl", rows)
@@ -405,7 +405,7 @@ def test_movielens_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, ra
 
 
 def test_a_byte_that_is_not_utf_8_is_placed_in_a_file_with_a_byte_order_mark(tmp_path):
-    from transfer.inputs import check_data_files
+    from transfer.config.preflight import check_data_files
 
     path = tmp_path / "marked.txt"
     path.write_bytes(b"\xef\xbb\xbfone\ntwo\ncaf\xe9\n")

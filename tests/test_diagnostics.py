@@ -10,17 +10,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from transfer import plots
-from transfer.aggregate import aggregate
+from transfer.aggregate import aggregate, plots
+from transfer.config.checks import check_config, compose_config
 from transfer.data.sequences import Sequences
-from transfer.distributed import Trainee
 from transfer.errors import TransferError
 from transfer.evaluation import diagnostics
 from transfer.evaluation.diagnostics import block_cka, linear_cka, snapshot, weight_change
-from transfer.hardware import resolve
 from transfer.run import run_experiment
 from transfer.strategies import apply_strategy
-from transfer.validate import check_config, compose_config
+from transfer.training.distributed import Trainee
+from transfer.training.hardware import resolve
 
 LAYERS = 3
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

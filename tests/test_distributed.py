@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from transfer.config.checks import check_command_line, compose_config
 from transfer.errors import TransferError
-from transfer.validate import check_command_line, compose_config
 
 # torchrun: two processes a run (`make test` and CI run them; -m "not slow" leaves them out)
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def test_fsdp_stops_every_process_at_one_step_on_sigterm_and_resumes_exactly_on_
     assert record["status"] == "interrupted" and record["hardware"]["distributed"] == "fsdp"
     stopped = max(int(folder.name.split("-")[1]) for folder in (tmp_path / "two" / "checkpoints").glob("step-*"))
     # each process wrote its own shards (torch.distributed.checkpoint): weights and optimizer, nothing gathered
-    from transfer.checkpoint import load_trainer_state
+    from transfer.training.checkpoint import load_trainer_state
 
     last = tmp_path / "two" / "checkpoints" / f"step-{stopped:06d}"
     for folder in (last, tmp_path / "two" / "checkpoints" / "best"):
@@ -157,10 +157,10 @@ def evaluations(tasks: dict) -> dict:
     than the first, which it makes up uncounted."""
     import torch
 
-    from transfer.hardware import resolve
-    from transfer.models import load_model_and_tokenizer
+    from transfer.models.load import load_model_and_tokenizer
     from transfer.objectives import build_objective
     from transfer.strategies import apply_strategy
+    from transfer.training.hardware import resolve
 
     results = {}
     for name, args in tasks.items():
@@ -184,7 +184,7 @@ def evaluations(tasks: dict) -> dict:
 def _evaluate_as_rank(rank: int, folder: Path, tasks: dict, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
-    from transfer import distributed
+    from transfer.training import distributed
 
     distributed.init()
     try:

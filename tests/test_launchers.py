@@ -193,7 +193,7 @@ def test_the_launcher_waits_for_every_job_and_cancels_the_rest_when_stopped():
     from hydra.core.utils import JobStatus
     from submitit.core.utils import UncompletedJobError
 
-    from transfer.launchers import wait_for_jobs
+    from transfer.sweep.launchers import wait_for_jobs
 
     died = UncompletedJobError("Job 8 (task: 0) with path /x/8_0_result.pkl\nhas not produced any output")
     jobs = [FakeJob("7", result="job 0's return"), FakeJob("8", error=died), FakeJob("9", result="job 2's return")]
@@ -221,8 +221,8 @@ def test_a_failed_job_fails_the_sweep_through_another_process(submitit, tmp_path
 
 def test_the_exit_status_comes_from_the_records(tmp_path, capsys):
     """Folders as a sweep in other processes leaves them: finished, failed, killed, never started, unreadable."""
-    from transfer.launchers import exit_status
-    from transfer.validate import Plan
+    from transfer.config.checks import Plan
+    from transfer.sweep.launchers import exit_status
 
     sweep = tmp_path / "sweep"
     for name, content in {"0": {"status": "completed"}, "1": {"status": "pruned"}, "2": {"status": "dry_run"},
@@ -272,11 +272,11 @@ def test_a_launcher_not_installed_is_one_line_naming_its_extra(tmp_path, launche
 
 
 def test_ray_asking_for_a_gpu_on_a_machine_without_one_is_refused(ray, monkeypatch):
-    from transfer import inputs
+    from transfer.config import preflight
+    from transfer.config.checks import check_command_line
     from transfer.errors import TransferError
-    from transfer.validate import check_command_line
 
-    monkeypatch.setattr(inputs, "cuda_available", lambda: False)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: False)
     with pytest.raises(TransferError, match=r"num_gpus=0.5 but this machine has no CUDA GPU, and Ray's local"):
         check_command_line(["-m", *RAY, "hydra.launcher.ray.remote.num_gpus=0.5", "seed=1,2"])
     # a cluster elsewhere has GPUs of its own; GPUs declared to Ray by hand are the user's word
@@ -295,10 +295,10 @@ def readme_launcher_commands() -> list[list[str]]:
 
 def test_the_readme_launcher_commands_are_accepted(ray, submitit, monkeypatch):
     """They need GPUs or a SLURM cluster to run; here each is checked as `python -m transfer` checks it first."""
-    from transfer import inputs
-    from transfer.validate import check_command_line
+    from transfer.config import preflight
+    from transfer.config.checks import check_command_line
 
-    monkeypatch.setattr(inputs, "cuda_available", lambda: True)  # as on the GPU machine they are written for
+    monkeypatch.setattr(preflight, "cuda_available", lambda: True)  # as on the GPU machine they are written for
     commands = readme_launcher_commands()
     assert len(commands) >= 4
     for argv in commands:
@@ -310,8 +310,8 @@ def test_the_readme_launcher_commands_are_accepted(ray, submitit, monkeypatch):
 def test_a_submitit_job_of_two_tasks_is_one_job_on_two_processes(submitit, tmp_path):
     """hydra.launcher.tasks_per_node=2: the two tasks of the job join as torchrun's processes would (FSDP2 for full
     fine-tuning), train as one process does, and write one record, one log and one TensorBoard file."""
+    from transfer.config.checks import compose_config
     from transfer.run import run_experiment
-    from transfer.validate import compose_config
 
     args = [*TINY, "max_steps=6", "eval_interval=3", "grad_accum_steps=2"]
     run_ok(["-m", *args, "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.sweep.dir=sweep"],
@@ -331,8 +331,8 @@ def test_a_submitit_job_of_two_tasks_is_one_job_on_two_processes(submitit, tmp_p
 
 
 def test_accumulation_that_does_not_divide_among_a_jobs_tasks_is_one_line(submitit):
+    from transfer.config.checks import check_command_line
     from transfer.errors import TransferError
-    from transfer.validate import check_command_line
 
     with pytest.raises(
         TransferError,

@@ -9,15 +9,7 @@ import torch
 from conftest import FAST, run_ok
 from omegaconf import OmegaConf
 
-from transfer.checkpoint import CONFIG_FILE, check_same_config
-from transfer.errors import TransferError
-from transfer.models import load_model_and_tokenizer
-from transfer.objectives import build_objective
-from transfer.optim import build_optimizer
-from transfer.run import data_warnings
-from transfer.schema import learning_rate
-from transfer.strategies import apply_strategy
-from transfer.validate import (
+from transfer.config.checks import (
     CONF_DIR,
     check_command_line,
     compose_config,
@@ -25,6 +17,14 @@ from transfer.validate import (
     group_options,
     resumable_config,
 )
+from transfer.config.schema import learning_rate
+from transfer.errors import TransferError
+from transfer.models.load import load_model_and_tokenizer
+from transfer.objectives import build_objective
+from transfer.run import data_warnings
+from transfer.strategies import apply_strategy
+from transfer.training.checkpoint import CONFIG_FILE, check_same_config
+from transfer.training.optim import build_optimizer
 
 STRATEGIES = group_options("strategy")
 CPU_STRATEGIES = [s for s in STRATEGIES if s != "qlora"]

@@ -6,15 +6,15 @@ import pytest
 import torch
 from conftest import loss_and_grads
 
-from transfer.models import load_model_and_tokenizer
+from transfer.config.checks import compose_config
+from transfer.models.load import load_model_and_tokenizer
 from transfer.strategies import apply_strategy
-from transfer.transforms import apply_transforms
-from transfer.validate import compose_config
+from transfer.training.speed import apply_transforms
 
 
 def saved_for_backward(model, ids) -> int:
     """Bytes of the tensors autograd keeps from one forward pass for the backward pass."""
-    from transfer.loss import summed_lm_loss
+    from transfer.training.loss import summed_lm_loss
 
     total = 0
 
@@ -55,7 +55,7 @@ def test_gradient_checkpointing_keeps_less_and_computes_the_same(strategy):
 
 
 def test_auto_precision_is_bf16_on_a_gpu_that_has_it_and_fp32_elsewhere(monkeypatch):
-    from transfer import hardware
+    from transfer.training import hardware
 
     cfg = compose_config([]).hardware
     assert hardware.resolve(cfg).precision == ("bf16" if torch.cuda.is_available() else "fp32")
@@ -69,10 +69,10 @@ def test_auto_precision_is_bf16_on_a_gpu_that_has_it_and_fp32_elsewhere(monkeypa
 def _train_with_memory_of(rows_that_fit: int, overrides: list[str], monkeypatch):
     """Train in-process while a 'device' holds at most `rows_that_fit` rows a forward pass (as CUDA's allocator raises)."""
     import transfer.objectives.base
-    from transfer.hardware import resolve
     from transfer.objectives import build_objective
-    from transfer.oom import MemoryPlan
     from transfer.train import train
+    from transfer.training.hardware import resolve
+    from transfer.training.oom import MemoryPlan
 
     real = transfer.objectives.base.summed_lm_loss
 
@@ -112,7 +112,7 @@ def test_out_of_memory_halves_the_micro_batch_and_makes_the_same_update(monkeypa
 
 
 def test_out_of_memory_with_on_oom_fail_is_one_line_naming_what_would_fit(monkeypatch):
-    from transfer.hardware import OutOfMemory
+    from transfer.training.hardware import OutOfMemory
 
     with pytest.raises(OutOfMemory) as e:
         _train_with_memory_of(2, ["micro_batch_size=8", "hardware.on_oom=fail"], monkeypatch)
@@ -126,9 +126,9 @@ def test_out_of_memory_with_on_oom_fail_is_one_line_naming_what_would_fit(monkey
 
 def test_evaluation_out_of_memory_halves_eval_batch_size_and_scores_the_same(monkeypatch):
     import transfer.evaluation.perplexity
-    from transfer.hardware import resolve
     from transfer.objectives import build_objective
-    from transfer.oom import MemoryPlan
+    from transfer.training.hardware import resolve
+    from transfer.training.oom import MemoryPlan
 
     cfg = compose_config(["block_size=64", "eval.max_tokens=4096", "eval_batch_size=16"])
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
@@ -152,7 +152,7 @@ def test_evaluation_out_of_memory_halves_eval_batch_size_and_scores_the_same(mon
     ]
     assert result["loss"] == pytest.approx(whole["loss"], rel=1e-9) and result["tokens"] == whole["tokens"]
     # an evaluator that raises the device's own error, where halving cannot help: one line, as training's
-    from transfer.hardware import OutOfMemory
+    from transfer.training.hardware import OutOfMemory
 
     def never_fits(size):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB.")
@@ -168,8 +168,8 @@ def test_evaluation_out_of_memory_halves_eval_batch_size_and_scores_the_same(mon
 
 # ---------------------------------------------------------------- the estimate before a run
 def _estimate(overrides: list[str]):
-    from transfer.hardware import resolve
-    from transfer.memory import estimate
+    from transfer.training.hardware import resolve
+    from transfer.training.memory import estimate
 
     cfg = compose_config(overrides)
     shapes, _ = load_model_and_tokenizer(cfg.model, cfg.block_size, weights=False)
@@ -197,9 +197,9 @@ def _storage_bytes(tensors) -> int:
 
 @pytest.mark.parametrize("strategy", ["full", "lora"])
 def test_the_estimate_is_within_5_percent_of_what_a_cpu_run_allocates(strategy, tmp_path):
-    from transfer.hardware import resolve
     from transfer.objectives import build_objective
     from transfer.train import train
+    from transfer.training.hardware import resolve
 
     overrides = [f"strategy={strategy}", "block_size=128", "micro_batch_size=4", "grad_accum_steps=1", "max_steps=2",
                  "eval.max_tokens=4096", "eval_batch_size=8", "eval/probes=[]"]  # fmt: skip
@@ -243,7 +243,7 @@ def test_the_estimate_counts_what_each_strategy_and_objective_keeps():
 
 
 def test_advice_halves_what_exceeds_the_limit_keeping_the_batch_per_step():
-    from transfer.memory import fits_advice
+    from transfer.training.memory import fits_advice
 
     cfg, found = _estimate(["block_size=128", "micro_batch_size=8", "grad_accum_steps=2", "eval_batch_size=4"])
     t, e = found["training"], found["evaluation"]
@@ -307,7 +307,7 @@ def test_a_dry_run_far_too_big_is_estimated_not_refused(tmp_path):
 
 
 def test_the_refusal_leaves_a_run_to_try_where_on_oom_can_act_or_when_told():
-    from transfer.memory import fits_advice, refusal
+    from transfer.training.memory import fits_advice, refusal
 
     _, found = _estimate(TOO_BIG)
     cpu, cuda, limit = torch.device("cpu"), torch.device("cuda"), 2**30
@@ -335,10 +335,10 @@ def test_on_oom_cpu_casts_half_precision_weights_to_the_fp32_it_records():
     moments and the reference copy are fp32 then (the CPU runs no autocast), and the next step trains in it."""
     from pathlib import Path
 
-    from transfer.hardware import Hardware
     from transfer.objectives import build_objective
-    from transfer.oom import MemoryPlan, optimizer_mover
-    from transfer.optim import build_optimizer
+    from transfer.training.hardware import Hardware
+    from transfer.training.oom import MemoryPlan, optimizer_mover
+    from transfer.training.optim import build_optimizer
 
     pairs = Path(__file__).resolve().parent / "data" / "pairs.jsonl"
     cfg = compose_config(["model.dtype=bfloat16", "hardware.on_oom=cpu", "objective=dpo", "dataset=text_files",

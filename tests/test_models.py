@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from transfer.config.checks import compose_config
 from transfer.errors import TransferError
-from transfer.models import byte_tokenizer, load_model_and_tokenizer
-from transfer.validate import compose_config
+from transfer.models.load import byte_tokenizer, load_model_and_tokenizer
 
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 

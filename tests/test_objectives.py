@@ -9,16 +9,16 @@ import pytest
 import torch
 from conftest import run_ok
 
+from transfer.config.checks import compose_config
 from transfer.data.chat import Example, encode, fit, render, template_of, to_example, training_tokens
 from transfer.data.sequences import IGNORE, ExampleStream, Sequences, packed_batch, padded_batch
 from transfer.errors import TransferError
 from transfer.evaluation.choices import choice_metrics, choice_scores, roc_auc
-from transfer.hardware import resolve
-from transfer.loss import summed_lm_loss
-from transfer.models import byte_tokenizer, load_model_and_tokenizer
+from transfer.models.load import byte_tokenizer, load_model_and_tokenizer
 from transfer.objectives import build_objective
 from transfer.train import train
-from transfer.validate import compose_config
+from transfer.training.hardware import resolve
+from transfer.training.loss import summed_lm_loss
 
 INSTRUCTIONS = Path(__file__).parent / "data" / "instructions.jsonl"
 CHATML = (

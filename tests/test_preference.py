@@ -11,15 +11,15 @@ import pytest
 import torch
 from conftest import run_ok
 
+from transfer.config.checks import compose_config
 from transfer.data.sequences import padded_batch
-from transfer.hardware import resolve
-from transfer.loss import sequence_logprobs
-from transfer.models import load_model_and_tokenizer
+from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
 from transfer.objectives.preference import PAIR_LOSSES, Scores, kto
 from transfer.strategies import apply_strategy
 from transfer.train import train
-from transfer.validate import compose_config
+from transfer.training.hardware import resolve
+from transfer.training.loss import sequence_logprobs
 
 # four pairs: policy and reference summed log-probabilities, and the answers' lengths
 PC, PR = [-10.0, -12.0, -8.0, -20.0], [-11.0, -11.5, -9.0, -18.0]

@@ -131,7 +131,7 @@ def _parent_of_shape(init_from=None, **tiny):
     """run/: a completed run of the tiny model with its shape changed by `tiny`, started from `init_from`."""
 
     def make(folder, fx):
-        from transfer.validate import compose_config
+        from transfer.config.checks import compose_config
 
         config = OmegaConf.to_container(compose_config([]), resolve=True, enum_to_str=True)
         config["model"]["tiny"].update(tiny)
@@ -420,8 +420,8 @@ def one_error_line(output: str, message: str) -> str:
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
     """A small saved model (2 blocks, context 1024) with the byte tokenizer: what a user's folder holds."""
-    from transfer.models import build_model, byte_tokenizer, tiny_config
-    from transfer.validate import compose_config
+    from transfer.config.checks import compose_config
+    from transfer.models.load import build_model, byte_tokenizer, tiny_config
 
     folder = tmp_path_factory.mktemp("model") / "tiny2"
     tokenizer = byte_tokenizer()
@@ -586,10 +586,10 @@ def test_fault_crafted_shards_run_no_code(tmp_path, craft):
 
     import torch.distributed.checkpoint as dcp
 
-    from transfer.checkpoint import SHARDS, damage, load_weights
+    from transfer.config.checks import compose_config
     from transfer.errors import TransferError, UnsafeCheckpoint
-    from transfer.models import load_model_and_tokenizer
-    from transfer.validate import compose_config
+    from transfer.models.load import load_model_and_tokenizer
+    from transfer.training.checkpoint import SHARDS, damage, load_weights
 
     cfg = compose_config(["model=tiny_random"])
     model, _ = load_model_and_tokenizer(cfg.model, 64)
@@ -634,12 +634,12 @@ def test_fault_crafted_shards_run_no_code(tmp_path, craft):
 def test_fault_kto_judged_by_a_pair_metric_on_unpaired_rows_read_at_run_time(tmp_path):
     """Rows from the hub are known only once read: KTO with objective.select=reward_accuracy on unpaired rows is
     one line at the start of training (its validation has no pairs to compare), not a KeyError."""
+    from transfer.config.checks import compose_config
     from transfer.errors import TransferError
-    from transfer.hardware import resolve
-    from transfer.models import load_model_and_tokenizer
+    from transfer.models.load import load_model_and_tokenizer
     from transfer.objectives import build_objective
     from transfer.train import train
-    from transfer.validate import compose_config
+    from transfer.training.hardware import resolve
 
     rows = _jsonl(tmp_path, "kto.jsonl", UNPAIRED * 4)
     cfg = compose_config(["objective=kto", "objective.select=reward_accuracy", "dataset=text_files",
@@ -945,7 +945,7 @@ def test_fault_the_aggregator_counts_only_records_that_hold_results(tmp_path, ca
 
 def test_safetensors_framing_problems_are_named():
     """The framing check behind the model-folder and checkpoint cases, on the bytes themselves."""
-    from transfer.inputs import safetensors_problem
+    from transfer.config.preflight import safetensors_problem
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     whole = struct.pack("<Q", len(header)) + header + bytes(8)

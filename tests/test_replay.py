@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import FAST, assert_same_training, kill_after_first_checkpoint, run_ok
 
+from transfer.config.checks import check_command_line, compose_config
 from transfer.data.blocks import separator_id, tokenize
 from transfer.data.sequences import ExampleStream
 from transfer.data.sources import python_docs_prose
 from transfer.errors import TransferError
-from transfer.models import load_model_and_tokenizer
+from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
-from transfer.validate import check_command_line, compose_config
 
 PER_STEP = ["block_size=64", "micro_batch_size=4", "grad_accum_steps=2"]  # 8 rows a step
 ROWS = 8

@@ -18,9 +18,9 @@ from conftest import copy_run, run_cli
 from omegaconf import OmegaConf
 
 from transfer.aggregate import comparison, for_people, read_jobs
+from transfer.config.checks import check_command_line
 from transfer.errors import TransferError
-from transfer.search import STUDY_SETTINGS, Pruning, open_storage
-from transfer.validate import check_command_line
+from transfer.sweep.search import STUDY_SETTINGS, Pruning, open_storage
 
 # a trial of the random tiny model (which any rate improves at first) in about a second, validated every 2 steps
 TINY = [
@@ -142,7 +142,7 @@ def test_a_pruned_trial_appears_in_the_table_and_plots_with_its_last_metrics(con
     shown = for_people(table)
     assert set(shown["status"]) == {"completed", "pruned"} and shown["val_ppl_after"].str.len().min() > 0
     # and in the plots: the search's history marks it where it stopped; its validation curve is dashed
-    from transfer import plots
+    from transfer.aggregate import plots
 
     figures = {}
 
@@ -356,8 +356,8 @@ def test_a_search_whose_metric_never_arrives_fails_with_one_line(tmp_path):
 def test_a_search_whose_every_trial_failed_says_why_the_first_did(tmp_path, capsys):
     """The sweeper's summary, and the command's exit status from it, for trials whose jobs failed."""
     from hydra_plugins.transfer_optuna_sweeper.sweeper import OptunaSweeper
-    from transfer.launchers import exit_status
-    from transfer.validate import Plan
+    from transfer.config.checks import Plan
+    from transfer.sweep.launchers import exit_status
 
     sweep = tmp_path / "sweep"
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="transfer")

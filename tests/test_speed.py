@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import loss_and_grads
 
-from transfer import loss
+from transfer.config.checks import check_config, compose_config
 from transfer.data.sequences import IGNORE
 from transfer.errors import TransferError
-from transfer.models import load_model_and_tokenizer
+from transfer.models.load import load_model_and_tokenizer
 from transfer.strategies import apply_strategy
-from transfer.transforms import apply_transforms
-from transfer.validate import check_config, compose_config
+from transfer.training import loss, speed
+from transfer.training.speed import apply_transforms
 
 RUN = ["strategy=lora", "strategy.dropout=0", "block_size=64", "max_steps=4", "eval_interval=2",
        "eval.max_tokens=1024", "eval.max_new_tokens=3", "optimizer.warmup_ratio=0", "checkpoint.enabled=false",
@@ -52,14 +52,13 @@ def test_compiled_blocks_train_evaluate_and_sample_as_plain_ones(tmp_path):
 def test_a_sweeps_next_job_compiles_afresh_and_the_record_says_when_compile_gave_up(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
-    from transfer import transforms
     from transfer.run import run_experiment
 
     cfg = compose_config([*RUN, "hardware.compile=true", "max_steps=2", "eval_interval=0"])
     first = run_experiment(cfg, tmp_path / "first", {})  # a sweep's first job, in the same process as the next
     assert "gave_up" not in first["transforms"]["compiled"]
     # the next job may compile a block's code once only (a limit of 1): evaluation's version is one too many
-    monkeypatch.setattr(transforms, "RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(speed, "RECOMPILE_LIMIT", 1)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
     before = counters["stats"]["unique_graphs"]
     second = run_experiment(cfg, tmp_path / "second", {})
@@ -203,7 +202,7 @@ def test_liger_refuses_what_its_kernels_would_not_patch_or_would_change_in_one_l
     assert str(e.value) == "hardware.kernels=liger: Qwen2ForCausalLM's MLP activation is 'gelu', and Liger's " \
         "SwiGLU kernel computes silu; allowed for it: torch"  # fmt: skip
     # nor may an out-of-memory move the job to the CPU, where the kernels cannot run
-    monkeypatch.setattr("transfer.inputs.cuda_available", lambda: True)
+    monkeypatch.setattr("transfer.config.preflight.cuda_available", lambda: True)
     with pytest.raises(TransferError) as e:
         check_config(compose_config(["hardware.kernels=liger", "hardware.on_oom=cpu"]))
     assert str(e.value) == "hardware.on_oom=cpu would go on on the CPU, where hardware.kernels=liger cannot run; " \

@@ -9,13 +9,13 @@ import torch
 from conftest import run_cli, run_ok
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
+from transfer.config.checks import compose_config
 from transfer.errors import TransferError
-from transfer.hardware import resolve
-from transfer.models import load_model_and_tokenizer
+from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
 from transfer.strategies import apply_strategy, check_before_loading, model_parts, parameter_report
 from transfer.train import train
-from transfer.validate import compose_config
+from transfer.training.hardware import resolve
 
 # ---------------------------------------------------------------- Qwen2-0.5B, by hand
 H, LAYERS, HEAD_DIM, KV_HEADS, INTER, VOCAB = 896, 24, 64, 2, 4864, 151_936
@@ -336,7 +336,7 @@ def test_dry_run_records_the_counts_and_stops(tmp_path):
 
 def test_dry_run_sweep_on_a_qwen2_0_5b_shaped_directory(tmp_path):
     """A dry run needs the config and the tokenizer, not the weights: the 0.5B counts end to end in seconds."""
-    from transfer.models import byte_tokenizer
+    from transfer.models.load import byte_tokenizer
 
     folder = tmp_path / "qwen2-0.5b-shape"
     qwen2_0_5b_shape().config.save_pretrained(folder)  # config.json only: no weights on disk

@@ -12,7 +12,7 @@ import pytest
 from transfer.data.chat import Example, answer_tokens, generation_prompt, render, training_tokens
 from transfer.data.sequences import IGNORE
 from transfer.errors import TransferError
-from transfer.models import byte_tokenizer
+from transfer.models.load import byte_tokenizer
 
 RAISE = "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
 TEMPLATES = {
@@ -145,10 +145,10 @@ def test_choices_are_scored_as_the_data_writes_its_answers(tmp_path):
     written so; and a warning says so."""
     import json
 
-    from transfer.hardware import resolve
-    from transfer.models import load_model_and_tokenizer
+    from transfer.config.checks import compose_config
+    from transfer.models.load import load_model_and_tokenizer
     from transfer.objectives import build_objective
-    from transfer.validate import compose_config
+    from transfer.training.hardware import resolve
 
     for split, n in (("train", 8), ("validation", 6), ("test", 2)):
         rows = [{"prompt": f"Is {k} even? Answer:", "completion": " Yes" if k % 2 == 0 else " No"} for k in range(n)]

@@ -8,15 +8,15 @@ import pytest
 import torch
 from conftest import run_ok
 
+from transfer.config.checks import compose_config
 from transfer.data.probes import probe_splits
 from transfer.errors import TransferError
 from transfer.evaluation.perplexity import perplexity
-from transfer.hardware import resolve
-from transfer.models import load_model_and_tokenizer
+from transfer.models.load import load_model_and_tokenizer
 from transfer.record import read_record
 from transfer.tiny import MANIFEST, WEIGHTS
 from transfer.tiny.build import corpora, digest, pretrain, save
-from transfer.validate import compose_config
+from transfer.training.hardware import resolve
 
 
 def test_build_is_deterministic(tmp_path):
@@ -87,7 +87,7 @@ def _instruction_probe(tokenizer, shared):
 def test_an_instructions_probe_scores_only_the_answers_framed_as_the_model_is_asked(shared):
     """Plain framing for a model without a chat template; the chat template for one with it."""
     from transfer.data.sequences import IGNORE
-    from transfer.models import byte_tokenizer
+    from transfer.models.load import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     plain = _instruction_probe(tokenizer, shared)

@@ -6,17 +6,17 @@ import pytest
 import torch
 from conftest import loss_and_grads
 
+from transfer.config.checks import compose_config
+from transfer.config.schema import learning_rate
 from transfer.data.blocks import to_blocks
 from transfer.data.sequences import ExampleStream
 from transfer.evaluation.perplexity import perplexity
-from transfer.hardware import resolve
-from transfer.loss import _HEAD_IS_LAST
-from transfer.models import load_model_and_tokenizer
+from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
-from transfer.optim import build_optimizer, build_scheduler
-from transfer.schema import learning_rate
 from transfer.train import plan_steps
-from transfer.validate import compose_config
+from transfer.training.hardware import resolve
+from transfer.training.loss import _HEAD_IS_LAST
+from transfer.training.optim import build_optimizer, build_scheduler
 
 
 def test_plan_steps_takes_the_first_bound_reached():
@@ -132,8 +132,8 @@ def test_perplexity_is_token_weighted_over_the_whole_split():
     ids=["full", "adapter", "lora", "lora-head"],
 )
 def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
-    from transfer.loss import summed_lm_loss
     from transfer.strategies import apply_strategy, base_model
+    from transfer.training.loss import summed_lm_loss
 
     cfg = compose_config(["model=tiny_random", *overrides])  # the random model: gradients of one scale throughout
     model, _ = load_model_and_tokenizer(cfg.model, 64)
@@ -188,7 +188,7 @@ def test_chunked_loss_keeps_logits_that_forward_scales_after_the_head(model_type
     """Each architecture names its scaling differently; the model is asked, not its config keys."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from transfer.loss import summed_lm_loss
+    from transfer.training.loss import summed_lm_loss
 
     config = AutoConfig.for_model(
         model_type, **{"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
@@ -209,7 +209,7 @@ def test_chunked_loss_keeps_logits_that_forward_scales_after_the_head(model_type
 
 
 def test_a_decoder_that_cannot_run_alone_keeps_the_whole_logits_and_the_training_mode(monkeypatch):
-    from transfer.loss import summed_lm_loss
+    from transfer.training.loss import summed_lm_loss
 
     model, _ = load_model_and_tokenizer(compose_config([]).model, 64)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -227,7 +227,7 @@ def test_a_decoder_that_cannot_run_alone_keeps_the_whole_logits_and_the_training
 
 def test_fused_head_gradient_does_not_overflow_in_fp16():
     """A frequent token's gradient row sums over the chunk before the loss scale applies: past 65,504."""
-    from transfer.loss import _FusedHeadLoss
+    from transfer.training.loss import _FusedHeadLoss
 
     hidden = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
     hidden[:, 0] = 20.0  # one large hidden dimension, as trained models have

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
+from transfer.config.preflight import check_writable_folder
 from transfer.errors import TransferError, first_line, reason
-from transfer.inputs import check_writable_folder
 from transfer.record import write_atomically
 
 log = logging.getLogger(__name__)

@@ -22,12 +22,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from transfer import STARTED, distributed, launchers, schema
+from transfer import STARTED
+from transfer.config import schema
+from transfer.config.checks import CONF_DIR, AlreadyDone, Plan, check_command_line
 from transfer.errors import Interrupted, TransferError, reason
 from transfer.fmt import duration
-from transfer.lock import lock_folder, unlock_all, unlock_folder
 from transfer.record import write_atomically
-from transfer.validate import CONF_DIR, AlreadyDone, Plan, check_command_line
+from transfer.sweep import launchers
+from transfer.sweep.lock import lock_folder, unlock_all, unlock_folder
+from transfer.training import distributed
 
 log = logging.getLogger("transfer")
 _job_seconds: list[float] = []  # the finished jobs of this process's sweep, for the time left
@@ -175,7 +178,7 @@ def _silence_known_noise() -> None:
 
 def _release_device_memory() -> None:
     """A process may run several jobs (the basic launcher, a Ray worker): the next starts without this one's GPU memory."""
-    from transfer.oom import release_memory  # torch, imported only once a job has run
+    from transfer.training.oom import release_memory  # torch, imported only once a job has run
 
     release_memory()
 

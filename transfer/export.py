@@ -68,7 +68,7 @@ def run_config(record: dict, run_dir: Path):
     """
     from omegaconf import OmegaConf
 
-    from transfer.validate import CONF_DIR, compose_config
+    from transfer.config.checks import CONF_DIR, compose_config
 
     saved, choices = record["config"], record.get("choices") or {}
     groups = [g for g in saved if g != "eval" and isinstance(saved[g], dict) and (CONF_DIR / g).is_dir()]
@@ -88,7 +88,7 @@ def pick_weights(record: dict, run_dir: Path, which: str | None) -> dict:
 
     Step 0 is the untrained model (the best when training never beat it): nothing to load.
     """
-    from transfer.checkpoint import weights_folder
+    from transfer.training.checkpoint import weights_folder
 
     train = record["train"]
     if which is None:
@@ -109,9 +109,9 @@ def pick_weights(record: dict, run_dir: Path, which: str | None) -> dict:
 
 def rebuild(cfg, weights: dict):
     """(model, tokenizer) as the run had them at the chosen step: base, parent, strategy, then the weights."""
-    from transfer.checkpoint import load_parent, load_weights
-    from transfer.models import load_model_and_tokenizer
+    from transfer.models.load import load_model_and_tokenizer
     from transfer.strategies import apply_strategy
+    from transfer.training.checkpoint import load_parent, load_weights
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
     if cfg.init_from:
@@ -279,9 +279,9 @@ def check_export(out: Path, tolerance: float = 1e-4) -> dict:
     same and every figure is within `tolerance`, relative.
     """
     from transfer.evaluation.perplexity import perplexity
-    from transfer.hardware import resolve
     from transfer.objectives import build_objective
     from transfer.objectives.base import TokenObjective
+    from transfer.training.hardware import resolve
 
     out = Path(out).resolve()
     info = json.loads((out / EXPORT_RECORD).read_text())

@@ -24,23 +24,25 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from transfer import STARTED, cache, distributed, validate
-from transfer.checkpoint import check_same_config, find_resume_point, load_parent
+from transfer import STARTED, cache
+from transfer.config import checks
+from transfer.config.schema import learning_rate
 from transfer.data import probes
 from transfer.errors import TransferError, first_line
 from transfer.evaluation import diagnostics
 from transfer.evaluation.perplexity import perplexity
 from transfer.evaluation.samples import generate_samples
 from transfer.fmt import duration
-from transfer.hardware import resolve
-from transfer.models import context_length, load_model_and_tokenizer
+from transfer.models.load import context_length, load_model_and_tokenizer
 from transfer.objectives import build_objective
-from transfer.oom import MemoryPlan
 from transfer.record import TRAINED, write_record
-from transfer.schema import learning_rate
 from transfer.strategies import apply_strategy, check_before_loading, loading_options, parameter_report
 from transfer.train import describe_metrics, log_metrics, train
-from transfer.transforms import apply_transforms, compile_gave_up
+from transfer.training import distributed
+from transfer.training.checkpoint import check_same_config, find_resume_point, load_parent
+from transfer.training.hardware import resolve
+from transfer.training.oom import MemoryPlan
+from transfer.training.speed import apply_transforms, compile_gave_up
 
 log = logging.getLogger("transfer")
 RECORD_VERSION = 3  # 2: objectives, metrics per split by name, real tokens; 3: forgetting probes ref_<name>
@@ -53,12 +55,12 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     """`started`: when this job began (the process's start for its first job, whose imports count).
     `sweep`: the sweep's folder, whose jobs share tokens and baselines (transfer/cache.py)."""
     out_dir = Path(out_dir)
-    previous = validate.read_previous(out_dir)
+    previous = checks.read_previous(out_dir)
     if previous and previous.get("status") in TRAINED:  # finished: a search's pruned trial too
         if cfg.resume is True:
             # the command line was compared with it at start-up where the sweep's layout allowed; again here
             if isinstance(previous.get("config"), dict):
-                validate.refuse_differences(previous["config"], cfg, f"resume: {out_dir} ran with", "this job has")
+                checks.refuse_differences(previous["config"], cfg, f"resume: {out_dir} ran with", "this job has")
             log.info("%s holds a completed run: skipped (resume=true)", out_dir)
             return previous
         raise TransferError(f"{out_dir} already holds a completed run; choose another output folder (hydra.run.dir)")
@@ -86,7 +88,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     wall_start = time.perf_counter()
     timing = record["timing"] = {}
     try:
-        validate.check_config(cfg)
+        checks.check_config(cfg)
         lr, lr_from = learning_rate(cfg)
         record["optimizer"] = {"name": cfg.optimizer.name, "lr": lr, "lr_from": lr_from}  # the rate the run starts at
         record["cache"] = cache.start(_cache_folder(cfg, sweep))  # hits and misses, filled as the job goes
@@ -289,7 +291,7 @@ def _memory_estimate(cfg, hardware, record: dict) -> None:
     It is one process's holding the whole model. Under torchrun rank 0 makes it for all, and it is not judged
     against the device: FSDP2 shares weights, gradients and optimizer states among the processes, DDP's buckets
     add a copy of the gradients, and neither is modelled."""
-    from transfer.memory import fits_advice, memory_limit, refusal, safe_estimate
+    from transfer.training.memory import fits_advice, memory_limit, refusal, safe_estimate
 
     def estimate():
         shapes, _ = load_model_and_tokenizer(cfg.model, cfg.block_size, weights=False)  # the meta device: no weights
@@ -358,7 +360,7 @@ def _baseline_key(cfg, objective, trainee, splits, hardware, sample_inputs) -> d
 def _evaluate_splits(objective, trainee, splits, plan, hardware, when: str) -> dict:
     """Validation and test by the objective's evaluators; the forgetting probes by perplexity. A line each.
 
-    Out of memory, an evaluation is tried again as hardware.on_oom says (plan: transfer.oom)."""
+    Out of memory, an evaluation is tried again as hardware.on_oom says (plan: transfer.training.oom)."""
     results = {}
     for name in (*EVAL_SPLITS, *(s for s in splits if s.startswith(probes.PREFIX))):
         if name not in splits:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from transfer.config.checks import check_block_count, check_strategy
 from transfer.errors import TransferError, first_line
-from transfer.validate import check_block_count, check_strategy
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def adapter(model, cfg):
 
 def scratch(model, cfg, seed: int = 0):
     """The no-transfer control: same architecture, fresh weights, everything trains."""
-    from transfer.models import build_model
+    from transfer.models.load import build_model
 
     fresh = build_model(model.config, seed=cfg.init_seed if cfg.init_seed is not None else seed, dtype=model.dtype)
     return fresh, _train_only(fresh, [fresh])

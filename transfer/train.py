@@ -34,16 +34,16 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from transfer import checkpoint, distributed
+from transfer.config.checks import resumable_config
+from transfer.config.schema import learning_rate
 from transfer.errors import Interrupted, TransferError
 from transfer.fmt import duration
-from transfer.hardware import MachineLoad
-from transfer.loss import smaller_chunks
-from transfer.oom import MemoryPlan, optimizer_mover, reason_of
-from transfer.optim import build_optimizer, build_scheduler
-from transfer.schema import learning_rate
-from transfer.search import Pruning
-from transfer.validate import resumable_config
+from transfer.sweep.search import Pruning
+from transfer.training import checkpoint, distributed
+from transfer.training.hardware import MachineLoad
+from transfer.training.loss import smaller_chunks
+from transfer.training.oom import MemoryPlan, optimizer_mover, reason_of
+from transfer.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,8 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
           trainee: distributed.Trainee | None = None) -> dict:  # fmt: skip
     """Train `model` on `objective`'s training split; `baseline` is the untrained model's validation result.
 
-    `plan` holds the batch sizes in use and what to do when memory runs out (transfer.oom); `trainee`, the
-    model as several processes share it (transfer.distributed), made before the optimizer sees its parameters.
+    `plan` holds the batch sizes in use and what to do when memory runs out (transfer.training.oom); `trainee`, the
+    model as several processes share it (transfer.training.distributed), made before the optimizer sees its parameters.
     """
     trainee = trainee or distributed.Trainee(model, hardware.device)
     examples = splits["train"]
@@ -395,7 +395,7 @@ def log_metrics(writer, split: str, result: dict, step: int) -> None:
 def _forward_backward(trainee, objective, examples, stream, plan, scaler, hardware):
     """One step's forward and backward passes: (summed loss, its batches, the step's normaliser).
 
-    In several processes each computes its share of the step's micro-batches (transfer.distributed).
+    In several processes each computes its share of the step's micro-batches (transfer.training.distributed).
     """
     # the whole step's batches first: their scored targets are what every sum is divided by
     batches = [objective.batch(examples, stream, plan.micro) for _ in range(plan.accum)]

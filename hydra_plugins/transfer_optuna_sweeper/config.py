@@ -5,7 +5,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from transfer.search import SWEEPER_TARGET
+from transfer.sweep.search import SWEEPER_TARGET
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The Optuna sweeper: ask the study for a batch of trials, launch them as jobs, tell it what their records say.
 
 Each trial is one job of the sweep, in the folder Hydra gives job N; the job learns its trial
-from `search.trial`, `search.study` and `search.storage` and reports to it (transfer.search.Pruning).
+from `search.trial`, `search.study` and `search.storage` and reports to it (transfer.sweep.search.Pruning).
 A job's result is read from its record, not from the launcher's return value, so that the same
 sweep works through any launcher (the jobs may run in other processes or on other machines).
 """
@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer.errors import TransferError
 from transfer.record import read_record
-from transfer.search import (
+from transfer.sweep.search import (
     SPACE,
     STUDY_SETTINGS,
     SUMMARY_NAME,
@@ -58,7 +58,7 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         """The search; what stops it (a damaged study file, a study of another space) is one line and exit status 2:
-        the start-up check (transfer.search.check_study) says the same before anything runs, where it can."""
+        the start-up check (transfer.sweep.search.check_study) says the same before anything runs, where it can."""
         self.url = storage_url(self.settings["storage"], self.sweep_dir)
         try:
             with damaged_study(self.url):
@@ -208,7 +208,7 @@ class OptunaSweeper(Sweeper):
             else {"trial": best.number, "value": best.value, "params": best.params, "job": best.user_attrs.get("job")},
         }
         tally = ", ".join(f"{n} {state}" for state, n in counts.items())
-        if best is None:  # the command then exits non-zero with this line (transfer.launchers.exit_status)
+        if best is None:  # the command then exits non-zero with this line (transfer.sweep.launchers.exit_status)
             summary["error"] = (
                 f"no trial of study {study.study_name!r} produced {self.settings['metric']} ({tally or 'no trial'})"
                 + (f": {self._first_failure(trials)}" if trials else "")

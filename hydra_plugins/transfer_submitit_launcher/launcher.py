@@ -4,8 +4,8 @@ The plugin asks each job for its result in turn, and the first job that died (ki
 memory, cancelled on the cluster) raises submitit's UncompletedJobError out of the sweep: a
 traceback, no tables for the jobs that finished, no exit line, and the jobs still running left to
 train after the command has returned. These launch the same jobs the same way, then wait for them
-all (transfer.launchers.wait_for_jobs); how each ended is read from its record, as for any launcher.
-transfer.callbacks.LauncherCallback puts them in the plugin's place when a sweep starts.
+all (transfer.sweep.launchers.wait_for_jobs); how each ended is read from its record, as for any launcher.
+transfer.sweep.callbacks.LauncherCallback puts them in the plugin's place when a sweep starts.
 """
 
 import logging
@@ -30,7 +30,7 @@ def launch(self, job_overrides, initial_job_idx: int):
 
     import submitit
 
-    from transfer.launchers import wait_for_jobs
+    from transfer.sweep.launchers import wait_for_jobs
 
     params = self.params
     init_params = {"folder": params["submitit_folder"]}

@@ -27,9 +27,9 @@ stays), then the response its end; or, with `objective.truncation=drop`, the exa
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from transfer.config.preflight import described
 from transfer.data.sequences import IGNORE
 from transfer.errors import TransferError, first_line
-from transfer.inputs import described
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
          "bot": "assistant", "system": "system"}  # fmt: skip

@@ -59,7 +59,7 @@ def _rows(probe, where: str, needs: list[tuple[str, ...]]) -> list[dict]:
 
 
 def _example_fields(probe) -> list[tuple[str, ...]]:
-    from transfer.validate import example_fields  # the same fields a dataset of examples needs
+    from transfer.config.checks import example_fields  # the same fields a dataset of examples needs
 
     return example_fields(probe)
 

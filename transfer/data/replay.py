@@ -26,10 +26,10 @@ from fractions import Fraction
 
 from omegaconf import OmegaConf
 
+from transfer.config.schema import TxtSampleBy
 from transfer.data.blocks import text_blocks
 from transfer.data.sequences import ExampleStream, Sequences
 from transfer.data.sources import python_docs_prose, read_files
-from transfer.schema import TxtSampleBy
 
 # the replay order is seeded by the run's seed, apart from the training order's
 SEED_OFFSET = 7919

@@ -17,8 +17,17 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from transfer.config.preflight import (
+    BUILDERS,
+    alternative,
+    answers,
+    blank,
+    check_data_files,
+    csv_rows,
+    is_text,
+    json_item_lines,
+)
 from transfer.errors import TransferError, first_line, innermost
-from transfer.inputs import BUILDERS, alternative, answers, blank, check_data_files, csv_rows, is_text, json_item_lines
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -56,7 +65,7 @@ def origin(row: dict, otherwise: str) -> str:
 def load_rows(cfg, needs: list[tuple[str, ...]]) -> dict[str, list[dict]]:
     """The rows of each split that hold something in a field of `needs`; a missing split is held out from train.
 
-    `needs` lists alternatives, each the fields a row must have (transfer.inputs.check_data_files).
+    `needs` lists alternatives, each the fields a row must have (transfer.config.preflight.check_data_files).
     Rows of examples whose answers are all empty are refused, some of them warned of: such an
     answer is not learned, only the end of its turn.
     """

@@ -13,8 +13,8 @@ def my_batches(seqs, batch_size: int, pad_id: int, desc: str):
     with a progress bar on rank 0; number None: a batch run again uncounted (distributed.my_batches)."""
     from tqdm.auto import tqdm
 
-    from transfer import distributed
     from transfer.data.sequences import evaluation_batches
+    from transfer.training import distributed
 
     count = -(-len(seqs) // batch_size)
     mine = distributed.my_batches(evaluation_batches(seqs, batch_size, pad_id), count)

@@ -9,10 +9,10 @@ choice as the positive class. The same evaluator scores multiple-choice question
 
 import torch
 
-from transfer import distributed
 from transfer.data.sequences import Sequences
 from transfer.evaluation import my_batches
-from transfer.loss import sequence_logprobs
+from transfer.training import distributed
+from transfer.training.loss import sequence_logprobs
 
 
 @torch.no_grad()

@@ -23,10 +23,10 @@ import math
 
 import torch
 
-from transfer import checkpoint, distributed
 from transfer.data.sequences import padded_batch
 from transfer.strategies import base_model, model_parts
-from transfer.transforms import uncompiled
+from transfer.training import checkpoint, distributed
+from transfer.training.speed import uncompiled
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

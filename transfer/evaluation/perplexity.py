@@ -4,10 +4,10 @@ import math
 
 import torch
 
-from transfer import distributed
 from transfer.data.sequences import Sequences
 from transfer.evaluation import my_batches
-from transfer.loss import smaller_chunks, summed_lm_loss
+from transfer.training import distributed
+from transfer.training.loss import smaller_chunks, summed_lm_loss
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 import torch
 
-from transfer.transforms import uncompiled
+from transfer.training.speed import uncompiled
 
 
 @torch.no_grad()

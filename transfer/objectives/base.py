@@ -18,7 +18,7 @@ import math
 from transfer.data.sequences import ExampleStream, Sequences, packed_batch, padded_batch
 from transfer.evaluation import DIRECTION
 from transfer.evaluation.perplexity import perplexity
-from transfer.loss import summed_lm_loss
+from transfer.training.loss import summed_lm_loss
 
 
 class Objective:

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from transfer import cache, distributed
+from transfer import cache
+from transfer.config.checks import preference_fields
 from transfer.data.chat import (
     Example,
     fit,
@@ -51,9 +52,9 @@ from transfer.data.chat import (
 from transfer.data.sequences import IGNORE, Batch, ExampleStream, Sequences, padded_batch
 from transfer.data.sources import SPLITS, load_rows, origin
 from transfer.errors import TransferError
-from transfer.loss import logprobs_and_kl, scored_head_inputs, sequence_logprobs
 from transfer.objectives.base import Objective
-from transfer.validate import preference_fields
+from transfer.training import distributed
+from transfer.training.loss import logprobs_and_kl, scored_head_inputs, sequence_logprobs
 
 log = logging.getLogger(__name__)
 REFERENCE_FREE = ("cpo", "orpo", "simpo")

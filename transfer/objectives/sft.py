@@ -9,6 +9,7 @@ from collections import Counter
 
 import torch
 
+from transfer.config.checks import example_fields
 from transfer.data.chat import (
     Example,
     answer_tokens,
@@ -25,7 +26,6 @@ from transfer.errors import TransferError
 from transfer.evaluation.choices import choice_metrics, choice_scores
 from transfer.evaluation.perplexity import perplexity
 from transfer.objectives.base import TokenObjective
-from transfer.validate import example_fields
 
 
 def choice_metric_names(choices) -> tuple[str, ...]:

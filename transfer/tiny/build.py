@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from transfer.config.schema import TinyModelConfig
 from transfer.data.blocks import text_blocks
 from transfer.data.sources import python_docs_prose
-from transfer.models import build_model, byte_tokenizer, tiny_config
-from transfer.schema import TinyModelConfig
+from transfer.models.load import build_model, byte_tokenizer, tiny_config
 from transfer.tiny import MANIFEST, WEIGHTS
 
 SHAKESPEARE = "datasets/tiny_shakespeare/train.jsonl"

@@ -16,10 +16,10 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from transfer import distributed
+from transfer.config.checks import Plan, read_previous
 from transfer.errors import Interrupted, first_line
 from transfer.record import FINISHED, job_outcomes, read_record
-from transfer.validate import Plan, read_previous
+from transfer.training import distributed
 
 log = logging.getLogger("transfer")
 
@@ -125,7 +125,7 @@ def exit_status(plan: Plan) -> int:
 
 def search_failure(sweep) -> str | None:
     """What a search's summary (hydra/sweeper=optuna) says went wrong: no trial produced its metric; else None."""
-    from transfer.search import SUMMARY_NAME
+    from transfer.sweep.search import SUMMARY_NAME
 
     path = Path(sweep) / SUMMARY_NAME
     try:

@@ -18,7 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
+CORPORA_DIR = Path(__file__).resolve().parents[1] / "corpora"
 GROUPS = ("model", "strategy", "objective", "dataset", "hardware", "optimizer")
 
 

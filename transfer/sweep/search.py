@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from transfer.config.preflight import installed
 from transfer.errors import TransferError, first_line
 from transfer.evaluation import DIRECTION
-from transfer.inputs import installed
 from transfer.record import job_folders, lookup, read_record
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def trial_overrides_to_check(space: dict[str, Param]) -> list[list[str]]:
     return [[space[key].override(v[i % len(v)]) for key, v in values.items()] for i in range(most)]
 
 
-# ---------------------------------------------------------------- the command line (transfer.validate)
+# ---------------------------------------------------------------- the command line (transfer.config.checks)
 PARAMS_PREFIX = "hydra.sweeper.params."
 
 
@@ -188,7 +188,7 @@ def check_command_line(run, parsed: list, multirun: bool, compose, is_group) -> 
     override lists whose configs give every value the search may draw, the config groups it searches).
 
     `run` is the config composed with its hydra node; `compose` composes a job's config with
-    one-line errors (transfer.validate.compose_config); `is_group(key)` says whether a key is a config group.
+    one-line errors (transfer.config.checks.compose_config); `is_group(key)` says whether a key is a config group.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -501,7 +501,7 @@ class Pruning:
 
     @classmethod
     def from_config(cls, cfg) -> "Pruning":
-        from transfer import distributed
+        from transfer.training import distributed
 
         search = cfg.get("search")
         if search is None or search.trial is None or not distributed.is_main():  # one process reports a trial

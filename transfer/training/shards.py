@@ -24,8 +24,8 @@ from torch.distributed.checkpoint import state_dict as dsd
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from transfer import distributed
 from transfer.errors import TransferError, UnsafeCheckpoint, first_line, reason
+from transfer.training import distributed
 
 SHARD_FILE = re.compile(r"__\d+_\d+\.distcp")
 

@@ -21,7 +21,7 @@ hyper-parameters each strategy does best with on validation, and their test metr
 (best_per_<key>.{md,csv}, written for strategy whenever a sweep varies more than strategy and seed).
 
 Written into `<sweep>/tables/`: comparison.{md,csv,tex,html}, jobs.{csv,parquet} and
-the plots (PNG). A multirun calls this by itself at its end (transfer.callbacks.TablesCallback).
+the plots (PNG). A multirun calls this by itself at its end (transfer.sweep.callbacks.TablesCallback).
 """
 
 import argparse
@@ -38,10 +38,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from transfer.aggregate.stats import ci95_half_width
 from transfer.errors import TransferError, reason
 from transfer.evaluation import DIRECTION
 from transfer.record import FINISHED, job_folders, lookup, missing_fields, read_record
-from transfer.stats import ci95_half_width
 
 log = logging.getLogger(__name__)
 _MISSING = object()  # a key a config lacks, apart from one set to null
@@ -516,7 +516,7 @@ def _write_all(jobs: pd.DataFrame, table: pd.DataFrame, pretty: pd.DataFrame, fo
         written += [folder / f"{name}.md", folder / f"{name}.csv"]
         written[-2].write_text(cells.to_markdown(index=False) + f"\n\n{note}\n")
         numbers.to_csv(written[-1], index=False)
-    from transfer.plots import write_plots
+    from transfer.aggregate.plots import write_plots
 
     return written + write_plots(jobs, table, folder)
 
@@ -551,7 +551,7 @@ def aggregate(
     """Read the sweeps, write the tables (into the sweep's tables/ folder), return (jobs, table, files)."""
     jobs = read_jobs(sweeps)
     table = comparison(jobs, group_by, sort)
-    from transfer.contrasts import extra_tables
+    from transfer.aggregate.contrasts import extra_tables
 
     extras = extra_tables(jobs, table, baseline, best)
     files = write_tables(jobs, table, out or sweeps[-1] / "tables", columns, extras)
@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         table = comparison(jobs, group_by, args.sort)
         check_columns([args.sort] if args.sort else [], shown_columns(table), "column")
         check_columns(columns or [], shown_columns(table), "column")
-        from transfer.contrasts import extra_tables
+        from transfer.aggregate.contrasts import extra_tables
 
         extras = extra_tables(jobs, table, args.baseline, args.best_per)
         out = Path(args.out) if args.out else sweeps[-1] / "tables"

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from transfer import distributed
 from transfer.errors import TransferError
+from transfer.training import distributed
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class OutOfMemory(TransferError):
-    """The device ran out of memory: one line naming the settings and what would fit (see transfer.oom)."""
+    """The device ran out of memory: one line naming the settings and what would fit (see transfer.training.oom)."""
 
 
 class MachineLoad:
@@ -51,7 +51,7 @@ class MachineLoad:
 class Hardware:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
-    loss_chunk_tokens: int = 0  # see transfer.loss
+    loss_chunk_tokens: int = 0  # see transfer.training.loss
     kernels: str = "torch"  # torch | liger: whose kernels (transfer/transforms.py), and so whose training loss
 
     def autocast(self):

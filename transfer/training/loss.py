@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from transfer.data.sequences import IGNORE
 from transfer.strategies import base_model
-from transfer.transforms import uncompiled
+from transfer.training.speed import uncompiled
 
 log = logging.getLogger(__name__)
 

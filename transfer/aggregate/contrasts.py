@@ -15,8 +15,8 @@ from transfer.aggregate import (
     probe_columns,
     shown_columns,
 )
+from transfer.aggregate.stats import paired_t_test
 from transfer.errors import TransferError
-from transfer.stats import paired_t_test
 
 
 def main_metrics(jobs: pd.DataFrame) -> list[str]:

@@ -34,12 +34,14 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from transfer import distributed, inputs, schema, search
+from transfer.config import preflight, schema
 from transfer.data.sources import PYTHON_DOCS_PARTS, label_fields
 from transfer.errors import TransferError, first_line
 from transfer.record import read_record
+from transfer.sweep import search
+from transfer.training import distributed
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MAX_SWEEP_JOBS_CHECKED = 512
 # settings a resumed run may change: they do not alter what is trained (loss chunks change
 # only the order of float sums, and runs from before their default changed must resume)
@@ -93,7 +95,7 @@ class Plan:
         return self.configs[0].resume
 
     def check_folder(self) -> None:
-        """May the output folder be written? Call it holding the folder's lock (transfer.lock)."""
+        """May the output folder be written? Call it holding the folder's lock (transfer.sweep.lock)."""
         if self.multirun:
             check_sweep_dir(self.out_dir, self.resume, self.configs if self.by_number else [])
         else:
@@ -187,7 +189,7 @@ def missing_launcher(name: str) -> str | None:
     if name not in LAUNCHER_EXTRAS:
         return None  # Hydra's own, or unknown: composing the config names the ones there are
     extra, modules = LAUNCHER_EXTRAS[name]
-    if all(inputs.installed(m) for m in modules):
+    if all(preflight.installed(m) for m in modules):
         return None
     return f'hydra/launcher={name} needs the {extra} extra: pip install -e ".[{extra}]"'
 
@@ -199,7 +201,7 @@ def check_ray_gpus(run: DictConfig) -> None:
     if not ray or init.get("address") is not None or init.get("num_gpus") is not None:
         return  # not Ray, a cluster elsewhere with GPUs of its own, or GPUs declared to Ray by hand
     gpus = ray.get("remote", {}).get("num_gpus") or 0
-    if gpus > 0 and inputs.cuda_available() is False:
+    if gpus > 0 and preflight.cuda_available() is False:
         raise TransferError(
             f"hydra.launcher.ray.remote.num_gpus={gpus} but this machine has no CUDA GPU, and Ray's local cluster "
             "would queue every job forever; allowed here: 0, or hydra.launcher.ray.init.address=<a cluster with GPUs>"
@@ -251,7 +253,7 @@ class AlreadyDone(Exception):
 def check_run_dir(run_dir: Path, resume, cfg: DictConfig) -> None:
     """Hydra rewrites .hydra/ in the run folder before the job starts: decide here, not in the job.
 
-    The caller holds the folder's lock (transfer.lock), so no other process is writing in it.
+    The caller holds the folder's lock (transfer.sweep.lock), so no other process is writing in it.
     """
     previous = read_previous(run_dir)
     if resume is True:
@@ -505,7 +507,7 @@ def check_config(cfg: DictConfig, processes: int | None = None) -> None:
             raise TransferError(
                 f"resume={cfg.resume!r}: no such folder; allowed: true, or a run folder or checkpoint folder"
             )
-        # a checkpoint folder holds the trainer state (transfer.checkpoint.STATE_FILE); a run folder holds them
+        # a checkpoint folder holds the trainer state (transfer.training.checkpoint.STATE_FILE); a run folder holds them
         if not (path / "trainer_state.pt").is_file() and not any(path.glob("checkpoints/step-*/trainer_state.pt")):
             raise TransferError(
                 f"resume={cfg.resume!r}: no checkpoint there; allowed: true, a run folder with checkpoints/, "
@@ -644,7 +646,7 @@ def check_hardware(cfg: DictConfig) -> None:
             "cannot be cast; allowed with it: fail, halve"
         )
     needs_cuda = device == "cuda" or cfg.strategy.name == "qlora" or bool(gpu_only)
-    cuda = inputs.cuda_available() if needs_cuda or device == "auto" else False
+    cuda = preflight.cuda_available() if needs_cuda or device == "auto" else False
     if cuda is not False:
         return
     if gpu_only:
@@ -780,9 +782,9 @@ def check_init_from(cfg: DictConfig) -> None:
 def check_cache_folders(cfg: DictConfig) -> None:
     """The folders a job keeps shared work in can be written in: found now, not after the work is done."""
     if cfg.cache.enabled and cfg.cache.dir:
-        inputs.check_writable_folder(Path(cfg.cache.dir), "cache.dir")
+        preflight.check_writable_folder(Path(cfg.cache.dir), "cache.dir")
     if cfg.objective.get("precompute_reference"):
-        inputs.check_writable_folder(Path(cfg.objective.reference_cache), "objective.reference_cache")
+        preflight.check_writable_folder(Path(cfg.objective.reference_cache), "objective.reference_cache")
 
 
 # what decides a model's weights' names and shapes; dtype, tokenizer and loading options do not
@@ -834,7 +836,7 @@ def check_pairs_for_select(cfg: DictConfig) -> None:
     split = "validation" if cfg.dataset.validation_files else "train"  # no validation files: carved from training's
     where = f"dataset.{split}_files"
     try:
-        inputs.check_data_files(cfg.dataset[f"{split}_files"], where, preference_fields(cfg.dataset, False))
+        preflight.check_data_files(cfg.dataset[f"{split}_files"], where, preference_fields(cfg.dataset, False))
     except TransferError:
         raise TransferError(
             f"objective.select={cfg.objective.select} compares the two answers of a pair, and {where} holds "
@@ -853,12 +855,14 @@ def check_inputs(cfg: DictConfig) -> None:
         )  # fmt: skip
         for split in ("train", "validation", "test"):
             where = f"dataset.{split}_files"
-            inputs.check_data_files(cfg.dataset[f"{split}_files"], where, needs, cfg.dataset.build_hint,
+            preflight.check_data_files(cfg.dataset[f"{split}_files"], where, needs, cfg.dataset.build_hint,
                                     labels=label_fields(cfg.dataset))  # fmt: skip
         if name == "kto" and cfg.objective.select != "loss":
             check_pairs_for_select(cfg)
     if cfg.dataset.replay and cfg.dataset.replay_source != "python_docs":
-        inputs.check_data_files(list(cfg.dataset.replay_source), "dataset.replay_source", [(cfg.dataset.text_field,)])
+        preflight.check_data_files(
+            list(cfg.dataset.replay_source), "dataset.replay_source", [(cfg.dataset.text_field,)]
+        )
     for name, probe in cfg.eval.probes.items():
         if probe.source.value == "files" and not probe.files:
             raise TransferError(
@@ -872,10 +876,10 @@ def check_inputs(cfg: DictConfig) -> None:
             raise TransferError(f"eval.probes.{name}.part={probe.part!r}; allowed: {', '.join(PYTHON_DOCS_PARTS)}")
         if probe.source.value == "files":
             needs = example_fields(probe) if probe.kind.value == "instructions" else [(probe.text_field,)]
-            inputs.check_data_files(list(probe.files), f"eval.probes.{name}.files", needs)
+            preflight.check_data_files(list(probe.files), f"eval.probes.{name}.files", needs)
     # a dry run reads no weights; QLoRA's dry run does (its 4-bit layers come from real weights)
     weights = not cfg.dry_run or cfg.strategy.name == "qlora"
-    depth, context = inputs.model_shape(cfg.model, weights=weights)
+    depth, context = preflight.model_shape(cfg.model, weights=weights)
     where = cfg.model.name_or_path or "tiny"
     if context is not None and cfg.block_size > context:
         raise TransferError(

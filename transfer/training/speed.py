@@ -1,5 +1,5 @@
 """What is done to the adapted model before it trains, in order: the attention kernel, Liger's kernels, gradient
-checkpointing, compiling each block (the distributed wrap comes after, in transfer.distributed). One function, so
+checkpointing, compiling each block (the distributed wrap comes after, in transfer.training.distributed). One function, so
 that the order is written once."""
 
 import contextlib
@@ -80,8 +80,8 @@ def _apply_liger(base, objective: str, patch: bool) -> dict:
 
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
 
-    from transfer import loss
-    from transfer.validate import PREFERENCE
+    from transfer.config.checks import PREFERENCE
+    from transfer.training import loss
 
     name, model_type = type(base).__name__, base.config.model_type
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:

@@ -41,14 +41,14 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from transfer import loss
-    from transfer.hardware import AUTOCAST_DTYPES
+    from transfer.config.checks import PREFERENCE
+    from transfer.config.schema import learning_rate
     from transfer.objectives.preference import REFERENCE_FREE
-    from transfer.optim import build_optimizer
-    from transfer.schema import learning_rate
     from transfer.strategies import apply_strategy, base_model
-    from transfer.transforms import apply_transforms
-    from transfer.validate import PREFERENCE
+    from transfer.training import loss
+    from transfer.training.hardware import AUTOCAST_DTYPES
+    from transfer.training.optim import build_optimizer
+    from transfer.training.speed import apply_transforms
 
     name = cfg.objective.name
     rows = cfg.micro_batch_size * (2 if name in PREFERENCE else 1)
@@ -231,7 +231,7 @@ def memory_limit(cfg, device: torch.device) -> int | None:
         return int(cfg.hardware.memory_limit * 2**30)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    from transfer.hardware import proc_bytes
+    from transfer.training.hardware import proc_bytes
 
     return proc_bytes("/proc/meminfo", "MemAvailable")
 

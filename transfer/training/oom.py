@@ -17,9 +17,9 @@ import logging
 
 import torch
 
-from transfer import distributed
 from transfer.errors import TransferError, first_line
-from transfer.hardware import OutOfMemory
+from transfer.training import distributed
+from transfer.training.hardware import OutOfMemory
 
 log = logging.getLogger(__name__)
 OUT_OF_MEMORY = (torch.OutOfMemoryError, OutOfMemory)

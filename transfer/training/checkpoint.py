@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from transfer import distributed
+from transfer.config.checks import config_differences
+from transfer.config.preflight import safetensors_problem
 from transfer.errors import TransferError, UnsafeCheckpoint, first_line, reason
-from transfer.inputs import safetensors_problem
-from transfer.validate import config_differences
+from transfer.training import distributed
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("adapter_model.safetensors", "trainable.safetensors", "model.safetensors")
@@ -107,7 +107,7 @@ def save(folder: Path, model, full_model: bool, optimizer=None, trainer_state: d
     if sharded and full_model:  # the Hugging Face folder too: gathered onto rank 0 alone
         whole = _gathered_on_rank_zero(model)
     if sharded:  # before any rank can fail alone: every rank must reach dcp.save
-        from transfer import shards as sharding
+        from transfer.training import shards as sharding
 
         shards, groups = sharding.shard_state(model, optimizer)
         if trainer_state is not None and groups is not None:
@@ -146,7 +146,7 @@ def _gathered_on_rank_zero(model) -> dict | None:
     """The whole model's state on rank 0's CPU (None elsewhere); tied weights left out by name, as HF would."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from transfer.shards import untied
+    from transfer.training.shards import untied
 
     whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return untied(model, whole) if distributed.is_main() else None
@@ -198,7 +198,7 @@ def _has_shards(folder: Path) -> bool:
 def weights_bytes(folder: Path) -> int:
     """The bytes of a checkpoint's weights: its weight files, or the model's tensors among the shards."""
     if _has_shards(folder) and not any((folder / f).is_file() for f in WEIGHT_FILES):
-        from transfer.shards import model_bytes
+        from transfer.training.shards import model_bytes
 
         return model_bytes(folder / SHARDS)
     return sum((folder / f).stat().st_size for f in WEIGHT_FILES if (folder / f).is_file())
@@ -231,7 +231,7 @@ def damage(folder: Path) -> str | None:
         if _sha256(path) != entry.get("sha256"):
             return f"{name}: its checksum differs from the one written with it (changed or damaged)"
     if _has_shards(folder):
-        from transfer.shards import read_metadata
+        from transfer.training.shards import read_metadata
 
         try:
             read_metadata(folder / SHARDS)
@@ -262,7 +262,7 @@ def damage(folder: Path) -> str | None:
 def load_weights(folder: Path, model) -> None:
     """Put a checkpoint's weights into a model prepared the same way (same strategy)."""
     if _has_shards(folder):
-        from transfer.shards import load
+        from transfer.training.shards import load
 
         load(folder / SHARDS, model)
         return
@@ -314,7 +314,7 @@ def load_training_state(folder: Path, model, optimizer, trainer_state: dict) -> 
         load_weights(folder, model)
         load_optimizer_state(optimizer, trainer_state["optimizer"])
     else:
-        from transfer.shards import load
+        from transfer.training.shards import load
 
         load(folder / SHARDS, model, optimizer, trainer_state["optimizer_param_groups"])
 
@@ -328,7 +328,7 @@ def load_parent(model, run_dir: Path):
     loaded oldest first: the grandparent's weights, then the parent's over them. Returns the
     model and what the record says of its parent (and, under `init_from`, of the parent's).
     """
-    from transfer.validate import init_from_chain
+    from transfer.config.checks import init_from_chain
 
     info = None
     for folder, record in reversed(init_from_chain(run_dir, f"init_from={str(run_dir)!r}")):

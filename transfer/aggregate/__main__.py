@@ -1,0 +1,3 @@
+from transfer.aggregate import main
+
+main()

@@ -1,0 +1,1 @@
+"""Configuration, torch-free: the schema, its checks, start-up preflight."""

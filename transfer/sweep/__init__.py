@@ -1,0 +1,1 @@
+"""Sweeps: launchers, the Optuna search, the output lock, the Hydra callback."""

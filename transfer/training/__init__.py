@@ -1,0 +1,1 @@
+"""The training loop's components: loss, optimizer, distributed, memory, checkpoints, speed."""
