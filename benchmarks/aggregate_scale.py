@@ -14,7 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from transfer.aggregate import comparison, read_jobs, write_tables
+from transfer.aggregate.jobs import read_jobs
+from transfer.aggregate.output import write_tables
+from transfer.aggregate.tables import comparison
 
 STRATEGIES = ["full", "freeze_lower", "freeze_embeddings", "adapter", "lora", "dora", "ia3", "scratch"]
 

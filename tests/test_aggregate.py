@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 from conftest import copy_run, run_cli
 
-from transfer.aggregate import CI_NOTE, comparison, for_people, main, read_jobs
+from transfer.aggregate.__main__ import main
+from transfer.aggregate.jobs import read_jobs
 from transfer.aggregate.stats import paired_t_test, t_cdf, t_quantile, t_two_sided_p
+from transfer.aggregate.tables import CI_NOTE, comparison, for_people
 
 STEPS = ["max_steps=6", "eval_interval=3", "block_size=64", "micro_batch_size=4", "eval.max_tokens=2048", "eval.probes.python_docs.max_tokens=2048",
          "checkpoint.enabled=false", "eval.max_new_tokens=4", "hardware.estimate_memory=false"]  # fmt: skip
@@ -254,12 +256,12 @@ def test_scale_benchmark_runs(tmp_path):
 
 
 def test_numbers_are_shown_to_significant_figures_never_as_zero():
-    from transfer.aggregate import _formatter
+    from transfer.aggregate.columns import formatter
 
-    assert _formatter("train_seconds")(0.00123) == "0.00123" and _formatter("train_seconds")(12.34) == "12.3"
-    assert _formatter("val_loss_after")(0.0000456) == "4.56e-05"
-    assert _formatter("val_change_pct")(-0.0412) == "-0.0412" and _formatter("trainable_params")(1234567) == "1,234,567"
-    assert _formatter("tokens_per_second")(83_456.7) == "83,457" and _formatter("peak_memory_mb")(3.21) == "3.21"
+    assert formatter("train_seconds")(0.00123) == "0.00123" and formatter("train_seconds")(12.34) == "12.3"
+    assert formatter("val_loss_after")(0.0000456) == "4.56e-05"
+    assert formatter("val_change_pct")(-0.0412) == "-0.0412" and formatter("trainable_params")(1234567) == "1,234,567"
+    assert formatter("tokens_per_second")(83_456.7) == "83,457" and formatter("peak_memory_mb")(3.21) == "3.21"
 
 
 def test_a_speed_taken_on_shared_cpus_is_marked_contended(monkeypatch):
@@ -268,7 +270,7 @@ def test_a_speed_taken_on_shared_cpus_is_marked_contended(monkeypatch):
 
     import torch
 
-    from transfer.aggregate import for_people
+    from transfer.aggregate.tables import for_people
     from transfer.training.hardware import MachineLoad
 
     cpus = len(os.sched_getaffinity(0))

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from transfer.aggregate import aggregate, plots
+from transfer.aggregate import plots
+from transfer.aggregate.output import aggregate
 from transfer.config.checks import check_config, compose_config
 from transfer.data.sequences import Sequences
 from transfer.errors import TransferError

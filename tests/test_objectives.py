@@ -332,7 +332,8 @@ def test_the_recorded_task_metrics_are_the_final_models_own(sft_run, tmp_path):
 
 
 def test_the_tables_read_the_task_metrics_from_the_record(sft_run, tmp_path):
-    from transfer.aggregate import aggregate, lower_is_better
+    from transfer.aggregate.columns import lower_is_better
+    from transfer.aggregate.output import aggregate
 
     root, _ = sft_run
     sweep = tmp_path / "sweep"

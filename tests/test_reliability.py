@@ -892,7 +892,7 @@ def _sweep_of_records(folder: Path) -> Path:
 
 def test_fault_a_full_disk_while_the_tables_are_written_keeps_the_earlier_tables(tmp_path, capsys):
     """The first files fit, a plot does not: the earlier tables stay whole, no 0-byte or half-new comparison.md."""
-    from transfer.aggregate import main
+    from transfer.aggregate.__main__ import main
 
     sweep, out = _sweep_of_records(tmp_path / "sweep"), tmp_path / "tables"
     assert main([str(sweep), "--out", str(out), "--sort", "train_seconds"]) == 0
@@ -915,7 +915,7 @@ def test_fault_a_full_disk_while_the_tables_are_written_keeps_the_earlier_tables
 def test_fault_the_aggregator_counts_only_records_that_hold_results(tmp_path, capsys):
     """A record that says completed and holds nothing else, a pruned one without its training: not results.
     And a file named where a sweep folder goes."""
-    from transfer.aggregate import main
+    from transfer.aggregate.__main__ import main
 
     sweep = _sweep_of_records(tmp_path / "sweep")
     (sweep / "3" / ".hydra").mkdir(parents=True)

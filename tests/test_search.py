@@ -17,7 +17,8 @@ import yaml
 from conftest import copy_run, run_cli
 from omegaconf import OmegaConf
 
-from transfer.aggregate import comparison, for_people, read_jobs
+from transfer.aggregate.jobs import read_jobs
+from transfer.aggregate.tables import comparison, for_people
 from transfer.config.checks import check_command_line
 from transfer.errors import TransferError
 from transfer.sweep.search import STUDY_SETTINGS, Pruning, open_storage

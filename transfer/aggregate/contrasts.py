@@ -1,21 +1,13 @@
 """Views that compare groups of a sweep's comparison table: paired differences from a baseline group
 (`--baseline`, seed by seed, a t interval and a paired t-test) and the best group per strategy
-(`--best-per`, chosen on validation, reported on test). transfer/aggregate.py makes the table.
+(`--best-per`, chosen on validation, reported on test). transfer.aggregate.tables makes the table.
 """
 
 import pandas as pd
 
-from transfer.aggregate import (
-    CI_NOTE,
-    _formatter,
-    default_sort,
-    for_people,
-    lower_is_better,
-    main_metric,
-    probe_columns,
-    shown_columns,
-)
+from transfer.aggregate.columns import default_sort, formatter, lower_is_better, main_metric, probe_columns
 from transfer.aggregate.stats import paired_t_test
+from transfer.aggregate.tables import CI_NOTE, for_people, shown_columns
 from transfer.errors import TransferError
 
 
@@ -134,7 +126,7 @@ def _paired_cell(row: pd.Series, m: str) -> str:
     if n == 0:
         return "no common seed"
     diff, half, p = row[f"{m}_diff"], row[f"{m}_ci95"], row[f"{m}_p"]
-    fmt = _formatter(m.replace("change_", ""))
+    fmt = formatter(m.replace("change_", ""))
     signed = lambda v: ("+" if v > 0 else "") + fmt(v)  # noqa: E731
     if n == 1:
         return f"{signed(diff)} (1 pair: too few for an interval or a test)"

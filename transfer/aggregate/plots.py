@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from transfer.aggregate import lower_is_better, main_metric, probe_columns, probe_name  # noqa: E402
+from transfer.aggregate.columns import lower_is_better, main_metric, probe_columns, probe_name  # noqa: E402
 
 MARKERS = "osD^vP*Xh<>p"
 

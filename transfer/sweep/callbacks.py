@@ -17,7 +17,8 @@ class TablesCallback(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         if not config.get("tables_after_sweep", True):
             return
-        from transfer.aggregate import aggregate, for_people, under_table
+        from transfer.aggregate.output import aggregate
+        from transfer.aggregate.tables import for_people, under_table
 
         sweep = Path(config.hydra.sweep.dir)
         try:

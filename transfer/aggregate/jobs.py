@@ -1,0 +1,241 @@
+"""Reading a sweep's records into the jobs frame: one row per job folder of `multirun/<date>/<time>/<job>/`.
+
+A row holds the job's overrides as columns, then what its `metrics.json` says. Failed jobs and folders without a
+finished record stay, with their status; nothing is dropped silently. A record that says finished without what a
+finished job writes is `unreadable`; a job that ran the config and seed of another (a copied folder, a sweep run
+twice) is `duplicate` and counted once; a metric that is no number is left out. The last two become notes
+(`frame.attrs["notes"]`), said under the tables and on the terminal. Trials that an Optuna search pruned show as
+`pruned`, with the metrics they had when they stopped.
+"""
+
+import json
+import reprlib
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from transfer.aggregate.columns import NOT_METRICS, SPLIT_SHORT, column, numeric
+from transfer.errors import TransferError
+from transfer.record import FINISHED, job_folders, lookup, missing_fields, read_record
+
+_MISSING = object()  # a key a config lacks, apart from one set to null
+DEFAULT_ROOT = Path("multirun")
+
+
+def find_sweeps(paths: list[str], all_sweeps: bool, root: Path = DEFAULT_ROOT) -> list[Path]:
+    """The sweep folders to read: those given, every one under root, or the newest."""
+    if paths:
+        sweeps = [Path(p) for p in paths]
+        for s in sweeps:
+            if s.is_file():
+                raise TransferError(
+                    f"{str(s)!r} is a file; allowed: a sweep folder (multirun/<date>/<time>), which holds the jobs' folders"
+                )
+            if not s.is_dir():
+                raise TransferError(f"sweep folder {str(s)!r} does not exist")
+        return sweeps
+    candidates = sorted(p for p in root.glob("*/*") if p.is_dir()) if root.is_dir() else []
+    if not candidates:
+        raise TransferError(
+            f"no sweep under {str(root)!r}; run a sweep first (python -m transfer -m ...) or name a folder"
+        )
+    return candidates if all_sweeps else candidates[-1:]
+
+
+def read_jobs(sweeps: list[Path]) -> pd.DataFrame:
+    """One row per job of every sweep: override columns first, then the record's numbers."""
+    rows = [job_row(sweep, job) for sweep in sweeps for job in job_folders(sweep)]
+    if not rows:
+        raise TransferError(f"no job folders in {', '.join(str(s) for s in sweeps)}; is it a sweep folder?")
+    probes = {}
+    for row in rows:  # what each probe is, for the plots' labels: the first record that says wins
+        for name, about in (row.pop("_probes", None) or {}).items():
+            probes.setdefault(name, about)
+    # what the tables leave out or count once, said under them and on the terminal (main, TablesCallback)
+    notes = [note for row in rows for note in row.pop("_notes", [])] + mark_duplicates(rows)
+    frame = pd.DataFrame(rows)
+    keys = dict.fromkeys(k for row in rows for k in row.pop("_override_keys"))
+    frame = frame.drop(columns="_override_keys")
+    frame.attrs["override_keys"] = list(keys)
+    frame.attrs["probes"] = probes
+    frame.attrs["notes"] = notes
+    # override columns first, in the order they were given
+    return frame[
+        [
+            "sweep",
+            "job",
+            *[k for k in keys if k not in ("sweep", "job")],
+            *[c for c in frame.columns if c not in keys and c not in ("sweep", "job")],
+        ]
+    ]
+
+
+def job_row(sweep: Path, job: Path) -> dict:
+    try:
+        record = read_record(job)
+    except ValueError as e:  # not JSON: the job stays in the table, marked, and the others are read
+        record = {"status": "unreadable", "error": f"metrics.json is unreadable ({str(e).splitlines()[0]})"}
+    row = _job_record_row(sweep, job, record)
+    # The overrides the job ran with, as its record keeps them: Hydra rewrites .hydra/overrides.yaml
+    # whenever a sweep is launched again over the folder, even for jobs it then skips.
+    overrides = _overrides(record.get("overrides") if record and "overrides" in record else _hydra_overrides(job))
+    config = (record or {}).get("config") or {}
+    for key, value in overrides.items():
+        # the record's typed value wins over the override's text: 1e-4 and 0.0001, true and True are one value
+        row.setdefault(key, _config_value(config, key, value))
+    row["_override_keys"] = list(overrides)
+    return row
+
+
+def _job_record_row(sweep: Path, job: Path, record: dict | None) -> dict:
+    row = {"sweep": str(sweep), "job": job.name}
+    if record is not None and record.get("status") == "unreadable":
+        return {**row, **record, **_choices(job, None)}
+    if record is None or record.get("status") in (None, "running"):
+        row.update(status="incomplete", error="no finished record (killed or still running)")
+        return {**row, **_choices(job, record)}
+    missing = missing_fields(record)
+    if missing:  # says it finished, holds nothing a finished job writes: not a result to count
+        row.update(status="unreadable", error=f"metrics.json says {record['status']} but has no {', '.join(missing)}")
+        return {**row, **_choices(job, None)}  # from Hydra's files: the record's may be as damaged as the rest
+    cfg = record.get("config", {})
+    params = record.get("params", {})
+    train = record.get("train", {})
+    ev = record.get("eval", {})
+    row.update(_choices(job, record))
+    row.update(
+        seed=cfg.get("seed"),
+        status=record.get("status"),
+        error=record.get("error"),
+        tied_embeddings=params.get("tied_embeddings"),
+        trainable_params=params.get("trainable"),
+        total_params=params.get("total"),
+        trainable_pct=params.get("trainable_pct"),
+        train_seconds=train.get("seconds"),
+        warmup_seconds=train.get("warmup_seconds"),  # of train_seconds: first steps, compiling included
+        tokens_per_second=train.get("tokens_per_second"),
+        # without each process's first step: the pace a compiled run keeps once compiled
+        steady_tokens_per_second=train.get("tokens_per_second_after_first_step"),
+        contended=(train.get("machine") or {}).get("contended"),  # the run shared the CPUs: its speed says less
+        samples_per_second=train.get("samples_per_second"),
+        steps=train.get("steps"),
+        best_step=train.get("best_step"),
+        stop_reason=train.get("stop_reason"),
+        objective=(record.get("objective") or {}).get("name"),
+        select=(record.get("objective") or {}).get("select"),
+        peak_memory_mb=_mb(record.get("memory", {}).get("bytes")),
+        estimated_peak_mb=_mb((record.get("memory_estimate") or {}).get("peak_bytes")),
+        checkpoint_mb=_mb((train.get("checkpoint") or {}).get("bytes")),
+        val_tokens=(record.get("data") or {}).get("validation", {}).get("tokens"),  # eval.max_tokens cuts it
+    )
+    row.update(eval_columns(ev))
+    row.update(same_genre_columns(ev.get("probes")))
+    row["_probes"] = ev.get("probes") or {}
+    row["validation_curve"] = train.get("validation_curve") or []
+    row["weight_change"] = lookup(record, "diagnostics.weight_change.blocks") or []  # per block, like the curve a list
+    if record.get("status") == "pruned" and not (ev.get("final") or {}).get("validation") and row["validation_curve"]:
+        # stopped before its final evaluation: its last validation is what it reached
+        last = row["validation_curve"][-1]
+        row.update({column("validation", k, "after"): v for k, v in last.items()
+                    if k != "step" and k not in NOT_METRICS and isinstance(v, (int, float))})  # fmt: skip
+    row["_notes"] = _drop_non_numbers(row, job)
+    # what makes two jobs one result: their config groups and whole config, seed included (resume=true continues
+    # the same run)
+    same = [record.get("choices"), {k: v for k, v in cfg.items() if k != "resume"}]
+    row["_same_as"] = json.dumps(same, sort_keys=True, default=str)
+    return row
+
+
+def _drop_non_numbers(row: dict, job: Path) -> list[str]:
+    """A metric the record holds as text, a list or true/false is left out of the averages: one note for each."""
+    notes = []
+    for col, value in row.items():
+        if (
+            (numeric(col) or col == "val_tokens")
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, (int, float)))
+        ):
+            row[col] = None
+            notes.append(f"{job}: {col} is {reprlib.repr(value)} in its record, not a number; left out")
+    return notes
+
+
+def mark_duplicates(rows: list[dict]) -> list[str]:
+    """Jobs that ran the config and seed of an earlier job (a copied folder, a sweep run twice) are marked `duplicate`:
+    the first one counts, and one seed is never averaged as two. A note names each pair of folders."""
+    first, notes = {}, []
+    for row in rows:
+        key = row.pop("_same_as", None)
+        if key is None or row.get("status") not in FINISHED:
+            continue
+        folder = Path(row["sweep"]) / row["job"]
+        if key not in first:
+            first[key] = folder
+            continue
+        same = f"the same config and seed ({row.get('seed')}) as {first[key]}"
+        row.update(status="duplicate", error=f"{same}; counted there")
+        notes.append(f"{folder} ran {same}: counted once, not as a second seed")
+    return notes
+
+
+def eval_columns(ev: dict) -> dict:
+    """Every metric of every split, before and after, as the record names them (no fixed list)."""
+    columns = {}
+    for when, suffix in (("baseline", "before"), ("final", "after")):
+        for split, result in (ev.get(when) or {}).items():
+            for metric, value in (result or {}).items():
+                if metric not in NOT_METRICS:  # a value that is no number is left out with a note (_drop_non_numbers)
+                    columns[column(split, metric, suffix)] = value
+    for split, value in (ev.get("change_pct") or {}).items():
+        columns[f"{SPLIT_SHORT.get(split, split)}_change_pct"] = value
+    return columns
+
+
+def same_genre_columns(probes: dict | None) -> dict:
+    """`<probe>_same_genre`: whether a probe shares the training data's genre (its fall is transfer, not no forgetting).
+
+    Per job, not per sweep: a sweep over datasets can train on a probe's genre in some jobs only.
+    """
+    return {
+        f"{name}_same_genre": bool((about or {}).get("same_genre_as_training"))
+        for name, about in (probes or {}).items()
+    }
+
+
+def _config_value(config: dict, key: str, fallback):
+    node = lookup(config, key, missing=_MISSING)
+    if node is _MISSING:
+        return fallback
+    return node if isinstance(node, (str, int, float, bool)) or node is None else str(node)
+
+
+def _hydra_overrides(job: Path) -> list[str]:
+    path = job / ".hydra" / "overrides.yaml"
+    try:
+        return (yaml.safe_load(path.read_text()) if path.is_file() else None) or []
+    except (OSError, yaml.YAMLError):
+        return []
+
+
+def _overrides(items: list[str]) -> dict:
+    pairs = (o.split("=", 1) for o in items if isinstance(o, str) and "=" in o)
+    return {k.lstrip("+~"): v for k, v in pairs if not k.lstrip("+~").startswith("hydra")}
+
+
+def _choices(job: Path, record: dict | None) -> dict:
+    """strategy, model, dataset: from the record, or from Hydra's files for a job without one."""
+    if record and record.get("choices"):
+        c = record["choices"]
+        path = (record.get("config", {}).get("model") or {}).get("name_or_path")
+        model = Path(path).name if path else c.get("model")
+        return {"strategy": c.get("strategy"), "model": model, "dataset": c.get("dataset")}
+    hydra_file = job / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return {}
+    choices = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("runtime", {}).get("choices", {})
+    return {g: choices.get(g) for g in ("strategy", "model", "dataset")}
+
+
+def _mb(n) -> float | None:
+    return n / 2**20 if isinstance(n, (int, float)) else None

@@ -1,0 +1,149 @@
+"""The comparison table: jobs that differ only by seed grouped into one row, and its form for people.
+
+A row holds the mean ± the half-width of its 95 % Student-t confidence interval, with the number of seeds (the
+CSV keeps the standard deviation too). Failed jobs stay in the table with their status. Forgetting is measured on
+probes: old records have one reference corpus (split `reference`, columns `ref_ppl_before`, `ref_change_pct`),
+newer ones several named probes (`ref_<probe>`, columns `ref_<probe>_ppl_before`, `ref_<probe>_change_pct`).
+"""
+
+import math
+
+import pandas as pd
+
+from transfer.aggregate.columns import default_sort, formatter, lower_is_better, metric_columns, numeric, probe_columns
+from transfer.aggregate.stats import ci95_half_width
+from transfer.errors import TransferError
+from transfer.record import FINISHED
+
+
+def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str | None = None) -> pd.DataFrame:
+    """Jobs that differ only by seed, grouped: the seed count, and of every metric the mean, the std
+    (`<m>_std`) and the half-width of the mean's 95 % Student-t confidence interval (`<m>_ci95`).
+
+    Completed runs and dry runs are grouped apart (a dry run has counts, no perplexities).
+    """
+    keys = group_by or default_group_keys(jobs)
+    sort = sort or default_sort(jobs)
+    done = jobs[jobs["status"].isin(FINISHED)]
+    metrics = metric_columns(jobs)
+    rows = []
+    for key, group in done.groupby([*keys, "status"], dropna=False, sort=False):
+        *key_values, status = key
+        row = dict(zip(keys, key_values, strict=True))
+        row["seeds"] = len(group)
+        for m in metrics:
+            values = pd.to_numeric(group[m], errors="coerce").dropna()
+            row[m] = values.mean() if len(values) else math.nan
+            row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+            row[f"{m}_ci95"] = ci95_half_width(row[f"{m}_std"], len(values))
+        for flag in [c for c in group.columns if c.endswith("_same_genre")]:
+            row[flag] = bool(group[flag].eq(True).any())
+        shared = int(group["contended"].eq(True).sum()) if "contended" in group else 0
+        row["contended"] = f"{shared} of {len(group)}" if shared else None  # shown when a speed was taken so
+        row["status"] = status
+        row["error"] = None
+        rows.append(row)
+    for _, job in jobs[~jobs["status"].isin(FINISHED)].iterrows():  # failures stay visible
+        row = {k: job.get(k) for k in keys}
+        row.update(seeds=0, status=job["status"], error=job.get("error"), job=job["job"])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if sort in table.columns:
+        table = table.sort_values(sort, ascending=lower_is_better(sort), na_position="last", kind="stable")
+    table = table.reset_index(drop=True)
+    table.attrs.update(
+        group_keys=keys, sort=sort, probes=jobs.attrs.get("probes", {}), notes=jobs.attrs.get("notes", [])
+    )
+    return table
+
+
+def default_group_keys(jobs: pd.DataFrame) -> list[str]:
+    """The overrides that vary across the jobs with results, seed excepted; strategy when nothing varies.
+
+    Jobs scored on different validation tokens (eval.max_tokens, set by a preset, say) are
+    never averaged together: val_tokens joins the keys when it varies.
+    """
+    # among the jobs with results: a failed or unreadable job's missing overrides do not make a column vary
+    done = jobs[jobs["status"].isin(FINISHED)]
+    done = jobs if done.empty else done
+    keys = [
+        k for k in jobs.attrs.get("override_keys", []) if k != "seed" and done[k].astype(str).nunique(dropna=False) > 1
+    ]
+    if "strategy" not in keys and "strategy" in jobs.columns:
+        keys = ["strategy", *keys]
+    if "val_tokens" in jobs.columns and jobs["val_tokens"].nunique() > 1:
+        keys.append("val_tokens")
+    return keys
+
+
+# The comparison table's columns after the grouping keys, when none are asked for; PROBES stands for
+# every forgetting probe's change column (ref_change_pct, or ref_<probe>_change_pct each).
+PROBES = "<probes>"
+DEFAULT_COLUMNS = [
+    "seeds", "trainable_params", "total_params", "trainable_pct", "val_ppl_before", "val_ppl_after",
+    "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_log_loss_after",
+    "val_reward_accuracy_before", "val_reward_accuracy_after", "val_margin_after", "val_token_kl_after",
+    "test_ppl_before", "test_ppl_after", "test_auc_after", "ref_ppl_before", "ref_ppl_after", PROBES,
+    "train_seconds", "warmup_seconds", "tokens_per_second", "steady_tokens_per_second", "contended", "peak_memory_mb",
+    "estimated_peak_mb", "checkpoint_mb", "best_step", "status", "error",
+]  # fmt: skip
+# What ± means in every table that shows it; printed and written under them.
+CI_NOTE = (
+    "± is the half-width of the 95 % confidence interval of the mean over seeds "
+    "(Student t, n - 1 degrees of freedom, n = seeds); a value without ± had one seed or no spread."
+)
+_HELPERS = ("_std", "_ci95", "_same_genre")  # columns behind a shown one, in the CSV only
+
+
+def for_people(table: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
+    """Formatted strings: thousands separators, 3 significant figures, mean ± 95 % CI half-width (CI_NOTE).
+
+    By default the grouping keys and DEFAULT_COLUMNS, less the columns no row fills
+    (a dry-run sweep has counts but no perplexities; a sweep without failures no errors).
+    A column asked for that the table lacks is an error, not left out.
+    """
+    if columns is None:
+        columns = [*table.attrs.get("group_keys", []), *default_columns(table)]
+    else:
+        check_columns(columns, shown_columns(table), "column")
+    out = pd.DataFrame(index=table.index)
+    for col in dict.fromkeys(columns):
+        if numeric(col):
+            ci = table[f"{col}_ci95"] if f"{col}_ci95" in table else pd.Series(math.nan, index=table.index)
+            out[col] = [_cell(v, ci[i], col) for i, v in table[col].items()]
+        else:
+            out[col] = table[col].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    return out
+
+
+def default_columns(table: pd.DataFrame) -> list[str]:
+    """DEFAULT_COLUMNS with the probes' change columns in place, less those no row fills."""
+    wanted = [c for name in DEFAULT_COLUMNS for c in (probe_columns(table) if name == PROBES else [name])]
+    return [c for c in dict.fromkeys(wanted) if c in ("seeds", "status") or (c in table and table[c].notna().any())]
+
+
+def shown_columns(table: pd.DataFrame) -> list[str]:
+    """The columns of a table that can be shown: every one but the std, CI and flag behind a shown one."""
+    return [c for c in table.columns if not c.endswith(_HELPERS)]
+
+
+def check_columns(asked: list[str], allowed: list[str], what: str) -> None:
+    """One line naming the first column asked for that is not there, and the ones that are."""
+    for col in asked:
+        if col not in allowed:
+            raise TransferError(f"unknown {what} {col!r}; allowed: {', '.join(allowed)}")
+
+
+def _cell(value, ci, col: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    fmt = formatter(col)
+    if ci is None or math.isnan(ci) or ci == 0:  # one seed, or a value no seed changes
+        return fmt(value)
+    return f"{fmt(value)} ± {formatter(col.replace('change_', ''))(ci)}"
+
+
+def under_table(table: pd.DataFrame) -> str:
+    """What the comparison table's ± means, and the notes of its reading (a duplicated job, a metric left out)."""
+    notes = table.attrs.get("notes") or []
+    return CI_NOTE + ("\n\n" + "\n".join(f"- {note}" for note in notes) if notes else "")
