@@ -178,7 +178,8 @@ def test_resume_under_another_config_is_refused(short_run, tmp_path):
 
 def test_resume_accepts_a_checkpoint_made_with_other_loss_chunks(tmp_path):
     from transfer.config.checks import resumable_config
-    from transfer.training.checkpoint import CONFIG_FILE, check_same_config
+    from transfer.training.checkpoint import CONFIG_FILE
+    from transfer.training.restore import check_same_config
 
     cfg = compose_config([])
     saved = resumable_config(cfg)

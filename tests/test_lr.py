@@ -23,8 +23,9 @@ from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
 from transfer.run import data_warnings
 from transfer.strategies import apply_strategy
-from transfer.training.checkpoint import CONFIG_FILE, check_same_config
+from transfer.training.checkpoint import CONFIG_FILE
 from transfer.training.optim import build_optimizer
+from transfer.training.restore import check_same_config
 
 STRATEGIES = group_options("strategy")
 CPU_STRATEGIES = [s for s in STRATEGIES if s != "qlora"]

@@ -88,7 +88,7 @@ def pick_weights(record: dict, run_dir: Path, which: str | None) -> dict:
 
     Step 0 is the untrained model (the best when training never beat it): nothing to load.
     """
-    from transfer.training.checkpoint import weights_folder
+    from transfer.training.restore import weights_folder
 
     train = record["train"]
     if which is None:
@@ -111,7 +111,8 @@ def rebuild(cfg, weights: dict):
     """(model, tokenizer) as the run had them at the chosen step: base, parent, strategy, then the weights."""
     from transfer.models.load import load_model_and_tokenizer
     from transfer.strategies import apply_strategy
-    from transfer.training.checkpoint import load_parent, load_weights
+    from transfer.training.checkpoint import load_weights
+    from transfer.training.restore import load_parent
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
     if cfg.init_from:

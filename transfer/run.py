@@ -39,9 +39,9 @@ from transfer.record import TRAINED, write_record
 from transfer.strategies import apply_strategy, check_before_loading, loading_options, parameter_report
 from transfer.train import describe_metrics, log_metrics, train
 from transfer.training import distributed
-from transfer.training.checkpoint import check_same_config, find_resume_point, load_parent
 from transfer.training.hardware import resolve
 from transfer.training.oom import MemoryPlan
+from transfer.training.restore import check_same_config, find_resume_point, load_parent
 from transfer.training.speed import apply_transforms, compile_gave_up
 
 log = logging.getLogger("transfer")
