@@ -7,8 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from transfer.config import schema
-from transfer.config.checks import check_command_line, check_config, compose_config, group_options
+from transfer.config import data, optimizer, schema
+from transfer.config.checks import check_config
+from transfer.config.compose import check_command_line, compose_config, group_options
 from transfer.errors import TransferError
 
 # Options that need a value the user must give.
@@ -36,11 +37,11 @@ REQUIRED = {
     },
 }
 EXPECTED_TYPES = {
-    ("dataset", "text_files"): schema.TextFilesDataset,
-    ("dataset", "rust_concepts"): schema.TextFilesDataset,
-    ("dataset", "hub"): schema.HubDataset,
-    ("optimizer", "adamw"): schema.AdamWConfig,
-    ("optimizer", "sgd"): schema.SGDConfig,
+    ("dataset", "text_files"): data.TextFilesDataset,
+    ("dataset", "rust_concepts"): data.TextFilesDataset,
+    ("dataset", "hub"): data.HubDataset,
+    ("optimizer", "adamw"): optimizer.AdamWConfig,
+    ("optimizer", "sgd"): optimizer.SGDConfig,
 }
 ALL_CHOICES = [(g, o) for g in schema.GROUPS for o in group_options(g)]
 
@@ -259,11 +260,11 @@ def test_command_line_without_sweep_is_checked_too():
 
 
 def test_compose_works_in_a_fresh_process():
-    """validate.py alone must register the schema (a bench or notebook imports nothing else)."""
+    """config.compose alone must register the schema (a bench or notebook imports nothing else)."""
     import subprocess
     import sys
 
-    code = "from transfer.config.checks import compose_config; print(list(compose_config([]).eval.probes))"
+    code = "from transfer.config.compose import compose_config; print(list(compose_config([]).eval.probes))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['python_docs']"
