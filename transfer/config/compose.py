@@ -37,8 +37,6 @@ LAUNCHER_EXTRAS = {
     "submitit_local": ("slurm", ("hydra_plugins.hydra_submitit_launcher", "submitit")),
     "submitit_slurm": ("slurm", ("hydra_plugins.hydra_submitit_launcher", "submitit")),
 }
-
-
 # launcher settings that are open dicts of keyword arguments (ray.init(), @ray.remote, sbatch options):
 # Hydra adds a key there only when written +key=value, so a plain key=value is passed on as ++key=value
 OPEN_LAUNCHER_DICTS = ("hydra.launcher.ray.init.", "hydra.launcher.ray.remote.", "hydra.launcher.additional_parameters.")  # fmt: skip

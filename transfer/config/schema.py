@@ -90,7 +90,7 @@ class SearchConfig:
     """The Optuna trial a job is (hydra/sweeper=optuna sets all three for each job; null outside a search).
 
     The job reports its validation metric to the trial at every eval_interval and stops when
-    the study's pruner says so (transfer/search.py).
+    the study's pruner says so (transfer/training/pruning.py).
     """
 
     trial: int | None = None  # the trial's number in the study
