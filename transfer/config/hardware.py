@@ -48,7 +48,7 @@ class Attention(Enum):
 
 
 class Kernels(Enum):
-    torch = "torch"  # PyTorch's own operations, and our fused loss (transfer/loss.py)
+    torch = "torch"  # PyTorch's own operations, and our fused loss (transfer/training/loss.py)
     liger = "liger"  # Liger's Triton kernels: RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (a CUDA GPU)
 
 
@@ -61,7 +61,7 @@ class HardwareConfig:
     num_threads: int | None = None
     # Compute the head and the loss over chunks of at most this many tokens, with the
     # head's gradients fused into the loss, so that the full logits never exist at once
-    # (0: autograd's path over the whole logits). See transfer/loss.py.
+    # (0: autograd's path over the whole logits). See transfer/training/loss.py.
     loss_chunk_tokens: int = 4096
     # Out of GPU memory: fail with one line saying what would fit; halve the micro-batch and
     # double the accumulation (the same batch per step) and retry, down to 1, as evaluation halves
@@ -78,10 +78,10 @@ class HardwareConfig:
     # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
     compile_mode: str = "default"
     # The kernels of the blocks' norms, MLPs and rotary embeddings and of the training loss: torch, or liger
-    # (the liger-kernel package, on a CUDA GPU; transfer/transforms.py).
+    # (the liger-kernel package, on a CUDA GPU; transfer/training/speed.py).
     kernels: Kernels = Kernels.torch
     # GiB a run may use; null: what the device has free when the run starts. An estimated peak
-    # above it is one warning line with the settings that would fit (transfer/memory.py).
+    # above it is one warning line with the settings that would fit (transfer/training/memory.py).
     memory_limit: float | None = None
     # An estimated peak more than twice the memory (memory_limit, or what is free): refuse the run before its
     # weights are read, in one line with the settings that would fit, unless on_oom can act there (on a GPU:
@@ -136,7 +136,7 @@ def check_hardware(cfg: DictConfig) -> None:
         )
     strategy = cfg.strategy.name
     four_bit = STRATEGIES[strategy].four_bit
-    if four_bit and hw.on_oom.value == "cpu":  # the CPU computes in fp32 (transfer/oom.py)
+    if four_bit and hw.on_oom.value == "cpu":  # the CPU computes in fp32 (transfer/training/oom.py)
         raise TransferError(
             f"hardware.on_oom=cpu would cast the weights to fp32 on the CPU, and strategy={strategy}'s 4-bit weights "
             "cannot be cast; allowed with it: fail, halve"

@@ -80,7 +80,7 @@ class CheckpointConfig:
 # ---------------------------------------------------------------- several processes
 @dataclass
 class DistributedConfig:
-    # auto | ddp | fsdp: how torchrun's processes share one job (transfer/distributed.py)
+    # auto | ddp | fsdp: how torchrun's processes share one job (transfer/training/distributed.py)
     name: str = MISSING
 
 

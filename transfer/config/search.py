@@ -176,7 +176,6 @@ def trial_overrides_to_check(space: dict[str, Param]) -> list[list[str]]:
 
 
 # ---------------------------------------------------------------- the command line (transfer.config.compose)
-# ---------------------------------------------------------------- the command line (transfer.config.checks)
 PARAMS_PREFIX = "hydra.sweeper.params."
 
 
@@ -185,7 +184,7 @@ def check_command_line(run, parsed: list, multirun: bool, compose, is_group) -> 
     override lists whose configs give every value the search may draw, the config groups it searches).
 
     `run` is the config composed with its hydra node; `compose` composes a job's config with
-    one-line errors (transfer.config.checks.compose_config); `is_group(key)` says whether a key is a config group.
+    one-line errors (transfer.config.compose.compose_config); `is_group(key)` says whether a key is a config group.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
