@@ -18,7 +18,7 @@ from datetime import date
 import torch
 from trainer_vs_hf import SHAPES, model_config
 
-from transfer.config.checks import compose_config
+from transfer.config.compose import compose_config
 from transfer.data.blocks import to_blocks
 from transfer.evaluation.perplexity import perplexity
 from transfer.models.load import build_model

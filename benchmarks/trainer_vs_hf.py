@@ -100,7 +100,7 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.data.blocks import to_blocks
     from transfer.models.load import build_model, byte_tokenizer
     from transfer.objectives import build_objective

@@ -7,7 +7,7 @@ import torch
 from conftest import run_ok
 
 from transfer import cache
-from transfer.config.checks import compose_config
+from transfer.config.compose import compose_config
 from transfer.data.blocks import text_blocks
 from transfer.errors import TransferError
 from transfer.models.load import byte_tokenizer, load_model_and_tokenizer

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, SHORT, copy_run, run_cli
 
-from transfer.config.checks import compose_config
+from transfer.config.compose import compose_config
 from transfer.models.load import build_model, byte_tokenizer, tiny_config
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from transfer.config import schema
-from transfer.config.checks import check_command_line, check_config, compose_config, group_options
+from transfer.config import data, optimizer, schema
+from transfer.config.checks import check_config
+from transfer.config.compose import CONF_DIR, check_command_line, compose_config, group_options
 from transfer.errors import TransferError
 
 # Options that need a value the user must give.
@@ -36,11 +37,11 @@ REQUIRED = {
     },
 }
 EXPECTED_TYPES = {
-    ("dataset", "text_files"): schema.TextFilesDataset,
-    ("dataset", "rust_concepts"): schema.TextFilesDataset,
-    ("dataset", "hub"): schema.HubDataset,
-    ("optimizer", "adamw"): schema.AdamWConfig,
-    ("optimizer", "sgd"): schema.SGDConfig,
+    ("dataset", "text_files"): data.TextFilesDataset,
+    ("dataset", "rust_concepts"): data.TextFilesDataset,
+    ("dataset", "hub"): data.HubDataset,
+    ("optimizer", "adamw"): optimizer.AdamWConfig,
+    ("optimizer", "sgd"): optimizer.SGDConfig,
 }
 ALL_CHOICES = [(g, o) for g in schema.GROUPS for o in group_options(g)]
 
@@ -259,11 +260,43 @@ def test_command_line_without_sweep_is_checked_too():
 
 
 def test_compose_works_in_a_fresh_process():
-    """validate.py alone must register the schema (a bench or notebook imports nothing else)."""
+    """config.compose alone must register the schema (a bench or notebook imports nothing else)."""
     import subprocess
     import sys
 
-    code = "from transfer.config.checks import compose_config; print(list(compose_config([]).eval.probes))"
+    code = "from transfer.config.compose import compose_config; print(list(compose_config([]).eval.probes))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['python_docs']"
+
+
+def test_config_imports_neither_torch_nor_transformers():
+    """config/ is torch-free by contract: every sweep job is checked at start-up within a second."""
+    import subprocess
+    import sys
+
+    import transfer.config
+
+    modules = sorted(p.stem for p in Path(transfer.config.__file__).parent.glob("*.py") if p.stem != "__init__")
+    code = "; ".join(
+        [f"import transfer.config.{m}" for m in modules]
+        + ["import sys", "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"]
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["[]"], f"config/ ({', '.join(modules)}) loaded {proc.stdout.strip()}"
+
+
+def test_each_registry_names_the_option_files():
+    """The spec tables and the schema's registered classes name the YAML options of their groups, no more, no less."""
+    from transfer.config.objective import OBJECTIVES
+    from transfer.config.strategy import STRATEGIES
+
+    assert sorted(OBJECTIVES) == group_options("objective")
+    assert sorted(STRATEGIES) == group_options("strategy")
+    for group, nodes in schema.NODES.items():
+        named = set()
+        for option in group_options(group):
+            defaults = OmegaConf.load(CONF_DIR / group / f"{option}.yaml").get("defaults", [])
+            named |= {d.split("@")[0] for d in defaults if isinstance(d, str) and d.startswith("/schema/")}
+        assert named == {f"/schema/{group}/{option}" for option in nodes}, f"conf/{group}/ against schema.NODES"

@@ -40,7 +40,7 @@ def test_half_precision_training_learns_and_records_cuda_memory(tmp_path, precis
 @pytest.mark.parametrize("precision", [torch.bfloat16, torch.float16])
 def test_the_fused_loss_runs_on_cuda_and_matches_the_whole_logits(precision):
     """The default loss (fused, in chunks) must be found usable on a GPU, not silently switched off."""
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.models.load import load_model_and_tokenizer
     from transfer.training.loss import _HEAD_IS_LAST
 
@@ -58,7 +58,7 @@ def test_the_fused_loss_runs_on_cuda_and_matches_the_whole_logits(precision):
 
 
 def test_qlora_trains_4bit_weights_and_counts_them_as_parameters(shared, tmp_path):
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.models.load import load_model_and_tokenizer
     from transfer.strategies import numel
 
@@ -103,7 +103,7 @@ def test_running_out_of_cuda_memory_is_one_line_and_the_next_job_gets_the_memory
 
 def test_the_fused_loss_skips_masked_positions_on_cuda_and_matches_the_whole_logits():
     """sft's path: only scored positions meet the head, in bf16 on a GPU."""
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.models.load import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(compose_config([]).model, 64)
@@ -155,7 +155,7 @@ def test_preference_objectives_train_on_cuda_in_bf16_with_lora(tmp_path, objecti
 @pytest.mark.parametrize("policy", ["halve", "cpu"])
 def test_real_out_of_memory_is_survived_by_halving_or_moving_to_the_cpu(policy):
     """The GPU capped at 256 MiB: 64 x 512 tokens do not fit; halving finds what does, or the CPU takes over."""
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.models.load import load_model_and_tokenizer
     from transfer.objectives import build_objective
     from transfer.train import train
@@ -187,7 +187,7 @@ def test_real_out_of_memory_is_survived_by_halving_or_moving_to_the_cpu(policy):
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_blocks_on_cuda_learn_as_plain_ones_and_compile_all_through(tmp_path, mode):
     """hardware.compile on a GPU in bf16 (Triton kernels; reduce-overhead adds CUDA graphs): the same learning."""
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.run import run_experiment
 
     run = [*ON_CUDA, "hardware.precision=bf16", "checkpoint.enabled=false"]
@@ -210,7 +210,7 @@ def test_liger_kernels_on_cuda_learn_as_ours_and_the_next_job_runs_transformers_
 
     from transformers import Qwen2ForCausalLM
 
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.run import run_experiment
 
     modeling = sys.modules[Qwen2ForCausalLM.__module__]
@@ -226,7 +226,7 @@ def test_liger_kernels_on_cuda_learn_as_ours_and_the_next_job_runs_transformers_
 
 @liger
 def test_ligers_fused_loss_on_cuda_matches_ours_in_bf16():
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.models.load import load_model_and_tokenizer
     from transfer.training import loss
 

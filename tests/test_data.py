@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from transfer.config import schema
-from transfer.config.checks import compose_config
+from transfer.config.compose import compose_config
+from transfer.config.data import TextFilesDataset
 from transfer.data.blocks import first_tokens, to_blocks, tokenize
 from transfer.data.sequences import IGNORE, evaluation_batches
 from transfer.data.sources import load_rows, load_texts, read_files
@@ -19,7 +19,7 @@ EOS = byte_tokenizer().eos_token_id
 
 
 def files_cfg(**kwargs):
-    return OmegaConf.merge(OmegaConf.structured(schema.TextFilesDataset), {"name": "t", **kwargs})
+    return OmegaConf.merge(OmegaConf.structured(TextFilesDataset), {"name": "t", **kwargs})
 
 
 def lm_splits(overrides: list[str], max_eval_tokens: int | None = None, dataset=None) -> dict:

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from transfer.aggregate import plots
 from transfer.aggregate.output import aggregate
-from transfer.config.checks import check_config, compose_config
+from transfer.config.checks import check_config
+from transfer.config.compose import compose_config
 from transfer.data.sequences import Sequences
 from transfer.errors import TransferError
 from transfer.evaluation import diagnostics

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from transfer.config.checks import check_command_line, compose_config
+from transfer.config.compose import check_command_line, compose_config
 from transfer.errors import TransferError
 
 # torchrun: two processes a run (`make test` and CI run them; -m "not slow" leaves them out)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import FAST, SHORT, SWEEP, copy_run, run_cli, run_ok
 
-from transfer.config.checks import compose_config
+from transfer.config.compose import compose_config
 from transfer.errors import TransferError
 from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
@@ -177,7 +177,7 @@ def test_resume_under_another_config_is_refused(short_run, tmp_path):
 
 
 def test_resume_accepts_a_checkpoint_made_with_other_loss_chunks(tmp_path):
-    from transfer.config.checks import resumable_config
+    from transfer.config.folders import resumable_config
     from transfer.training.checkpoint import CONFIG_FILE
     from transfer.training.restore import check_same_config
 

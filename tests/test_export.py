@@ -27,7 +27,7 @@ RUNS = {  # rates that move six steps' weights well clear of the tolerances belo
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.run import run_experiment
 
     root = tmp_path_factory.mktemp("export_runs")
@@ -146,7 +146,7 @@ CHATML = (
 def test_a_chat_tokenizers_template_and_added_special_tokens_survive_the_export(tmp_path):
     """A tokenizer as chat models ship one (added special tokens, a chat template), in a model folder of its own,
     through a LoRA run and a merged export: the exported tokenizer keeps both and renders a chat to the same ids."""
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.models.load import build_model, byte_tokenizer, tiny_config
     from transfer.run import run_experiment
 
@@ -342,7 +342,7 @@ def test_an_output_or_temporary_path_that_is_a_link_is_refused(runs, tmp_path, c
 def test_weights_that_find_no_place_of_their_name_and_shape_are_named(runs):
     """A checkpoint of the 4-block model into a 2-block one of another width: refused, naming what does not fit (a
     load that skipped them would leave part of the model as it was)."""
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.errors import TransferError
     from transfer.models.load import load_model_and_tokenizer
     from transfer.training.checkpoint import load_weights

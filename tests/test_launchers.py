@@ -221,7 +221,7 @@ def test_a_failed_job_fails_the_sweep_through_another_process(submitit, tmp_path
 
 def test_the_exit_status_comes_from_the_records(tmp_path, capsys):
     """Folders as a sweep in other processes leaves them: finished, failed, killed, never started, unreadable."""
-    from transfer.config.checks import Plan
+    from transfer.config.compose import Plan
     from transfer.sweep.launchers import exit_status
 
     sweep = tmp_path / "sweep"
@@ -273,7 +273,7 @@ def test_a_launcher_not_installed_is_one_line_naming_its_extra(tmp_path, launche
 
 def test_ray_asking_for_a_gpu_on_a_machine_without_one_is_refused(ray, monkeypatch):
     from transfer.config import preflight
-    from transfer.config.checks import check_command_line
+    from transfer.config.compose import check_command_line
     from transfer.errors import TransferError
 
     monkeypatch.setattr(preflight, "cuda_available", lambda: False)
@@ -296,7 +296,7 @@ def readme_launcher_commands() -> list[list[str]]:
 def test_the_readme_launcher_commands_are_accepted(ray, submitit, monkeypatch):
     """They need GPUs or a SLURM cluster to run; here each is checked as `python -m transfer` checks it first."""
     from transfer.config import preflight
-    from transfer.config.checks import check_command_line
+    from transfer.config.compose import check_command_line
 
     monkeypatch.setattr(preflight, "cuda_available", lambda: True)  # as on the GPU machine they are written for
     commands = readme_launcher_commands()
@@ -310,7 +310,7 @@ def test_the_readme_launcher_commands_are_accepted(ray, submitit, monkeypatch):
 def test_a_submitit_job_of_two_tasks_is_one_job_on_two_processes(submitit, tmp_path):
     """hydra.launcher.tasks_per_node=2: the two tasks of the job join as torchrun's processes would (FSDP2 for full
     fine-tuning), train as one process does, and write one record, one log and one TensorBoard file."""
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.run import run_experiment
 
     args = [*TINY, "max_steps=6", "eval_interval=3", "grad_accum_steps=2"]
@@ -331,7 +331,7 @@ def test_a_submitit_job_of_two_tasks_is_one_job_on_two_processes(submitit, tmp_p
 
 
 def test_accumulation_that_does_not_divide_among_a_jobs_tasks_is_one_line(submitit):
-    from transfer.config.checks import check_command_line
+    from transfer.config.compose import check_command_line
     from transfer.errors import TransferError
 
     with pytest.raises(

@@ -9,15 +9,9 @@ import torch
 from conftest import FAST, run_ok
 from omegaconf import OmegaConf
 
-from transfer.config.checks import (
-    CONF_DIR,
-    check_command_line,
-    compose_config,
-    config_differences,
-    group_options,
-    resumable_config,
-)
-from transfer.config.schema import learning_rate
+from transfer.config.compose import CONF_DIR, check_command_line, compose_config, group_options
+from transfer.config.folders import config_differences, resumable_config
+from transfer.config.optimizer import learning_rate
 from transfer.errors import TransferError
 from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective

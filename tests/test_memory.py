@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import loss_and_grads
 
-from transfer.config.checks import compose_config
+from transfer.config.compose import compose_config
 from transfer.models.load import load_model_and_tokenizer
 from transfer.strategies import apply_strategy
 from transfer.training.speed import apply_transforms

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from transfer.config.checks import compose_config
+from transfer.config.compose import compose_config
 from transfer.errors import TransferError
 from transfer.models.load import byte_tokenizer, load_model_and_tokenizer
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_ok
 
-from transfer.config.checks import compose_config
+from transfer.config.compose import compose_config
 from transfer.data.chat import Example, encode, fit, render, template_of, to_example, training_tokens
 from transfer.data.sequences import IGNORE, ExampleStream, Sequences, packed_batch, padded_batch
 from transfer.errors import TransferError

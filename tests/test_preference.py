@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import run_ok
 
-from transfer.config.checks import compose_config
+from transfer.config.compose import compose_config
 from transfer.data.sequences import padded_batch
 from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective

@@ -131,7 +131,7 @@ def _parent_of_shape(init_from=None, **tiny):
     """run/: a completed run of the tiny model with its shape changed by `tiny`, started from `init_from`."""
 
     def make(folder, fx):
-        from transfer.config.checks import compose_config
+        from transfer.config.compose import compose_config
 
         config = OmegaConf.to_container(compose_config([]), resolve=True, enum_to_str=True)
         config["model"]["tiny"].update(tiny)
@@ -420,7 +420,7 @@ def one_error_line(output: str, message: str) -> str:
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
     """A small saved model (2 blocks, context 1024) with the byte tokenizer: what a user's folder holds."""
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.models.load import build_model, byte_tokenizer, tiny_config
 
     folder = tmp_path_factory.mktemp("model") / "tiny2"
@@ -586,7 +586,7 @@ def test_fault_crafted_shards_run_no_code(tmp_path, craft):
 
     import torch.distributed.checkpoint as dcp
 
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.errors import TransferError, UnsafeCheckpoint
     from transfer.models.load import load_model_and_tokenizer
     from transfer.training.checkpoint import SHARDS, damage, load_weights
@@ -634,7 +634,7 @@ def test_fault_crafted_shards_run_no_code(tmp_path, craft):
 def test_fault_kto_judged_by_a_pair_metric_on_unpaired_rows_read_at_run_time(tmp_path):
     """Rows from the hub are known only once read: KTO with objective.select=reward_accuracy on unpaired rows is
     one line at the start of training (its validation has no pairs to compare), not a KeyError."""
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.errors import TransferError
     from transfer.models.load import load_model_and_tokenizer
     from transfer.objectives import build_objective

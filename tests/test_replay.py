@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import FAST, assert_same_training, kill_after_first_checkpoint, run_ok
 
-from transfer.config.checks import check_command_line, compose_config
+from transfer.config.compose import check_command_line, compose_config
 from transfer.data.blocks import separator_id, tokenize
 from transfer.data.sequences import ExampleStream
 from transfer.data.sources import python_docs_prose

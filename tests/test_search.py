@@ -19,9 +19,10 @@ from omegaconf import OmegaConf
 
 from transfer.aggregate.jobs import read_jobs
 from transfer.aggregate.tables import comparison, for_people
-from transfer.config.checks import check_command_line
+from transfer.config.compose import check_command_line
+from transfer.config.search import STUDY_SETTINGS, open_storage
 from transfer.errors import TransferError
-from transfer.sweep.search import STUDY_SETTINGS, Pruning, open_storage
+from transfer.training.pruning import Pruning
 
 # a trial of the random tiny model (which any rate improves at first) in about a second, validated every 2 steps
 TINY = [
@@ -357,7 +358,7 @@ def test_a_search_whose_metric_never_arrives_fails_with_one_line(tmp_path):
 def test_a_search_whose_every_trial_failed_says_why_the_first_did(tmp_path, capsys):
     """The sweeper's summary, and the command's exit status from it, for trials whose jobs failed."""
     from hydra_plugins.transfer_optuna_sweeper.sweeper import OptunaSweeper
-    from transfer.config.checks import Plan
+    from transfer.config.compose import Plan
     from transfer.sweep.launchers import exit_status
 
     sweep = tmp_path / "sweep"

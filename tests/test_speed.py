@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import loss_and_grads
 
-from transfer.config.checks import check_config, compose_config
+from transfer.config.checks import check_config
+from transfer.config.compose import compose_config
 from transfer.data.sequences import IGNORE
 from transfer.errors import TransferError
 from transfer.models.load import load_model_and_tokenizer

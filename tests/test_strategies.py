@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli, run_ok
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
-from transfer.config.checks import compose_config
+from transfer.config.compose import compose_config
 from transfer.errors import TransferError
 from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective

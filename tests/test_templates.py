@@ -145,7 +145,7 @@ def test_choices_are_scored_as_the_data_writes_its_answers(tmp_path):
     written so; and a warning says so."""
     import json
 
-    from transfer.config.checks import compose_config
+    from transfer.config.compose import compose_config
     from transfer.models.load import load_model_and_tokenizer
     from transfer.objectives import build_objective
     from transfer.training.hardware import resolve

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run_ok
 
-from transfer.config.checks import compose_config
+from transfer.config.compose import compose_config
 from transfer.data.probes import probe_splits
 from transfer.errors import TransferError
 from transfer.evaluation.perplexity import perplexity

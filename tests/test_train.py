@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import loss_and_grads
 
-from transfer.config.checks import compose_config
-from transfer.config.schema import learning_rate
+from transfer.config.compose import compose_config
+from transfer.config.optimizer import learning_rate
 from transfer.data.blocks import to_blocks
 from transfer.data.sequences import ExampleStream
 from transfer.evaluation.perplexity import perplexity

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer import STARTED
 from transfer.config import schema
-from transfer.config.checks import CONF_DIR, AlreadyDone, Plan, check_command_line
+from transfer.config.compose import CONF_DIR, Plan, check_command_line
+from transfer.config.folders import AlreadyDone
 from transfer.errors import Interrupted, TransferError, reason
 from transfer.fmt import duration
 from transfer.record import write_atomically

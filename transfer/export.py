@@ -28,10 +28,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from transfer.config.strategy import STRATEGIES
 from transfer.errors import TransferError, first_line
 
 EXPORT_RECORD = "export.json"
-MERGEABLE = ("lora", "dora", "ia3")  # peft tuners whose adapter folds exactly into the base weights
 ADAPTER_BASE = "base"  # where an unmerged adapter's base model goes, inside the export folder
 
 
@@ -68,7 +68,7 @@ def run_config(record: dict, run_dir: Path):
     """
     from omegaconf import OmegaConf
 
-    from transfer.config.checks import CONF_DIR, compose_config
+    from transfer.config.compose import CONF_DIR, compose_config
 
     saved, choices = record["config"], record.get("choices") or {}
     groups = [g for g in saved if g != "eval" and isinstance(saved[g], dict) and (CONF_DIR / g).is_dir()]
@@ -126,7 +126,9 @@ def rebuild(cfg, weights: dict):
 
 # ---------------------------------------------------------------- the export
 def default_out(run_dir: Path, strategy: str, merge: bool) -> Path:
-    return run_dir / ("export-merged" if merge and strategy in MERGEABLE else "export")
+    return run_dir / (
+        "export-merged" if merge and strategy in STRATEGIES and STRATEGIES[strategy].mergeable else "export"
+    )
 
 
 def check_out(out: Path) -> None:

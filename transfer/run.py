@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from transfer import STARTED, cache
-from transfer.config import checks
-from transfer.config.schema import learning_rate
+from transfer.config import checks, folders
+from transfer.config.optimizer import learning_rate
 from transfer.data import probes
 from transfer.errors import TransferError, first_line
 from transfer.evaluation import diagnostics
@@ -55,12 +55,12 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     """`started`: when this job began (the process's start for its first job, whose imports count).
     `sweep`: the sweep's folder, whose jobs share tokens and baselines (transfer/cache.py)."""
     out_dir = Path(out_dir)
-    previous = checks.read_previous(out_dir)
+    previous = folders.read_previous(out_dir)
     if previous and previous.get("status") in TRAINED:  # finished: a search's pruned trial too
         if cfg.resume is True:
             # the command line was compared with it at start-up where the sweep's layout allowed; again here
             if isinstance(previous.get("config"), dict):
-                checks.refuse_differences(previous["config"], cfg, f"resume: {out_dir} ran with", "this job has")
+                folders.refuse_differences(previous["config"], cfg, f"resume: {out_dir} ran with", "this job has")
             log.info("%s holds a completed run: skipped (resume=true)", out_dir)
             return previous
         raise TransferError(f"{out_dir} already holds a completed run; choose another output folder (hydra.run.dir)")

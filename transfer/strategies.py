@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from transfer.config.checks import check_block_count, check_strategy
+from transfer.config.strategy import check_block_count, check_strategy
 from transfer.errors import TransferError, first_line
 
 log = logging.getLogger(__name__)

@@ -34,16 +34,16 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from transfer.config.checks import resumable_config
-from transfer.config.schema import learning_rate
+from transfer.config.folders import resumable_config
+from transfer.config.optimizer import learning_rate
 from transfer.errors import Interrupted, TransferError
 from transfer.fmt import duration
-from transfer.sweep.search import Pruning
 from transfer.training import checkpoint, distributed
 from transfer.training.hardware import MachineLoad
 from transfer.training.loss import smaller_chunks
 from transfer.training.oom import MemoryPlan, optimizer_mover, reason_of
 from transfer.training.optim import build_optimizer, build_scheduler
+from transfer.training.pruning import Pruning
 
 log = logging.getLogger(__name__)
 

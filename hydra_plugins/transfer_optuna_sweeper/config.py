@@ -5,7 +5,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from transfer.sweep.search import SWEEPER_TARGET
+from transfer.config.search import SWEEPER_TARGET
 
 
 @dataclass

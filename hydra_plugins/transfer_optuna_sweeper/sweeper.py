@@ -1,7 +1,7 @@
 """The Optuna sweeper: ask the study for a batch of trials, launch them as jobs, tell it what their records say.
 
 Each trial is one job of the sweep, in the folder Hydra gives job N; the job learns its trial
-from `search.trial`, `search.study` and `search.storage` and reports to it (transfer.sweep.search.Pruning).
+from `search.trial`, `search.study` and `search.storage` and reports to it (transfer.training.pruning.Pruning).
 A job's result is read from its record, not from the launcher's return value, so that the same
 sweep works through any launcher (the jobs may run in other processes or on other machines).
 """
@@ -17,23 +17,20 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from transfer.errors import TransferError
-from transfer.record import read_record
-from transfer.sweep.search import (
+from transfer.config.search import (
     SPACE,
     STUDY_SETTINGS,
-    SUMMARY_NAME,
     check_same_space,
     damaged_study,
     format_value,
-    make_sampler,
     open_storage,
-    outcome,
     reported_metric,
     search_space,
     storage_url,
-    stored_space,
 )
+from transfer.errors import TransferError
+from transfer.record import read_record
+from transfer.sweep.search import SUMMARY_NAME, make_sampler, outcome, stored_space
 
 log = logging.getLogger(__name__)
 # a record that says its job has not ended: the job was killed, and resume=true continues it
@@ -58,7 +55,7 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         """The search; what stops it (a damaged study file, a study of another space) is one line and exit status 2:
-        the start-up check (transfer.sweep.search.check_study) says the same before anything runs, where it can."""
+        the start-up check (transfer.config.search.check_study) says the same before anything runs, where it can."""
         self.url = storage_url(self.settings["storage"], self.sweep_dir)
         try:
             with damaged_study(self.url):

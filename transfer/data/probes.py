@@ -59,9 +59,9 @@ def _rows(probe, where: str, needs: list[tuple[str, ...]]) -> list[dict]:
 
 
 def _example_fields(probe) -> list[tuple[str, ...]]:
-    from transfer.config.checks import example_fields  # the same fields a dataset of examples needs
+    from transfer.config.objective import OBJECTIVES  # an instructions probe's rows are read as sft's examples
 
-    return example_fields(probe)
+    return OBJECTIVES["sft"].fields(probe)
 
 
 def _instructions(rows: list[dict], probe, tokenizer, block_size: int, where: str) -> Sequences:

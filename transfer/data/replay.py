@@ -26,7 +26,7 @@ from fractions import Fraction
 
 from omegaconf import OmegaConf
 
-from transfer.config.schema import TxtSampleBy
+from transfer.config.data import TxtSampleBy
 from transfer.data.blocks import text_blocks
 from transfer.data.sequences import ExampleStream, Sequences
 from transfer.data.sources import python_docs_prose, read_files

@@ -17,6 +17,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from transfer.config.data import PYTHON_DOCS_PARTS, label_fields
 from transfer.config.preflight import (
     BUILDERS,
     alternative,
@@ -80,11 +81,6 @@ def load_rows(cfg, needs: list[tuple[str, ...]]) -> dict[str, list[dict]]:
         for name, split in rows.items():
             _empty_answers(split, needs, label_fields(cfg), f"dataset {cfg.name!r} {name}")
     return rows
-
-
-def label_fields(cfg) -> tuple[str, ...]:
-    """The fields of a dataset's rows that hold a label (KTO's: desirable or not), not text."""
-    return (cfg.get("label_field") or "label",)
 
 
 def _empty_answers(rows: list[dict], needs, labels, where: str) -> None:
@@ -275,9 +271,6 @@ def _hold_out(cfg, train: list, names: list[str]) -> dict[str, list]:
     train[:] = [train[j] for j in keep]
     log.info("held out %s documents each for %s from the training split", n_each, ", ".join(names))
     return held
-
-
-PYTHON_DOCS_PARTS = ("all", "train", "heldout")
 
 
 def python_docs_prose(part: str = "all") -> list[str]:

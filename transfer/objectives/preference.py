@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from transfer import cache
-from transfer.config.checks import preference_fields
+from transfer.config.objective import OBJECTIVES
 from transfer.data.chat import (
     Example,
     fit,
@@ -57,7 +57,6 @@ from transfer.training import distributed
 from transfer.training.loss import logprobs_and_kl, scored_head_inputs, sequence_logprobs
 
 log = logging.getLogger(__name__)
-REFERENCE_FREE = ("cpo", "orpo", "simpo")
 
 
 # ---------------------------------------------------------------- the loss table
@@ -184,14 +183,14 @@ class PreferenceOptimisation(Objective):
         self.kto = self.name == "kto"
         chosen = dataset_cfg.template if dataset_cfg.template is not None else cfg.template
         self.template = template_of(tokenizer, chosen.value)
-        self.reference_kind = "none" if self.name in REFERENCE_FREE else None
+        self.reference_kind = None if OBJECTIVES[self.name].reference else "none"
         self._reference_model = None  # a frozen copy of the initial model, for strategies without adapters
         self._model = None
         self._train_split = None
 
     # ---------------------------------------------------------------- data
     def prepare(self, max_eval_tokens):
-        needs = preference_fields(self.dataset_cfg, unpaired_allowed=self.kto)
+        needs = OBJECTIVES[self.name].fields(self.dataset_cfg)
         rows = load_rows(self.dataset_cfg, needs)
         return {name: self._split(rows[name], name, None if name == "train" else max_eval_tokens) for name in SPLITS}
 

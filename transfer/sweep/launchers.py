@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from transfer.config.checks import Plan, read_previous
+from transfer.config.compose import Plan
+from transfer.config.folders import read_previous
 from transfer.errors import Interrupted, first_line
 from transfer.record import FINISHED, job_outcomes, read_record
 from transfer.training import distributed

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from transfer.config.schema import TinyModelConfig
+from transfer.config.model import TinyModelConfig
 from transfer.data.blocks import text_blocks
 from transfer.data.sources import python_docs_prose
 from transfer.models.load import build_model, byte_tokenizer, tiny_config

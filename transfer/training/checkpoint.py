@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from transfer.config.folders import STATE_FILE
 from transfer.config.preflight import safetensors_problem
 from transfer.errors import TransferError, UnsafeCheckpoint, first_line, reason
 from transfer.training import distributed
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("adapter_model.safetensors", "trainable.safetensors", "model.safetensors")
-STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "run_config.json"
 MANIFEST = "manifest.json"
 SHARDS = "sharded"  # an FSDP2 model's checkpoint in shards (transfer/shards.py)

@@ -55,14 +55,6 @@ def share(count: int) -> int:
     return -(-count // world_size())
 
 
-def processes_per_job(run) -> int:
-    """How many processes run each job of a command: torchrun's, or a submitit job's tasks (`run`: the config with
-    its hydra node; hydra.launcher.tasks_per_node x nodes)."""
-    launcher = run.hydra.get("launcher") or {}
-    tasks = int(launcher.get("tasks_per_node") or 1) * int(launcher.get("nodes") or 1)
-    return max(world_size(), tasks)
-
-
 def is_main() -> bool:
     """Rank 0: the one process that writes."""
     return rank() == 0

@@ -41,9 +41,8 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from transfer.config.checks import PREFERENCE
-    from transfer.config.schema import learning_rate
-    from transfer.objectives.preference import REFERENCE_FREE
+    from transfer.config.objective import OBJECTIVES
+    from transfer.config.optimizer import learning_rate
     from transfer.strategies import apply_strategy, base_model
     from transfer.training import loss
     from transfer.training.hardware import AUTOCAST_DTYPES
@@ -51,7 +50,7 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
     from transfer.training.speed import apply_transforms
 
     name = cfg.objective.name
-    rows = cfg.micro_batch_size * (2 if name in PREFERENCE else 1)
+    rows = cfg.micro_batch_size * OBJECTIVES[name].rows_per_example
     fake_device = device if device.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
     autocast = AUTOCAST_DTYPES[precision]
     notes = []
@@ -101,11 +100,11 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
                 found["weights"] -= shrink
                 found["peak"] -= shrink
             weights -= shrink
-        if name in PREFERENCE and name not in REFERENCE_FREE and not hasattr(model, "peft_config"):
+        if OBJECTIVES[name].reference and not hasattr(model, "peft_config"):
             training["reference"] = weights  # the frozen copy of the initial model
             training["peak"] += weights
             notes.append("a preference objective's frozen reference copy")
-        if name in PREFERENCE:
+        if OBJECTIVES[name].preference:
             notes.append("a pair's two answers as two rows")
         if name == "sft":
             notes.append("every position counted as scored: an upper bound on the head's share")

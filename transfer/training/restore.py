@@ -13,7 +13,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from transfer.config.checks import config_differences, init_from_chain
+from transfer.config.checks import init_from_chain
+from transfer.config.folders import config_differences
 from transfer.errors import TransferError, first_line
 from transfer.training import distributed
 from transfer.training.checkpoint import CONFIG_FILE, STATE_FILE, check_fit, damage, load_weights, step_folders

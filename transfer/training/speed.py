@@ -80,7 +80,7 @@ def _apply_liger(base, objective: str, patch: bool) -> dict:
 
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
 
-    from transfer.config.checks import PREFERENCE
+    from transfer.config.objective import OBJECTIVES
     from transfer.training import loss
 
     name, model_type = type(base).__name__, base.config.model_type
@@ -104,7 +104,7 @@ def _apply_liger(base, objective: str, patch: bool) -> dict:
         )
     head = base.get_output_embeddings()
     done = {"name": "liger", "version": importlib.metadata.version("liger-kernel"), "model_type": model_type}
-    if objective in PREFERENCE:
+    if OBJECTIVES[objective].preference:
         done["loss"] = f"{objective}'s own, from sequence log-probabilities"
     elif loss.plain_head(head):
         done["loss"] = "Liger's fused linear cross-entropy, where the logits are the head's output"
