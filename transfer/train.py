@@ -314,7 +314,7 @@ def train(model, objective, splits, cfg, hardware, writer=None, run_dir: Path | 
                             cfg.checkpoint.full_model,
                             meta=meta,
                             config=resumable_config(cfg),
-                        )  # whose they are (checkpoint.check_own)
+                        )  # whose they are (restore.check_own)
                 else:
                     progress.evals_since_best += 1
                 if cfg.early_stopping.patience and progress.evals_since_best >= cfg.early_stopping.patience:

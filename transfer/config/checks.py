@@ -131,7 +131,7 @@ def check_finite(node: DictConfig, prefix: str = "") -> None:
 
 def check_init_from(cfg: DictConfig) -> None:
     """init_from names a completed run of the same model, with its final weights on disk; so does every run it
-    started from in turn (its own init_from): the chain is loaded oldest first (checkpoint.load_parent)."""
+    started from in turn (its own init_from): the chain is loaded oldest first (restore.load_parent)."""
     if cfg.init_from is None:
         return
     where = f"init_from={cfg.init_from!r}"
