@@ -11,9 +11,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaC
 
 from transfer.config.checks import compose_config
 from transfer.errors import TransferError
+from transfer.models.anatomy import model_parts, parameter_report
 from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
-from transfer.strategies import apply_strategy, check_before_loading, model_parts, parameter_report
+from transfer.strategies import apply_strategy, check_before_loading
 from transfer.train import train
 from transfer.training.hardware import resolve
 

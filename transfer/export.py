@@ -180,7 +180,7 @@ def export(run_dir: Path, merge: bool = False, out: Path | None = None, which: s
 
 def _check_same_shape(model, record: dict, run_dir: Path) -> None:
     """The rebuilt model has the run's parameter count: a model or strategy that changed since is named, not exported."""
-    from transfer.strategies import parameter_report
+    from transfer.models.anatomy import parameter_report
 
     then, now = (record.get("params") or {}).get("total"), parameter_report(model)["total"]
     if then is not None and then != now:

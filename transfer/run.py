@@ -33,10 +33,11 @@ from transfer.evaluation import diagnostics
 from transfer.evaluation.perplexity import perplexity
 from transfer.evaluation.samples import generate_samples
 from transfer.fmt import duration
+from transfer.models.anatomy import parameter_report
 from transfer.models.load import context_length, load_model_and_tokenizer
 from transfer.objectives import build_objective
 from transfer.record import TRAINED, write_record
-from transfer.strategies import apply_strategy, check_before_loading, loading_options, parameter_report
+from transfer.strategies import apply_strategy, check_before_loading, loading_options
 from transfer.train import describe_metrics, log_metrics, train
 from transfer.training import distributed
 from transfer.training.checkpoint import check_same_config, find_resume_point, load_parent

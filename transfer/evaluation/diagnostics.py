@@ -24,7 +24,7 @@ import math
 import torch
 
 from transfer.data.sequences import padded_batch
-from transfer.strategies import base_model, model_parts
+from transfer.models.anatomy import base_model, model_parts
 from transfer.training import checkpoint, distributed
 from transfer.training.speed import uncompiled
 

@@ -43,8 +43,9 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
 
     from transfer.config.checks import PREFERENCE
     from transfer.config.schema import learning_rate
+    from transfer.models.anatomy import base_model
     from transfer.objectives.preference import REFERENCE_FREE
-    from transfer.strategies import apply_strategy, base_model
+    from transfer.strategies import apply_strategy
     from transfer.training import loss
     from transfer.training.hardware import AUTOCAST_DTYPES
     from transfer.training.optim import build_optimizer
@@ -174,7 +175,7 @@ class _LiveBytes(TorchDispatchMode):
 
 def _tracked(model, optimizer, forward, backward=None) -> dict:
     """The kinds at the peak; what each block's forward keeps, and what the head and the loss add after the blocks."""
-    from transfer.strategies import model_parts
+    from transfer.models.anatomy import model_parts
 
     blocks = model_parts(model).blocks
     kept, after_blocks = [], []  # the first forward pass's, not checkpointing's recomputation
@@ -207,7 +208,7 @@ def _bytes(params) -> int:
 
 def _linear_weights(base):
     """The blocks' linear weights that bitsandbytes would quantize (LoRA's own matrices left out)."""
-    from transfer.strategies import model_parts
+    from transfer.models.anatomy import model_parts
 
     for block in model_parts(base).blocks:
         for name, module in block.named_modules():
