@@ -14,7 +14,7 @@ from transfer.errors import TransferError
 from transfer.models.anatomy import model_parts, parameter_report
 from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
-from transfer.strategies import apply_strategy, check_before_loading
+from transfer.strategies import APPLY, apply_strategy, check_before_loading
 from transfer.train import train
 from transfer.training.hardware import resolve
 
@@ -144,6 +144,15 @@ def test_lora_modules_to_save_trains_one_copy_of_the_tied_matrix():
     assert r["total"] == TOTAL + LAYERS * LORA_BLOCK + EMBED
     assert r["breakdown"]["embeddings"] == EMBED and r["breakdown"]["head"] == 0
     assert r["shared_matrix_trains"] is True
+
+
+def test_every_strategy_has_a_function_a_row_and_an_option_file():
+    import transfer
+    from transfer.config.strategy import STRATEGIES as ROWS
+
+    options = Path(transfer.__file__).parent / "conf" / "strategy"
+    assert set(APPLY) == set(ROWS) == {p.stem for p in options.glob("*.yaml")}
+    assert all(ROWS[row.estimate_as] for row in ROWS.values() if row.estimate_as)
 
 
 # ---------------------------------------------------------------- other architectures

@@ -5,7 +5,7 @@ The record is written when the run starts (status `running`), after the baseline
 and at the end (`completed`, `failed` or `interrupted`, with a one-line error), so a
 folder always tells how far its run got. With resume=true a completed run is skipped and
 an interrupted one continues from its last checkpoint. What differs between strategies is
-the strategy's business (strategies.py), between objectives the objective's (objectives/).
+the strategy's business (strategies/), between objectives the objective's (objectives/).
 """
 
 import contextlib

@@ -15,8 +15,9 @@ class StrategySpec:
     mergeable: bool = False  # the adapter folds exactly into the base weights (export --merge)
     four_bit: bool = False  # the base loads quantized to 4-bit NF4: needs CUDA, bitsandbytes and the real weights
     estimate_as: str | None = None  # the strategy whose memory stands in for this one's in the estimate
-    # how the diagnostics read the weight change of its peft layers: "lora" (B A scaled, DoRA merged),
-    # "ia3" (a scaling vector); None where no peft layer is added or the change is not read
+    # how the diagnostics read the weight change of its peft layers (evaluation/diagnostics.py READERS): "lora"
+    # (B A scaled, DoRA merged), "ia3" (a scaling vector), "delta" (any tuner that merges by adding its
+    # get_delta_weight); None where no peft layer is added, or where its change is not read ("not measured")
     update: str | None = None
 
 

@@ -43,6 +43,7 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
 
     from transfer.config.checks import PREFERENCE
     from transfer.config.schema import learning_rate
+    from transfer.config.strategy import STRATEGIES
     from transfer.models.anatomy import base_model
     from transfer.objectives.preference import REFERENCE_FREE
     from transfer.strategies import apply_strategy
@@ -56,10 +57,10 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
     fake_device = device if device.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
     autocast = AUTOCAST_DTYPES[precision]
     notes = []
-    strategy = cfg.strategy
-    if strategy.name == "qlora":  # LoRA on the full-precision base stands in; the weights are corrected below
+    strategy, spec = cfg.strategy, STRATEGIES[cfg.strategy.name]
+    if spec.estimate_as:  # QLoRA: LoRA on the full-precision base stands in; the weights are corrected below
         strategy = strategy.copy()
-        strategy.name = "lora"
+        strategy.name = spec.estimate_as
     # adapted on the meta device (peft moves fake parameters by swapping them, which fails), then given fake
     # storage on the run's device
     with torch.device("meta"):
@@ -95,7 +96,7 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
         with torch.no_grad():
             evaluating = _tracked(model, optimizer, lambda: forward(eval_ids))
         weights = _bytes(model.parameters())
-        if cfg.strategy.name == "qlora":
+        if spec.four_bit:
             shrink = training_linear_bytes(base) - _qlora_weights(base)
             notes.append("QLoRA: 4-bit weights by their size, the rest as LoRA's")
             for found in (training, evaluating):
