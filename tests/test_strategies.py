@@ -126,7 +126,7 @@ def test_qwen2_0_5b_freeze_embeddings_is_total_minus_the_shared_matrix():
 def test_breakdown_and_trainable_blocks():
     r = apply_on_qwen2_shape("strategy=freeze_lower", "strategy.frozen_blocks=0.25")
     assert r["trainable_blocks"] == list(range(6, 24))
-    assert r["breakdown"] == {"embeddings": 0, "blocks": 18 * BLOCK, "final_norm": H, "head": 0, "adapter": 0}
+    assert r["breakdown"] == {"embeddings": 0, "blocks": 18 * BLOCK, "final_norm": H, "head": 0, "peft": 0}
     assert r["shared_matrix_trains"] is False
     r = apply_on_qwen2_shape("strategy=adapter", "strategy.trained_blocks=3", "strategy.train_tied_embeddings=true")
     assert r["trainable_blocks"] == [21, 22, 23]
@@ -134,7 +134,7 @@ def test_breakdown_and_trainable_blocks():
     assert r["shared_matrix_trains"] is True
     r = apply_on_qwen2_shape("strategy=lora", "strategy.target_modules=[q_proj,v_proj]", "strategy.r=8")
     assert r["trainable"] == LAYERS * 8 * ((H + H) + (H + KV))
-    assert r["trainable_blocks"] == [] and r["breakdown"]["adapter"] == r["trainable"]
+    assert r["trainable_blocks"] == [] and r["breakdown"]["peft"] == r["trainable"]
 
 
 def test_lora_modules_to_save_trains_one_copy_of_the_tied_matrix():

@@ -91,7 +91,8 @@ def parameter_report(model) -> dict:
     """Element counts (never tensor counts), trainable elements by part, tying, trainable blocks.
 
     A matrix shared by the embeddings and the head is counted once, under embeddings.
-    Parameters that peft adds (LoRA matrices, IA3 vectors, DoRA magnitudes) count as adapter.
+    Parameters that peft adds (LoRA matrices, IA3 vectors, DoRA magnitudes) count as `peft`
+    (`adapter` in records before 2026-12, a name `strategy=adapter`'s top blocks never counted under).
     """
     parts = model_parts(model)
     part_of = {}
@@ -110,7 +111,7 @@ def parameter_report(model) -> dict:
     peft_prefix = getattr(model.base_model, "prefix", None) if hasattr(model, "peft_config") else None
 
     total = trainable = 0
-    breakdown = dict.fromkeys(["embeddings", "blocks", "final_norm", "head", "adapter"], 0)
+    breakdown = dict.fromkeys(["embeddings", "blocks", "final_norm", "head", "peft"], 0)
     blocks_training = set()
     for name, p in model.named_parameters():
         n = numel(p)
@@ -120,7 +121,7 @@ def parameter_report(model) -> dict:
         trainable += n
         part = part_of.get(id(p), "other")
         if peft_prefix and peft_prefix in name:
-            part = "adapter"
+            part = "peft"
         elif isinstance(part, int):
             blocks_training.add(part)
             part = "blocks"
