@@ -90,17 +90,23 @@ PEFT = {
 }
 
 
-@pytest.mark.parametrize("kind", PEFT)
-def test_the_peft_update_is_what_peft_merges(kind):
-    plain, model = lora_like(*PEFT[kind])
-    found = weight_change(model, snapshot(model), STRATEGIES[kind].update)
-    assert snapshot(model) == {}  # the base is frozen: nothing to copy
+def blocks_as_merged(found: dict, plain, model) -> tuple[dict, dict]:
+    """Each block's change is the one peft's merge makes, and not 0; the weights before and after the merge."""
     merged = copy.deepcopy(model).merge_and_unload()
     base = {n: p.detach() for n, p in plain.named_parameters()}
     after = {n: p.detach() for n, p in merged.named_parameters()}
     for i in range(LAYERS):
         assert found["blocks"][i] == pytest.approx(relative(block_matrices(base, i), after), rel=1e-4)
         assert found["blocks"][i] > 0
+    return base, after
+
+
+@pytest.mark.parametrize("kind", PEFT)
+def test_the_peft_update_is_what_peft_merges(kind):
+    plain, model = lora_like(*PEFT[kind])
+    found = weight_change(model, snapshot(model), STRATEGIES[kind].update)
+    assert snapshot(model) == {}  # the base is frozen: nothing to copy
+    base, after = blocks_as_merged(found, plain, model)
     v = "model.layers.2.self_attn.v_proj.weight"
     assert found["modules"]["v_proj"][2] == pytest.approx(relative({v: base[v]}, after), rel=1e-4)
     head = relative({"lm_head.weight": base["lm_head.weight"]}, after)
@@ -130,12 +136,7 @@ def lokr_like() -> tuple:
 def test_a_tuner_that_adds_its_delta_weight_is_read_as_peft_merges_it():
     plain, model = lokr_like()
     found = weight_change(model, {}, "delta")
-    merged = copy.deepcopy(model).merge_and_unload()
-    base = {n: p.detach() for n, p in plain.named_parameters()}
-    after = {n: p.detach() for n, p in merged.named_parameters()}
-    for i in range(LAYERS):
-        assert found["blocks"][i] == pytest.approx(relative(block_matrices(base, i), after), rel=1e-4)
-        assert found["blocks"][i] > 0
+    blocks_as_merged(found, plain, model)
 
 
 @pytest.mark.parametrize("update", [None, "lora", "ia3"])
