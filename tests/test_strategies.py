@@ -425,3 +425,33 @@ def test_sweep_of_every_cpu_strategy_on_tiny(tmp_path):
         p = r["params"]
         assert (p["trainable"], p["total"]) == counts[r["choices"]["strategy"]], r["choices"]["strategy"]
         assert sum(p["breakdown"].values()) == p["trainable"] and p["num_blocks"] == tiny.num_layers
+
+
+# ---------------------------------------------------------------- a peft strategy added through the seam
+def test_loha_trains_peft_s_own_count_its_update_is_read_and_it_merges_on_export(tmp_path):
+    """strategy=loha, three steps on the random tiny model: counts, diagnostics and export as its row says."""
+    from peft import LoHaConfig, get_peft_model
+
+    from transfer.export import main, pick_weights, read_run, rebuild, run_config
+    from transfer.run import run_experiment
+
+    overrides = ["strategy=loha", "model=tiny_random", "max_steps=3", "eval_interval=0", "block_size=32",
+                 "micro_batch_size=2", "eval.max_tokens=256", "eval/probes=[]", "eval.max_new_tokens=2",
+                 "hardware.estimate_memory=false", "optimizer.lr=1e-2"]  # fmt: skip
+    cfg = compose_config(overrides)
+    record = run_experiment(cfg, tmp_path / "run", choices={}, overrides=overrides)
+    assert record["status"] == "completed", record.get("error")
+    plain, _ = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    peft_count, _ = get_peft_model(
+        plain, LoHaConfig(r=8, alpha=16, target_modules="all-linear")
+    ).get_nb_trainable_parameters()
+    assert record["params"]["trainable"] == record["params"]["breakdown"]["peft"] == peft_count
+    blocks = record["diagnostics"]["weight_change"]["blocks"]
+    assert len(blocks) == record["params"]["num_blocks"] and all(v > 0 for v in blocks)  # read, as peft merges it
+    assert main([str(tmp_path / "run"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    run = tmp_path / "run"
+    tuned, _ = rebuild(run_config(read_run(run), run), pick_weights(read_run(run), run, None))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, atol=1e-5, rtol=0)

@@ -170,7 +170,7 @@ class AdapterConfig(StrategyConfig):
 
 
 # the strategy options that wrap the model in peft adapters
-PEFT_STRATEGIES = ("lora", "dora", "qlora", "ia3")
+PEFT_STRATEGIES = ("lora", "dora", "qlora", "ia3", "loha")
 
 
 @dataclass
@@ -192,6 +192,19 @@ class IA3Config(StrategyConfig):
     # null = peft's per-architecture default (attention k/v or q/v, and the MLP down projection).
     target_modules: list[str] | None = None
     feedforward_modules: list[str] | None = None
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoHaConfig(StrategyConfig):
+    """LoHa (peft, LyCORIS): the weight update is (A1 B1) * (A2 B2), elementwise, each of rank r."""
+
+    r: int = 8
+    alpha: int = 16
+    # peft's rank_dropout: drops ranks of the update while training
+    dropout: float = 0.0
+    # Module names to adapt; null = every linear projection of the blocks.
+    target_modules: list[str] | None = None
     modules_to_save: list[str] = field(default_factory=list)
 
 
@@ -570,6 +583,7 @@ def register() -> None:
         ("strategy", "adapter", AdapterConfig),
         ("strategy", "lora", LoraConfig),
         ("strategy", "ia3", IA3Config),
+        ("strategy", "loha", LoHaConfig),
         ("strategy", "scratch", ScratchConfig),
         ("objective", "lm", LMObjectiveConfig),
         ("objective", "sft", SFTObjectiveConfig),

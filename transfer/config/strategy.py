@@ -33,6 +33,7 @@ STRATEGIES = {
     "dora": StrategySpec(peft=True, mergeable=True, update="lora"),
     "qlora": StrategySpec(peft=True, four_bit=True, estimate_as="lora", update="lora"),
     "ia3": StrategySpec(peft=True, mergeable=True, update="ia3"),
+    "loha": StrategySpec(peft=True, mergeable=True, update="delta"),
 }
 
 

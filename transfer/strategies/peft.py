@@ -1,4 +1,4 @@
-"""The strategies that wrap a frozen base in peft adapters: lora, dora, qlora, ia3.
+"""The strategies that wrap a frozen base in peft adapters: lora, dora, qlora, ia3, loha.
 
 Each is a peft config built from the strategy's options and handed to `get_peft_model`; only the
 adapters (and the whole modules named in modules_to_save) train. What the rest of the project
@@ -58,6 +58,22 @@ def ia3(model, cfg, seed: int):
     ))  # fmt: skip
 
 
+def loha(model, cfg, seed: int):
+    """LoHa through peft (LyCORIS): the update is the Hadamard product of two rank-r products, on the linear
+    projections of the blocks; its rank dropout is strategy.dropout."""
+    from peft import LoHaConfig
+
+    targets = _check_targets(model, cfg.target_modules)
+    return _wrapped(model, cfg, lambda: LoHaConfig(
+        r=cfg.r,
+        alpha=cfg.alpha,
+        rank_dropout=cfg.dropout,
+        target_modules=targets or "all-linear",
+        modules_to_save=_module_names(model, cfg.modules_to_save),
+        task_type="CAUSAL_LM",
+    ))  # fmt: skip
+
+
 def _wrapped(model, cfg, peft_config):
     """The model under peft's wrapper with the config `peft_config()` makes; what peft refuses, in one line."""
     from peft import get_peft_model
@@ -96,4 +112,4 @@ def _module_names(model, roles) -> list[str] | None:
 
 
 # the strategy options this module applies (transfer/strategies/__init__.py gathers them)
-APPLY = {"lora": lora, "dora": dora, "qlora": qlora, "ia3": ia3}
+APPLY = {"lora": lora, "dora": dora, "qlora": qlora, "ia3": ia3, "loha": loha}
