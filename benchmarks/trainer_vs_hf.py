@@ -102,9 +102,10 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
 
     from transfer.config.compose import compose_config
     from transfer.data.blocks import to_blocks
+    from transfer.models.anatomy import parameter_report
     from transfer.models.load import build_model, byte_tokenizer
     from transfer.objectives import build_objective
-    from transfer.strategies import apply_strategy, parameter_report
+    from transfer.strategies import apply_strategy
     from transfer.train import train
     from transfer.training.hardware import resolve
     from transfer.training.speed import apply_transforms

@@ -59,8 +59,8 @@ def test_the_fused_loss_runs_on_cuda_and_matches_the_whole_logits(precision):
 
 def test_qlora_trains_4bit_weights_and_counts_them_as_parameters(shared, tmp_path):
     from transfer.config.compose import compose_config
+    from transfer.models.anatomy import numel
     from transfer.models.load import load_model_and_tokenizer
-    from transfer.strategies import numel
 
     model = [f"model.name_or_path={shared / 'models' / 'stories260k-qwen2'}", "model.tokenizer_from_json=true"]
     cfg = compose_config([*model, "strategy=qlora"])
@@ -77,7 +77,7 @@ def test_qlora_trains_4bit_weights_and_counts_them_as_parameters(shared, tmp_pat
     # the same model and adapters: 4-bit weights are as many parameters as full-precision ones
     for key in ("total", "trainable", "breakdown", "tied_embeddings", "peft_target_modules"):
         assert qlora["params"][key] == lora["params"][key], key
-    assert qlora["params"]["trainable"] == qlora["params"]["breakdown"]["adapter"] > 0
+    assert qlora["params"]["trainable"] == qlora["params"]["breakdown"]["peft"] > 0
     before, after = perplexities(qlora)
     assert after < before
     assert qlora["train"]["loss_last"] < qlora["train"]["loss_first"]

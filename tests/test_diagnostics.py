@@ -14,6 +14,7 @@ from transfer.aggregate import plots
 from transfer.aggregate.output import aggregate
 from transfer.config.checks import check_config
 from transfer.config.compose import compose_config
+from transfer.config.strategy import STRATEGIES, StrategySpec
 from transfer.data.sequences import Sequences
 from transfer.errors import TransferError
 from transfer.evaluation import diagnostics
@@ -91,23 +92,74 @@ PEFT = {
 }
 
 
-@pytest.mark.parametrize("kind", PEFT)
-def test_the_peft_update_is_what_peft_merges(kind):
-    plain, model = lora_like(*PEFT[kind])
-    found = weight_change(model, snapshot(model))
-    assert snapshot(model) == {}  # the base is frozen: nothing to copy
+def blocks_as_merged(found: dict, plain, model) -> tuple[dict, dict]:
+    """Each block's change is the one peft's merge makes, and not 0; the weights before and after the merge."""
     merged = copy.deepcopy(model).merge_and_unload()
     base = {n: p.detach() for n, p in plain.named_parameters()}
     after = {n: p.detach() for n, p in merged.named_parameters()}
     for i in range(LAYERS):
         assert found["blocks"][i] == pytest.approx(relative(block_matrices(base, i), after), rel=1e-4)
         assert found["blocks"][i] > 0
+    return base, after
+
+
+@pytest.mark.parametrize("kind", PEFT)
+def test_the_peft_update_is_what_peft_merges(kind):
+    plain, model = lora_like(*PEFT[kind])
+    found = weight_change(model, snapshot(model), STRATEGIES[kind].update)
+    assert snapshot(model) == {}  # the base is frozen: nothing to copy
+    base, after = blocks_as_merged(found, plain, model)
     v = "model.layers.2.self_attn.v_proj.weight"
     assert found["modules"]["v_proj"][2] == pytest.approx(relative({v: base[v]}, after), rel=1e-4)
     head = relative({"lm_head.weight": base["lm_head.weight"]}, after)
     assert found["head"] == pytest.approx(head, rel=1e-6)
     assert (found["head"] > 0) == (kind == "lora")  # only lora saves the head here
     assert found["embeddings"] == 0.0 and found["final_norm"] == 0.0
+
+
+def test_every_strategys_update_has_a_reader():
+    assert {spec.update for spec in STRATEGIES.values()} - {None} <= set(diagnostics.READERS)
+    assert all(spec.update for spec in STRATEGIES.values() if spec.peft)  # none of today's goes unmeasured
+
+
+def lokr_like() -> tuple:
+    """A peft tuner no strategy of the project uses (LyCORIS's Kronecker product), moved off its no-op start."""
+    from peft import LoKrConfig, get_peft_model
+
+    plain = small_qwen2()
+    model = get_peft_model(copy.deepcopy(plain), LoKrConfig(r=4, alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return plain, model
+
+
+def test_a_tuner_that_adds_its_delta_weight_is_read_as_peft_merges_it():
+    plain, model = lokr_like()
+    found = weight_change(model, {}, "delta")
+    blocks_as_merged(found, plain, model)
+
+
+@pytest.mark.parametrize("update", [None, "lora", "ia3"])
+def test_a_peft_layer_no_reader_reads_is_not_measured_and_named(update):
+    _, model = lokr_like()
+    found = weight_change(model, {}, update)
+    assert found["measure"] == "not measured" and found["layer"] == "peft.tuners.lokr.layer.Linear"
+    assert "peft's Linear layers" in found["reason"]
+
+
+def test_a_finished_run_whose_peft_layers_are_not_read_records_so(monkeypatch):
+    """What the run calls after training: a strategy row without a reader leaves a record, not a traceback."""
+    monkeypatch.setitem(STRATEGIES, "lora", StrategySpec(peft=True, mergeable=True))  # as if lora had no reader
+    cfg = compose_config(["strategy=lora"])
+    _, model = lora_like(["strategy=lora"], lambda n, p: p.add_(0.1))
+    found = diagnostics.measure(model, {}, None, None, {}, cfg, None)
+    assert found["weight_change"]["measure"] == "not measured"
+    assert found["weight_change"]["layer"] == "peft.tuners.lora.layer.Linear"
+    assert diagnostics.describe(found) == (
+        "relative weight change: not measured (peft's Linear layers: the strategy names no update reader)"
+    )
 
 
 # ---------------------------------------------------------------- linear CKA

@@ -268,6 +268,15 @@ def test_best_weights_of_a_run_that_never_validated_and_qlora_are_refused(runs, 
     assert not (tmp_path / "x").exists() and not (run / "export-merged").exists()
 
 
+def test_merging_an_adapter_its_strategy_row_calls_not_mergeable_is_refused(runs, tmp_path, capsys, monkeypatch):
+    from transfer.config.strategy import STRATEGIES, StrategySpec
+
+    monkeypatch.setitem(STRATEGIES, "ia3", StrategySpec(peft=True, update="ia3"))  # as if IA3 did not fold
+    err = refused([str(runs["ia3"]), "--merge", "--out", str(tmp_path / "x")], capsys)
+    assert "--merge: strategy=ia3's adapter does not fold into the base weights; allowed: its export without" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_run_whose_model_no_longer_rebuilds_alike_is_refused(runs, tmp_path, capsys):
     record = read_run(runs["full"])
     total = record["params"]["total"]

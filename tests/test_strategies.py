@@ -11,9 +11,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaC
 
 from transfer.config.compose import compose_config
 from transfer.errors import TransferError
+from transfer.models.anatomy import model_parts, parameter_report
 from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
-from transfer.strategies import apply_strategy, check_before_loading, model_parts, parameter_report
+from transfer.strategies import APPLY, apply_strategy, check_before_loading
 from transfer.train import train
 from transfer.training.hardware import resolve
 
@@ -125,7 +126,7 @@ def test_qwen2_0_5b_freeze_embeddings_is_total_minus_the_shared_matrix():
 def test_breakdown_and_trainable_blocks():
     r = apply_on_qwen2_shape("strategy=freeze_lower", "strategy.frozen_blocks=0.25")
     assert r["trainable_blocks"] == list(range(6, 24))
-    assert r["breakdown"] == {"embeddings": 0, "blocks": 18 * BLOCK, "final_norm": H, "head": 0, "adapter": 0}
+    assert r["breakdown"] == {"embeddings": 0, "blocks": 18 * BLOCK, "final_norm": H, "head": 0, "peft": 0}
     assert r["shared_matrix_trains"] is False
     r = apply_on_qwen2_shape("strategy=adapter", "strategy.trained_blocks=3", "strategy.train_tied_embeddings=true")
     assert r["trainable_blocks"] == [21, 22, 23]
@@ -133,7 +134,7 @@ def test_breakdown_and_trainable_blocks():
     assert r["shared_matrix_trains"] is True
     r = apply_on_qwen2_shape("strategy=lora", "strategy.target_modules=[q_proj,v_proj]", "strategy.r=8")
     assert r["trainable"] == LAYERS * 8 * ((H + H) + (H + KV))
-    assert r["trainable_blocks"] == [] and r["breakdown"]["adapter"] == r["trainable"]
+    assert r["trainable_blocks"] == [] and r["breakdown"]["peft"] == r["trainable"]
 
 
 def test_lora_modules_to_save_trains_one_copy_of_the_tied_matrix():
@@ -143,6 +144,15 @@ def test_lora_modules_to_save_trains_one_copy_of_the_tied_matrix():
     assert r["total"] == TOTAL + LAYERS * LORA_BLOCK + EMBED
     assert r["breakdown"]["embeddings"] == EMBED and r["breakdown"]["head"] == 0
     assert r["shared_matrix_trains"] is True
+
+
+def test_every_strategy_has_a_function_a_row_and_an_option_file():
+    import transfer
+    from transfer.config.strategy import STRATEGIES as ROWS
+
+    options = Path(transfer.__file__).parent / "conf" / "strategy"
+    assert set(APPLY) == set(ROWS) == {p.stem for p in options.glob("*.yaml")}
+    assert all(ROWS[row.estimate_as] for row in ROWS.values() if row.estimate_as)
 
 
 # ---------------------------------------------------------------- other architectures
@@ -415,3 +425,33 @@ def test_sweep_of_every_cpu_strategy_on_tiny(tmp_path):
         p = r["params"]
         assert (p["trainable"], p["total"]) == counts[r["choices"]["strategy"]], r["choices"]["strategy"]
         assert sum(p["breakdown"].values()) == p["trainable"] and p["num_blocks"] == tiny.num_layers
+
+
+# ---------------------------------------------------------------- a peft strategy added through the seam
+def test_loha_trains_peft_s_own_count_its_update_is_read_and_it_merges_on_export(tmp_path):
+    """strategy=loha, three steps on the random tiny model: counts, diagnostics and export as its row says."""
+    from peft import LoHaConfig, get_peft_model
+
+    from transfer.export import main, pick_weights, read_run, rebuild, run_config
+    from transfer.run import run_experiment
+
+    overrides = ["strategy=loha", "model=tiny_random", "max_steps=3", "eval_interval=0", "block_size=32",
+                 "micro_batch_size=2", "eval.max_tokens=256", "eval/probes=[]", "eval.max_new_tokens=2",
+                 "hardware.estimate_memory=false", "optimizer.lr=1e-2"]  # fmt: skip
+    cfg = compose_config(overrides)
+    record = run_experiment(cfg, tmp_path / "run", choices={}, overrides=overrides)
+    assert record["status"] == "completed", record.get("error")
+    plain, _ = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    peft_count, _ = get_peft_model(
+        plain, LoHaConfig(r=8, alpha=16, target_modules="all-linear")
+    ).get_nb_trainable_parameters()
+    assert record["params"]["trainable"] == record["params"]["breakdown"]["peft"] == peft_count
+    blocks = record["diagnostics"]["weight_change"]["blocks"]
+    assert len(blocks) == record["params"]["num_blocks"] and all(v > 0 for v in blocks)  # read, as peft merges it
+    assert main([str(tmp_path / "run"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    run = tmp_path / "run"
+    tuned, _ = rebuild(run_config(read_run(run), run), pick_weights(read_run(run), run, None))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, atol=1e-5, rtol=0)

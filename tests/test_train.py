@@ -132,7 +132,8 @@ def test_perplexity_is_token_weighted_over_the_whole_split():
     ids=["full", "adapter", "lora", "lora-head"],
 )
 def test_chunked_loss_equals_the_loss_over_the_full_logits(overrides):
-    from transfer.strategies import apply_strategy, base_model
+    from transfer.models.anatomy import base_model
+    from transfer.strategies import apply_strategy
     from transfer.training.loss import summed_lm_loss
 
     cfg = compose_config(["model=tiny_random", *overrides])  # the random model: gradients of one scale throughout

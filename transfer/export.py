@@ -7,12 +7,14 @@ the best or the last instead). Then:
 
 - full and freezing strategies (full, freeze_*, adapter, scratch) trained the model's own weights:
   the whole model is written, and --merge has nothing to do;
-- lora, dora, ia3 with --merge: peft folds the adapter into the base weights (`merge_and_unload`),
-  and the folder holds a plain model of the base's architecture and size;
-- lora, dora, ia3 without --merge: the adapter in peft's format, with the base it adapts in `base/`
+- peft strategies whose row in transfer/config/strategy.py says `mergeable` (lora, dora, ia3) with
+  --merge: peft folds the adapter into the base weights (`merge_and_unload`), and the folder holds
+  a plain model of the base's architecture and size; --merge of any other peft adapter is refused;
+- peft strategies without --merge: the adapter in peft's format, with the base it adapts in `base/`
   (`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT / "base"), OUT)`);
-- qlora is refused: its adapter was trained on a 4-bit NF4 base, and folding it into weights of
-  any precision gives a model that differs from the one evaluated; its adapter is in its checkpoint.
+- a strategy whose row says `four_bit` (qlora) is refused: its adapter was trained on a 4-bit NF4
+  base, and folding it into weights of any precision gives a model that differs from the one
+  evaluated; its adapter is in its checkpoint.
 
 The tokenizer is written beside the model, and `export.json` says what was exported. --check
 measures the exported model's validation perplexity, on the run's validation split prepared as
@@ -125,6 +127,28 @@ def rebuild(cfg, weights: dict):
 
 
 # ---------------------------------------------------------------- the export
+def check_exportable(strategy: str, merge: bool, run_dir: Path) -> None:
+    """What the strategy's row says of its export: a 4-bit base is never exported, and --merge needs an
+    adapter that folds exactly into the base weights."""
+    from transfer.config.strategy import STRATEGIES
+
+    spec = STRATEGIES.get(strategy)
+    if spec is None:  # composing the run's config names it
+        return
+    exported = [name for name, s in STRATEGIES.items() if s.peft and not s.four_bit]
+    if spec.four_bit:
+        raise TransferError(
+            f"strategy={strategy} is not exported: its adapter was trained on a 4-bit NF4 base, which no merge "
+            f"reproduces; allowed: {', '.join(exported)} and the full strategies (the adapter itself is in {run_dir}/checkpoints)"
+        )
+    if merge and spec.peft and not spec.mergeable:
+        mergeable = ", ".join(name for name, s in STRATEGIES.items() if s.mergeable)
+        raise TransferError(
+            f"--merge: strategy={strategy}'s adapter does not fold into the base weights; allowed: its export "
+            f"without --merge (the adapter over its base), or --merge for {mergeable}"
+        )
+
+
 def default_out(run_dir: Path, strategy: str, merge: bool) -> Path:
     return run_dir / (
         "export-merged" if merge and strategy in STRATEGIES and STRATEGIES[strategy].mergeable else "export"
@@ -148,11 +172,7 @@ def export(run_dir: Path, merge: bool = False, out: Path | None = None, which: s
     run_dir = Path(run_dir).resolve()
     record = read_run(run_dir)
     strategy = record["config"]["strategy"]["name"]
-    if strategy == "qlora":
-        raise TransferError(
-            "strategy=qlora is not exported: its adapter was trained on a 4-bit NF4 base, which no merge "
-            f"reproduces; allowed: lora, dora, ia3 and the full strategies (the adapter itself is in {run_dir}/checkpoints)"
-        )
+    check_exportable(strategy, merge, run_dir)
     out = Path(os.path.abspath(out)) if out is not None else default_out(run_dir, strategy, merge)
     check_out(out)
     weights = pick_weights(record, run_dir, which)
@@ -183,7 +203,7 @@ def export(run_dir: Path, merge: bool = False, out: Path | None = None, which: s
 
 def _check_same_shape(model, record: dict, run_dir: Path) -> None:
     """The rebuilt model has the run's parameter count: a model or strategy that changed since is named, not exported."""
-    from transfer.strategies import parameter_report
+    from transfer.models.anatomy import parameter_report
 
     then, now = (record.get("params") or {}).get("total"), parameter_report(model)["total"]
     if then is not None and then != now:
@@ -345,9 +365,12 @@ def describe_check(result: dict) -> str:
 
 # ---------------------------------------------------------------- the command
 def main(argv: list[str] | None = None) -> int:
+    from transfer.config.strategy import STRATEGIES
+
     parser = argparse.ArgumentParser(prog="python -m transfer.export", description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a completed run's folder (it holds metrics.json and checkpoints/)")
-    parser.add_argument("--merge", action="store_true", help="fold a lora, dora or ia3 adapter into the base weights")
+    mergeable = ", ".join(name for name, s in STRATEGIES.items() if s.mergeable)
+    parser.add_argument("--merge", action="store_true", help=f"fold the adapter of {mergeable} into the base weights")
     parser.add_argument("--out", help="the folder to write (default: RUN/export, or RUN/export-merged with --merge)")
     parser.add_argument(
         "--weights", choices=("best", "last"), help="default: those of the run's final evaluation (eval.weights)"

@@ -5,7 +5,7 @@ The record is written when the run starts (status `running`), after the baseline
 and at the end (`completed`, `failed` or `interrupted`, with a one-line error), so a
 folder always tells how far its run got. With resume=true a completed run is skipped and
 an interrupted one continues from its last checkpoint. What differs between strategies is
-the strategy's business (strategies.py), between objectives the objective's (objectives/).
+the strategy's business (strategies/), between objectives the objective's (objectives/).
 """
 
 import contextlib
@@ -33,10 +33,11 @@ from transfer.evaluation import diagnostics
 from transfer.evaluation.perplexity import perplexity
 from transfer.evaluation.samples import generate_samples
 from transfer.fmt import duration
+from transfer.models.anatomy import parameter_report
 from transfer.models.load import context_length, load_model_and_tokenizer
 from transfer.objectives import build_objective
 from transfer.record import TRAINED, write_record
-from transfer.strategies import apply_strategy, check_before_loading, loading_options, parameter_report
+from transfer.strategies import apply_strategy, check_before_loading, loading_options
 from transfer.train import describe_metrics, log_metrics, train
 from transfer.training import distributed
 from transfer.training.hardware import resolve

@@ -21,8 +21,9 @@ class StrategySpec:
     mergeable: bool = False  # the adapter folds exactly into the base weights (export --merge)
     four_bit: bool = False  # the base loads quantized to 4-bit NF4: needs CUDA, bitsandbytes and the real weights
     estimate_as: str | None = None  # the strategy whose memory stands in for this one's in the estimate
-    # how the diagnostics read the weight change of its peft layers: "lora" (B A scaled, DoRA merged),
-    # "ia3" (a scaling vector); None where no peft layer is added or the change is not read
+    # how the diagnostics read the weight change of its peft layers (evaluation/diagnostics.py READERS): "lora"
+    # (B A scaled, DoRA merged), "ia3" (a scaling vector), "delta" (any tuner that merges by adding its
+    # get_delta_weight); None where no peft layer is added, or where its change is not read ("not measured")
     update: str | None = None
 
 
@@ -36,6 +37,7 @@ STRATEGIES = {
     "dora": StrategySpec(peft=True, mergeable=True, update="lora"),
     "qlora": StrategySpec(peft=True, four_bit=True, estimate_as="lora", update="lora"),
     "ia3": StrategySpec(peft=True, mergeable=True, update="ia3"),
+    "loha": StrategySpec(peft=True, mergeable=True, update="delta"),
 }
 
 
@@ -84,6 +86,19 @@ class LoraConfig(StrategyConfig):
 
 
 @dataclass
+class LoHaConfig(StrategyConfig):
+    """LoHa (peft, LyCORIS): the weight update is (A1 B1) * (A2 B2), elementwise, each of rank r."""
+
+    r: int = 8
+    alpha: int = 16
+    # peft's rank_dropout: drops ranks of the update while training
+    dropout: float = 0.0
+    # Module names to adapt; null = every linear projection of the blocks.
+    target_modules: list[str] | None = None
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
 class IA3Config(StrategyConfig):
     # null = peft's per-architecture default (attention k/v or q/v, and the MLP down projection).
     target_modules: list[str] | None = None
@@ -99,7 +114,7 @@ class ScratchConfig(StrategyConfig):
 
 # options of the group -> the schema class their YAML names (schema/strategy/<option>)
 SCHEMA = {"base": StrategyConfig, "freeze_lower": FreezeLowerConfig, "adapter": AdapterConfig, "lora": LoraConfig,
-          "ia3": IA3Config, "scratch": ScratchConfig}  # fmt: skip
+          "ia3": IA3Config, "loha": LoHaConfig, "scratch": ScratchConfig}  # fmt: skip
 # keys that were renamed: old key -> new key, by the option's schema class
 RENAMED = {
     (FreezeLowerConfig, "n_layers"): "frozen_blocks",

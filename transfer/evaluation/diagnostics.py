@@ -5,8 +5,11 @@ Weight change: ||W_after - W_before||_F / ||W_before||_F over a part's weights t
 block's weight matrices (and, apart, each module type inside it: q_proj, ..., down_proj), the
 embeddings, the head, the final norm's vectors. W_after is what the final evaluation used (the best
 or the last weights, as `eval.weights` says). For peft strategies the base stays frozen and the
-update is the adapters merged as peft merges them (`get_delta_weight` for LoRA, the variant's own
-merge for DoRA, the scaling for IA3; a module_to_save's trained copy against its original); the
+update is the adapters merged as peft merges them, read as the strategy's row in
+transfer/config/strategy.py says (`update`: "lora", `get_delta_weight` or DoRA's own merge; "ia3",
+the scaling; "delta", the `get_delta_weight` of any tuner that merges by adding it; a
+module_to_save's trained copy against its original). A peft layer no reader reads leaves the
+weight change "not measured", naming the layer's type: the run that trained it still completes. The
 other strategies compare with a CPU copy of the parameters that train, taken before training:
 frozen ones cannot change, and their rows are exactly 0.
 
@@ -23,8 +26,9 @@ import math
 
 import torch
 
+from transfer.config.strategy import STRATEGIES
 from transfer.data.sequences import padded_batch
-from transfer.strategies import base_model, model_parts
+from transfer.models.anatomy import base_model, model_parts
 from transfer.training import checkpoint, distributed
 from transfer.training.speed import uncompiled
 
@@ -36,7 +40,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def measure(model, before: dict, trainee, objective, splits: dict, cfg, hardware) -> dict:
     """The record's `diagnostics`: weight change always, CKA when `eval.cka` asks for it."""
-    found = {"weight_change": weight_change(model, before)}
+    found = {"weight_change": weight_change(model, before, STRATEGIES[cfg.strategy.name].update)}
     if cfg.eval.cka:
         split = getattr(splits["validation"], "seqs", splits["validation"])  # preference splits hold their sequences
         found["cka"] = block_cka(trainee, before, split, cfg.eval.cka_blocks, cfg.eval_batch_size, hardware,
@@ -46,8 +50,12 @@ def measure(model, before: dict, trainee, objective, splits: dict, cfg, hardware
 
 def describe(found: dict) -> str:
     """One log line: the part that changed most, and the least similar block."""
-    largest = found["weight_change"]["largest"]
-    text = f"relative weight change ||dW||/||W||: largest in {largest['part']} ({largest['value']:.3g})"
+    change = found["weight_change"]
+    if "largest" in change:
+        largest = change["largest"]
+        text = f"relative weight change ||dW||/||W||: largest in {largest['part']} ({largest['value']:.3g})"
+    else:
+        text = f"relative weight change: {change['measure']} ({change['reason']})"
     if "cka" in found:
         blocks = found["cka"]["blocks"]
         low = min(range(len(blocks)), key=blocks.__getitem__)
@@ -56,21 +64,26 @@ def describe(found: dict) -> str:
 
 
 # ---------------------------------------------------------------- weight change
-def weight_change(model, before: dict) -> dict:
-    """Relative change per block (and per module type in it), for the embeddings, the head and the final norm."""
+def weight_change(model, before: dict, update: str | None = None) -> dict:
+    """Relative change per block (and per module type in it), for the embeddings, the head and the final norm.
+
+    `update`: how the strategy's peft layers are read (its row's `update`; None: no reader)."""
     parts = model_parts(model)
     names = {id(p): n for n, p in model.named_parameters()}
     rows = {f"block {i}": [block] for i, block in enumerate(parts.blocks)}
     rows.update(embeddings=parts.embeddings, final_norm=parts.final_norm, head=[parts.head] if parts.head else [])
     keys, sums = [], []
-    with torch.no_grad():
-        for row, modules in rows.items():
-            for module in modules:
-                for path, base, delta in _weights(module, before, names):
-                    if base.dim() < 2 and row != "final_norm":  # biases and norm scales: not the block's matrices
-                        continue
-                    keys.append((row, path.split(".")[-1] or type(module).__name__))
-                    sums.append([_squared(delta), _squared(base)])
+    try:
+        with torch.no_grad():
+            for row, modules in rows.items():
+                for module in modules:
+                    for path, base, delta in _weights(module, before, names, update):
+                        if base.dim() < 2 and row != "final_norm":  # biases and norm scales: not the block's matrices
+                            continue
+                        keys.append((row, path.split(".")[-1] or type(module).__name__))
+                        sums.append([_squared(delta), _squared(base)])
+    except _Unread as unread:
+        return {"measure": "not measured", "layer": unread.layer, "reason": str(unread)}
     totals = torch.tensor(sums, dtype=torch.float64).reshape(-1, 2)
     sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
     if sharded and distributed.active():  # the squares of every process's shards add up to the whole's
@@ -108,11 +121,10 @@ def _squared(t: torch.Tensor | None) -> float:
     return 0.0 if t is None else float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
 
 
-def _weights(module, before: dict, names: dict, path: str = ""):
+def _weights(module, before: dict, names: dict, update: str | None, path: str = ""):
     """(module path, W_before, W_after - W_before or None where it cannot have changed) per weight under `module`."""
-    peft_kind = _peft_kind(module)
-    if peft_kind is not None:
-        yield from peft_kind(module, path)
+    if type(module).__module__.startswith("peft."):  # peft is imported only for peft models
+        yield from _peft_reader(module, update)(module, path)
         return
     for p in module.parameters(recurse=False):
         after, old = distributed.local(p), before.get(names[id(p)])
@@ -122,22 +134,29 @@ def _weights(module, before: dict, names: dict, path: str = ""):
             old = old.to(after.device)
             yield path, old, after.float() - old.float()
     for name, child in module.named_children():
-        yield from _weights(child, before, names, f"{path}.{name}" if path else name)
+        yield from _weights(child, before, names, update, f"{path}.{name}" if path else name)
 
 
-def _peft_kind(module):
-    """How a peft module's update is read, or None for any other module (peft is imported only for peft models)."""
-    kind = type(module).__module__
-    if not kind.startswith("peft."):
-        return None
-    from peft.tuners.ia3 import IA3Layer
-    from peft.tuners.lora import LoraLayer
+class _Unread(Exception):
+    """A peft layer whose update no reader reads: the weight change is not measured."""
+
+    def __init__(self, module, update: str | None):
+        self.layer = f"{type(module).__module__}.{type(module).__name__}"
+        how = f"the strategy's update {update!r} does not read it" if update else "the strategy names no update reader"
+        super().__init__(f"peft's {type(module).__name__} layers: {how}")
+
+
+def _peft_reader(module, update: str | None):
+    """The reader of a peft module: the strategy's, for its tuner layers; a module_to_save's own."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper
 
-    for cls, reader in ((LoraLayer, _lora), (IA3Layer, _ia3), (ModulesToSaveWrapper, _saved)):
-        if isinstance(module, cls):
-            return reader
-    raise NotImplementedError(f"weight change of peft's {type(module).__name__}: only LoRA, DoRA and IA3 are read")
+    if isinstance(module, ModulesToSaveWrapper):
+        return _saved
+    reader = READERS.get(update)
+    if isinstance(module, BaseTunerLayer) and reader is not None and reader[0](module):
+        return reader[1]
+    raise _Unread(module, update)
 
 
 def _lora(layer, path: str):
@@ -168,6 +187,27 @@ def _saved(wrapper, path: str):
     pairs = zip(wrapper.original_module.named_parameters(), trained.named_parameters(), strict=True)
     for (_, old), (_, new) in pairs:
         yield path, old.detach(), new.detach().float() - old.detach().float()
+
+
+def _delta(layer, path: str):
+    """A tuner that merges by adding `get_delta_weight` to the base weight (LoHa, LoKr, VeRA, plain LoRA)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    base = dequantize_module_weight(layer.get_base_layer()).detach()
+    delta = sum(layer.get_delta_weight(adapter).float() for adapter in layer.active_adapters)
+    yield path, base, delta
+
+
+def _is(class_name: str):
+    return lambda layer: class_name in {c.__name__ for c in type(layer).__mro__}
+
+
+# a strategy row's `update` -> (which peft layers it can read, how)
+READERS = {
+    "lora": (_is("LoraLayer"), _lora),
+    "ia3": (_is("IA3Layer"), _ia3),
+    "delta": (lambda layer: callable(getattr(layer, "get_delta_weight", None)), _delta),
+}
 
 
 # ---------------------------------------------------------------- linear CKA

@@ -214,7 +214,7 @@ class Trainee:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            from transfer.strategies import model_parts
+            from transfer.models.anatomy import model_parts
 
             mesh = init_device_mesh(device.type, (world_size(),))
             for block in model_parts(model).blocks:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from transfer.data.sequences import IGNORE
-from transfer.strategies import base_model
+from transfer.models.anatomy import base_model
 from transfer.training.speed import uncompiled
 
 log = logging.getLogger(__name__)

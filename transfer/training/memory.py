@@ -43,7 +43,9 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
 
     from transfer.config.objective import OBJECTIVES
     from transfer.config.optimizer import learning_rate
-    from transfer.strategies import apply_strategy, base_model
+    from transfer.config.strategy import STRATEGIES
+    from transfer.models.anatomy import base_model
+    from transfer.strategies import apply_strategy
     from transfer.training import loss
     from transfer.training.hardware import AUTOCAST_DTYPES
     from transfer.training.optim import build_optimizer
@@ -54,10 +56,10 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
     fake_device = device if device.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
     autocast = AUTOCAST_DTYPES[precision]
     notes = []
-    strategy = cfg.strategy
-    if strategy.name == "qlora":  # LoRA on the full-precision base stands in; the weights are corrected below
+    strategy, spec = cfg.strategy, STRATEGIES[cfg.strategy.name]
+    if spec.estimate_as:  # QLoRA: LoRA on the full-precision base stands in; the weights are corrected below
         strategy = strategy.copy()
-        strategy.name = "lora"
+        strategy.name = spec.estimate_as
     # adapted on the meta device (peft moves fake parameters by swapping them, which fails), then given fake
     # storage on the run's device
     with torch.device("meta"):
@@ -93,7 +95,7 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
         with torch.no_grad():
             evaluating = _tracked(model, optimizer, lambda: forward(eval_ids))
         weights = _bytes(model.parameters())
-        if cfg.strategy.name == "qlora":
+        if spec.four_bit:
             shrink = training_linear_bytes(base) - _qlora_weights(base)
             notes.append("QLoRA: 4-bit weights by their size, the rest as LoRA's")
             for found in (training, evaluating):
@@ -173,7 +175,7 @@ class _LiveBytes(TorchDispatchMode):
 
 def _tracked(model, optimizer, forward, backward=None) -> dict:
     """The kinds at the peak; what each block's forward keeps, and what the head and the loss add after the blocks."""
-    from transfer.strategies import model_parts
+    from transfer.models.anatomy import model_parts
 
     blocks = model_parts(model).blocks
     kept, after_blocks = [], []  # the first forward pass's, not checkpointing's recomputation
@@ -206,7 +208,7 @@ def _bytes(params) -> int:
 
 def _linear_weights(base):
     """The blocks' linear weights that bitsandbytes would quantize (LoRA's own matrices left out)."""
-    from transfer.strategies import model_parts
+    from transfer.models.anatomy import model_parts
 
     for block in model_parts(base).blocks:
         for name, module in block.named_modules():

@@ -18,7 +18,7 @@ def apply_transforms(model, cfg, estimate: bool = False) -> dict:
     `estimate=True` checks the settings but leaves out compiling and Liger's kernels: the memory estimate runs the
     model uncompiled, on fake tensors, which Triton's kernels cannot take.
     """
-    from transfer.strategies import base_model, model_parts
+    from transfer.models.anatomy import base_model, model_parts
 
     hw = cfg.hardware
     base = base_model(model)
