@@ -26,7 +26,7 @@ import torch
 from transfer.data.sequences import padded_batch
 from transfer.strategies import base_model, model_parts
 from transfer.training import checkpoint, distributed
-from transfer.training.speed import uncompiled
+from transfer.training.hardware import uncompiled
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
