@@ -6,7 +6,7 @@ gives the loss of a batch as (sum, normaliser, metrics), and judges a split with
 evaluators. The training loop (train.py) divides each step's sums by the normalisers summed
 over the whole optimizer step, so the update is exact under masking and any split into
 micro-batches; it keeps the weights that are best on `select`, the validation metric the
-objective's config names, in the direction config.objective.DIRECTION gives it.
+objective's config names, in the direction DIRECTION gives it.
 
 `Objective` lists every member that the loop, run.py, the training modules and evaluation use;
 `BaseObjective` gives the defaults most objectives keep. A new objective is a module here, its
@@ -181,6 +181,6 @@ class TokenObjective(BaseObjective):
     def evaluate(self, model, split: Sequences, batch_size: int, hardware, desc: str) -> dict:
         return perplexity(model, split, batch_size, hardware, self.pad_id, desc)
 
-    def sample_inputs(self, splits: dict[str, Sequences], prompts: list[str]) -> list[dict]:
-        """What the samples before and after training continue: {prompt, input_ids, ...}."""
+    def sample_inputs(self, splits: dict[str, Sequences], prompts: list[str]) -> tuple[list[dict], str]:
+        """What the samples before and after training continue ({prompt, input_ids, ...}), and where they are from."""
         raise NotImplementedError
