@@ -74,17 +74,17 @@ def run_ok(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complet
     return proc
 
 
-def loss_and_grads(model, ids, labels, chunk_tokens: int, scale: float = 1.0, autocast=None):
-    """summed_lm_loss and a backward pass scaled by `scale` (as the mean over tokens and accumulation
-    scale it), under autocast to that dtype if given: (loss, scored tokens, each trainable parameter's gradient).
-    """
+def loss_and_grads(model, ids, labels, chunk_tokens: int, scale: float = 1.0, autocast=None, liger: bool = False):
+    """summed_lm_loss (Liger's fused loss with `liger`) and a backward pass scaled by `scale` (as the mean over tokens
+    and accumulation scale it), under autocast to that dtype if given: (loss, scored tokens, each trainable
+    parameter's gradient)."""
     import torch
 
     from transfer.training.loss import summed_lm_loss
 
     model.zero_grad()
     with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
-        loss, count = summed_lm_loss(model, ids, labels, chunk_tokens=chunk_tokens)
+        loss, count = summed_lm_loss(model, ids, labels, chunk_tokens=chunk_tokens, liger=liger)
     (loss * scale).backward()
     return loss.detach(), count, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 

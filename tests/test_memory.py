@@ -337,6 +337,7 @@ def test_on_oom_cpu_casts_half_precision_weights_to_the_fp32_it_records():
 
     from transfer.objectives import build_objective
     from transfer.training.hardware import Hardware
+    from transfer.training.loss import LossOptions
     from transfer.training.oom import MemoryPlan, optimizer_mover
     from transfer.training.optim import build_optimizer
 
@@ -354,7 +355,7 @@ def test_on_oom_cpu_casts_half_precision_weights_to_the_fp32_it_records():
         stream = objective.stream(splits["train"], 0, 0, 2)
         batch = objective.batch(splits["train"], stream, 2)
         objective.begin_step(model, [batch], hardware)
-        loss_sum, _, _ = objective.loss(model, batch.to(hardware.device), hardware.loss_chunk_tokens)
+        loss_sum, _, _ = objective.loss(model, batch.to(hardware.device), LossOptions.of(hardware))
         loss_sum.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -371,7 +372,7 @@ def test_on_oom_cpu_casts_half_precision_weights_to_the_fp32_it_records():
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     moments = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
     assert moments and {v.dtype for v in moments} == {torch.float32}
-    reference = objective._reference_model
+    reference = objective.reference.frozen
     assert {p.dtype for p in reference.parameters()} == {torch.float32}
     before = [p.detach().clone() for p in model.parameters()]
     step()  # fused AdamW takes parameters and moments of one dtype only

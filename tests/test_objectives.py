@@ -349,3 +349,19 @@ def test_the_tables_read_the_task_metrics_from_the_record(sft_run, tmp_path):
     assert not lower_is_better("val_auc_after") and lower_is_better("val_log_loss_after")
     assert (sweep / "tables" / "task_metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert "val_auc_after" in (sweep / "tables" / "comparison.md").read_text().splitlines()[0]
+
+
+def test_every_objective_option_runs_as_a_class_with_every_member_the_protocol_lists():
+    """conf/objective/*.yaml and config/objective.py's rows name the same objectives; the class each row names
+    (`runs_as`) provides every member of objectives.base.Objective: what the loop, the run and evaluation ask."""
+    from transfer.config.objective import OBJECTIVES
+    from transfer.objectives import base, objective_class
+
+    options = {p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "objective").glob("*.yaml")}
+    assert options == set(OBJECTIVES) and len(options) == 8
+    members = {n for n in vars(base.Objective) if not n.startswith("_")} | set(base.Objective.__annotations__)
+    assert {"loss", "batch", "begin_step", "evaluate", "attach", "pad_id", "metrics"} <= members and len(members) == 23
+    for name in sorted(OBJECTIVES):
+        objective = build_objective(compose_config([f"objective={name}"]), byte_tokenizer())
+        assert type(objective) is objective_class(name) and objective.name == name
+        assert [m for m in sorted(members) if not hasattr(objective, m)] == [], name

@@ -15,11 +15,11 @@ from transfer.config.compose import compose_config
 from transfer.data.sequences import padded_batch
 from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
-from transfer.objectives.preference import PAIR_LOSSES, Scores, kto
+from transfer.objectives.preference_losses import PAIR_LOSSES, Scores, kto
 from transfer.strategies import apply_strategy
 from transfer.train import train
 from transfer.training.hardware import resolve
-from transfer.training.loss import sequence_logprobs
+from transfer.training.loss import LossOptions, sequence_logprobs
 
 # four pairs: policy and reference summed log-probabilities, and the answers' lengths
 PC, PR = [-10.0, -12.0, -8.0, -20.0], [-11.0, -11.5, -9.0, -18.0]
@@ -145,13 +145,13 @@ def test_the_reference_of_a_peft_model_is_its_base_with_adapters_disabled(tmp_pa
             if "lora_B" in name:
                 p.normal_(std=0.5)  # B starts at zero: make the adapters change the output
     info = objective.attach(model, splits, cfg, hw)
-    assert info == {"reference": "adapters disabled"} and objective._reference_model is None  # no second copy
+    assert info == {"reference": "adapters disabled"} and objective.reference.frozen is None  # no second copy
     rows = padded_batch(splits["validation"].seqs, list(range(8)), objective.pad_id)
     with torch.no_grad():
         adapted = sequence_logprobs(model, rows.input_ids, rows.labels)
         plain = sequence_logprobs(base, rows.input_ids, rows.labels)
     model.train()
-    reference = objective._live(rows, 0)
+    reference = objective.reference.live(rows, 0)
     assert model.training  # handed back in the mode it was in
     torch.testing.assert_close(reference, plain, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(adapted, plain, atol=1e-3)
@@ -176,14 +176,14 @@ def test_precomputed_reference_log_probabilities_equal_live_ones_and_are_reused(
     for name in ("train", "validation", "test"):
         seqs = live[3][name].seqs
         rows = padded_batch(seqs, list(range(len(seqs))), live[2].pad_id)
-        torch.testing.assert_close(splits[name].reference, live[2]._live(rows, 0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(splits[name].reference, live[2].reference.live(rows, 0), rtol=1e-5, atol=1e-5)
         assert torch.equal(again[name].reference, splits[name].reference)
 
 
 def test_a_pair_in_one_forward_pass_equals_two_separate_passes(tmp_path):
     cfg, model, objective, splits, hw = prepared(tmp_path, "objective=dpo")
     batch = objective._batch(splits["train"], list(range(6)))
-    assert batch.rows.input_ids.shape[0] == 12 and batch.units == 6  # the chosen rows, then the rejected rows
+    assert batch.rows.input_ids.shape[0] == 12 and batch.normaliser == 6  # the chosen rows, then the rejected rows
     with torch.no_grad():
         together = sequence_logprobs(model, batch.rows.input_ids, batch.rows.labels)
         seqs = splits["train"].seqs
@@ -325,14 +325,15 @@ def test_a_reference_cache_edited_on_disk_is_computed_again_and_shared_by_strate
 def test_loss_chunk_tokens_zero_means_one_pass_over_the_whole_logits(tmp_path, monkeypatch):
     """hardware.loss_chunk_tokens=0 is autograd's path over the whole logits (schema): the preference objectives pass
     it on as it is, for the policy, the reference and KTO's KL estimate, instead of a chunk size of their own."""
-    from transfer.objectives import preference
+    from transfer.objectives import preference, reference
 
     asked = []
     real = preference.sequence_logprobs
-    monkeypatch.setattr(preference, "sequence_logprobs", lambda *a, **k: asked.append(a[3]) or real(*a, **k))
+    for module in (preference, reference):  # the policy's, and the reference's
+        monkeypatch.setattr(module, "sequence_logprobs", lambda *a, **k: asked.append(a[3]) or real(*a, **k))
     cfg, model, objective, splits, hw = prepared(tmp_path, "objective=kto", "hardware.loss_chunk_tokens=0")
     objective.attach(model, splits, cfg, hw)
     batches = [objective.batch(splits["train"], objective.stream(splits["train"], 0, 0, 4), 4)]
     objective.begin_step(model, batches, hw)
-    objective.loss(model, batches[0], hw.loss_chunk_tokens)
+    objective.loss(model, batches[0], LossOptions.of(hw))
     assert hw.loss_chunk_tokens == 0 and len(asked) >= 3 and set(asked) == {0}

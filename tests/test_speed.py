@@ -15,7 +15,9 @@ from transfer.data.sequences import IGNORE
 from transfer.errors import TransferError
 from transfer.models.load import load_model_and_tokenizer
 from transfer.strategies import apply_strategy
-from transfer.training import loss, speed
+from transfer.training import speed
+from transfer.training.hardware import Hardware
+from transfer.training.loss import LossOptions
 from transfer.training.speed import apply_transforms
 
 RUN = ["strategy=lora", "strategy.dropout=0", "block_size=64", "max_steps=4", "eval_interval=2",
@@ -143,7 +145,8 @@ def test_liger_patches_its_model_alone_and_the_next_job_gets_transformers_own_co
     done = apply_transforms(model, cfg)["kernels"]
     # each of the 4 blocks' MLP and two norms, and the final norm; the rotary embedding is a function of the module
     assert done == {**described, "modules": 4 * 3 + 1, "functions": ["apply_rotary_pos_emb"]}
-    assert model.get_base_model().get_output_embeddings() in loss.LIGER_HEADS
+    # the training loss is Liger's where the run's hardware says so (hardware.kernels is what LossOptions reads)
+    assert LossOptions.of(Hardware(torch.device("cpu"), "fp32", 4096, "liger")) == LossOptions(4096, liger=True)
     # a model built after it (a sweep's next job, in the same process) is transformers' own
     assert modeling.Qwen2RMSNorm is own["Qwen2RMSNorm"] and modeling.Qwen2MLP is own["Qwen2MLP"]
     assert modeling.apply_rotary_pos_emb is not own["apply_rotary_pos_emb"]  # called at every step of this job
@@ -152,7 +155,7 @@ def test_liger_patches_its_model_alone_and_the_next_job_gets_transformers_own_co
     assert apply_transforms(later, plain)["kernels"] == "torch"
     assert {name: getattr(modeling, name) for name in names} == own
     assert not any("forward" in vars(m) for m in later.modules())
-    assert later.get_output_embeddings() not in loss.LIGER_HEADS
+    assert LossOptions.of(Hardware(torch.device("cpu"), "fp32", 4096, "torch")) == LossOptions(4096, liger=False)
 
 
 @needs_liger
@@ -220,21 +223,16 @@ def test_ligers_fused_loss_computes_ours(scored):
     model, _ = load_model_and_tokenizer(cfg.model, 64)
     ids = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(0))
     labels = ids if scored == "every-token" else ids.clone().index_fill_(1, torch.arange(10), IGNORE)
-    head = model.get_output_embeddings()
     ours = loss_and_grads(model, ids, labels, 4096)
-    loss.LIGER_HEADS.add(head)
-    try:
-        import liger_kernel.transformers as liger
+    import liger_kernel.transformers as liger
 
-        calls = []
-        with pytest.MonkeyPatch.context() as patch:  # it is Liger's that runs
-            forward = liger.LigerFusedLinearCrossEntropyLoss.forward
-            patch.setattr(liger.LigerFusedLinearCrossEntropyLoss, "forward",
-                          lambda self, *a: calls.append(a) or forward(self, *a))  # fmt: skip
-            theirs = loss_and_grads(model, ids, labels, 4096)
-        assert len(calls) == 1
-    finally:
-        loss.LIGER_HEADS.discard(head)
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:  # it is Liger's that runs
+        forward = liger.LigerFusedLinearCrossEntropyLoss.forward
+        patch.setattr(liger.LigerFusedLinearCrossEntropyLoss, "forward",
+                      lambda self, *a: calls.append(a) or forward(self, *a))  # fmt: skip
+        theirs = loss_and_grads(model, ids, labels, 4096, liger=True)
+    assert len(calls) == 1
     assert theirs[1] == ours[1] == (94 if scored == "every-token" else 76)
     torch.testing.assert_close(theirs[0], ours[0], rtol=1e-6, atol=0)
     for name, grad in ours[2].items():

@@ -40,7 +40,7 @@ from transfer.errors import Interrupted, TransferError
 from transfer.fmt import duration
 from transfer.training import checkpoint, distributed
 from transfer.training.hardware import MachineLoad
-from transfer.training.loss import smaller_chunks
+from transfer.training.loss import LossOptions, smaller_chunks
 from transfer.training.oom import MemoryPlan, optimizer_mover, reason_of
 from transfer.training.optim import build_optimizer, build_scheduler
 from transfer.training.pruning import Pruning
@@ -406,7 +406,7 @@ def _forward_backward(trainee, objective, examples, stream, plan, scaler, hardwa
     for i, batch in enumerate(mine):
         with trainee.sync(last=i == len(mine) - 1):  # gradients all-reduced once a step, after its last share
             with hardware.autocast():
-                loss_sum, _, _ = trainee(objective.loss, batch.to(hardware.device), hardware.loss_chunk_tokens)
+                loss_sum, _, _ = trainee(objective.loss, batch.to(hardware.device), LossOptions.of(hardware))
             scaler.scale(loss_sum * trainee.gradient_scale / normaliser).backward()
         step_loss += loss_sum.detach()
     return distributed.summed(step_loss, hardware.device), batches, normaliser

@@ -26,6 +26,7 @@ PREFERENCE_FORMATS = ("pairs", "unpaired")
 @dataclass(frozen=True)
 class ObjectiveSpec:
     family: str  # "lm" (blocks of text), "sft" (examples with answers) or "preference" (chosen and rejected)
+    runs_as: str  # its class in objectives/, "module:Class" (objectives.build_objective imports it)
     formats: tuple[str, ...]  # dataset.format values besides "auto"
     reference: bool = False  # a frozen copy of the initial model scores every step
     unpaired: bool = False  # rows of one answer and a label are allowed (KTO)
@@ -68,14 +69,15 @@ class ObjectiveSpec:
 
 
 def _preference(reference: bool, unpaired: bool = False) -> ObjectiveSpec:
-    return ObjectiveSpec("preference", PREFERENCE_FORMATS, reference=reference, unpaired=unpaired,
-                         kl_estimate=unpaired, rows_per_example=2, token_loss=False)  # fmt: skip
+    return ObjectiveSpec("preference", "transfer.objectives.preference:PreferenceOptimisation", PREFERENCE_FORMATS,
+                         reference=reference, unpaired=unpaired, kl_estimate=unpaired, rows_per_example=2,
+                         token_loss=False)  # fmt: skip
 
 
 OBJECTIVES = {
     # lm reads text_field whatever dataset.format says; the example formats pass its check, as they always have
-    "lm": ObjectiveSpec("lm", EXAMPLE_FORMATS, replay=True),
-    "sft": ObjectiveSpec("sft", EXAMPLE_FORMATS),
+    "lm": ObjectiveSpec("lm", "transfer.objectives.lm:LanguageModelling", EXAMPLE_FORMATS, replay=True),
+    "sft": ObjectiveSpec("sft", "transfer.objectives.sft:InstructionTuning", EXAMPLE_FORMATS),
     "dpo": _preference(reference=True),
     "ipo": _preference(reference=True),
     "kto": _preference(reference=True, unpaired=True),

@@ -30,7 +30,7 @@ from transfer.config.strategy import STRATEGIES
 from transfer.data.sequences import padded_batch
 from transfer.models.anatomy import base_model, model_parts
 from transfer.training import checkpoint, distributed
-from transfer.training.speed import uncompiled
+from transfer.training.hardware import uncompiled
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 import torch
 
-from transfer.training.speed import uncompiled
+from transfer.training.hardware import uncompiled
 
 
 @torch.no_grad()

@@ -1,17 +1,22 @@
 """Objectives: what a run learns and how it is judged (base.py says what each provides).
 
-Adding one is a module here, a row in OBJECTIVES, a YAML file in conf/objective/ and its
-schema class in schema.py; the loop, evaluation, checkpoints, records and tables are shared.
+Adding one is a module here, its row in config/objective.py OBJECTIVES (whose `runs_as` names its
+class here) and a YAML file in conf/objective/; the loop, evaluation, checkpoints, records and
+tables are shared.
 """
 
-from transfer.objectives.lm import LanguageModelling
-from transfer.objectives.preference import PAIR_LOSSES, PreferenceOptimisation
-from transfer.objectives.sft import InstructionTuning
+import importlib
 
-OBJECTIVES = {"lm": LanguageModelling, "sft": InstructionTuning, "kto": PreferenceOptimisation,
-              **dict.fromkeys(PAIR_LOSSES, PreferenceOptimisation)}  # fmt: skip
+from transfer.config.objective import spec
+from transfer.objectives.base import Objective
 
 
-def build_objective(cfg, tokenizer):
+def objective_class(name: str) -> type:
+    """The class that objective=`name` runs as (its spec's `runs_as`)."""
+    module, _, cls = spec(name).runs_as.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_objective(cfg, tokenizer) -> Objective:
     """The objective a run's config names, for this tokenizer."""
-    return OBJECTIVES[cfg.objective.name](cfg.objective, cfg.dataset, tokenizer, cfg.block_size)
+    return objective_class(cfg.objective.name)(cfg.objective, cfg.dataset, tokenizer, cfg.block_size)

@@ -1,26 +1,12 @@
-"""Preference optimisation: DPO, IPO, KTO, CPO, ORPO and SimPO, as rows of one loss table (TRL's way).
+"""Preference optimisation: DPO, IPO, KTO, CPO, ORPO and SimPO, as rows of one loss table (preference_losses.py).
 
 Every row reads the same scores of each answer: the policy's summed log-probability of its
 tokens (through the chunked head: the logits of a 151,936-token vocabulary never exist for a
 whole batch), the reference's where the method has one, and the answer's length. A pair's
 chosen and rejected answers go through the model in one forward pass (concatenated rows).
-With the loss table (`PAIR_LOSSES`, `kto`) in p, c the policy and reference log-probs, |y|
-the answer's tokens, z KTO's KL estimate and s_eps(x) = -(1-eps) log sigmoid(x) - eps log sigmoid(-x):
 
-    dpo    s_eps(beta * ((p_c - c_c) - (p_r - c_r)))                       Rafailov et al. 2023
-    ipo    ((p_c - c_c)/|y_c| - (p_r - c_r)/|y_r| - 1/(2 beta))^2          Azar et al. 2023 (per token, as TRL)
-    cpo    s_eps(beta * (p_c - p_r)) + cpo_alpha * (-p_c/|y_c|)             Xu et al. 2024
-    simpo  s_eps(beta * (p_c/|y_c| - p_r/|y_r|) - gamma)                    Meng et al. 2024
-    orpo   -p_c/|y_c| - lambda_or * log sigmoid(log odds(p_c/|y_c|) - log odds(p_r/|y_r|))   Hong et al. 2024
-    kto    desirable: lambda_D (1 - sigmoid(beta (p - c - z))); undesirable: lambda_U (1 - sigmoid(beta (z - p + c)))
-
-The answer likelihood terms of CPO and ORPO are each pair's mean token log-likelihood (TRL
-takes the mean over the batch's tokens: the same when the answers are equally long).
-
-The reference: none for cpo, orpo, simpo; for the others the base model with its adapters
-disabled (peft strategies: no second copy), a frozen copy of the initial model (the other
-strategies), or with `objective.precompute_reference=true` its log-probabilities computed once
-before training and cached on disk, keyed by model, data and settings.
+The reference (reference.py): none for cpo, orpo, simpo; for the others the base model with
+its adapters disabled, a frozen copy of the initial model, or its log-probabilities precomputed.
 
 KTO trains on unpaired answers; pairs are unpaired for it (the chosen answer desirable, the
 rejected one not). Its KL estimate z is the mean log-ratio of each prompt with another
@@ -28,17 +14,12 @@ example's answer, clamped at 0 and taken over the whole optimizer step (evaluati
 split), so that it does not depend on how a step is split into micro-batches.
 """
 
-import copy
 import logging
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from transfer import cache
-from transfer.config.objective import OBJECTIVES
+from transfer.config.objective import spec
 from transfer.data.chat import (
     Example,
     fit,
@@ -49,78 +30,17 @@ from transfer.data.chat import (
     to_unpaired,
     training_tokens,
 )
-from transfer.data.sequences import IGNORE, Batch, ExampleStream, Sequences, padded_batch
+from transfer.data.sequences import IGNORE, ExampleStream, Sequences, padded_batch
+from transfer.data.sequences import Batch as Rows
 from transfer.data.sources import SPLITS, load_rows, origin
 from transfer.errors import TransferError
-from transfer.objectives.base import Objective
+from transfer.objectives.base import BaseObjective
+from transfer.objectives.preference_losses import PAIR_LOSSES, Scores, kto
+from transfer.objectives.reference import Reference
 from transfer.training import distributed
-from transfer.training.loss import logprobs_and_kl, scored_head_inputs, sequence_logprobs
+from transfer.training.loss import LossOptions, logprobs_and_kl, scored_head_inputs, sequence_logprobs
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- the loss table
-@dataclass
-class Scores:
-    """One kind of answer of a batch (the chosen, the rejected, or KTO's): per answer."""
-
-    policy: torch.Tensor  # summed log-probability of the answer's tokens
-    reference: torch.Tensor | None
-    length: torch.Tensor  # the answer's tokens
-
-
-def smoothed(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """-log sigmoid(x), with a share eps of the labels assumed flipped (conservative DPO)."""
-    return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, accurate near 0 and far below it."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def dpo(c: Scores, r: Scores, cfg):
-    chosen, rejected = cfg.beta * (c.policy - c.reference), cfg.beta * (r.policy - r.reference)
-    return smoothed(chosen - rejected, cfg.label_smoothing), chosen, rejected
-
-
-def ipo(c: Scores, r: Scores, cfg):
-    h = (c.policy - c.reference) / c.length - (r.policy - r.reference) / r.length
-    return (h - 1 / (2 * cfg.beta)) ** 2, cfg.beta * (c.policy - c.reference), cfg.beta * (r.policy - r.reference)
-
-
-def cpo(c: Scores, r: Scores, cfg):
-    losses = smoothed(cfg.beta * (c.policy - r.policy), cfg.label_smoothing) + cfg.cpo_alpha * (-c.policy / c.length)
-    return losses, cfg.beta * c.policy, cfg.beta * r.policy
-
-
-def simpo(c: Scores, r: Scores, cfg):
-    chosen, rejected = c.policy / c.length, r.policy / r.length
-    return (
-        smoothed(cfg.beta * (chosen - rejected) - cfg.gamma, cfg.label_smoothing),
-        cfg.beta * chosen,
-        cfg.beta * rejected,
-    )
-
-
-def orpo(c: Scores, r: Scores, cfg):
-    chosen, rejected = c.policy / c.length, r.policy / r.length
-    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
-    return -chosen - cfg.lambda_or * F.logsigmoid(log_odds), cfg.lambda_or * chosen, cfg.lambda_or * rejected
-
-
-PAIR_LOSSES = {"dpo": dpo, "ipo": ipo, "cpo": cpo, "simpo": simpo, "orpo": orpo}
-
-
-def kto(s: Scores, desirable: torch.Tensor, z: torch.Tensor, cfg):
-    """KTO's per-answer losses and rewards; z is the (detached) KL estimate."""
-    ratio = s.policy - s.reference
-    losses = torch.where(
-        desirable,
-        cfg.desirable_weight * (1 - torch.sigmoid(cfg.beta * (ratio - z))),
-        cfg.undesirable_weight * (1 - torch.sigmoid(cfg.beta * (z - ratio))),
-    )
-    return losses, cfg.beta * ratio
 
 
 # ---------------------------------------------------------------- data
@@ -157,41 +77,45 @@ class PreferenceSplit:
 
 @dataclass
 class PreferenceBatch:
-    rows: Batch  # the answers; for pairs the chosen ones first, then the rejected ones
+    """A micro-batch of answers (objectives.base.Batch): its loss is summed over its units, pairs or KTO's answers."""
+
+    split: PreferenceSplit = field(repr=False, compare=False)  # drawn from (KTO's begin_step reads its answers)
+    rows: Rows  # the answers; for pairs the chosen ones first, then the rejected ones
     index: torch.Tensor  # which of the split's sequences the rows are
-    units: int  # pairs, or KTO's answers: the normaliser
+    normaliser: int  # pairs, or KTO's answers
     desirable: torch.Tensor  # per row
     reference: torch.Tensor | None = None  # per row, when precomputed
     kl: torch.Tensor | None = None  # KTO: the step's KL estimate (begin_step)
 
-    normaliser = property(lambda self: self.units)
-    tokens = property(lambda self: self.rows.tokens)
-    positions = property(lambda self: self.rows.positions)
+    @property
+    def tokens(self) -> int:
+        return self.rows.tokens
+
+    @property
+    def positions(self) -> int:
+        return self.rows.positions
 
     def to(self, device) -> "PreferenceBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return PreferenceBatch(self.rows.to(device), self.index, self.units, self.desirable.to(device),
-                               move(self.reference), move(self.kl))  # fmt: skip
+        return PreferenceBatch(self.split, self.rows.to(device), self.index, self.normaliser,
+                               self.desirable.to(device), move(self.reference), move(self.kl))  # fmt: skip
 
 
-class PreferenceOptimisation(Objective):
+class PreferenceOptimisation(BaseObjective):
     metrics = ("loss", "reward_accuracy", "margin")
 
     def __init__(self, cfg, dataset_cfg, tokenizer, block_size):
         super().__init__(cfg, dataset_cfg, tokenizer, block_size)
         self.name = cfg.name
-        self.kto = self.name == "kto"
+        self.spec = spec(self.name)
+        self.kto = self.spec.unpaired  # KTO's units are answers, labelled desirable or not, rather than pairs
         chosen = dataset_cfg.template if dataset_cfg.template is not None else cfg.template
         self.template = template_of(tokenizer, chosen.value)
-        self.reference_kind = None if OBJECTIVES[self.name].reference else "none"
-        self._reference_model = None  # a frozen copy of the initial model, for strategies without adapters
-        self._model = None
-        self._train_split = None
+        self.reference = Reference(self.name, cfg, self.pad_id, needed=self.spec.reference)
 
     # ---------------------------------------------------------------- data
     def prepare(self, max_eval_tokens):
-        needs = OBJECTIVES[self.name].fields(self.dataset_cfg)
-        rows = load_rows(self.dataset_cfg, needs)
+        rows = load_rows(self.dataset_cfg, self.spec.fields(self.dataset_cfg))
         return {name: self._split(rows[name], name, None if name == "train" else max_eval_tokens) for name in SPLITS}
 
     def _split(self, rows: list[dict], split: str, max_tokens: int | None) -> PreferenceSplit:
@@ -261,101 +185,17 @@ class PreferenceOptimisation(Objective):
         info = {"rows": len(rows), **counts, "template": self.template}
         return PreferenceSplit(seqs, torch.tensor(pairs) if paired else None, torch.tensor(desirable), examples, info)
 
-    # ---------------------------------------------------------------- the reference
+    # ---------------------------------------------------------------- the reference (objectives/reference.py)
     def attach(self, model, splits, run_cfg, hardware) -> dict:
         """Set up the reference before the baseline, while the model is still the initial one."""
-        self._model = model
-        if self.reference_kind == "none":
-            return {"reference": "none"}
-        peft = hasattr(model, "disable_adapter")
-        self.reference_kind = "adapters disabled" if peft else "frozen copy"
-        if not peft:
-            self._reference_model = copy.deepcopy(model).eval().requires_grad_(False)
-        info = {"reference": self.reference_kind}
-        if self.cfg.precompute_reference:
-            info.update(self._precompute(model, splits, run_cfg, hardware))
-            if not self.kto:  # the cache serves; KTO's mismatched answers still need the reference live
-                self._reference_model = None
-            self.reference_kind = "precomputed"
-            info["reference"] = f"precomputed ({info['reference_of']})"
+        seqs = {name: split.seqs for name, split in splits.items() if name in SPLITS}
+        info = self.reference.attach(model, seqs, run_cfg, hardware, keep_live=self.kto)  # KTO's mismatched answers
+        for name, logps in self.reference.precomputed.items():
+            splits[name].reference = logps
         return info
 
-    def _precompute(self, model, splits, run_cfg, hardware) -> dict:
-        folder = Path(self.cfg.reference_cache).expanduser()
-        cache.writable(folder, "objective.reference_cache")  # before the log-probabilities are computed
-        path = folder / f"{self._cache_key(model, splits, run_cfg, hardware)}.pt"
-        names = [n for n in SPLITS if n in splits]
-        kept = cache.load_tensors(path, names, "reference")
-        if kept is not None and any(len(kept[n]) != len(splits[n].seqs) for n in names):
-            kept = cache.damaged(path, "reference", "its length differs from the split's answers")
-        for name in names:
-            splits[name].reference = (
-                kept[name] if kept is not None
-                else self._reference_logps(splits[name], run_cfg.eval_batch_size, hardware)
-            )  # fmt: skip
-        if kept is None:
-            cache.save_tensors(path, {name: splits[name].reference for name in names})
-        hit = kept is not None
-        log.info("reference log-probabilities %s %s", "read from" if hit else "computed and cached in", path)
-        return {"reference_of": self.reference_kind, "reference_cache": str(path), "reference_cache_hit": hit}
-
-    def _cache_key(self, model, splits, run_cfg, hardware) -> str:
-        """Everything the reference's log-probabilities depend on: its weights (the base's, under the names a plain
-        model gives them, so that every strategy's jobs share one reference), the tokens scored, the settings."""
-        peft = getattr(model, "peft_config", {})
-        adapters = tuple(f".{name}." for name in peft)
-        weights = []
-        with torch.no_grad():
-            for name, p in sorted(model.state_dict().items()):
-                if any(a in f"{name}." for a in adapters) or ".modules_to_save." in name:
-                    continue  # an adapter's own tensors: off for the reference
-                plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(
-                    ".original_module.", ".")  # fmt: skip
-                weights.append(cache.digest(plain, p))  # one tensor at a time: no second copy of the model
-        contents = [cache.digest(*splits[name].seqs.content()) for name in sorted(n for n in SPLITS if n in splits)]
-        settings = [hardware.device.type, hardware.precision, run_cfg.model.dtype.value, run_cfg.eval_batch_size,
-                    hardware.loss_chunk_tokens, cache.environment()]  # fmt: skip
-        return cache.digest(sorted(weights), contents, settings)[:32]
-
-    @torch.no_grad()
-    def _reference_logps(self, split: PreferenceSplit, batch_size: int, hardware) -> torch.Tensor:
-        """The reference's summed log-probability of every answer of a split, [sequences]."""
-        out = []
-        for start in range(0, len(split.seqs), batch_size):
-            index = list(range(start, min(start + batch_size, len(split.seqs))))
-            rows = padded_batch(split.seqs, index, self.pad_id).to(hardware.device)
-            with hardware.autocast():
-                out.append(self._live(rows, hardware.loss_chunk_tokens).cpu())
-        return torch.cat(out)
-
-    def _reference_scores(self, rows: Batch, precomputed: torch.Tensor | None, chunk_tokens: int):
-        """The reference's log-probabilities of the rows' answers (None without a reference), under the caller's autocast."""
-        if self.reference_kind == "none":
-            return None
-        if precomputed is not None:
-            return precomputed
-        return self._live(rows, chunk_tokens)
-
-    @torch.no_grad()
-    def _live(self, rows: Batch, chunk_tokens: int) -> torch.Tensor:
-        """The reference run now: the frozen copy, or the model with its adapters disabled, in eval mode."""
-        if self._reference_model is not None:
-            return sequence_logprobs(self._reference_model, rows.input_ids, rows.labels, chunk_tokens)
-        if not hasattr(self._model, "disable_adapter"):
-            raise TransferError(
-                f"objective={self.name}: no reference model is kept; set objective.precompute_reference=false"
-            )
-        was_training = self._model.training
-        self._model.eval()
-        try:
-            with self._model.disable_adapter():
-                return sequence_logprobs(self._model, rows.input_ids, rows.labels, chunk_tokens)
-        finally:
-            self._model.train(was_training)
-
     def to(self, device, dtype=None) -> None:
-        if self._reference_model is not None:
-            self._reference_model.to(device, dtype)
+        self.reference.to(device, dtype)
 
     # ---------------------------------------------------------------- training
     def stream(self, split: PreferenceSplit, seed: int, start: int, per_step: int) -> ExampleStream:
@@ -370,7 +210,6 @@ class PreferenceOptimisation(Objective):
         return split.units(self.kto) / per_step
 
     def batch(self, split: PreferenceSplit, stream: ExampleStream, micro_batch_size: int) -> PreferenceBatch:
-        self._train_split = split  # begin_step pairs the step's prompts with its other answers
         return self._batch(split, [stream.next() for _ in range(micro_batch_size)])
 
     def _batch(self, split: PreferenceSplit, units: list[int]) -> PreferenceBatch:
@@ -378,9 +217,9 @@ class PreferenceOptimisation(Objective):
         index = torch.tensor(units) if self.kto else torch.cat([split.pairs[units, 0], split.pairs[units, 1]])
         rows = padded_batch(split.seqs, index.tolist(), self.pad_id)
         reference = None if split.reference is None else split.reference[index]
-        return PreferenceBatch(rows, index, len(units), split.desirable[index], reference)
+        return PreferenceBatch(split, rows, index, len(units), split.desirable[index], reference)
 
-    def _mismatched(self, split: PreferenceSplit, prompts: list[int], answers: list[int]) -> Batch:
+    def _mismatched(self, split: PreferenceSplit, prompts: list[int], answers: list[int]) -> Rows:
         ids_list, labels_list = [], []
         for p, a in zip(prompts, answers, strict=True):
             example = split.examples[p].with_answer(split.examples[a].answer)
@@ -397,7 +236,7 @@ class PreferenceOptimisation(Objective):
         if not self.kto:
             return
         answers = torch.cat([b.index for b in batches]).tolist()
-        kl = self._kl_estimate(model, self._train_split, answers, len(batches[0].index), hardware)
+        kl = self._kl_estimate(model, batches[0].split, answers, len(batches[0].index), hardware)
         for batch in batches:
             batch.kl = kl
 
@@ -413,15 +252,15 @@ class PreferenceOptimisation(Objective):
             rows = self._mismatched(split, answers[part], partners[part]).to(hardware.device)
             with hardware.autocast():
                 policy = sequence_logprobs(model, rows.input_ids, rows.labels, hardware.loss_chunk_tokens)
-                ratios.append(policy - self._live(rows, hardware.loss_chunk_tokens))
+                ratios.append(policy - self.reference.live(rows, hardware.loss_chunk_tokens))
         return torch.cat(ratios).mean().clamp(min=0)
 
-    def loss(self, model, batch: PreferenceBatch, chunk_tokens: int):
+    def loss(self, model, batch: PreferenceBatch, options: LossOptions):
         rows = batch.rows
-        policy = sequence_logprobs(model, rows.input_ids, rows.labels, chunk_tokens)
-        reference = self._reference_scores(rows, batch.reference, chunk_tokens)
+        policy = sequence_logprobs(model, rows.input_ids, rows.labels, options.chunk_tokens)
+        reference = self.reference.scores(rows, batch.reference, options.chunk_tokens)
         losses, _ = self._losses(policy, reference, rows.labels, batch)
-        return losses.sum(), batch.units, {}
+        return losses.sum(), batch.normaliser, {}
 
     def _losses(self, policy, reference, labels, batch: PreferenceBatch):
         length = (labels[:, 1:] != IGNORE).sum(1).float()
@@ -429,7 +268,7 @@ class PreferenceOptimisation(Objective):
             s = Scores(policy, reference, length)
             losses, rewards = kto(s, batch.desirable, batch.kl, self.cfg)
             return losses, {"rewards": rewards, "policy": policy, "reference": reference}
-        n = batch.units
+        n = batch.normaliser
         c = Scores(policy[:n], None if reference is None else reference[:n], length[:n])
         r = Scores(policy[n:], None if reference is None else reference[n:], length[n:])
         losses, chosen, rejected = PAIR_LOSSES[self.name](c, r, self.cfg)
@@ -442,13 +281,40 @@ class PreferenceOptimisation(Objective):
         for pairs (KTO's too, when its data are pairs) how often the chosen answer wins, and by how much."""
         was_training = model.training
         model.eval()
+        try:
+            kl = self._kl_estimate(model, split, list(range(len(split))), batch_size, hardware) if self.kto else None
+            sums, rewards, logps = self._scored(model, split, batch_size, hardware, kl)
+        finally:
+            model.train(was_training)
+        rewards, logps = distributed.summed(rewards, "cpu"), distributed.summed(logps, "cpu")
+        keys = sorted(sums)  # the same on every process: each ran at least one batch
+        added = distributed.summed_floats(*(part for key in keys for part in sums[key]))
+        result = {key: added[2 * i] / added[2 * i + 1] for i, key in enumerate(keys)}
+        if split.pairs is not None:
+            chosen, rejected = rewards[split.pairs[:, 0]], rewards[split.pairs[:, 1]]
+            result["reward_accuracy"] = float(
+                ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean()
+            )
+            result["margin"] = float((chosen - rejected).mean())
+            result["chosen_reward"], result["rejected_reward"] = float(chosen.mean()), float(rejected.mean())
+            result["chosen_logp"] = float(logps[split.pairs[:, 0]].mean())
+            result["rejected_logp"] = float(logps[split.pairs[:, 1]].mean())
+        if self.kto:
+            result["desirable_reward"] = float(rewards[split.desirable].mean()) if split.desirable.any() else None
+            result["undesirable_reward"] = float(rewards[~split.desirable].mean()) if (~split.desirable).any() else None
+            result["kto_kl"] = float(kl)  # the clamped mean log-ratio on mismatched answers, as KTO uses it
+        result["examples"] = split.units(self.kto)
+        return result
+
+    def _scored(self, model, split: PreferenceSplit, batch_size: int, hardware, kl) -> tuple[dict, torch.Tensor, ...]:
+        """This process's share of a split: the summed loss and token KL, and each answer's reward and log-probability
+        (zero where another process has it)."""
         sums: dict[str, tuple[float, int]] = {}
         rewards, logps = (
             torch.zeros(len(split.seqs), dtype=torch.float64),
             torch.zeros(len(split.seqs), dtype=torch.float64),
         )
         n_units = split.units(self.kto)
-        kl = self._kl_estimate(model, split, list(range(len(split.seqs))), batch_size, hardware) if self.kto else None
         starts = range(0, n_units, batch_size)
         units = (self._batch(split, list(range(start, min(start + batch_size, n_units)))) for start in starts)
         for number, batch in distributed.my_batches(units, len(starts)):  # this process's share of them
@@ -469,26 +335,7 @@ class PreferenceOptimisation(Objective):
             row_rewards = parts["rewards"] if self.kto else torch.cat([parts["chosen"], parts["rejected"]])
             rewards[batch.index] = row_rewards.double().cpu()
             logps[batch.index] = policy.double().cpu()
-        model.train(was_training)
-        rewards, logps = distributed.summed(rewards, "cpu"), distributed.summed(logps, "cpu")
-        keys = sorted(sums)  # the same on every process: each ran at least one batch
-        added = distributed.summed_floats(*(part for key in keys for part in sums[key]))
-        result = {key: added[2 * i] / added[2 * i + 1] for i, key in enumerate(keys)}
-        if split.pairs is not None:
-            chosen, rejected = rewards[split.pairs[:, 0]], rewards[split.pairs[:, 1]]
-            result["reward_accuracy"] = float(
-                ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean()
-            )
-            result["margin"] = float((chosen - rejected).mean())
-            result["chosen_reward"], result["rejected_reward"] = float(chosen.mean()), float(rejected.mean())
-            result["chosen_logp"] = float(logps[split.pairs[:, 0]].mean())
-            result["rejected_logp"] = float(logps[split.pairs[:, 1]].mean())
-        if self.kto:
-            result["desirable_reward"] = float(rewards[split.desirable].mean()) if split.desirable.any() else None
-            result["undesirable_reward"] = float(rewards[~split.desirable].mean()) if (~split.desirable).any() else None
-            result["kto_kl"] = float(kl)  # the clamped mean log-ratio on mismatched answers, as KTO uses it
-        result["examples"] = n_units
-        return result
+        return sums, rewards, logps
 
     @torch.no_grad()
     def policy_logps(self, model, split: PreferenceSplit, batch_size: int, hardware) -> dict:
@@ -508,16 +355,11 @@ class PreferenceOptimisation(Objective):
         return {"chosen_logp": float(logps[split.pairs[:, 0]].mean()),
                 "rejected_logp": float(logps[split.pairs[:, 1]].mean()), "examples": n_units}  # fmt: skip
 
-    def _eval_scores(self, model, rows: Batch, chunk_tokens: int):
+    def _eval_scores(self, model, rows: Rows, chunk_tokens: int):
         """The policy's log-probabilities of the rows' answers, the live reference's (None without one),
         and the summed token KL between them: one forward pass of each."""
         p_hidden, p_head, picked, index = scored_head_inputs(model, rows.input_ids, rows.labels)
-        reference = None
-        if self._reference_model is not None:
-            reference = scored_head_inputs(self._reference_model, rows.input_ids, rows.labels)[:2]
-        elif self.reference_kind != "none" and hasattr(self._model, "disable_adapter"):
-            with self._model.disable_adapter():
-                reference = scored_head_inputs(self._model, rows.input_ids, rows.labels)[:2]
+        reference = self.reference.head_inputs(rows)
         return logprobs_and_kl((p_hidden, p_head), reference, picked, index, len(rows.input_ids), chunk_tokens)
 
     def sample_inputs(self, splits, prompts):
@@ -534,15 +376,12 @@ class PreferenceOptimisation(Objective):
         return inputs, "the first validation prompts"
 
     def baseline_key(self) -> dict:
-        """A live reference is the initial model however it is kept (a frozen copy, or the adapters disabled: the same
-        computation), so jobs of either share a baseline; precomputed log-probabilities are their own."""
-        described = self.describe()
-        described["reference"] = self.reference_kind if self.reference_kind in ("precomputed", "none") else "live"
-        return described
+        """Jobs of a live reference share a baseline however it is kept (Reference.key)."""
+        return {**self.describe(), "reference": self.reference.key()}
 
     def describe(self) -> dict:
         keys = ("beta", "label_smoothing", "gamma", "lambda_or", "cpo_alpha", "desirable_weight", "undesirable_weight")
-        return {**super().describe(), "template": self.template, "reference": self.reference_kind,
+        return {**super().describe(), "template": self.template, "reference": self.reference.kind,
                 **{k: self.cfg[k] for k in keys}}  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 
 import torch
 
-from transfer.config.objective import OBJECTIVES
+from transfer.config.objective import spec
 from transfer.data.chat import (
     Example,
     answer_tokens,
@@ -48,7 +48,7 @@ class InstructionTuning(TokenObjective):
         self.notes: list[str] = []  # where they differ
 
     def prepare(self, max_eval_tokens):
-        rows = load_rows(self.dataset_cfg, OBJECTIVES[self.name].fields(self.dataset_cfg))
+        rows = load_rows(self.dataset_cfg, spec(self.name).fields(self.dataset_cfg))
         name = self.dataset_cfg.name
         self.format = detect_format(rows["train"][0], self.dataset_cfg, f"dataset {name!r}") if rows["train"] else None
         splits = {split: self._examples(rows[split], split, None if split == "train" else max_eval_tokens)

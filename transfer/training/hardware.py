@@ -137,3 +137,11 @@ def resolve(cfg) -> Hardware:
     if cfg.num_threads is not None and device.type == "cpu":
         torch.set_num_threads(cfg.num_threads)
     return Hardware(device, precision, cfg.loss_chunk_tokens, cfg.kernels.value)
+
+
+def uncompiled():
+    """Compiled blocks run as plain PyTorch inside: for generation, whose cache changes shape at every token,
+    and for forward hooks, which would each make torch.compile compile again."""
+    if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6: compiled blocks compile for these too
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")

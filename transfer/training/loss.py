@@ -18,6 +18,7 @@ forward() changes the head's output (scales or caps the logits) keeps autograd's
 
 import logging
 import weakref
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -26,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from transfer.data.sequences import IGNORE
 from transfer.models.anatomy import base_model
-from transfer.training.speed import uncompiled
+from transfer.training.hardware import uncompiled
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +35,36 @@ log = logging.getLogger(__name__)
 SMALL_CHUNK_TOKENS = 1024
 # per model: does forward() return the head's output as it is? (see _logits_are_the_head)
 _HEAD_IS_LAST = weakref.WeakKeyDictionary()
-# heads whose training loss is Liger's fused linear cross-entropy (hardware.kernels=liger, transfer/transforms.py)
-LIGER_HEADS = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """How an objective computes its training loss, from the run's hardware settings (objective.loss takes it)."""
+
+    chunk_tokens: int = 0  # hardware.loss_chunk_tokens: the head and the loss over at most this many tokens at a time
+    liger: bool = False  # hardware.kernels=liger: Liger's fused linear cross-entropy, where the head is a plain one
+
+    @classmethod
+    def of(cls, hardware) -> "LossOptions":
+        """A run's options (training.hardware.Hardware); Liger's kernels are in place by then (training/speed.py)."""
+        return cls(hardware.loss_chunk_tokens, hardware.kernels == "liger")
+
+
+def assume_plain_head(base) -> None:
+    """Take `base`'s forward() as returning its head's output unchanged, without the probe that would ask it: for
+    the memory estimate, whose fake tensors have no values to compare (the run asks its own model again)."""
+    _HEAD_IS_LAST[base] = True
 
 
 def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0,
-                   position_ids: torch.Tensor | None = None):  # fmt: skip
+                   position_ids: torch.Tensor | None = None, liger: bool = False):  # fmt: skip
     """(sum of next-token cross-entropies, number of scored tokens) for one batch.
 
     `labels is input_ids` means every token is scored (training blocks): the count
     then needs no look at the device, which would wait for it once per micro-batch.
     Otherwise only the scored positions meet the head: a prompt's tokens cost nothing there.
     `position_ids` restarting within a row mark packed examples, which do not attend to each other.
+    `liger` (LossOptions.liger): training's loss, where the head is plain, is Liger's fused one.
     """
     # Position t predicts token t + 1. The targets move left, not the logits: slicing the
     # logits would copy them (another 2.3 GiB in the example above); the last position
@@ -58,7 +77,7 @@ def summed_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_t
     base = base_model(model)
     head = base.get_output_embeddings()
     fused = plain_head(head) and torch.is_grad_enabled()
-    liger = fused and head in LIGER_HEADS and count > 0  # it chunks by itself; it divides by the count
+    liger = liger and fused and count > 0  # it chunks by itself; it divides by the count
     one_chunk = (targets.numel() if all_scored else count) <= chunk_tokens
     if not (chunk_tokens or liger) or (one_chunk and not fused) or not _logits_are_the_head(model, base, input_ids):
         logits = model(**inputs).logits

@@ -51,8 +51,8 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
     from transfer.training.optim import build_optimizer
     from transfer.training.speed import apply_transforms
 
-    name = cfg.objective.name
-    rows = cfg.micro_batch_size * OBJECTIVES[name].rows_per_example
+    objective = OBJECTIVES[cfg.objective.name]
+    rows = cfg.micro_batch_size * objective.rows_per_example
     fake_device = device if device.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
     autocast = AUTOCAST_DTYPES[precision]
     notes = []
@@ -75,7 +75,7 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
         if cfg.hardware.kernels.value == "liger":
             notes.append("Liger's kernels estimated as PyTorch's, and its loss as ours: an upper bound")
         model.train()
-        loss._HEAD_IS_LAST[base] = True  # the probe compares values, which fake tensors lack; asked again in the run
+        loss.assume_plain_head(base)  # the probe compares values, which fake tensors lack; asked again in the run
         optimizer = build_optimizer(model, cfg.optimizer, fake_device, learning_rate(cfg)[0])
         ids = torch.randint(0, model.config.vocab_size, (rows, cfg.block_size))
 
@@ -102,13 +102,13 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
                 found["weights"] -= shrink
                 found["peak"] -= shrink
             weights -= shrink
-        if OBJECTIVES[name].reference and not hasattr(model, "peft_config"):
+        if objective.reference and not hasattr(model, "peft_config"):
             training["reference"] = weights  # the frozen copy of the initial model
             training["peak"] += weights
             notes.append("a preference objective's frozen reference copy")
-        if OBJECTIVES[name].preference:
+        if objective.rows_per_example == 2:
             notes.append("a pair's two answers as two rows")
-        if name == "sft":
+        if objective.family == "sft":
             notes.append("every position counted as scored: an upper bound on the head's share")
     return {
         "training": training,

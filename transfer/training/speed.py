@@ -2,7 +2,6 @@
 checkpointing, compiling each block (the distributed wrap comes after, in transfer.training.distributed). One function, so
 that the order is written once."""
 
-import contextlib
 import importlib.metadata
 import logging
 import sys
@@ -80,7 +79,7 @@ def _apply_liger(base, objective: str, patch: bool) -> dict:
 
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
 
-    from transfer.config.objective import OBJECTIVES
+    from transfer.config.objective import spec
     from transfer.training import loss
 
     name, model_type = type(base).__name__, base.config.model_type
@@ -104,7 +103,7 @@ def _apply_liger(base, objective: str, patch: bool) -> dict:
         )
     head = base.get_output_embeddings()
     done = {"name": "liger", "version": importlib.metadata.version("liger-kernel"), "model_type": model_type}
-    if OBJECTIVES[objective].preference:
+    if not spec(objective).token_loss:
         done["loss"] = f"{objective}'s own, from sequence log-probabilities"
     elif loss.plain_head(head):
         done["loss"] = "Liger's fused linear cross-entropy, where the logits are the head's output"
@@ -124,7 +123,6 @@ def _apply_liger(base, objective: str, patch: bool) -> dict:
             _LIGER_REPLACED.setdefault((module, attr), original)
             if isinstance(original, type):
                 setattr(module, attr, original)
-    loss.LIGER_HEADS.add(head)
     done["modules"] = sum("forward" in vars(m) for m in base.modules()) - own_forward
     done["functions"] = [attr for attr in replaced if not isinstance(before.get(attr), type)]
     return done
@@ -169,11 +167,3 @@ _gave_up = _GaveUp()
 def compile_gave_up() -> list[str]:
     """What torch.compile gave up on during this job (its own words), which then ran uncompiled."""
     return list(_gave_up.lines)
-
-
-def uncompiled():
-    """Compiled blocks run as plain PyTorch inside: for generation, whose cache changes shape at every token,
-    and for forward hooks, which would each make torch.compile compile again."""
-    if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6: compiled blocks compile for these too
-        return contextlib.nullcontext()
-    return torch.compiler.set_stance("force_eager")
