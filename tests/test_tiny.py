@@ -12,9 +12,8 @@ from transfer.config.compose import compose_config
 from transfer.data.probes import probe_splits
 from transfer.errors import TransferError
 from transfer.evaluation.perplexity import perplexity
-from transfer.models.load import load_model_and_tokenizer
+from transfer.models.load import TINY_MANIFEST, TINY_WEIGHTS, load_model_and_tokenizer
 from transfer.record import read_record
-from transfer.tiny import MANIFEST, WEIGHTS
 from transfer.tiny.build import corpora, digest, pretrain, save
 from transfer.training.hardware import resolve
 
@@ -33,13 +32,13 @@ def test_build_is_deterministic(tmp_path):
 
 
 def test_shipped_weights_are_those_the_manifest_describes(shared):
-    manifest = json.loads(MANIFEST.read_text())
-    assert hashlib.sha256(WEIGHTS.read_bytes()).hexdigest() == manifest["weights_sha256"]
+    manifest = json.loads(TINY_MANIFEST.read_text())
+    assert hashlib.sha256(TINY_WEIGHTS.read_bytes()).hexdigest() == manifest["weights_sha256"]
     found = corpora(shared)
     assert digest(found["tiny_shakespeare_train"]) == manifest["corpora"]["tiny_shakespeare_train"]["sha256"]
     if platform.python_version() == manifest["python"]:  # the documentation's text follows the Python version
         assert digest(found["python_docs_train"]) == manifest["corpora"]["python_docs_train"]["sha256"]
-    assert WEIGHTS.stat().st_size < 2 * 2**20
+    assert TINY_WEIGHTS.stat().st_size < 2 * 2**20
 
 
 def _probe_perplexity(overrides: list[str]) -> float:

@@ -19,6 +19,9 @@ from transfer.errors import TransferError, first_line
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
+# the project's pretrained tiny model (model=tiny), shipped in the package; transfer/tiny/build.py makes them
+TINY_WEIGHTS = Path(__file__).resolve().parents[1] / "tiny" / "model.safetensors"
+TINY_MANIFEST = TINY_WEIGHTS.with_name("build.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -126,9 +129,7 @@ def load_tiny_weights(model) -> None:
     """The project's pretrained tiny weights (transfer/tiny), into a model of the same shape, in its dtype."""
     from safetensors.torch import load_file
 
-    from transfer.tiny import WEIGHTS
-
-    state = load_file(str(WEIGHTS))
+    state = load_file(str(TINY_WEIGHTS))
     own = model.state_dict()
     wrong = [f"{k} {tuple(own[k].shape)} (pretrained: {tuple(v.shape)})" for k, v in state.items()
              if k in own and own[k].shape != v.shape]  # fmt: skip

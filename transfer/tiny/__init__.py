@@ -6,10 +6,7 @@ Its weights ship here (`model.safetensors`, fp16, under 2 MB), so the default ex
 starts from a model that already knows general English: fine-tuning it on Rust shows a real
 domain gain, and its held-out general text shows real forgetting. `model=tiny_random` is the
 same shape with seeded random weights, for tests of mechanics.
+
+The files are found through transfer.models.load (TINY_WEIGHTS, TINY_MANIFEST), which loads them; this package is
+the command that builds them.
 """
-
-from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-WEIGHTS = HERE / "model.safetensors"
-MANIFEST = HERE / "build.json"

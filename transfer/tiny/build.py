@@ -24,8 +24,7 @@ import torch
 from transfer.config.model import TinyModelConfig
 from transfer.data.blocks import text_blocks
 from transfer.data.sources import python_docs_prose
-from transfer.models.load import build_model, byte_tokenizer, tiny_config
-from transfer.tiny import MANIFEST, WEIGHTS
+from transfer.models.load import TINY_MANIFEST, TINY_WEIGHTS, build_model, byte_tokenizer, tiny_config
 
 SHAKESPEARE = "datasets/tiny_shakespeare/train.jsonl"
 
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the shared/ folder holding Tiny Shakespeare (default: $TRANSFER_SHARED)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--threads", type=int, default=1, help="torch threads: part of what makes the bytes the same")
-    parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--out", type=Path, default=TINY_WEIGHTS)
     args = parser.parse_args(argv)
     if args.shared is None:
         parser.error("--shared (or TRANSFER_SHARED) is needed: Tiny Shakespeare is half the corpus")
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name, t in found.items()},
         "loss_curve": curve,
     }  # fmt: skip
-    (MANIFEST if args.out == WEIGHTS else args.out.with_suffix(".json")).write_text(
+    (TINY_MANIFEST if args.out == TINY_WEIGHTS else args.out.with_suffix(".json")).write_text(
         json.dumps(manifest, indent=2) + "\n"
     )
     print(json.dumps({k: manifest[k] for k in ("weights_sha256", "steps", "seconds")}))
