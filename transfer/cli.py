@@ -105,6 +105,7 @@ def job(cfg: DictConfig) -> None:
     _process_start_unclaimed = False
     _silence_known_noise()
     tasks = launchers.join_tasks()  # a submitit job of several tasks: one job on several processes
+    from transfer.job import JobContext
     from transfer.run import run_experiment
 
     hc = HydraConfig.get()
@@ -117,7 +118,9 @@ def job(cfg: DictConfig) -> None:
     choices["probes"] = ",".join(cfg.eval.probes) or "none"  # a list group: Hydra records no choice for it
     _log_sweep_position(hc)
     locked_here = failed = False
-    with launchers.requeue_when_preempted():
+    # the job's undo work (Liger's patches, the compile watch, the cache folder, device memory) is done once its
+    # error is reported and dropped: what the error's frames held is freed then
+    with launchers.requeue_when_preempted(), JobContext() as context:
         try:
             if unwritten:
                 raise TransferError(
@@ -128,7 +131,9 @@ def job(cfg: DictConfig) -> None:
             if hc.mode == RunMode.MULTIRUN:
                 launchers.continue_earlier_attempt(cfg, out_dir)
             sweep = Path(hc.runtime.cwd, hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
-            run_experiment(cfg, out_dir, choices, list(hc.overrides.task), started=started, sweep=sweep)
+            run_experiment(
+                cfg, out_dir, choices, list(hc.overrides.task), started=started, sweep=sweep, context=context
+            )
         except TransferError as e:
             log.error("error: %s", e)
             failed = True
@@ -140,7 +145,6 @@ def job(cfg: DictConfig) -> None:
         finally:
             if locked_here:
                 unlock_folder(out_dir)
-            _release_device_memory()
             _job_seconds.append(time.perf_counter() - started)
             if tasks:
                 distributed.shutdown()
@@ -174,13 +178,6 @@ def _silence_known_noise() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # peft asks transformers for a renamed attribute; nothing for a user to change
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-def _release_device_memory() -> None:
-    """A process may run several jobs (the basic launcher, a Ray worker): the next starts without this one's GPU memory."""
-    from transfer.training.oom import release_memory  # torch, imported only once a job has run
-
-    release_memory()
 
 
 def _terminate(signum, frame) -> None:

@@ -1,4 +1,4 @@
-"""How numbers are written for people: durations in logs and progress lines."""
+"""How numbers are written for people: durations and metrics in logs and progress lines."""
 
 
 def duration(seconds: float) -> str:
@@ -8,3 +8,8 @@ def duration(seconds: float) -> str:
     minutes, s = divmod(round(seconds), 60)
     hours, m = divmod(minutes, 60)
     return f"{hours} h {m} min" if hours else f"{m} min {s} s" if m else f"{s} s"
+
+
+def describe_metrics(result: dict) -> str:
+    """'loss 2.31, perplexity 10.1, auc 0.612': the metrics of an evaluation, for a log line."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
