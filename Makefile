@@ -55,9 +55,10 @@ TEST_WORKERS ?= 2
 test:  ## run the test suite (TEST_WORKERS=N workers, 2 by default)
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
-lint:  ## ruff: lint and formatting check
+lint:  ## ruff (lint and formatting), and the import layers of README "Layout" (import-linter)
 	$(PYTHON) -m ruff check transfer tests benchmarks hydra_plugins
 	$(PYTHON) -m ruff format --check transfer tests benchmarks hydra_plugins
+	lint-imports
 
 format:  ## ruff: fix what can be fixed, then format
 	$(PYTHON) -m ruff check --fix transfer tests benchmarks hydra_plugins

@@ -75,16 +75,16 @@ def overrides(row: str, shape: dict, device: str, extra: list[str]) -> list[str]
 
 
 class StepClock:
-    """Stands in for the TensorBoard writer: notes when each optimizer step has finished, and its loss;
+    """A metric logger (transfer.training.loggers): notes when each optimizer step has finished, and its loss;
     moves the profiler, if any, on to the next step."""
 
     def __init__(self, hardware, profiler=None):
         self.hardware, self.profiler, self.times, self.losses = hardware, profiler, {}, {}
 
-    def add_scalar(self, tag, value, step):
-        if tag == "train/loss":
+    def scalars(self, values, step):
+        if "train/loss" in values:
             self.tick(step)
-            self.losses[step] = value
+            self.losses[step] = values["train/loss"]
 
     def tick(self, step: int) -> None:
         self.hardware.synchronize()
@@ -146,7 +146,7 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
     started = time.perf_counter()
     with profiler if profiler is not None else contextlib.nullcontext():
         if impl == "ours":
-            train(model, objective, {"train": blocks}, cfg, hardware, writer=clock)
+            train(model, objective, {"train": blocks}, cfg, hardware, logger=clock)
         else:
             hf_train(model, blocks, order, cfg, shape, clock, args.hf_compile, args.hf_liger)
     seconds = clock.times[last] - clock.times[warm]

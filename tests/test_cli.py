@@ -76,6 +76,32 @@ def test_tensorboard_holds_the_scalars(fast_run):
     assert len(lrs) == 30 and max(lrs) == pytest.approx(peak) and lrs[0] < lrs[1] and lrs[-1] < 0.2 * peak
 
 
+def test_each_logger_named_in_the_config_gets_every_call_and_unknown_ones_are_one_line(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from transfer.config.checks import check_command_line
+    from transfer.config.schema import Logger
+    from transfer.errors import TransferError
+    from transfer.training.loggers import LOGGERS, open_loggers
+
+    assert set(LOGGERS) == {kind.value for kind in Logger}  # what the config allows is what exists
+    assert open_loggers(compose_config(["logging.loggers=[]"]), tmp_path / "none").loggers == []
+    # named twice, it is one logger: two writers would log every point twice
+    with open_loggers(compose_config(["logging.loggers=[tensorboard,tensorboard]"]), tmp_path / "tb") as logger:
+        assert len(logger.loggers) == 1
+        logger.scalars({"train/loss": 2.5, "train/lr": 1e-3}, 7)
+        logger.text("samples/0", "**prompt:** fn", None)
+        logger.hparams({"strategy": "lora"}, {"final/validation_perplexity": 4.5})
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(7, 2.5)]
+    assert "samples/0/text_summary" in events.Tags()["tensors"]
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
+    with pytest.raises(TransferError) as e:
+        check_command_line(["logging.loggers=[wandb]"])
+    assert str(e.value) == "logging.loggers[0]: Invalid value 'wandb', expected one of [tensorboard]"
+
+
 def test_two_job_sweep(two_job_sweep):
     jobs = sorted(two_job_sweep.glob("*/metrics.json"))
     assert [p.parent.name for p in jobs] == ["0", "1"]  # multirun/<date>/<time>/<job>/

@@ -272,3 +272,30 @@ def test_evaluation_is_deterministic_under_no_grad():
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     assert all(p.grad is None for p in model.parameters())
     assert torch.is_grad_enabled()
+
+
+def test_an_evaluator_in_the_registry_is_run_at_baseline_and_final_and_recorded(tmp_path, monkeypatch):
+    """The evaluator seam: one registry entry, and its scores are in eval.baseline, eval.final and eval.change;
+    one that does not score keeps its final result under its own name."""
+    from transfer import evaluation
+    from transfer.run import run_experiment
+
+    seen = []
+
+    def tokens_seen(subject, when, before=None):  # scores: {name: {metric: value}}
+        seen.append(when)
+        return {"count": {"sequences": float(len(subject.splits["validation"]))}}
+
+    def notes(subject, when, before=None):
+        return "untrained" if when == "baseline" else f"{before} -> trained"
+
+    extra = {"tokens_seen": evaluation.Evaluator(tokens_seen), "notes": evaluation.Evaluator(notes, scores=False)}
+    monkeypatch.setattr(evaluation, "EVALUATORS", {**evaluation.EVALUATORS, **extra})
+    r = run_experiment(compose_config([*SHORT, "max_steps=2", "eval.max_tokens=1024", "checkpoint.enabled=false",
+                                       "logging.loggers=[]"]), tmp_path / "run", {})  # fmt: skip
+    assert r["status"] == "completed" and seen == ["baseline", "final"]
+    assert r["eval"]["baseline"]["count"] == r["eval"]["final"]["count"] == {"sequences": 16.0}  # 1024 tokens / 64
+    assert r["eval"]["change"]["count"] == {"sequences": 0.0}
+    assert list(r["eval"]["final"]) == ["validation", "test", "count"]  # the registry's order
+    assert r["notes"] == "untrained -> trained"
+    assert not list((tmp_path / "run").glob("events.out.tfevents.*"))  # no logger asked for: no event file

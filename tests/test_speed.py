@@ -132,6 +132,8 @@ def test_liger_without_a_gpu_is_one_line():
 def test_liger_patches_its_model_alone_and_the_next_job_gets_transformers_own_code():
     from transformers import Qwen2ForCausalLM
 
+    from transfer.job import JobContext
+
     modeling = sys.modules[Qwen2ForCausalLM.__module__]
     names = ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP")
     own = {name: getattr(modeling, name) for name in names}
@@ -142,14 +144,15 @@ def test_liger_patches_its_model_alone_and_the_next_job_gets_transformers_own_co
                  "loss": "Liger's fused linear cross-entropy, where the logits are the head's output"}  # fmt: skip
     assert apply_transforms(model, cfg, estimate=True)["kernels"] == described  # the estimate's: checked, not patched
     assert not any("forward" in vars(m) for m in model.modules())
-    done = apply_transforms(model, cfg)["kernels"]
-    # each of the 4 blocks' MLP and two norms, and the final norm; the rotary embedding is a function of the module
-    assert done == {**described, "modules": 4 * 3 + 1, "functions": ["apply_rotary_pos_emb"]}
-    # the training loss is Liger's where the run's hardware says so (hardware.kernels is what LossOptions reads)
-    assert LossOptions.of(Hardware(torch.device("cpu"), "fp32", 4096, "liger")) == LossOptions(4096, liger=True)
-    # a model built after it (a sweep's next job, in the same process) is transformers' own
-    assert modeling.Qwen2RMSNorm is own["Qwen2RMSNorm"] and modeling.Qwen2MLP is own["Qwen2MLP"]
-    assert modeling.apply_rotary_pos_emb is not own["apply_rotary_pos_emb"]  # called at every step of this job
+    with JobContext():  # a job: its end puts back what Liger patched
+        done = apply_transforms(model, cfg)["kernels"]
+        # each of the 4 blocks' MLP and two norms, and the final norm; the rotary embedding is a function of the module
+        assert done == {**described, "modules": 4 * 3 + 1, "functions": ["apply_rotary_pos_emb"]}
+        # the training loss is Liger's where the run's hardware says so (hardware.kernels is what LossOptions reads)
+        assert LossOptions.of(Hardware(torch.device("cpu"), "fp32", 4096, "liger")) == LossOptions(4096, liger=True)
+        # a model built after it (a sweep's next job, in the same process) is transformers' own
+        assert modeling.Qwen2RMSNorm is own["Qwen2RMSNorm"] and modeling.Qwen2MLP is own["Qwen2MLP"]
+        assert modeling.apply_rotary_pos_emb is not own["apply_rotary_pos_emb"]  # called at every step of this job
     plain = compose_config(["strategy=lora"])
     later, _ = load_model_and_tokenizer(plain.model, 64)
     assert apply_transforms(later, plain)["kernels"] == "torch"

@@ -13,10 +13,10 @@ from transfer.data.sequences import ExampleStream
 from transfer.evaluation.perplexity import perplexity
 from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
-from transfer.train import plan_steps
 from transfer.training.hardware import resolve
 from transfer.training.loss import _HEAD_IS_LAST
 from transfer.training.optim import build_optimizer, build_scheduler
+from transfer.training.progress import plan_steps
 
 
 def test_plan_steps_takes_the_first_bound_reached():
@@ -31,7 +31,7 @@ def test_plan_steps_takes_the_first_bound_reached():
 
 
 def test_the_pace_leaves_out_the_first_step_and_looks_at_the_last_few():
-    from transfer.train import Pace
+    from transfer.training.progress import Pace
 
     pace = Pace(window=3)
     assert pace.tokens_per_second(5.0, 800) is None  # nothing to measure from yet
@@ -251,7 +251,7 @@ def test_fused_head_gradient_does_not_overflow_in_fp16():
 def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
     import transfer.evaluation.perplexity
     import transfer.objectives.base
-    import transfer.train
+    import transfer.training.step
     from transfer.errors import TransferError
     from transfer.train import train
 
@@ -276,7 +276,7 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
         "to fit: micro_batch_size=4 grad_accum_steps=4 (the same batch per step), "
         "a strategy that trains less (adapter, lora), hardware.precision=bf16"
     )  # 8 x 64 tokens: smaller loss chunks would change nothing
-    assert transfer.train.memory_fixes(16, 1, 1024, hw)[1] == "hardware.loss_chunk_tokens=1024"  # 16,384 tokens
+    assert transfer.training.step.memory_fixes(16, 1, 1024, hw)[1] == "hardware.loss_chunk_tokens=1024"  # 16,384 tokens
     assert e.value.__context__ is None or e.value.__suppress_context__  # reported alone, not as a chain
     monkeypatch.setattr(transfer.evaluation.perplexity, "summed_lm_loss", no_memory)
     with pytest.raises(TransferError) as e:
@@ -290,6 +290,6 @@ def test_running_out_of_memory_is_one_line_that_says_what_fits(monkeypatch):
         objective.evaluate(model, splits["validation"], 1, hw, "validate")
     assert str(e.value).endswith("at eval_batch_size=1 (Tried to allocate 2.25 GiB); to fit: hardware.precision=bf16")
     hw.loss_chunk_tokens = 512
-    assert "loss_chunk_tokens" not in " ".join(transfer.train.memory_fixes(16, 1, 1024, hw))
+    assert "loss_chunk_tokens" not in " ".join(transfer.training.step.memory_fixes(16, 1, 1024, hw))
     hw.loss_chunk_tokens, hw.kernels = 4096, "liger"  # Liger's loss, which makes its own chunks
-    assert "loss_chunk_tokens" not in " ".join(transfer.train.memory_fixes(16, 1, 1024, hw))
+    assert "loss_chunk_tokens" not in " ".join(transfer.training.step.memory_fixes(16, 1, 1024, hw))

@@ -12,7 +12,6 @@ import shlex
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import hydra
@@ -27,7 +26,7 @@ from transfer.config import schema
 from transfer.config.compose import CONF_DIR, Plan, check_command_line
 from transfer.config.folders import AlreadyDone
 from transfer.errors import Interrupted, TransferError, reason
-from transfer.fmt import duration
+from transfer.fmt import duration, quiet_known_notices
 from transfer.record import write_atomically
 from transfer.sweep import launchers
 from transfer.sweep.lock import lock_folder, unlock_all, unlock_folder
@@ -104,8 +103,9 @@ def job(cfg: DictConfig) -> None:
     # a job's clock starts in the job; the launching process's first job counts the process's imports
     started = STARTED if _process_start_unclaimed else time.perf_counter()
     _process_start_unclaimed = False
-    _silence_known_noise()
+    quiet_known_notices()
     tasks = launchers.join_tasks()  # a submitit job of several tasks: one job on several processes
+    from transfer.job import JobContext
     from transfer.run import run_experiment
 
     hc = HydraConfig.get()
@@ -118,7 +118,9 @@ def job(cfg: DictConfig) -> None:
     choices["probes"] = ",".join(cfg.eval.probes) or "none"  # a list group: Hydra records no choice for it
     _log_sweep_position(hc)
     locked_here = failed = False
-    with launchers.requeue_when_preempted():
+    # the job's undo work (Liger's patches, the compile watch, the cache folder, device memory) is done once its
+    # error is reported and dropped: what the error's frames held is freed then
+    with launchers.requeue_when_preempted(), JobContext() as context:
         try:
             if unwritten:
                 raise TransferError(
@@ -129,7 +131,9 @@ def job(cfg: DictConfig) -> None:
             if hc.mode == RunMode.MULTIRUN:
                 launchers.continue_earlier_attempt(cfg, out_dir)
             sweep = Path(hc.runtime.cwd, hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
-            run_experiment(cfg, out_dir, choices, list(hc.overrides.task), started=started, sweep=sweep)
+            run_experiment(
+                cfg, out_dir, choices, list(hc.overrides.task), started=started, sweep=sweep, context=context
+            )
         except TransferError as e:
             log.error("error: %s", e)
             failed = True
@@ -141,7 +145,6 @@ def job(cfg: DictConfig) -> None:
         finally:
             if locked_here:
                 unlock_folder(out_dir)
-            _release_device_memory()
             _job_seconds.append(time.perf_counter() - started)
             if tasks:
                 distributed.shutdown()
@@ -167,21 +170,6 @@ def _log_sweep_position(hc) -> None:
         left = f"; about {duration(mean * (jobs - number + 1))} left at {duration(mean)} a job"
     overrides = " ".join(o for o in hc.overrides.task if not o.startswith("hydra"))
     log.info("job %d%s: %s%s", number, f" of {jobs}" if jobs else "", overrides, left)
-
-
-def _silence_known_noise() -> None:
-    """Third-party notices that are harmless here and would hide the lines a user must read."""
-    # bitsandbytes looks for an optional CPU kernel package when peft imports it; 4-bit runs on CUDA only here
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # peft asks transformers for a renamed attribute; nothing for a user to change
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-def _release_device_memory() -> None:
-    """A process may run several jobs (the basic launcher, a Ray worker): the next starts without this one's GPU memory."""
-    from transfer.training.oom import release_memory  # torch, imported only once a job has run
-
-    release_memory()
 
 
 def _terminate(signum, frame) -> None:

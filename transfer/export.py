@@ -406,9 +406,9 @@ def _quiet() -> None:
     """The library notices a run silences, and the progress bars of loading a few small files."""
     import transformers
 
-    from transfer.cli import _silence_known_noise
+    from transfer.fmt import quiet_known_notices
 
-    _silence_known_noise()
+    quiet_known_notices()
     transformers.utils.logging.disable_progress_bar()
 
 

@@ -3,9 +3,10 @@ evaluate -> train -> evaluate -> record (`metrics.json`).
 
 The record is written when the run starts (status `running`), after the baseline,
 and at the end (`completed`, `failed` or `interrupted`, with a one-line error), so a
-folder always tells how far its run got. With resume=true a completed run is skipped and
+folder always tells how far its run got (RunRecord). With resume=true a completed run is skipped and
 an interrupted one continues from its last checkpoint. What differs between strategies is
-the strategy's business (strategies/), between objectives the objective's (objectives/).
+the strategy's business (strategies/), between objectives the objective's (objectives/), what a
+run is judged on the evaluators' (evaluation/), where its curves go the loggers' (training/loggers.py).
 """
 
 import contextlib
@@ -14,103 +15,112 @@ import logging
 import platform
 import random
 import time
-from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
+from omegaconf import DictConfig
 
-from transfer import STARTED, cache
+from transfer import STARTED, cache, evaluation
 from transfer.config import checks, folders
 from transfer.config.optimizer import learning_rate
 from transfer.data import probes
-from transfer.errors import TransferError, first_line
-from transfer.evaluation import diagnostics
-from transfer.evaluation.perplexity import perplexity
-from transfer.evaluation.samples import generate_samples
-from transfer.fmt import duration
+from transfer.errors import TransferError
+from transfer.fmt import describe_metrics
+from transfer.job import JobContext, RunRecord
 from transfer.models.anatomy import parameter_report
 from transfer.models.load import context_length, load_model_and_tokenizer
 from transfer.objectives import build_objective
-from transfer.record import TRAINED, write_record
+from transfer.record import TRAINED
 from transfer.strategies import apply_strategy, check_before_loading, loading_options
-from transfer.train import describe_metrics, log_metrics, train
-from transfer.training import distributed
+from transfer.train import train
+from transfer.training import distributed, speed
 from transfer.training.hardware import resolve
+from transfer.training.loggers import open_loggers, scalars_of
 from transfer.training.oom import MemoryPlan
 from transfer.training.restore import check_same_config, find_resume_point, load_parent
-from transfer.training.speed import apply_transforms, compile_gave_up
 
 log = logging.getLogger("transfer")
-RECORD_VERSION = 3  # 2: objectives, metrics per split by name, real tokens; 3: forgetting probes ref_<name>
-EVAL_SPLITS = ("validation", "test")
 _IN_CODE = "{} (in the package)"  # the tiny models: no name_or_path, built from the package
 
 
 def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: list[str] = (),
-                   started: float = STARTED, sweep: Path | None = None) -> dict:  # fmt: skip
+                   started: float = STARTED, sweep: Path | None = None, context: JobContext | None = None) -> dict:  # fmt: skip
     """`started`: when this job began (the process's start for its first job, whose imports count).
-    `sweep`: the sweep's folder, whose jobs share tokens and baselines (transfer/cache.py)."""
+    `sweep`: the sweep's folder, whose jobs share tokens and baselines (transfer/cache.py).
+    `context`: the job's undo work (JobContext, made by cli.job); one of its own when called alone."""
+    if context is None:
+        with JobContext() as context:
+            return run_experiment(cfg, out_dir, choices, overrides, started, sweep, context)
     out_dir = Path(out_dir)
-    previous = folders.read_previous(out_dir)
-    if previous and previous.get("status") in TRAINED:  # finished: a search's pruned trial too
-        if cfg.resume is True:
-            # the command line was compared with it at start-up where the sweep's layout allowed; again here
-            if isinstance(previous.get("config"), dict):
-                folders.refuse_differences(previous["config"], cfg, f"resume: {out_dir} ran with", "this job has")
-            log.info("%s holds a completed run: skipped (resume=true)", out_dir)
-            return previous
-        raise TransferError(f"{out_dir} already holds a completed run; choose another output folder (hydra.run.dir)")
+    previous = _completed_before(cfg, out_dir)
+    if previous is not None:
+        return previous
     # verified (every file's checksum: by rank 0 alone under torchrun), before anything is written
     resume_from = distributed.from_rank_zero(lambda: find_resume_point(cfg.resume, out_dir))
     if resume_from is not None:
         check_same_config(resume_from, cfg)
-    record = {
-        "record_version": RECORD_VERSION,
-        "status": "running",
-        "error": None,
-        "choices": dict(choices),
-        "overrides": list(overrides),
-        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        "started_at": _now(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },  # fmt: skip
-        "eval": {},
-    }
-    write = write_record if distributed.is_main() else lambda *args: None  # one writer: rank 0
-    write(out_dir, record)
-    wall_start = time.perf_counter()
-    timing = record["timing"] = {}
-    try:
+    with RunRecord(out_dir, cfg, choices, overrides) as record:
         checks.check_config(cfg)
-        lr, lr_from = learning_rate(cfg)
-        record["optimizer"] = {"name": cfg.optimizer.name, "lr": lr, "lr_from": lr_from}  # the rate the run starts at
-        record["cache"] = cache.start(_cache_folder(cfg, sweep))  # hits and misses, filled as the job goes
-        hardware = resolve(cfg.hardware)
-        hardware.reset_peak_memory()
-        record["hardware"] = {"device": str(hardware.device), "precision": hardware.precision,
-                              "name": _device_name(hardware.device), "processes": distributed.world_size()}  # fmt: skip
-        seed_everything(cfg.seed)
+        hardware = _set_up(cfg, record, context, sweep)
+        model, tokenizer, placed = _load_and_adapt(cfg, hardware, record, choices)
+        if cfg.dry_run:
+            record["status"] = "dry_run"
+            return record.data
+        subject = _data(cfg, model, tokenizer, placed, hardware, record)
+        # a resumed run's curves go on from its checkpoint's step (what the killed run logged after it is hidden)
+        resumed_step = int(resume_from.name.split("-")[-1]) if resume_from is not None else None
+        with open_loggers(cfg, out_dir, resumed_step) as logger:
+            before = _baseline(subject, record, logger, log_step_zero=resumed_step is None, started=started)
+            record["train"] = train(model, subject.objective, subject.splits, cfg, hardware, logger, run_dir=out_dir,
+                                    resume_from=resume_from, baseline=record["eval"]["baseline"]["validation"],
+                                    plan=subject.plan, trainee=subject.trainee)  # fmt: skip
+            _final(subject, before, record, logger, context, choices, overrides)
+        record["status"] = "pruned" if record["train"]["stop_reason"] == "pruned" else "completed"
+        _log_outcome(record)
+    return record.data
 
-        # load and adapt
-        check_before_loading(cfg.strategy)
-        loading = loading_options(cfg.strategy)
-        # The counts need shapes, not weights: a dry run builds the model on the meta device, so a
-        # 0.5B model takes a fraction of a second and a hub model is not downloaded; a strategy whose
-        # layers exist only once real weights are quantized (QLoRA) says it needs them.
-        shapes_only = cfg.dry_run and not loading["needs_weights"]
-        if cfg.hardware.estimate_memory:  # before a weight is read: the config's shapes on fake tensors
-            clock = time.perf_counter()
+
+def _completed_before(cfg, out_dir: Path) -> dict | None:
+    """The record of a run finished in `out_dir` (a search's pruned trial too), skipped with resume=true; else None."""
+    previous = folders.read_previous(out_dir)
+    if not previous or previous.get("status") not in TRAINED:
+        return None
+    if cfg.resume is not True:
+        raise TransferError(f"{out_dir} already holds a completed run; choose another output folder (hydra.run.dir)")
+    # the command line was compared with it at start-up where the sweep's layout allowed; again here
+    if isinstance(previous.get("config"), dict):
+        folders.refuse_differences(previous["config"], cfg, f"resume: {out_dir} ran with", "this job has")
+    log.info("%s holds a completed run: skipped (resume=true)", out_dir)
+    return previous
+
+
+def _set_up(cfg, record: RunRecord, context: JobContext, sweep: Path | None):
+    """The learning rate, the sweep's cache, the device, the seeds: the run's hardware."""
+    lr, lr_from = learning_rate(cfg)
+    record["optimizer"] = {"name": cfg.optimizer.name, "lr": lr, "lr_from": lr_from}  # the rate the run starts at
+    record["cache"] = context.use_cache(_cache_folder(cfg, sweep))  # hits and misses, filled as the job goes
+    hardware = resolve(cfg.hardware)
+    hardware.reset_peak_memory()
+    record["hardware"] = {"device": str(hardware.device), "precision": hardware.precision,
+                          "name": _device_name(hardware.device), "processes": distributed.world_size()}  # fmt: skip
+    seed_everything(cfg.seed)
+    return hardware
+
+
+def _load_and_adapt(cfg, hardware, record: RunRecord, choices: dict):
+    """The model as the strategy adapts it and the speed options transform it: (model, tokenizer, whether the
+    loading placed it on its device already)."""
+    check_before_loading(cfg.strategy)
+    loading = loading_options(cfg.strategy)
+    # The counts need shapes, not weights: a dry run builds the model on the meta device, so a
+    # 0.5B model takes a fraction of a second and a hub model is not downloaded; a strategy whose
+    # layers exist only once real weights are quantized (QLoRA) says it needs them.
+    shapes_only = cfg.dry_run and not loading["needs_weights"]
+    if cfg.hardware.estimate_memory:  # before a weight is read: the config's shapes on fake tensors
+        with record.timed("memory_estimate"):
             _memory_estimate(cfg, hardware, record)
-            timing["memory_estimate"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+    with record.timed("model_load"):
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size, quantize_4bit=loading["quantize_4bit"],
                                                     weights=not shapes_only)  # fmt: skip
         if cfg.init_from:  # another run's final weights, before this run's strategy adapts them
@@ -118,35 +128,35 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
                 record["init_from"] = {"run": cfg.init_from, "weights": "not loaded (dry run)"}
             else:
                 model, record["init_from"] = load_parent(model, Path(cfg.init_from).expanduser())
-        timing["model_load"] = time.perf_counter() - clock
-        record["model"] = {
-            "class": type(model).__name__,
-            "name_or_path": cfg.model.name_or_path or _IN_CODE.format(cfg.model.name),
-            "layers": model.config.num_hidden_layers,
-            "context": context_length(model.config),
-            "vocab_size": model.config.vocab_size,
-            "weights": "not loaded (dry run: shapes on the meta device)"
-            if shapes_only
-            else loading["weights"] or cfg.model.dtype.value,
-        }
-        with torch.device("meta") if shapes_only else contextlib.nullcontext():
-            model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
-        record["transforms"] = apply_transforms(model, cfg)
-        record["params"] = parameter_report(model)
-        log.info(_summary(record, choices))
-        if cfg.dry_run:
-            record["status"] = "dry_run"
-            return record
+    record["model"] = {
+        "class": type(model).__name__,
+        "name_or_path": cfg.model.name_or_path or _IN_CODE.format(cfg.model.name),
+        "layers": model.config.num_hidden_layers,
+        "context": context_length(model.config),
+        "vocab_size": model.config.vocab_size,
+        "weights": "not loaded (dry run: shapes on the meta device)"
+        if shapes_only
+        else loading["weights"] or cfg.model.dtype.value,
+    }
+    with torch.device("meta") if shapes_only else contextlib.nullcontext():
+        model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
+    record["transforms"] = speed.apply_transforms(model, cfg)
+    record["params"] = parameter_report(model)
+    log.info(_summary(record.data, choices))
+    return model, tokenizer, loading["placed"]
 
-        # data: the objective's splits, and the forgetting probes (ref_<name>)
-        clock = time.perf_counter()
+
+def _data(cfg, model, tokenizer, placed: bool, hardware, record: RunRecord) -> evaluation.Subject:
+    """The objective's splits and the forgetting probes (ref_<name>); the model on its device, shared among the
+    processes: all the evaluators need (evaluation.Subject)."""
+    with record.timed("data_load"):
         objective = build_objective(cfg, tokenizer)
         splits = objective.prepare(cfg.eval.max_tokens)
         splits.update(probes.probe_splits(cfg, tokenizer))
         record["eval"]["probes"] = probes.describe(cfg, tokenizer)
         record["data"] = {"block_size": cfg.block_size, **{name: seqs.summary() for name, seqs in splits.items()}}
         record["data"].update(objective.data_summary())  # lm: the replay mixed into training
-        if not loading["placed"]:
+        if not placed:
             model.to(hardware.device)
         attached = objective.attach(model, splits, cfg, hardware)  # a reference model, for preference objectives
         # several processes (torchrun): DDP or FSDP2, after the reference is made (it stays whole), before the optimizer
@@ -157,102 +167,63 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         for warning in record["warnings"]:
             log.warning("%s", warning)
         sample_inputs, record["samples_from"] = objective.sample_inputs(splits, list(cfg.dataset.prompts))
-        timing["data_load"] = time.perf_counter() - clock
+    plan = MemoryPlan(cfg, hardware)  # the batch sizes in use; what out of memory changes (hardware.on_oom)
+    plan.movers = [model.to, objective.to]
+    return evaluation.Subject(model, trainee, objective, splits, tokenizer, sample_inputs, cfg, hardware, plan)
 
-        # A resumed run rewrites its curves from the checkpoint's step on: TensorBoard hides what
-        # the killed run logged after it (purge_step), and step 0, logged then, is not logged twice.
-        # A run started again in its folder (nothing to resume from) hides all of the earlier one's.
-        resumed_step = int(resume_from.name.split("-")[-1]) if resume_from is not None else None
-        purge_step = 0 if resumed_step is None else resumed_step + 1
-        plan = MemoryPlan(cfg, hardware)  # the batch sizes in use; what out of memory changes (hardware.on_oom)
-        plan.movers = [model.to, objective.to]
-        tensorboard = SummaryWriter(log_dir=str(out_dir), purge_step=purge_step) if distributed.is_main() else None
-        with tensorboard or contextlib.nullcontext() as writer:
-            # evaluate (or reuse what a job of this sweep measured of the same function on the same tokens)
-            clock = time.perf_counter()
-            score = lambda: {  # noqa: E731
-                "eval": _evaluate_splits(objective, trainee, splits, plan, hardware, "baseline"),
-                "samples": trainee.use(generate_samples, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware),
-            }
-            key = _baseline_key(cfg, objective, trainee, splits, hardware, sample_inputs) if cache.active() else None
-            scored, kept = cache.baseline(key, score)
-            baseline = record["eval"]["baseline"] = scored["eval"]
-            before = scored["samples"]
-            if kept:
-                log.info("baseline: %s (from this sweep's cache: same tokens, same function)",
-                         "; ".join(f"{name} {describe_metrics(m)}" for name, m in baseline.items()))  # fmt: skip
-            for name, result in baseline.items() if resumed_step is None and writer is not None else ():
-                log_metrics(writer, name, result, 0)  # step 0 of each curve
-            timing["baseline_eval_and_samples"] = time.perf_counter() - clock
-            # from the job's start to its first training step, less the parts measured above: imports, config, set-up
-            timing["clock_from"] = "process start" if started == STARTED else "job start"
-            timing["to_first_step"] = time.perf_counter() - started
-            timing["startup_overhead"] = timing["to_first_step"] - sum(
-                timing.get(k, 0) for k in ("memory_estimate", "model_load", "data_load", "baseline_eval_and_samples")
-            )
-            write(out_dir, record)
 
-            # train
-            initial = diagnostics.snapshot(model)  # a CPU copy of what will train, for the layer-wise diagnostics
-            record["train"] = train(model, objective, splits, cfg, hardware, writer, run_dir=out_dir,
-                                    resume_from=resume_from, baseline=baseline["validation"], plan=plan,
-                                    trainee=trainee)  # fmt: skip
+def _baseline(subject: evaluation.Subject, record: RunRecord, logger, log_step_zero: bool, started: float) -> dict:
+    """Every evaluator on the untrained model (or what a job of this sweep measured of the same function on the same
+    tokens); step 0 of each curve; the time to the first step. Returns the evaluators' results, for the final."""
+    with record.timed("baseline_eval_and_samples"):
+        key = evaluation.cache_key(subject) if cache.active() else None
+        results, kept = evaluation.at_baseline(subject, key)
+        baseline = record["eval"]["baseline"] = evaluation.scores(results)
+        if kept:
+            log.info("baseline: %s (from this sweep's cache: same tokens, same function)",
+                     "; ".join(f"{name} {describe_metrics(m)}" for name, m in baseline.items()))  # fmt: skip
+        for name, result in baseline.items() if log_step_zero else ():  # a resumed run logged them then
+            logger.scalars(scalars_of(name, result), 0)
+    # from the job's start to its first training step, less the parts measured above: imports, config, set-up
+    timing = record.timing
+    timing["clock_from"] = "process start" if started == STARTED else "job start"
+    timing["to_first_step"] = time.perf_counter() - started
+    timing["startup_overhead"] = timing["to_first_step"] - sum(
+        timing.get(k, 0) for k in ("memory_estimate", "model_load", "data_load", "baseline_eval_and_samples")
+    )
+    record.write()
+    return results
 
-            # evaluate again, the same splits
-            final = record["eval"]["final"] = _evaluate_splits(objective, trainee, splits, plan, hardware, "final")
-            record["eval"]["change_pct"] = {  # of perplexity, where the split has one
-                name: _change_pct(baseline[name]["perplexity"], final[name]["perplexity"])
-                for name in final
-                if "perplexity" in final[name]
-            }
-            record["eval"]["change"] = {
-                name: {k: final[name][k] - v for k, v in baseline[name].items() if isinstance(v, float)
-                       and isinstance(final[name].get(k), float)}
-                for name in final
-            }  # fmt: skip
-            after = trainee.use(generate_samples, tokenizer, sample_inputs, cfg.eval.max_new_tokens, hardware)
-            record["diagnostics"] = diagnostics.measure(model, initial, trainee, objective, splits, cfg, hardware)
-            log.info("%s", diagnostics.describe(record["diagnostics"]))
 
-            # record
-            record["samples"] = [{**b, "completion_after": a["completion"]} for b, a in zip(before, after, strict=True)]
-            record["memory"] = hardware.peak_memory()
-            record["memory_plan"] = plan.record()
-            gave_up = compile_gave_up() if record["transforms"]["compiled"] else []
-            if gave_up:  # those functions ran uncompiled from then on: the speed is not all compiled blocks'
-                record["transforms"]["compiled"]["gave_up"] = gave_up
-                log.warning("torch.compile gave up and ran uncompiled from then on: %s", "; ".join(gave_up))
-            record["hardware"]["device_at_end"] = str(hardware.device)
-            if writer is not None:
-                _write_samples(out_dir, writer, record["samples"])
-                _log_final(writer, record, choices, overrides)
-        record["status"] = "pruned" if record["train"]["stop_reason"] == "pruned" else "completed"
-        log.info(
-            "validation %s -> %s%s in %.3g s of training",
-            describe_metrics(baseline["validation"]), describe_metrics(final["validation"]),
-            "".join(f"; {name} perplexity {baseline[name]['perplexity']:.4g} -> {final[name]['perplexity']:.4g}"
-                    for name in record["eval"]["probes"]),
-            record["train"]["seconds"],
-        )  # fmt: skip
-    except KeyboardInterrupt as e:
-        record["status"] = "interrupted"
-        record["error"] = f"interrupted ({'SIGTERM' if str(e) == 'SIGTERM' else 'Ctrl-C'}); resume it with resume=true"
-        raise
-    except BaseException as e:
-        record["status"] = "failed"
-        record["error"] = first_line(e) if isinstance(e, TransferError) else f"{type(e).__name__}: {first_line(e)}"
-        raise
-    finally:
-        cache.stop()
-        record["finished_at"] = _now()
-        record["wall_seconds"] = time.perf_counter() - wall_start
-        try:
-            write(out_dir, record)
-        except TransferError as e:  # a full disk
-            if record["status"] in TRAINED:
-                raise
-            log.error("%s", e)  # and the error that ended the run is reported after this
-    return record
+def _final(subject: evaluation.Subject, before: dict, record: RunRecord, logger, context: JobContext, choices: dict,
+           overrides: list[str]) -> None:  # fmt: skip
+    """Every evaluator again, on the weights eval.weights chose; what changed; the end's measures and summaries."""
+    results = evaluation.at_final(subject, before)
+    baseline, final = record["eval"]["baseline"], evaluation.scores(results)
+    record["eval"]["final"] = final
+    record["eval"]["change_pct"], record["eval"]["change"] = evaluation.changes(baseline, final)
+    record.data.update(evaluation.others(results))  # samples, diagnostics
+    record["memory"] = subject.hardware.peak_memory()
+    record["memory_plan"] = subject.plan.record()
+    gave_up = context.compile_gave_up() if record["transforms"]["compiled"] else []
+    if gave_up:  # those functions ran uncompiled from then on: the speed is not all compiled blocks'
+        record["transforms"]["compiled"]["gave_up"] = gave_up
+        log.warning("torch.compile gave up and ran uncompiled from then on: %s", "; ".join(gave_up))
+    record["hardware"]["device_at_end"] = str(subject.hardware.device)
+    if distributed.is_main():
+        _write_samples(record.out_dir, logger, record["samples"])
+    _log_final(logger, record.data, choices, overrides)
+
+
+def _log_outcome(record: RunRecord) -> None:
+    baseline, final = record["eval"]["baseline"], record["eval"]["final"]
+    log.info(
+        "validation %s -> %s%s in %.3g s of training",
+        describe_metrics(baseline["validation"]), describe_metrics(final["validation"]),
+        "".join(f"; {name} perplexity {baseline[name]['perplexity']:.4g} -> {final[name]['perplexity']:.4g}"
+                for name in record["eval"]["probes"]),
+        record["train"]["seconds"],
+    )  # fmt: skip
 
 
 def data_warnings(objective, splits, cfg) -> list[str]:
@@ -337,80 +308,29 @@ def _cache_folder(cfg, sweep: Path | None) -> Path | None:
     return sweep / ".cache" if sweep is not None else None
 
 
-def _baseline_key(cfg, objective, trainee, splits, hardware, sample_inputs) -> dict:
-    """Everything the untrained model's scores depend on; the model enters as what it computes, the objective as
-    its settings and what it made of the data (its template, the choices as scored, its reference)."""
-    evaluated = {name: cache.digest(*s.content()) for name, s in splits.items() if name != "train"}
-    return {
-        "function": trainee.use(cache.model_function, splits, hardware),
-        "splits": evaluated,
-        "objective": OmegaConf.to_container(cfg.objective, resolve=True, enum_to_str=True),
-        "objective_as_built": objective.baseline_key(),
-        "choices": list(cfg.dataset.get("choices") or []),
-        "eval_batch_size": cfg.eval_batch_size,
-        "samples": cache.digest(sample_inputs, cfg.eval.max_new_tokens),
-        "hardware": {
-            "device": hardware.device.type,
-            "precision": hardware.precision,
-            "loss_chunk_tokens": cfg.hardware.loss_chunk_tokens,
-        },  # fmt: skip
-        "environment": cache.environment(),
-    }
-
-
-def _evaluate_splits(objective, trainee, splits, plan, hardware, when: str) -> dict:
-    """Validation and test by the objective's evaluators; the forgetting probes by perplexity. A line each.
-
-    Out of memory, an evaluation is tried again as hardware.on_oom says (plan: transfer.training.oom)."""
-    results = {}
-    for name in (*EVAL_SPLITS, *(s for s in splits if s.startswith(probes.PREFIX))):
-        if name not in splits:
-            continue
-        clock = time.perf_counter()
-        evaluate = partial(trainee.use, _evaluate, objective, splits[name], name, hardware, f"{when} {name}")
-        results[name] = plan.evaluate(evaluate, f"{when} {name} evaluation")
-        log.info("%s %s: %s (%s)", when, name, describe_metrics(results[name]), duration(time.perf_counter() - clock))
-    return results
-
-
-def _evaluate(model, objective, split, name: str, hardware, desc: str, batch_size: int) -> dict:
-    if name.startswith(probes.PREFIX):  # a forgetting probe: perplexity, whatever the objective
-        return perplexity(model, split, batch_size, hardware, objective.pad_id, desc)
-    return objective.evaluate(model, split, batch_size, hardware, desc)
-
-
-def _write_samples(out_dir: Path, writer, samples: list[dict]) -> None:
+def _write_samples(out_dir: Path, logger, samples: list[dict]) -> None:
     (out_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
     for i, s in enumerate(samples):
         reference = f"\n\n**reference:** {s['reference']}" if "reference" in s else ""
         text = f"**prompt:** {s['prompt']}{reference}\n\n**before:** {s['completion']}\n\n**after:** {s['completion_after']}"
-        writer.add_text(f"samples/{i}", text)
+        logger.text(f"samples/{i}", text)
 
 
-def _log_final(writer, record: dict, choices: dict, overrides: list[str]) -> None:
-    """Final scalars, and the HParams dashboard: this run's choices against its results."""
-    from torch.utils.tensorboard.summary import hparams
-
+def _log_final(logger, record: dict, choices: dict, overrides: list[str]) -> None:
+    """Final scalars, and the hyper-parameters against the results (TensorBoard's HParams dashboard)."""
     steps = record["train"]["steps"]
     metrics = {}
     for name, result in record["eval"]["final"].items():
         if name != "validation" or not record["train"]["validation_curve"]:  # the loop drew validation already
-            log_metrics(writer, name, result, steps)
+            logger.scalars(scalars_of(name, result), steps)
         metrics.update({f"final/{name}_{k}": v for k, v in result.items() if isinstance(v, float) and k != "loss"})
     metrics["final/train_seconds"] = record["train"]["seconds"]
     metrics["final/trainable_pct"] = record["params"]["trainable_pct"]
     hp = {group: str(choice) for group, choice in choices.items()}
     hp.update({o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o and not o.startswith("hydra")})
     hp["trainable_params"] = record["params"]["trainable"]
-    experiment, start, end = hparams(hp, metrics)
-    for summary in (experiment, start, end):
-        writer.file_writer.add_summary(summary)
-    for key, value in metrics.items():
-        writer.add_scalar(key, value, steps)
-
-
-def _change_pct(before: float, after: float) -> float:
-    return 100.0 * (after - before) / before
+    logger.hparams(hp, metrics)
+    logger.scalars(metrics, steps)
 
 
 def _summary(record: dict, choices: dict) -> str:
@@ -442,7 +362,3 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -107,6 +107,17 @@ class CacheConfig:
     dir: str | None = None  # null: <sweep>/.cache in a sweep, nothing for a single run
 
 
+# ---------------------------------------------------------------- logging
+class Logger(Enum):  # transfer.training.loggers.LOGGERS: the class of each
+    tensorboard = "tensorboard"
+
+
+@dataclass
+class LoggingConfig:
+    # Where curves and summaries go, rank 0 only: several at once, or [] for none (metrics.json is always written).
+    loggers: list[Logger] = field(default_factory=lambda: [Logger.tensorboard])
+
+
 # ---------------------------------------------------------------- the run
 @dataclass
 class Config:
@@ -148,6 +159,7 @@ class Config:
     tables_after_sweep: bool = True
     search: SearchConfig = field(default_factory=SearchConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # the schema classes of each group's options (schema/<group>/<option>), named in the options' YAML files

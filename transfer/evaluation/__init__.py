@@ -1,11 +1,25 @@
-"""What a run is judged on: perplexity (perplexity.py), choices (choices.py), generated samples (samples.py).
+"""What a run is judged on, before training and after it: the evaluators, by name (`EVALUATORS`).
 
-Every evaluator returns {metric: value}; DIRECTION says which way each metric improves, for
-picking the best weights, early stopping, sorting tables and plots.
+Today's: the objective's own metrics on validation and test; perplexity on the forgetting probes
+(perplexity.py); greedy samples (samples.py); layer-wise diagnostics (diagnostics.py); choices.py
+scores the choices of the sft objective. An evaluator that scores gives {split or task: {metric: value}},
+which the record keeps as eval.baseline and eval.final and compares as eval.change (the tables find its
+columns by themselves); another keeps its final result under its own name in the record.
+
+A new evaluator (lm-evaluation-harness, a benchmark) is its module, an entry in `EVALUATORS` and its
+settings in the config (what it reads from cfg; with none asked for, it gives {}).
+
+Which way each metric improves is config.objective.DIRECTION.
 """
 
-DIRECTION = {"loss": "min", "perplexity": "min", "accuracy": "max", "auc": "max", "log_loss": "min",
-             "reward_accuracy": "max", "margin": "max"}  # fmt: skip
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+EVAL_SPLITS = ("validation", "test")  # the objective's own, where the data has them
+log = logging.getLogger(__name__)
 
 
 def my_batches(seqs, batch_size: int, pad_id: int, desc: str):
@@ -20,3 +34,162 @@ def my_batches(seqs, batch_size: int, pad_id: int, desc: str):
     mine = distributed.my_batches(evaluation_batches(seqs, batch_size, pad_id), count)
     return tqdm(mine, total=distributed.share(count), desc=desc, leave=False, unit="batch",
                 disable=distributed.bars_off())  # fmt: skip
+
+
+@dataclass
+class Subject:
+    """The model an evaluator judges, and what it judges it with."""
+
+    model: Any
+    trainee: Any  # the model as the processes share it (transfer.training.distributed.Trainee)
+    objective: Any
+    splits: dict
+    tokenizer: Any
+    sample_inputs: list  # the objective's prompts for samples (objective.sample_inputs)
+    cfg: Any
+    hardware: Any
+    plan: Any  # batch sizes, and what out of memory changes (transfer.training.oom.MemoryPlan)
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    # run(subject, "baseline" or "final", its own baseline result at the final, else None) -> its result
+    run: Callable[[Subject, str, Any], Any]
+    scores: bool = True  # {name: {metric: value}}: the record's eval.<when>; else the record's <evaluator name>
+    # its baseline may come from a sweep's cache: a function of the model's function, the evaluated tokens, the
+    # objective, the hardware and what `key` gives (its own settings)
+    cached: bool = True
+    key: Callable[[Subject], Any] | None = None
+
+
+def at_baseline(subject: Subject, cache_key: dict | None) -> tuple[dict, bool]:
+    """Every evaluator's result on the untrained model, by name; and whether the cached ones came from the cache
+    (cache_key None: computed here)."""
+    from transfer import cache
+
+    kept = {name: e for name, e in EVALUATORS.items() if e.cached}
+    compute = lambda: {name: e.run(subject, "baseline", None) for name, e in kept.items()}  # noqa: E731
+    results, from_cache = cache.baseline(cache_key, compute)
+    results.update({name: e.run(subject, "baseline", None) for name, e in EVALUATORS.items() if not e.cached})
+    return results, from_cache
+
+
+def at_final(subject: Subject, baseline: dict) -> dict:
+    """Every evaluator's result on the trained model, by name, given its baseline results."""
+    return {name: e.run(subject, "final", baseline.get(name)) for name, e in EVALUATORS.items()}
+
+
+def scores(results: dict) -> dict:
+    """{split: metrics} of the evaluators that score, in their order: the record's eval.baseline or eval.final."""
+    return {split: m for name, e in EVALUATORS.items() if e.scores for split, m in results.get(name, {}).items()}
+
+
+def others(results: dict) -> dict:
+    """The results of the evaluators that do not score, by name: each a key of the record."""
+    return {name: results[name] for name, e in EVALUATORS.items() if not e.scores and name in results}
+
+
+def changes(baseline: dict, final: dict) -> tuple[dict, dict]:
+    """The record's eval.change_pct (of perplexity, where a split has one) and eval.change (of every metric)."""
+    pct = {name: 100.0 * (final[name]["perplexity"] - baseline[name]["perplexity"]) / baseline[name]["perplexity"]
+           for name in final if "perplexity" in final[name]}  # fmt: skip
+    change = {
+        name: {k: final[name][k] - v for k, v in baseline[name].items() if isinstance(v, float)
+               and isinstance(final[name].get(k), float)}
+        for name in final
+    }  # fmt: skip
+    return pct, change
+
+
+def cache_key(subject: Subject) -> dict:
+    """Everything the untrained model's cached results depend on; the model enters as what it computes, the objective
+    as its settings and what it made of the data (its template, the choices as scored, its reference)."""
+    from omegaconf import OmegaConf
+
+    from transfer import cache
+
+    cfg, hardware = subject.cfg, subject.hardware
+    return {
+        "function": subject.trainee.use(cache.model_function, subject.splits, hardware),
+        "splits": {name: cache.digest(*s.content()) for name, s in subject.splits.items() if name != "train"},
+        "objective": OmegaConf.to_container(cfg.objective, resolve=True, enum_to_str=True),
+        "objective_as_built": subject.objective.baseline_key(),
+        "choices": list(cfg.dataset.get("choices") or []),
+        "eval_batch_size": cfg.eval_batch_size,
+        "evaluators": {name: e.key(subject) if e.key else None for name, e in EVALUATORS.items() if e.cached},
+        "hardware": {
+            "device": hardware.device.type,
+            "precision": hardware.precision,
+            "loss_chunk_tokens": cfg.hardware.loss_chunk_tokens,
+        },
+        "environment": cache.environment(),
+    }
+
+
+def _score(subject: Subject, when: str, names: list[str], evaluate) -> dict:
+    """evaluate(model, split, batch_size, hardware, desc) on each split named, a log line each; out of memory,
+    tried again as hardware.on_oom says."""
+    from transfer.fmt import describe_metrics, duration
+
+    results = {}
+    for name in names:
+        clock, desc, split = time.perf_counter(), f"{when} {name}", subject.splits[name]
+        results[name] = subject.plan.evaluate(
+            lambda size: subject.trainee.use(evaluate, split, size, subject.hardware, desc),  # noqa: B023
+            f"{desc} evaluation",
+        )
+        log.info("%s %s: %s (%s)", when, name, describe_metrics(results[name]), duration(time.perf_counter() - clock))
+    return results
+
+
+def _objective(subject: Subject, when: str, before=None) -> dict:
+    """Validation and test, by the objective's own evaluator."""
+    return _score(subject, when, [n for n in EVAL_SPLITS if n in subject.splits], subject.objective.evaluate)
+
+
+def _probes(subject: Subject, when: str, before=None) -> dict:
+    """The forgetting probes (ref_<name>): perplexity, whatever the objective."""
+    from transfer.data.probes import PREFIX
+    from transfer.evaluation.perplexity import perplexity
+
+    def evaluate(model, split, batch_size, hardware, desc):
+        return perplexity(model, split, batch_size, hardware, subject.objective.pad_id, desc)
+
+    return _score(subject, when, [n for n in subject.splits if n.startswith(PREFIX)], evaluate)
+
+
+def _samples(subject: Subject, when: str, before=None) -> list[dict]:
+    """Greedy continuations of the samples' prompts: each with its completion before training and after."""
+    from transfer.evaluation.samples import generate_samples
+
+    said = subject.trainee.use(generate_samples, subject.tokenizer, subject.sample_inputs,
+                               subject.cfg.eval.max_new_tokens, subject.hardware)  # fmt: skip
+    if when == "baseline":
+        return said
+    return [{**b, "completion_after": a["completion"]} for b, a in zip(before, said, strict=True)]
+
+
+def _diagnostics(subject: Subject, when: str, before=None):
+    """Before: a CPU copy of what will train; after: the weight change per block, and CKA where eval.cka asks."""
+    from transfer.evaluation import diagnostics
+
+    if when == "baseline":
+        return diagnostics.snapshot(subject.model)
+    s = subject
+    found = diagnostics.measure(s.model, before, s.trainee, s.objective, s.splits, s.cfg, s.hardware)
+    log.info("%s", diagnostics.describe(found))
+    return found
+
+
+def _sample_settings(subject: Subject) -> str:
+    from transfer import cache
+
+    return cache.digest(subject.sample_inputs, subject.cfg.eval.max_new_tokens)
+
+
+EVALUATORS = {
+    "objective": Evaluator(_objective),
+    "probes": Evaluator(_probes),
+    "samples": Evaluator(_samples, scores=False, key=_sample_settings),
+    "diagnostics": Evaluator(_diagnostics, scores=False, cached=False),
+}

@@ -21,8 +21,8 @@ perplexity (`sft`: choice scoring when the dataset names its choices).
 import math
 from typing import Protocol
 
+from transfer.config.objective import DIRECTION
 from transfer.data.sequences import ExampleStream, Sequences, packed_batch, padded_batch
-from transfer.evaluation import DIRECTION
 from transfer.evaluation.perplexity import perplexity
 from transfer.training.loss import LossOptions, summed_lm_loss
 

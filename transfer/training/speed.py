@@ -21,7 +21,6 @@ def apply_transforms(model, cfg, estimate: bool = False) -> dict:
 
     hw = cfg.hardware
     base = base_model(model)
-    _undo_liger()  # what an earlier job of this process patched in transformers' modules
     if hw.attention.value != "auto":
         try:
             base.set_attn_implementation(hw.attention.value)
@@ -54,7 +53,6 @@ def apply_transforms(model, cfg, estimate: bool = False) -> dict:
         # its name since torch 2.6 (cache_size_limit before)
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, RECOMPILE_LIMIT)
-        _gave_up.watch()
         # per block, as torchtune does: one block's code compiles once and serves every block (the weights
         # are the graph's inputs), in seconds rather than the minutes of a whole model, and the parameter names
         # (checkpoints) stay as they were
@@ -74,7 +72,7 @@ def _apply_liger(base, objective: str, patch: bool) -> dict:
     """Liger's kernels in `base`'s norms, MLPs and rotary embeddings, and its fused linear cross-entropy as the
     training loss (transfer/loss.py). Liger replaces the modeling module's classes and functions, for every model
     of the type in the process: the classes go back at once (the model is built), the functions that the blocks
-    call at each step go back when the next job of the process starts (_undo_liger)."""
+    call at each step go back when the job ends (undo_liger, from transfer.run.JobContext)."""
     import inspect
 
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
@@ -116,7 +114,7 @@ def _apply_liger(base, objective: str, patch: bool) -> dict:
     own_forward = sum("forward" in vars(m) for m in base.modules())
     try:  # the loss is ours to choose (above): the model's own forward() and cross-entropy stay as they are
         _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
-    finally:  # kept for _undo_liger, and the classes put back, even when patching failed halfway
+    finally:  # kept for undo_liger, and the classes put back, even when patching failed halfway
         replaced = sorted(attr for attr, value in vars(module).items() if before.get(attr, _GONE) is not value)
         for attr in replaced:
             original = before.get(attr, _GONE)
@@ -128,7 +126,8 @@ def _apply_liger(base, objective: str, patch: bool) -> dict:
     return done
 
 
-def _undo_liger() -> None:
+def undo_liger() -> None:
+    """Transformers' own functions back in the modules Liger patched: at the end of each job (run.JobContext)."""
     for (module, name), original in _LIGER_REPLACED.items():
         if original is _GONE:
             delattr(module, name)
@@ -155,6 +154,9 @@ class _GaveUp(logging.Handler):
         if self not in source.handlers:
             source.addHandler(self)
 
+    def stop(self) -> None:
+        logging.getLogger("torch._dynamo.convert_frame").removeHandler(self)
+
     def emit(self, record) -> None:
         message = record.getMessage()
         if "hit config." in message:
@@ -162,6 +164,15 @@ class _GaveUp(logging.Handler):
 
 
 _gave_up = _GaveUp()
+
+
+def watch_compile() -> None:
+    """From now on, until stop_watching_compile(): what torch.compile gives up on (a job's: run.JobContext)."""
+    _gave_up.watch()
+
+
+def stop_watching_compile() -> None:
+    _gave_up.stop()
 
 
 def compile_gave_up() -> list[str]:
