@@ -79,7 +79,7 @@ def test_tensorboard_holds_the_scalars(fast_run):
 def test_each_logger_named_in_the_config_gets_every_call_and_unknown_ones_are_one_line(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from transfer.config.checks import check_command_line
+    from transfer.config.compose import check_command_line
     from transfer.config.schema import Logger
     from transfer.errors import TransferError
     from transfer.training.loggers import LOGGERS, open_loggers

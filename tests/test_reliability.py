@@ -945,7 +945,7 @@ def test_fault_the_aggregator_counts_only_records_that_hold_results(tmp_path, ca
 
 def test_safetensors_framing_problems_are_named():
     """The framing check behind the model-folder and checkpoint cases, on the bytes themselves."""
-    from transfer.config.preflight import safetensors_problem
+    from transfer.config.model import safetensors_problem
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     whole = struct.pack("<Q", len(header)) + header + bytes(8)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from transfer.config import data, folders, hardware, objective, optimizer, preflight, strategy
-from transfer.config.model import model_difference
+from transfer.config.model import model_difference, model_shape
 from transfer.config.objective import OBJECTIVES
 from transfer.config.strategy import STRATEGIES
 from transfer.errors import TransferError
@@ -224,7 +224,7 @@ def check_inputs(cfg: DictConfig) -> None:
     data.check_probes(cfg.eval.probes)
     # a dry run reads no weights; a 4-bit strategy's does (QLoRA's 4-bit layers come from real weights)
     weights = not cfg.dry_run or STRATEGIES[cfg.strategy.name].four_bit
-    depth, context = preflight.model_shape(cfg.model, weights=weights)
+    depth, context = model_shape(cfg.model, weights=weights)
     where = cfg.model.name_or_path or "tiny"
     if context is not None and cfg.block_size > context:
         raise TransferError(

@@ -1,4 +1,5 @@
-"""What a run will read, checked before anything runs: data files, model folders, the GPU.
+"""What a run will read, checked before anything runs: data files, the GPU, writable folders (model folders:
+config/model.py).
 
 Everything here is cheap and imports neither torch nor transformers: a sweep's every job is
 checked at start-up, so a bad file stops the sweep before its first job, not an hour in.
@@ -17,7 +18,6 @@ import io
 import json
 import os
 import re
-import struct
 from pathlib import Path
 
 from transfer.errors import TransferError
@@ -25,13 +25,6 @@ from transfer.errors import TransferError
 # file suffix -> the `datasets` builder that reads it
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SCAN_BYTES = 256 * 2**20
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 _scanned: dict[tuple, None] = {}
 
 
@@ -282,89 +275,6 @@ def _check_parquet(path: Path, name: str, where: str, needs: list[tuple[str, ...
     missing = _missing(fields, needs)
     if missing:
         raise TransferError(f"{where}: {name!r} has {missing}; allowed: {', '.join(fields)}")
-
-
-# ---------------------------------------------------------------- model folders
-def model_shape(model_cfg, weights: bool) -> tuple[int | None, int | None]:
-    """(depth, context) of the model a config names, from its shape or config.json; (None, None) for a hub name.
-
-    A local folder is checked for what loading it needs: a readable config.json, a tokenizer,
-    and (unless `weights` is false, as in a dry run) intact weight files.
-    """
-    if model_cfg.name_or_path is None:
-        return model_cfg.tiny.num_layers, model_cfg.tiny.max_position_embeddings
-    folder = Path(model_cfg.name_or_path).expanduser()
-    if not folder.is_dir():
-        return None, None  # a hub name, or not a folder: the loader says which
-    where = f"model.name_or_path={model_cfg.name_or_path!r}"
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise TransferError(
-            f"{where}: no config.json in {folder}; allowed: a model folder (config.json, weights, tokenizer)"
-        )
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TransferError(f"{where}: {config_file} is unreadable ({e})") from None
-    if not isinstance(config, dict):
-        raise TransferError(f"{where}: {config_file} holds no model config")
-    needed = ("tokenizer.json",) if model_cfg.tokenizer_from_json else TOKENIZER_FILES
-    if not any((folder / f).is_file() for f in needed):
-        raise TransferError(f"{where}: no tokenizer in {folder}; allowed: {' or '.join(needed)}")
-    if weights:
-        _check_weights(folder, where)
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    depth = next(
-        (text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)), None
-    )
-    context = next(
-        (text[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-         if isinstance(text.get(k), int)),
-        None,
-    )  # fmt: skip
-    return depth, context
-
-
-def _check_weights(folder: Path, where: str) -> None:
-    present = [f for f in WEIGHT_FILES if (folder / f).is_file()]
-    shards = sorted(folder.glob("model-*.safetensors"))
-    if not present and not shards:
-        raise TransferError(f"{where}: no weights in {folder}; allowed: {', '.join(WEIGHT_FILES)}")
-    files = [folder / f for f in present if f.endswith(".safetensors")]
-    for index in (f for f in present if f.endswith(".index.json")):
-        try:
-            names = set(json.loads((folder / index).read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise TransferError(f"{where}: {folder / index} is unreadable ({e})") from None
-        for name in sorted(names):
-            if not (folder / name).is_file():
-                raise TransferError(f"{where}: {folder / index} names {name}, which is missing")
-            if name.endswith(".safetensors"):
-                files.append(folder / name)
-    for file in files:
-        problem = safetensors_problem(file)
-        if problem:
-            raise TransferError(f"{where}: {file} is corrupt ({problem})")
-
-
-def safetensors_problem(file: Path) -> str | None:
-    """What is wrong with a safetensors file's framing, or None: its header and its length, without reading the data."""
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as fh:
-            if size < 8:
-                return f"{size} bytes, shorter than a header"
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > size - 8:
-                return f"header of {length:,} bytes in a file of {size:,}"
-            header = json.loads(fh.read(length))
-    except (OSError, ValueError) as e:
-        return f"unreadable header: {e}"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    expected = 8 + length + max(ends, default=0)
-    if expected != size:
-        return f"truncated: {size:,} bytes where its header says {expected:,}"
-    return None
 
 
 # ---------------------------------------------------------------- the GPU

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from transfer.config.folders import STATE_FILE
-from transfer.config.preflight import safetensors_problem
+from transfer.config.model import safetensors_problem
 from transfer.errors import TransferError, UnsafeCheckpoint, first_line, reason
 from transfer.training import distributed
 

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from transfer.config.folders import resumable_config
+from transfer.config.objective import OBJECTIVES
 from transfer.errors import TransferError
 from transfer.fmt import describe_metrics
 from transfer.training import checkpoint, distributed
@@ -28,14 +29,14 @@ class Validation:
                  baseline: dict | None):  # fmt: skip
         """`best`: where the best weights are saved (None: in memory only); `baseline`: the untrained model's
         validation result."""
-        self.model, self.objective, self.split = model, objective, splits["validation"]
+        self.model, self.objective, self.split = model, objective, splits.get("validation")  # read when due
         self.cfg, self.hardware, self.trainee, self.plan = cfg, hardware, trainee, plan
         self.logger, self.best, self.baseline = logger, best, baseline
         self.every = cfg.eval_interval
         self.pruning = Pruning.from_config(cfg)  # in an Optuna search, this run's trial; else inert
         if baseline and objective.select not in baseline:  # KTO's pair metrics on unpaired rows from the hub
             measured = ", ".join(m for m in objective.metrics if m in baseline)
-            why = " (its rows are unpaired: no pair to compare)" if objective.name == "kto" else ""
+            why = " (its rows are unpaired: no pair to compare)" if OBJECTIVES[objective.name].unpaired else ""
             raise TransferError(
                 f"objective.select={objective.select}: the validation split gives no {objective.select}{why}; "
                 f"allowed with this data: {measured}"
@@ -65,7 +66,7 @@ class Validation:
         if value is not None and objective.better(value, progress.best_value, cfg.early_stopping.min_delta):
             progress.best_value, progress.best_step, progress.evals_since_best = value, step, 0
             self.best_weights = checkpoint.trainable_state(self.model)
-            if self.best is not None:  # whose they are: checkpoint.check_own
+            if self.best is not None:  # whose they are: restore.check_own
                 checkpoint.save(self.best, self.model, cfg.checkpoint.full_model,
                                 meta={"step": step, objective.select: value}, config=resumable_config(cfg))  # fmt: skip
         else:
