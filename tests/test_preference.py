@@ -157,6 +157,25 @@ def test_the_reference_of_a_peft_model_is_its_base_with_adapters_disabled(tmp_pa
     assert not torch.allclose(adapted, plain, atol=1e-3)
 
 
+def test_the_reference_of_a_head_trained_as_modules_to_save_is_the_original_head(tmp_path):
+    """Evaluation's token KL applies the reference's head after the adapters are on again: it must be the base's."""
+    cfg, model, objective, splits, hw = prepared(tmp_path, "objective=dpo", "strategy=lora", "strategy.dropout=0",
+                                                 "strategy.modules_to_save=[head]")  # fmt: skip
+    base, _ = load_model_and_tokenizer(cfg.model, cfg.block_size)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.5)  # the trained copy of the head now differs from the original
+    objective.attach(model, splits, cfg, hw)
+    rows = padded_batch(splits["validation"].seqs, list(range(4)), objective.pad_id)
+    with torch.no_grad():
+        hidden, head = objective.reference.head_inputs(rows)
+        scored = torch.nn.functional.pad(rows.labels[:, 1:], (0, 1), value=-100) != -100
+        plain = base(rows.input_ids).logits[scored]
+        torch.testing.assert_close(head(hidden), plain, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(rows.input_ids).logits[scored], plain, atol=1e-2)  # the policy's head moved
+
+
 @pytest.mark.parametrize("strategy", ["full", "lora"])
 def test_precomputed_reference_log_probabilities_equal_live_ones_and_are_reused(tmp_path, strategy):
     cache = tmp_path / "cache"

@@ -110,7 +110,10 @@ class Reference:
             return scored_head_inputs(self.frozen, rows.input_ids, rows.labels)[:2]
         if self.kind != "none" and hasattr(self._model, "disable_adapter"):
             with self._model.disable_adapter():
-                return scored_head_inputs(self._model, rows.input_ids, rows.labels)[:2]
+                hidden, head = scored_head_inputs(self._model, rows.input_ids, rows.labels)[:2]
+            # the caller applies the head after the adapters are on again: a head trained as modules_to_save would
+            # answer then with its trained copy, so the reference's is the original module
+            return hidden, getattr(head, "original_module", head)
         return None
 
     def to(self, device, dtype=None) -> None:
