@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from conftest import copy_run, run_cli
 
 from transfer.aggregate.__main__ import main
-from transfer.aggregate.jobs import read_jobs
+from transfer.aggregate.jobs import find_sweeps, read_jobs, sweeps_under
 from transfer.aggregate.stats import paired_t_test, t_cdf, t_quantile, t_two_sided_p
 from transfer.aggregate.tables import CI_NOTE, comparison, for_people
 
@@ -511,3 +512,104 @@ def test_plots_draw_intervals_and_every_probe(probe_sweep, tmp_path, monkeypatch
     plt = plots.plt
     for fig in figures.values():
         plt.close(fig)
+
+
+def _aged(sweep: Path, seconds: float) -> Path:
+    """Its records (and job folders) written `seconds` ago: how the newest sweep is told."""
+    when = 1_700_000_000 - seconds
+    for path in [*sweep.glob("*/metrics.json"), *sweep.iterdir()]:
+        os.utime(path, (when, when))
+    return sweep
+
+
+def test_the_newest_sweep_is_found_by_its_records_and_tables_is_never_one(tmp_path, monkeypatch, capsys):
+    """A dated sweep, a hydra.sweep.dir=multirun/lora_search one with its tables/, --all's multirun/tables/, and
+    folders that hold no job: found by their records, newest by when those were written, not by name."""
+    root = tmp_path / "multirun"
+    dated = root / "2026-01-01" / "00-00-00"
+    write_sweep(dated)
+    write_sweep(root / "lora_search")
+    (root / "lora_search" / "tables").mkdir()
+    (root / "2026-01-02" / "00-00-00").mkdir(parents=True)  # made, no job ever wrote there
+    (root / "tables" / "lm-rust_concepts").mkdir(parents=True)
+    (root / "tables" / "lm-rust_concepts" / "comparison.md").write_text("an earlier --all's")
+    monkeypatch.chdir(tmp_path)
+    assert sweeps_under(Path("multirun")) == [Path("multirun/2026-01-01/00-00-00"), Path("multirun/lora_search")]
+    _aged(dated, 60)
+    _aged(root / "lora_search", 10)
+    assert main([]) == 0
+    assert capsys.readouterr().out.endswith("from 1 sweep(s); tables in multirun/lora_search/tables\n")
+    _aged(dated, 0)  # a job of the dated sweep wrote its record last (resumed, say)
+    assert find_sweeps([], False) == [Path("multirun/2026-01-01/00-00-00")]
+    assert find_sweeps([], True) == [Path("multirun/lora_search"), Path("multirun/2026-01-01/00-00-00")]
+    shutil.rmtree(dated.parent)
+    shutil.rmtree(root / "lora_search")
+    assert main([]) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: no sweep under 'multirun'; run a sweep first (python -m transfer -m ...) or name a folder\n"
+    )
+
+
+def _sft_sweep(folder: Path) -> None:
+    """MovieLens as an sft objective scored by its choices (accuracy), two strategies."""
+    for i, (strategy, accuracy) in enumerate((("full", 0.61), ("lora", 0.58))):
+        record = fake_record(strategy, "1e-4", 1, 2.0, 2.1, probes=False)
+        record.update(objective={"name": "sft", "select": "accuracy"},
+                      choices={"strategy": strategy, "model": "tiny", "dataset": "movielens"})  # fmt: skip
+        record["eval"]["final"]["validation"]["accuracy"] = accuracy
+        record["eval"]["baseline"]["validation"]["accuracy"] = 0.5
+        (folder / str(i)).mkdir(parents=True)
+        (folder / str(i) / "metrics.json").write_text(json.dumps(record))
+
+
+def test_all_never_mixes_sweeps_that_measure_different_things(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "multirun"
+    write_sweep(root / "lm")
+    _sft_sweep(root / "movielens")
+    dry = fake_record("full", "1e-4", 1, 2.0, 2.1)
+    dry.update(status="dry_run", eval={})
+    dry["config"]["dry_run"] = True
+    (root / "dry" / "0").mkdir(parents=True)
+    (root / "dry" / "0" / "metrics.json").write_text(json.dumps(dry))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--all"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(
+        "3 sweeps measure 3 different things (objective and dataset; dry runs and sweeps with no finished job apart): "
+        "a table for each, never one mixing them\n"
+    )
+    for kind, folder, jobs in (("lm on rust_concepts", "lm-rust_concepts", 11), ("sft on movielens", "sft-movielens", 2),
+                               ("lm on rust_concepts (dry run)", "lm-rust_concepts-dry-run", 1)):  # fmt: skip
+        assert f"## {kind}: 1 sweep(s)" in printed
+        out = Path("multirun/tables") / folder
+        assert f"from 1 sweep(s); tables in {out}\n" in printed
+        assert len(pd.read_csv(out / "jobs.csv")) == jobs
+    assert set(pd.read_csv(root / "tables" / "sft-movielens" / "jobs.csv")["sweep"]) == {"multirun/movielens"}
+    assert not (root / "lm" / "tables").exists()  # --all writes its own tables, never over a sweep's
+    # named together without --all: refused, in one line that says why
+    assert main(["multirun/lm", "multirun/movielens"]) == 2
+    assert capsys.readouterr().err == (
+        "error: these sweeps measure different things, which one table never mixes (lm on rust_concepts: multirun/lm; "
+        "sft on movielens: multirun/movielens); allowed: sweeps of one objective and dataset, or --all, which writes "
+        "a table per kind\n"
+    )
+
+
+def test_a_whole_number_key_prints_whole(tmp_path, capsys):
+    """max_steps=2 in one sweep, unset in the other: the column holds floats, the tables say 2, not 2.0."""
+    write_sweep(tmp_path / "a")
+    for i, record in enumerate(write_sweep(tmp_path / "b")):
+        record["overrides"].append("max_steps=2")
+        record["config"]["max_steps"] = 2
+        record["eval"]["final"]["validation"]["perplexity"] -= 1  # b's groups are the best
+        (tmp_path / "b" / str(i) / "metrics.json").write_text(json.dumps(record))
+    out = tmp_path / "tables"
+    columns = ["--columns", "strategy,optimizer.lr,max_steps,seeds"]
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), *columns]) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split("|") for line in printed.splitlines() if line.startswith(("| full", "| lora"))]
+    assert sorted(row[3].strip() for row in rows[:8]) == [""] * 4 + ["2"] * 4
+    assert pd.read_csv(out / "comparison.csv")["max_steps"].dropna().tolist() == [2.0] * 4  # the CSV keeps numbers
+    assert pd.read_csv(out / "best_per_strategy.csv")["picked"].tolist() == ["optimizer.lr=0.001, max_steps=2"] * 2
+    assert "max_steps=2.0" not in printed

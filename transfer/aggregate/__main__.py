@@ -1,7 +1,9 @@
 """Comparison tables and plots from sweep output: `python -m transfer.aggregate [SWEEP ...]`.
 
-Reads the newest sweep under multirun/ (or those named, or --all), prints the comparison and writes the tables
-and plots into `<sweep>/tables/` (transfer.aggregate.output). `--baseline strategy=full` adds the other groups'
+Reads the newest sweep under multirun/ (the one whose records were written last; or those named), prints the
+comparison and writes the tables and plots into `<sweep>/tables/` (transfer.aggregate.output). Sweeps that measure
+different things (objective, dataset, dry runs) are never one table: `--all` writes one per kind into
+`multirun/tables/<kind>/`. `--baseline strategy=full` adds the other groups'
 differences from that group, paired by seed, with a 95 % interval and a paired t-test (paired.{md,csv});
 `--best-per strategy`, the hyper-parameters each strategy does best with on validation, and their test metrics
 (best_per_<key>.{md,csv}, written for strategy whenever a sweep varies more than strategy and seed).
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 
 from transfer.aggregate.contrasts import extra_tables
-from transfer.aggregate.jobs import DEFAULT_ROOT, find_sweeps, read_jobs
+from transfer.aggregate.jobs import DEFAULT_ROOT, TABLES, comparable_sets, find_sweeps, kind_folder, read_jobs
 from transfer.aggregate.output import write_tables
 from transfer.aggregate.tables import check_columns, comparison, for_people, shown_columns, under_table
 from transfer.errors import TransferError
@@ -24,7 +26,11 @@ log = logging.getLogger(__name__)
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m transfer.aggregate", description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", nargs="*", help="sweep folders (default: the newest under multirun/)")
-    parser.add_argument("--all", action="store_true", help="every sweep under multirun/, in one table")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="every sweep under --root: a table per kind (objective and dataset) in <root>/tables/<kind>/",
+    )
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="where sweeps live (default: multirun)")
     parser.add_argument(
         "--sort", help="column to sort by, best first (default: the metric the jobs selected by, else val_ppl_after)"
@@ -43,27 +49,53 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="per value of KEY (e.g. strategy), the other hyper-parameters with the best validation metric",
     )
-    parser.add_argument("--out", help="folder for the tables (default: <newest sweep>/tables)")
+    parser.add_argument(
+        "--out", help="folder for the tables (default: <newest sweep>/tables; --all: <root>/tables/<kind>)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    split = lambda s: [c.strip() for c in s.split(",") if c.strip()] if s else None  # noqa: E731
     try:
         sweeps = find_sweeps(args.sweeps, args.all, Path(args.root))
         jobs = read_jobs(sweeps)
-        group_by, columns = split(args.group_by), split(args.columns)
-        check_columns(group_by or [], [c for c in jobs.columns if c != "validation_curve"], "column")
-        table = comparison(jobs, group_by, args.sort)
-        check_columns([args.sort] if args.sort else [], shown_columns(table), "column")
-        check_columns(columns or [], shown_columns(table), "column")
-        extras = extra_tables(jobs, table, args.baseline, args.best_per)
-        out = Path(args.out) if args.out else sweeps[-1] / "tables"
-        files = write_tables(jobs, table, out, columns, extras)
+        kinds = comparable_sets(jobs)
+        if len(kinds) > 1 and not args.all:
+            apart = "; ".join(f"{kind}: {', '.join(s)}" for kind, s in kinds.items())
+            raise TransferError(
+                f"these sweeps measure different things, which one table never mixes ({apart}); "
+                "allowed: sweeps of one objective and dataset, or --all, which writes a table per kind"
+            )
+        if not args.all:
+            _report(args, jobs, sweeps, Path(args.out) if args.out else sweeps[-1] / TABLES)
+            return 0
+        base = Path(args.out) if args.out else Path(args.root) / TABLES
+        if len(kinds) > 1:
+            print(
+                f"{len(sweeps)} sweeps measure {len(kinds)} different things (objective and dataset; dry runs and "
+                "sweeps with no finished job apart): a table for each, never one mixing them\n"
+            )
+        for i, (kind, members) in enumerate(kinds.items()):
+            print(("\n" if i else "") + f"## {kind}: {len(members)} sweep(s)\n")
+            found = jobs if len(kinds) == 1 else read_jobs([Path(s) for s in members])
+            _report(args, found, members, base / kind_folder(kind))
     except TransferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _report(args, jobs, sweeps: list, out: Path) -> None:
+    """One table of comparable sweeps: checked, grouped, written into `out` and printed."""
+    split = lambda s: [c.strip() for c in s.split(",") if c.strip()] if s else None  # noqa: E731
+    group_by, columns = split(args.group_by), split(args.columns)
+    check_columns(group_by or [], [c for c in jobs.columns if c != "validation_curve"], "column")
+    table = comparison(jobs, group_by, args.sort)
+    check_columns([args.sort] if args.sort else [], shown_columns(table), "column")
+    check_columns(columns or [], shown_columns(table), "column")
+    extras = extra_tables(jobs, table, args.baseline, args.best_per)
+    files = write_tables(jobs, table, out, columns, extras)
     print(for_people(table, columns).to_markdown(index=False) + f"\n\n{under_table(table)}")
     for name, (_, cells, note) in extras.items():
         print(f"\n{name.replace('_', ' ')}:\n\n{cells.to_markdown(index=False)}\n\n{note}")
@@ -72,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{len(jobs)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}) from {len(sweeps)} sweep(s); tables in {out}"
     )
     log.debug("wrote %s", files)
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ test_auc_before) and each split its change `<split>_change_pct`; forgetting prob
 The direction of a metric is the objective table's (transfer.config.objective.DIRECTION).
 """
 
+import math
+
 import pandas as pd
 
 from transfer.config.objective import DIRECTION
@@ -89,3 +91,13 @@ def formatter(col: str):
     if col.endswith(("tokens_per_second", "samples_per_second", "_seconds", "_mb")):
         return lambda v: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
     return lambda v: f"{v:.3g}"  # perplexities, losses, accuracies
+
+
+def key_text(value) -> str:
+    """A grouping key's value for people: empty when unset, a whole number without `.0` (max_steps=2, not 2.0: a
+    column that some job leaves unset is held as floats)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

@@ -5,7 +5,7 @@
 
 import pandas as pd
 
-from transfer.aggregate.columns import default_sort, formatter, lower_is_better, main_metric, probe_columns
+from transfer.aggregate.columns import default_sort, formatter, key_text, lower_is_better, main_metric, probe_columns
 from transfer.aggregate.stats import paired_t_test
 from transfer.aggregate.tables import CI_NOTE, for_people, shown_columns
 from transfer.errors import TransferError
@@ -105,7 +105,7 @@ def _differences(group: pd.DataFrame, base: pd.DataFrame, metric: str) -> list[f
 def paired_for_people(numbers: pd.DataFrame) -> pd.DataFrame:
     """The paired differences as cells: Δ ± half-width, p; `n.s.` where the interval contains 0."""
     keys, metrics = numbers.attrs["group_keys"], numbers.attrs["metrics"]
-    out = pd.DataFrame({k: numbers[k].map(str) for k in [*keys, "pairs"]}, index=numbers.index)
+    out = pd.DataFrame({k: numbers[k].map(key_text) for k in [*keys, "pairs"]}, index=numbers.index)
     for m in metrics:
         out[f"Δ {m}"] = [_paired_cell(r, m) for _, r in numbers.iterrows()]
     if numbers["note"].notna().any():
@@ -163,7 +163,7 @@ def best_per(jobs: pd.DataFrame, table: pd.DataFrame, key: str) -> pd.DataFrame:
     for _, group in done.groupby(key, dropna=False, sort=False):
         best = group.sort_values(metric, ascending=lower_is_better(metric), kind="stable").iloc[0].to_dict()
         # a key some sweeps did not override ran with its configured default
-        picked = ", ".join(f"{k}={'(default)' if pd.isna(best[k]) else best[k]}" for k in others)
+        picked = ", ".join(f"{k}={'(default)' if pd.isna(best[k]) else key_text(best[k])}" for k in others)
         rows.append({**best, "picked": picked or "(nothing else varies)", "candidates": len(group)})
     out = pd.DataFrame(rows).sort_values(metric, ascending=lower_is_better(metric), kind="stable")
     out = out.reset_index(drop=True)

@@ -9,6 +9,7 @@ twice) is `duplicate` and counted once; a metric that is no number is left out. 
 """
 
 import json
+import re
 import reprlib
 from pathlib import Path
 
@@ -17,14 +18,16 @@ import yaml
 
 from transfer.aggregate.columns import NOT_METRICS, SPLIT_SHORT, column, numeric
 from transfer.errors import TransferError
-from transfer.record import FINISHED, job_folders, lookup, missing_fields, read_record
+from transfer.record import FINISHED, RECORD_NAME, job_folders, lookup, missing_fields, read_record
 
 _MISSING = object()  # a key a config lacks, apart from one set to null
 DEFAULT_ROOT = Path("multirun")
+TABLES = "tables"  # where an aggregation writes: a sweep's tables/, --all's <root>/tables/; never a sweep
+SWEEP_DEPTH = 3  # multirun/<date>/<time>, and a hydra.sweep.dir a level or two down
 
 
 def find_sweeps(paths: list[str], all_sweeps: bool, root: Path = DEFAULT_ROOT) -> list[Path]:
-    """The sweep folders to read: those given, every one under root, or the newest."""
+    """The sweep folders to read: those given, every one under root, or the newest (by its records, oldest first)."""
     if paths:
         sweeps = [Path(p) for p in paths]
         for s in sweeps:
@@ -35,12 +38,67 @@ def find_sweeps(paths: list[str], all_sweeps: bool, root: Path = DEFAULT_ROOT) -
             if not s.is_dir():
                 raise TransferError(f"sweep folder {str(s)!r} does not exist")
         return sweeps
-    candidates = sorted(p for p in root.glob("*/*") if p.is_dir()) if root.is_dir() else []
-    if not candidates:
+    found = sorted(sweeps_under(root), key=lambda s: (_last_written(s), str(s)))
+    if not found:
         raise TransferError(
             f"no sweep under {str(root)!r}; run a sweep first (python -m transfer -m ...) or name a folder"
         )
-    return candidates if all_sweeps else candidates[-1:]
+    return found if all_sweeps else found[-1:]
+
+
+def sweeps_under(folder: Path, depth: int = SWEEP_DEPTH) -> list[Path]:
+    """The folders under `folder` that hold job folders (multirun/<date>/<time>, multirun/<name> of a
+    hydra.sweep.dir=multirun/<name>), never a sweep's own folders nor a tables/ folder."""
+    if depth == 0 or not folder.is_dir():
+        return []
+    found = []
+    for sub in sorted(folder.iterdir()):
+        if not sub.is_dir() or sub.name.startswith(".") or sub.name == TABLES:
+            continue
+        found += [sub] if job_folders(sub) else sweeps_under(sub, depth - 1)
+    return found
+
+
+def _last_written(sweep: Path) -> float:
+    """When a job of the sweep last wrote its record (or, without one, its folder was made)."""
+    times = [0.0]
+    for job in job_folders(sweep):
+        record = job / RECORD_NAME
+        times.append((record if record.is_file() else job).stat().st_mtime)
+    return max(times)
+
+
+def comparable_sets(jobs: pd.DataFrame) -> dict[str, list[str]]:
+    """The sweeps of a jobs frame by what they measure, kind -> sweeps: one table never mixes two kinds.
+
+    A sweep's kind is its finished jobs' objectives and datasets (the metrics of an lm sweep on rust_concepts and of
+    an sft one on movielens are not one quantity), and whether they were dry runs (counts, no metrics); a sweep
+    with no finished job is its own kind, its failures listed apart.
+    """
+    done = jobs[jobs["status"].isin(FINISHED)]
+    kinds: dict[str, list[str]] = {}
+    for sweep in dict.fromkeys(jobs["sweep"]):
+        mine = done[done["sweep"] == sweep]
+        measures = sorted(
+            {
+                f"{_text(row.get('objective'), 'lm')} on {_text(row.get('dataset'), '?')}"
+                + (" (dry run)" if row["status"] == "dry_run" else "")
+                for _, row in mine.iterrows()
+            }
+        )
+        kind = " + ".join(measures) if measures else f"no finished job ({sweep})"
+        kinds.setdefault(kind, []).append(sweep)
+    return kinds
+
+
+def _text(value, missing: str) -> str:
+    """A frame's cell as text; `missing` for none (an earlier version's record names no objective: it was lm)."""
+    return missing if value is None or pd.isna(value) else str(value)
+
+
+def kind_folder(kind: str) -> str:
+    """A kind of comparable_sets as a folder name: `lm on rust_concepts` -> lm-rust_concepts."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", kind.replace(" on ", "-")).strip("-")
 
 
 def read_jobs(sweeps: list[Path]) -> pd.DataFrame:

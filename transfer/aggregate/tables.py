@@ -10,7 +10,15 @@ import math
 
 import pandas as pd
 
-from transfer.aggregate.columns import default_sort, formatter, lower_is_better, metric_columns, numeric, probe_columns
+from transfer.aggregate.columns import (
+    default_sort,
+    formatter,
+    key_text,
+    lower_is_better,
+    metric_columns,
+    numeric,
+    probe_columns,
+)
 from transfer.aggregate.stats import ci95_half_width
 from transfer.errors import TransferError
 from transfer.record import FINISHED
@@ -112,7 +120,7 @@ def for_people(table: pd.DataFrame, columns: list[str] | None = None) -> pd.Data
             ci = table[f"{col}_ci95"] if f"{col}_ci95" in table else pd.Series(math.nan, index=table.index)
             out[col] = [_cell(v, ci[i], col) for i, v in table[col].items()]
         else:
-            out[col] = table[col].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+            out[col] = table[col].map(key_text)
     return out
 
 
