@@ -215,3 +215,16 @@ def test_a_built_wheel_runs_outside_the_source_tree(tmp_path):
     record = json.loads((elsewhere / "run" / "metrics.json").read_text())
     assert record["status"] == "dry_run"
     assert record["config"]["dataset"]["train_files"][0].startswith(str(tmp_path / "site" / "transfer" / "corpora"))
+
+
+def test_a_sweep_over_a_hub_model_offline_is_refused_once_before_any_job(tmp_path, monkeypatch):
+    """Two jobs of a hub model that is neither reachable (HF_HUB_OFFLINE=1) nor in the (empty) local cache."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    proc = run_cli(["-m", "model=qwen2_0_5b", "seed=1,2", "hydra.sweep.dir=sweep"], tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        "error: model.name_or_path='Qwen/Qwen2-0.5B' is not in the local Hugging Face cache, and the hub is unreachable "
+        "(HF_HUB_OFFLINE is set); allowed: a model directory on disk, a hub model in the cache (download it where the "
+        "hub is reachable: hf download Qwen/Qwen2-0.5B), or model=tiny\n"
+    )
+    assert not (tmp_path / "sweep").exists()  # no job folder, no failed record

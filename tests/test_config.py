@@ -1,6 +1,7 @@
 """Config composition through Hydra's compose API, and the schema's rejections."""
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from transfer.errors import TransferError
 # Options that need a value the user must give.
 CORPUS = Path(__file__).resolve().parent.parent / "transfer" / "corpora" / "rust_concepts"
 REQUIRED = {
-    ("model", "local"): ["model.name_or_path=some-org/some-model"],  # a hub name: not looked up until a job runs
+    ("model", "local"): ["model.name_or_path=some-org/some-model"],  # a hub name: in the cache of hub_cache
     ("dataset", "text_files"): [f"dataset.train_files=[{CORPUS / 'train.jsonl'}]"],
     ("dataset", "hub"): ["dataset.path=Salesforce/wikitext"],
     # instruction tuning needs examples, which the default Rust prose is not
@@ -56,8 +57,69 @@ def test_every_group_has_options():
     assert "full" in group_options("strategy")
 
 
+def cache_hub_model(cache: Path, name: str) -> None:
+    """The local Hugging Face cache's layout for one model's config.json (huggingface_hub's models--org--name)."""
+    folder = cache / f"models--{name.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (folder / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+
+
+@pytest.fixture(scope="module")
+def hub_models(tmp_path_factory) -> Path:
+    """A Hugging Face cache that holds the config groups' hub models (and some-org/some-model)."""
+    cache = tmp_path_factory.mktemp("hub")
+    for option in group_options("model"):
+        name = compose_config([f"model={option}", *REQUIRED.get(("model", option), [])]).model.name_or_path
+        if name:
+            cache_hub_model(cache, name)
+    return cache
+
+
+@pytest.fixture
+def hub_cache(hub_models, tmp_path, monkeypatch) -> Path:
+    """Offline, with its own copy of hub_models' cache."""
+    cache = shutil.copytree(hub_models, tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_a_hub_model_is_looked_up_once_at_start_up(hub_cache, monkeypatch):
+    """Cached: checked without network. Not cached and offline: one line, at start-up. A path: no such folder."""
+    check_config(compose_config(["model=qwen2_0_5b"]))
+    not_cached = compose_config(["model=local", "model.name_or_path=some-org/other-model"])
+    with pytest.raises(TransferError) as e:
+        check_config(not_cached)
+    assert str(e.value) == (
+        "model.name_or_path='some-org/other-model' is not in the local Hugging Face cache, and the hub is unreachable "
+        "(HF_HUB_OFFLINE is set); allowed: a model directory on disk, a hub model in the cache (download it where the "
+        "hub is reachable: hf download some-org/other-model), or model=tiny"
+    )
+    cache_hub_model(hub_cache, "some-org/other-model")
+    check_config(not_cached)  # a different cache: looked up again, found
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache.parent / "elsewhere"))
+    from transfer.config import model
+
+    monkeypatch.setattr(model, "hub_offline", lambda: False)
+    monkeypatch.setattr(model, "_resolves", lambda host, timeout: False)  # a machine with no route to the hub
+    with pytest.raises(TransferError, match=r"the hub is unreachable \(huggingface.co cannot be resolved\)"):
+        check_config(not_cached)
+    for path, what in (
+        ("/no/such/model", "does not exist"),
+        ("./mine", "does not exist"),
+        (__file__, "is not a directory"),
+    ):
+        with pytest.raises(TransferError) as e:
+            check_config(compose_config(["model=local", f"model.name_or_path={path}"]))
+        assert str(e.value) == (
+            f"model.name_or_path={path!r} {what}; allowed: a model directory on disk or a hub name like Qwen/Qwen2-0.5B"
+        )
+
+
 @pytest.mark.parametrize("group,option", ALL_CHOICES)
-def test_every_choice_composes(group, option):
+def test_every_choice_composes(group, option, hub_cache):
     cfg = compose_config([f"{group}={option}", *REQUIRED.get((group, option), [])])
     files = cfg.dataset.get("train_files") or []
     if option in ("qlora", "cuda") and not torch.cuda.is_available():

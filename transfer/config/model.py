@@ -1,16 +1,20 @@
 """The model group: what model a run loads (a hub name, a folder, or the in-code tiny Qwen2), and what decides
 its weights' names and shapes, which a run started from another's weights must share."""
 
+import functools
 import json
+import os
+import socket
 import struct
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from transfer.config.folders import differences
-from transfer.errors import TransferError
+from transfer.errors import TransferError, first_line
 
 
 class WeightDtype(Enum):
@@ -91,7 +95,8 @@ def model_shape(model_cfg, weights: bool) -> tuple[int | None, int | None]:
         return model_cfg.tiny.num_layers, model_cfg.tiny.max_position_embeddings
     folder = Path(model_cfg.name_or_path).expanduser()
     if not folder.is_dir():
-        return None, None  # a hub name, or not a folder: the loader says which
+        check_hub_model(model_cfg.name_or_path, model_cfg.revision)
+        return None, None  # the loader reads a hub model's shape
     where = f"model.name_or_path={model_cfg.name_or_path!r}"
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -161,3 +166,98 @@ def safetensors_problem(file: Path) -> str | None:
     if expected != size:
         return f"truncated: {size:,} bytes where its header says {expected:,}"
     return None
+
+
+# ---------------------------------------------------------------- hub models, checked before any job starts
+HUB_TIMEOUT = 5.0  # seconds for the hub to answer, once per model of a sweep
+
+
+def check_hub_model(name: str, revision: str | None) -> None:
+    """A name that is no folder: a hub model this machine can load, from the local Hugging Face cache or the hub.
+
+    A path (`/`, `.`, `~`, a file, more than one `/`) is no hub name: its folder does not exist. A hub name is
+    looked for in the cache first (no network), then, online, asked of the hub once per model and revision.
+    """
+    if name.startswith(("/", ".", "~")) or Path(name).expanduser().exists() or name.count("/") > 1:
+        what = "is not a directory" if Path(name).expanduser().exists() else "does not exist"
+        raise TransferError(
+            f"model.name_or_path={name!r} {what}; allowed: a model directory on disk or a hub name like Qwen/Qwen2-0.5B"
+        )
+    _check_hub_model(name, revision, os.environ.get("HF_HUB_CACHE") or None, hub_offline())
+
+
+@functools.cache  # once per model of a sweep, not per job
+def _check_hub_model(name: str, revision: str | None, cache: str | None, offline: bool) -> None:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    where = f"model.name_or_path={name!r}" + (f" (revision {revision})" if revision else "")
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache, revision=revision), str):
+            return  # cached: loads offline too
+    except HFValidationError as e:
+        raise TransferError(f"{where} is neither a directory nor a hub name ({first_line(e)})") from None
+    allowed = f"allowed: a model directory on disk, a hub model in the cache (download it where the hub is reachable: hf download {name}), or model=tiny"
+    if offline or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else f"{_hub_host()} cannot be resolved"
+        raise TransferError(
+            f"{where} is not in the local Hugging Face cache, and the hub is unreachable ({why}); {allowed}"
+        )
+    problem = _hub_problem(name, revision)
+    if problem:
+        raise TransferError(f"{where} is not in the local Hugging Face cache, and {problem}; {allowed}")
+
+
+def _hub_problem(name: str, revision: str | None) -> str | None:
+    """What the hub says of the model's config.json, in HUB_TIMEOUT seconds: None when it is there (or gated:
+    the loader says what access needs)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision), timeout=HUB_TIMEOUT)
+    except GatedRepoError:
+        return None
+    except RepositoryNotFoundError:
+        return "the hub has no such model (or it is private)"
+    except RevisionNotFoundError:
+        return f"the hub has no revision {revision!r} of it"
+    except EntryNotFoundError:
+        return "the hub's copy has no config.json"
+    except Exception as e:  # a timeout, a refused connection: the jobs would meet it too  # noqa: BLE001
+        return f"the hub did not answer in {HUB_TIMEOUT:g} s ({first_line(e)})"
+    return None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or transformers' TRANSFORMERS_OFFLINE) set: no network, the cache only."""
+    return any(
+        os.environ.get(v, "0") not in ("0", "", "false", "False") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick name lookup, so that offline machines fail in seconds, not after the hub client's retries."""
+    return not hub_offline() and _resolves(_hub_host(), timeout)
+
+
+def _hub_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+@functools.cache  # once a process: a run reads its model's config twice (the memory estimate, then the weights)
+def _resolves(host: str, timeout: float) -> bool:
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(previous)

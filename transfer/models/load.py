@@ -1,20 +1,17 @@
 """Load a causal LM and its tokenizer: the in-code tiny model, a local directory, or a hub name."""
 
 import contextlib
-import functools
 import logging
-import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
+from transfer.config.model import check_hub_model, hub_reachable
 from transfer.errors import TransferError, first_line
 
 log = logging.getLogger(__name__)
@@ -53,14 +50,11 @@ def load_model_and_tokenizer(cfg, block_size: int, quantize_4bit: bool = False, 
     where = cfg.name_or_path
     local = Path(where).expanduser()
     is_local = local.is_dir()
-    if not is_local and (where.startswith(("/", ".", "~")) or local.exists() or where.count("/") > 1):
-        raise TransferError(
-            f"model.name_or_path={where!r} is not a directory; "
-            "allowed: a model directory on disk or a hub name like Qwen/Qwen2-0.5B"
-        )
+    if not is_local:  # checked at start-up too (config/model.py), once per model: a path, or a hub model not here
+        check_hub_model(where, cfg.revision)
     source = str(local) if is_local else where
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    if not is_local and not _hub_reachable():
+    if not is_local and not hub_reachable():
         kwargs["local_files_only"] = True  # a cached copy still works offline
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
@@ -180,25 +174,3 @@ def _check_context(config, block_size: int, where: str) -> None:
         raise TransferError(
             f"block_size={block_size} exceeds the context of {where} ({limit} tokens); allowed: 1..{limit}"
         )
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick name lookup, so that offline machines fail in seconds, not after the hub client's retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    from huggingface_hub import constants
-
-    return _resolves(urlparse(constants.ENDPOINT).hostname or "huggingface.co", timeout)
-
-
-@functools.cache  # once a process: a run reads its model's config twice (the memory estimate, then the weights)
-def _resolves(host: str, timeout: float) -> bool:
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
-    finally:
-        socket.setdefaulttimeout(previous)
