@@ -389,7 +389,19 @@ def test_the_tables_read_the_task_metrics_from_the_record(sft_run, tmp_path):
         assert table.at[0, column] == r["eval"][when][split][metric]
     assert not lower_is_better("val_auc_after") and lower_is_better("val_log_loss_after")
     assert (sweep / "tables" / "task_metrics.png").read_bytes()[:4] == b"\x89PNG"
-    assert "val_auc_after" in (sweep / "tables" / "comparison.md").read_text().splitlines()[0]
+    shown = (sweep / "tables" / "comparison.md").read_text()
+    assert "val_auc_after" in shown.splitlines()[0]
+    # accuracy beside what the majority class scores and the largest share of one answer, both splits, and what
+    # they mean under the table
+    header = [c.strip() for c in shown.splitlines()[0].strip("|").split("|")]
+    for split in ("val", "test"):
+        trio = [f"{split}_accuracy_after", f"{split}_majority_accuracy_after", f"{split}_max_predicted_share_after"]
+        assert header[header.index(trio[0]) : header.index(trio[0]) + 3] == trio
+        for col in trio[1:]:
+            metric = col.removeprefix(f"{split}_").removesuffix("_after")
+            assert table.at[0, col] == r["eval"]["final"]["validation" if split == "val" else "test"][metric]
+    assert "`majority_accuracy` is the accuracy of always giving the split's most frequent answer" in shown
+    assert not [c for c in jobs.columns if "predicted_share_" in c.replace("max_predicted_share", "")]  # dicts stay out
 
 
 def test_every_objective_option_runs_as_a_class_with_every_member_the_protocol_lists():

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except TransferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(for_people(table, columns).to_markdown(index=False) + f"\n\n{under_table(table)}")
+    pretty = for_people(table, columns)
+    print(pretty.to_markdown(index=False) + f"\n\n{under_table(table, pretty.columns)}")
     for name, (_, cells, note) in extras.items():
         print(f"\n{name.replace('_', ' ')}:\n\n{cells.to_markdown(index=False)}\n\n{note}")
     counts = jobs["status"].value_counts().to_dict()
