@@ -226,6 +226,49 @@ def test_jobs_scored_on_different_tokens_are_never_averaged():
     assert comparison(jobs)["seeds"].tolist() == [2]
 
 
+def test_a_preference_table_shows_the_loss_beside_reward_accuracy(tmp_path):
+    """A DPO run whose test reward accuracy rose to 0.6 while its test loss grew past the untrained log 2 (0.693): both
+    in the table, validation and test, with what they mean under it. A language model's loss, the log of the
+    perplexity the table shows, is not shown."""
+    from transfer.aggregate.tables import PREFERENCE_NOTE, TASK_NOTE, under_table
+
+    def record(objective, strategy, before, after):
+        return {"status": "completed", "overrides": [f"objective={objective}", f"strategy={strategy}", "seed=1"],
+                "choices": {"strategy": strategy, "model": "tiny", "dataset": "pairs"}, "config": {"seed": 1},
+                "objective": {"name": objective}, "params": {"trainable": 10, "total": 20}, "train": {"seconds": 1.0},
+                "eval": {"baseline": before, "final": after}}  # fmt: skip
+
+    untrained = {"loss": 0.6931, "reward_accuracy": 0.5, "margin": 0.0}
+    trained = {"validation": {"loss": 0.71, "reward_accuracy": 0.62, "margin": 0.1},
+               "test": {"loss": 0.805, "reward_accuracy": 0.6, "margin": 0.05}}  # fmt: skip
+    for i, r in enumerate([record("dpo", "lora", {"validation": untrained, "test": untrained}, trained),
+                           record("dpo", "full", {"validation": untrained, "test": untrained}, trained)]):  # fmt: skip
+        (tmp_path / "dpo" / str(i)).mkdir(parents=True)
+        (tmp_path / "dpo" / str(i) / "metrics.json").write_text(json.dumps(r))
+    table = comparison(read_jobs([tmp_path / "dpo"]))
+    shown = for_people(table)
+    cols = list(shown.columns)
+    assert cols[cols.index("val_reward_accuracy_before") :][:4] == [
+        "val_reward_accuracy_before", "val_reward_accuracy_after", "val_loss_before", "val_loss_after"
+    ]  # fmt: skip
+    assert cols[cols.index("test_reward_accuracy_after") :][:3] == [
+        "test_reward_accuracy_after", "test_loss_before", "test_loss_after"
+    ]  # fmt: skip
+    assert shown.loc[0, ["test_reward_accuracy_after", "test_loss_before", "test_loss_after"]].tolist() == [
+        "0.6", "0.693", "0.805"
+    ]  # fmt: skip
+    note = under_table(table, shown.columns)
+    assert PREFERENCE_NOTE in note and TASK_NOTE not in note and CI_NOTE in note
+    assert PREFERENCE_NOTE not in under_table(table, ["strategy", "val_reward_accuracy_after"])  # no loss shown
+
+    lm = {"validation": {"loss": 2.0, "perplexity": 7.39}, "test": {"loss": 2.1, "perplexity": 8.17}}
+    (tmp_path / "lm" / "0").mkdir(parents=True)
+    (tmp_path / "lm" / "0" / "metrics.json").write_text(json.dumps(record("lm", "lora", lm, lm)))
+    lm_table = comparison(read_jobs([tmp_path / "lm"]))
+    assert "val_ppl_after" in for_people(lm_table) and not [c for c in for_people(lm_table) if "_loss_" in c]
+    assert under_table(lm_table) == CI_NOTE
+
+
 def test_notebook_runs_headless(sweep, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

@@ -244,9 +244,39 @@ def test_choice_metrics_move_when_the_choices_are_swapped():
     assert (swapped["accuracy"], swapped["auc"]) == (0.25, 0.0)
     assert swapped["log_loss"] == pytest.approx(-(math.log(0.1) + math.log(0.2) + math.log(0.6) + math.log(0.3)) / 4)
     # log-likelihoods, not probabilities: a constant added to an example's scores changes nothing
-    assert choice_metrics(probs.log() - torch.tensor([[3.0], [0.5], [7.0], [1.0]], dtype=torch.float64), gold) == (
-        pytest.approx(right)
+    shifted = choice_metrics(probs.log() - torch.tensor([[3.0], [0.5], [7.0], [1.0]], dtype=torch.float64), gold)
+    spread = ("constant_accuracy", "predicted_share")  # {choice: share}: equal, not approximately
+    assert {k: v for k, v in shifted.items() if k not in spread} == pytest.approx(
+        {k: v for k, v in right.items() if k not in spread}
     )
+    assert [shifted[k] for k in spread] == [right[k] for k in spread]
+
+
+def test_what_a_constant_answer_scores_and_how_the_answers_spread():
+    """Three of four gold answers "Yes": always "Yes" scores 0.75, always "No" 0.25, the majority 0.75, exactly,
+    before and after whatever the model does. A real model made to answer "No" to everything (its head zeroed: every
+    token equally likely, so the shorter answer's two tokens beat "Yes"'s three) puts all its answers on "No" and
+    scores that choice's gold share, however well or badly it would rank the examples."""
+    gold = torch.tensor([0, 0, 1, 0])
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]], dtype=torch.float64).log()
+    m = choice_metrics(scores, gold, ["Yes", "No"])
+    assert m["constant_accuracy"] == {"Yes": 0.75, "No": 0.25} and m["majority_accuracy"] == 0.75
+    assert m["predicted_share"] == {"Yes": 0.75, "No": 0.25} and m["max_predicted_share"] == 0.75
+    assert choice_metrics(scores, gold)["constant_accuracy"] == {"0": 0.75, "1": 0.25}  # unnamed: by index
+
+    model, tok = load_model_and_tokenizer(compose_config([]).model, 64)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    model.eval()
+    examples = [Example([{"role": "user", "content": f"Is {k} even?"}, {"role": "assistant", "content": a}])
+                for k, a in ((4, "Yes"), (6, "Yes"), (7, "No"), (8, "Yes"))]  # fmt: skip
+    seqs = Sequences.from_lists(*zip(*[_answer(e, c, tok) for e in examples for c in ("Yes", "No")], strict=True))
+    hardware = resolve(compose_config([]).hardware)
+    scores = choice_scores(model, seqs, 2, batch_size=4, hardware=hardware, pad_id=0)
+    constant = choice_metrics(scores, gold, ["Yes", "No"])
+    assert constant["predicted_share"] == {"Yes": 0.0, "No": 1.0} and constant["max_predicted_share"] == 1.0
+    assert constant["accuracy"] == constant["constant_accuracy"]["No"] == 0.25
+    assert constant["constant_accuracy"] == m["constant_accuracy"]  # the gold shares are the data's, not the model's
 
 
 # ---------------------------------------------------------------- a real run, killed and resumed
@@ -296,6 +326,17 @@ def test_an_sft_run_records_answers_choices_and_samples(sft_run):
     assert r["eval"]["change"]["validation"]["auc"] == pytest.approx(
         r["eval"]["final"]["validation"]["auc"] - r["eval"]["baseline"]["validation"]["auc"]
     )
+    # what a constant answer scores: the gold shares of the split's file, before and after alike; the answers' spread
+    for split, short in (("validation", "validation"), ("test", "test")):
+        answers = [json.loads(line)["completion"] for line in (root / f"{short}.jsonl").read_text().splitlines()]
+        shares = {c: answers.count(c) / len(answers) for c in ("Yes", "No")}
+        for when in ("baseline", "final"):
+            v = r["eval"][when][split]
+            assert v["constant_accuracy"] == shares and v["majority_accuracy"] == max(shares.values())
+            assert sum(v["predicted_share"].values()) == pytest.approx(1) and set(v["predicted_share"]) == {"Yes", "No"}
+            assert v["max_predicted_share"] == max(v["predicted_share"].values())
+        # descriptive, not better or worse: no change recorded for them
+        assert not {"constant_accuracy", "majority_accuracy", "max_predicted_share"} & set(r["eval"]["change"][split])
 
 
 def test_the_recorded_task_metrics_are_the_final_models_own(sft_run, tmp_path):
@@ -348,7 +389,19 @@ def test_the_tables_read_the_task_metrics_from_the_record(sft_run, tmp_path):
         assert table.at[0, column] == r["eval"][when][split][metric]
     assert not lower_is_better("val_auc_after") and lower_is_better("val_log_loss_after")
     assert (sweep / "tables" / "task_metrics.png").read_bytes()[:4] == b"\x89PNG"
-    assert "val_auc_after" in (sweep / "tables" / "comparison.md").read_text().splitlines()[0]
+    shown = (sweep / "tables" / "comparison.md").read_text()
+    assert "val_auc_after" in shown.splitlines()[0]
+    # accuracy beside what the majority class scores and the largest share of one answer, both splits, and what
+    # they mean under the table
+    header = [c.strip() for c in shown.splitlines()[0].strip("|").split("|")]
+    for split in ("val", "test"):
+        trio = [f"{split}_accuracy_after", f"{split}_majority_accuracy_after", f"{split}_max_predicted_share_after"]
+        assert header[header.index(trio[0]) : header.index(trio[0]) + 3] == trio
+        for col in trio[1:]:
+            metric = col.removeprefix(f"{split}_").removesuffix("_after")
+            assert table.at[0, col] == r["eval"]["final"]["validation" if split == "val" else "test"][metric]
+    assert "`majority_accuracy` is the accuracy of always giving the split's most frequent answer" in shown
+    assert not [c for c in jobs.columns if "predicted_share_" in c.replace("max_predicted_share", "")]  # dicts stay out
 
 
 def test_every_objective_option_runs_as_a_class_with_every_member_the_protocol_lists():

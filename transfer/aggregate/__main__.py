@@ -96,7 +96,8 @@ def _report(args, jobs, sweeps: list, out: Path) -> None:
     check_columns(columns or [], shown_columns(table), "column")
     extras = extra_tables(jobs, table, args.baseline, args.best_per)
     files = write_tables(jobs, table, out, columns, extras)
-    print(for_people(table, columns).to_markdown(index=False) + f"\n\n{under_table(table)}")
+    pretty = for_people(table, columns)
+    print(pretty.to_markdown(index=False) + f"\n\n{under_table(table, pretty.columns)}")
     for name, (_, cells, note) in extras.items():
         print(f"\n{name.replace('_', ' ')}:\n\n{cells.to_markdown(index=False)}\n\n{note}")
     counts = jobs["status"].value_counts().to_dict()

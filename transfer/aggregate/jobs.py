@@ -243,7 +243,9 @@ def eval_columns(ev: dict) -> dict:
     for when, suffix in (("baseline", "before"), ("final", "after")):
         for split, result in (ev.get(when) or {}).items():
             for metric, value in (result or {}).items():
-                if metric not in NOT_METRICS:  # a value that is no number is left out with a note (_drop_non_numbers)
+                # a value that is no number is left out with a note (_drop_non_numbers); a choice's own numbers
+                # (constant_accuracy, predicted_share: {choice: value}) stay in the record, their largest in the tables
+                if metric not in NOT_METRICS and not isinstance(value, dict):
                     columns[column(split, metric, suffix)] = value
     for split, value in (ev.get("change_pct") or {}).items():
         columns[f"{SPLIT_SHORT.get(split, split)}_change_pct"] = value

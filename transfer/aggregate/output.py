@@ -54,7 +54,7 @@ def _write_all(jobs: pd.DataFrame, table: pd.DataFrame, pretty: pd.DataFrame, fo
         folder / f
         for f in ("comparison.md", "comparison.csv", "comparison.tex", "comparison.html", "jobs.csv", "jobs.parquet")
     ]
-    written[0].write_text(pretty.to_markdown(index=False) + f"\n\n{under_table(table)}\n")
+    written[0].write_text(pretty.to_markdown(index=False) + f"\n\n{under_table(table, pretty.columns)}\n")
     table.to_csv(written[1], index=False)
     written[2].write_text(pretty.to_latex(index=False, escape=True))
     written[3].write_text(pretty.to_html(index=False, na_rep=""))

@@ -195,7 +195,8 @@ def _cost(done: pd.DataFrame, path: Path) -> Path | None:
 
 
 def _task_metrics(done: pd.DataFrame, path: Path) -> Path | None:
-    """Choice scoring (AUC, accuracy) or preference (reward accuracy) before and after training, side by side per row."""
+    """Choice scoring (AUC, accuracy, the majority class's accuracy marked) or preference (reward accuracy) before and
+    after training, side by side per row."""
     metrics = [m for m in ("auc", "accuracy", "reward_accuracy")
                if f"val_{m}_after" in done and done[f"val_{m}_after"].notna().any()]  # fmt: skip
     if not metrics:
@@ -210,6 +211,9 @@ def _task_metrics(done: pd.DataFrame, path: Path) -> Path | None:
                label="after", yerr=_errors(done, after), capsize=3)  # fmt: skip
         if metric in ("auc", "reward_accuracy"):
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+        if metric == "accuracy" and "val_majority_accuracy_after" in done:  # always the most frequent answer
+            ax.hlines(done["val_majority_accuracy_after"], [i - 0.45 for i in x], [i + 0.45 for i in x], colors="black",
+                      linestyles="--", linewidth=1, label="majority class")  # fmt: skip
         ax.set_xticks(list(x), done["label"], rotation=30, ha="right", fontsize=8)
         name = {"auc": "AUC", "reward_accuracy": "reward accuracy"}.get(metric, metric)
         ax.set_ylabel(f"validation {name} (higher is better)")

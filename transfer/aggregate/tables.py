@@ -89,12 +89,31 @@ def default_group_keys(jobs: pd.DataFrame) -> list[str]:
 PROBES = "<probes>"
 DEFAULT_COLUMNS = [
     "seeds", "trainable_params", "total_params", "trainable_pct", "val_ppl_before", "val_ppl_after",
-    "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_log_loss_after",
-    "val_reward_accuracy_before", "val_reward_accuracy_after", "val_margin_after", "val_token_kl_after",
-    "test_ppl_before", "test_ppl_after", "test_auc_after", "ref_ppl_before", "ref_ppl_after", PROBES,
+    "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_majority_accuracy_after",
+    "val_max_predicted_share_after", "val_log_loss_after",
+    "val_reward_accuracy_before", "val_reward_accuracy_after", "val_loss_before", "val_loss_after", "val_margin_after",
+    "val_token_kl_after", "test_ppl_before", "test_ppl_after", "test_auc_after", "test_accuracy_after",
+    "test_majority_accuracy_after", "test_max_predicted_share_after", "test_reward_accuracy_after", "test_loss_before",
+    "test_loss_after", "ref_ppl_before", "ref_ppl_after", PROBES,
     "train_seconds", "warmup_seconds", "tokens_per_second", "steady_tokens_per_second", "contended", "peak_memory_mb",
     "estimated_peak_mb", "checkpoint_mb", "best_step", "status", "error",
 ]  # fmt: skip
+# Default columns shown only beside another: a preference objective's loss beside its reward accuracy (a language
+# model's or an sft run's loss is the log of the perplexity the table shows).
+ONLY_BESIDE = {f"{split}_loss_{when}": f"{split}_reward_accuracy_after"
+               for split in ("val", "test") for when in ("before", "after")}  # fmt: skip
+# What the task columns mean; said under a table that shows them.
+TASK_NOTE = (
+    "`majority_accuracy` is the accuracy of always giving the split's most frequent answer (the record keeps every "
+    "constant answer's, `constant_accuracy`); `max_predicted_share` is the largest share of the split's examples "
+    "the model gives one and the same answer (1: every one; the record's `predicted_share` says which). An accuracy "
+    "at the majority accuracy with a share near 1 is a model that learned the prior, not the task."
+)
+PREFERENCE_NOTE = (
+    "`reward_accuracy` counts the pairs whose chosen answer gets the higher reward, `loss` is the objective's own on "
+    "the same pairs (DPO's untrained loss is log 2 = 0.693): the accuracy can rise while the loss grows, when the "
+    "pairs still ordered wrong are ordered far more wrong."
+)
 # What ± means in every table that shows it; printed and written under them.
 CI_NOTE = (
     "± is the half-width of the 95 % confidence interval of the mean over seeds "
@@ -127,7 +146,9 @@ def for_people(table: pd.DataFrame, columns: list[str] | None = None) -> pd.Data
 def default_columns(table: pd.DataFrame) -> list[str]:
     """DEFAULT_COLUMNS with the probes' change columns in place, less those no row fills."""
     wanted = [c for name in DEFAULT_COLUMNS for c in (probe_columns(table) if name == PROBES else [name])]
-    return [c for c in dict.fromkeys(wanted) if c in ("seeds", "status") or (c in table and table[c].notna().any())]
+    filled = lambda c: c in table and table[c].notna().any()  # noqa: E731
+    return [c for c in dict.fromkeys(wanted)
+            if c in ("seeds", "status") or (filled(c) and filled(ONLY_BESIDE.get(c, c)))]  # fmt: skip
 
 
 def shown_columns(table: pd.DataFrame) -> list[str]:
@@ -151,7 +172,14 @@ def _cell(value, ci, col: str) -> str:
     return f"{fmt(value)} ± {formatter(col.replace('change_', ''))(ci)}"
 
 
-def under_table(table: pd.DataFrame) -> str:
-    """What the comparison table's ± means, and the notes of its reading (a duplicated job, a metric left out)."""
+def under_table(table: pd.DataFrame, shown=None) -> str:
+    """What the comparison table's ± means, what its task and preference columns mean where `shown` (its columns as
+    printed; by default the default ones) has them, and the notes of its reading (a duplicated job, a metric left out)."""
+    shown = list(shown) if shown is not None else default_columns(table)
+    meaning = [CI_NOTE]
+    if any(c.endswith(("_majority_accuracy_after", "_max_predicted_share_after")) for c in shown):
+        meaning.append(TASK_NOTE)
+    if any("_reward_accuracy_" in c for c in shown) and any(c in ONLY_BESIDE for c in shown):
+        meaning.append(PREFERENCE_NOTE)
     notes = table.attrs.get("notes") or []
-    return CI_NOTE + ("\n\n" + "\n".join(f"- {note}" for note in notes) if notes else "")
+    return " ".join(meaning) + ("\n\n" + "\n".join(f"- {note}" for note in notes) if notes else "")

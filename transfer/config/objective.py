@@ -17,6 +17,11 @@ from transfer.errors import TransferError
 # Which way each metric improves: picking the best weights, early stopping, sorting tables and plots.
 DIRECTION = {"loss": "min", "perplexity": "min", "accuracy": "max", "auc": "max", "log_loss": "min",
              "reward_accuracy": "max", "margin": "max"}  # fmt: skip
+# What a task's record holds beside its metrics and that has no better direction: what a constant answer scores
+# (each choice's, and the majority class's; the gold shares) and how the model's answers spread over the choices
+# (evaluation/choices.py). Kept out of eval.change and never selected: a model that answers one choice always is no
+# better or worse for it, it is seen by it.
+DESCRIPTIVE = ("constant_accuracy", "majority_accuracy", "predicted_share", "max_predicted_share")
 
 # instruction tuning's example formats (data/chat.py), and a preference objective's
 EXAMPLE_FORMATS = ("prompt_completion", "alpaca", "messages")

@@ -9,7 +9,7 @@ columns by themselves); another keeps its final result under its own name in the
 A new evaluator (lm-evaluation-harness, a benchmark) is its module, an entry in `EVALUATORS` and its
 settings in the config (what it reads from cfg; with none asked for, it gives {}).
 
-Which way each metric improves is config.objective.DIRECTION.
+Which way each metric improves is config.objective.DIRECTION; the descriptive numbers that have none, DESCRIPTIVE.
 """
 
 import logging
@@ -90,12 +90,15 @@ def others(results: dict) -> dict:
 
 
 def changes(baseline: dict, final: dict) -> tuple[dict, dict]:
-    """The record's eval.change_pct (of perplexity, where a split has one) and eval.change (of every metric)."""
+    """The record's eval.change_pct (of perplexity, where a split has one) and eval.change (of every metric but the
+    descriptive ones, config.objective.DESCRIPTIVE: a constant answer's accuracy, the spread of the answers)."""
+    from transfer.config.objective import DESCRIPTIVE
+
     pct = {name: 100.0 * (final[name]["perplexity"] - baseline[name]["perplexity"]) / baseline[name]["perplexity"]
            for name in final if "perplexity" in final[name]}  # fmt: skip
     change = {
         name: {k: final[name][k] - v for k, v in baseline[name].items() if isinstance(v, float)
-               and isinstance(final[name].get(k), float)}
+               and isinstance(final[name].get(k), float) and k not in DESCRIPTIVE}
         for name in final
     }  # fmt: skip
     return pct, change

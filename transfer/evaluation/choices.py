@@ -5,6 +5,11 @@ assistant's place and the log-probabilities of its tokens are summed. The choice
 highest sum is the prediction; the sums, normalised over the choices, are the probabilities.
 Accuracy, log-loss (the mean of -log p(gold)) and, for two choices, ROC-AUC with the first
 choice as the positive class. The same evaluator scores multiple-choice questions.
+
+Beside them, what a model that learned only the prior would score (config.objective.DESCRIPTIVE): each constant
+answer's accuracy (the share of examples whose gold answer is that choice), the majority class's, and the share of
+examples the model answers with each choice, with the largest of those shares. Accuracy at the majority accuracy
+with a largest share near 1 is a model that gives one answer to everything.
 """
 
 import torch
@@ -34,18 +39,34 @@ def choice_scores(model, seqs: Sequences, n_choices: int, batch_size: int, hardw
     return distributed.summed(sums, "cpu").view(-1, n_choices)
 
 
-def choice_metrics(scores: torch.Tensor, gold: torch.Tensor) -> dict:
-    """Accuracy, log-loss and (two choices) ROC-AUC from [examples, choices] log-likelihoods and gold indices."""
+def choice_metrics(scores: torch.Tensor, gold: torch.Tensor, names: list[str] | None = None) -> dict:
+    """Accuracy, log-loss and (two choices) ROC-AUC from [examples, choices] log-likelihoods and gold indices; and
+    what a constant answer scores and how the answers spread over the choices, by choice `names` (default "0", "1")."""
     probs = torch.softmax(scores.double(), dim=-1)
     picked = probs[torch.arange(len(gold)), gold]
+    predicted = scores.argmax(-1)
     result = {
-        "accuracy": float((scores.argmax(-1) == gold).double().mean()),
+        "accuracy": float((predicted == gold).double().mean()),
         "log_loss": float(-picked.clamp_min(1e-300).log().mean()),
         "choice_examples": len(gold),
     }
     if scores.shape[1] == 2:
         result["auc"] = roc_auc(probs[:, 0], gold == 0)
-    return result
+    return result | spread(predicted, gold, names or [str(k) for k in range(scores.shape[1])])
+
+
+def spread(predicted: torch.Tensor, gold: torch.Tensor, names: list[str]) -> dict:
+    """Per choice the accuracy of always answering it (its share of the gold answers) and its share of the
+    predictions; the majority class's accuracy and the largest share of predictions on one choice."""
+    n = max(len(gold), 1)
+    gold_share = torch.bincount(gold, minlength=len(names)).double() / n
+    predicted_share = torch.bincount(predicted, minlength=len(names)).double() / n
+    return {
+        "constant_accuracy": {name: float(v) for name, v in zip(names, gold_share, strict=True)},
+        "majority_accuracy": float(gold_share.max()),
+        "predicted_share": {name: float(v) for name, v in zip(names, predicted_share, strict=True)},
+        "max_predicted_share": float(predicted_share.max()),
+    }
 
 
 def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:

@@ -23,7 +23,8 @@ class TablesCallback(Callback):
         sweep = Path(config.hydra.sweep.dir)
         try:
             _, table, _ = aggregate([sweep])
-            print(for_people(table).to_markdown(index=False) + f"\n\n{under_table(table)}")
+            pretty = for_people(table)
+            print(pretty.to_markdown(index=False) + f"\n\n{under_table(table, pretty.columns)}")
             print(f"\ntables and plots in {sweep / 'tables'}")
         except TransferError as e:
             log.warning("no tables for %s: %s", sweep, e)
