@@ -151,3 +151,27 @@ def two_job_sweep(tmp_path_factory) -> Path:
     root = made_once(tmp_path_factory, "two_job_sweep", lambda root: run_ok(SWEEP, root))
     (sweep,) = root.glob("multirun/*/*")
     return sweep
+
+
+def cache_hub_model(cache: Path, name: str) -> None:
+    """The local Hugging Face cache's layout for one model's config.json (huggingface_hub's models--org--name)."""
+    folder = cache / f"models--{name.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (folder / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+
+
+def cache_every_hub_model(cache: Path) -> Path:
+    """A Hugging Face cache that holds every hub model the model group's options name: what start-up checks find
+    cached on a machine that ran them before (tests run offline)."""
+    from transfer.config.compose import compose_config, group_options
+
+    for option in group_options("model"):
+        try:
+            name = compose_config([f"model={option}"]).model.name_or_path
+        except Exception:  # an option that needs a name of its own (model=local)
+            continue
+        if name:
+            cache_hub_model(cache, name)
+    return cache

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cache_hub_model
 from omegaconf import OmegaConf
 
 from transfer.config import data, optimizer, schema
@@ -55,15 +56,6 @@ def test_every_group_has_options():
     assert group_options("optimizer") == ["adamw", "sgd"]
     assert {"rust_concepts", "text_files", "hub"} <= set(group_options("dataset"))
     assert "full" in group_options("strategy")
-
-
-def cache_hub_model(cache: Path, name: str) -> None:
-    """The local Hugging Face cache's layout for one model's config.json (huggingface_hub's models--org--name)."""
-    folder = cache / f"models--{name.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text("0" * 40)
-    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
-    (folder / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, run_ok
+from conftest import cache_every_hub_model, run_cli, run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 # four jobs of the tiny model, a few steps each, one thread each: two run side by side on two cores
@@ -293,12 +293,15 @@ def readme_launcher_commands() -> list[list[str]]:
     return [shlex.split(line.split("#", 1)[0])[3:] for line in lines if line.strip().startswith("python -m transfer")]
 
 
-def test_the_readme_launcher_commands_are_accepted(ray, submitit, monkeypatch):
+def test_the_readme_launcher_commands_are_accepted(ray, submitit, monkeypatch, tmp_path):
     """They need GPUs or a SLURM cluster to run; here each is checked as `python -m transfer` checks it first."""
     from transfer.config import preflight
     from transfer.config.compose import check_command_line
 
     monkeypatch.setattr(preflight, "cuda_available", lambda: True)  # as on the GPU machine they are written for
+    # whose hub models are there to load (here: in a cache of their config.json alone, offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache_every_hub_model(tmp_path / "hub")))
     commands = readme_launcher_commands()
     assert len(commands) >= 4
     for argv in commands:

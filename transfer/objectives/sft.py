@@ -112,7 +112,7 @@ class InstructionTuning(TokenObjective):
         if self.choices:
             seqs, gold = self._choice_sequences(split)
             scores = choice_scores(model, seqs, len(self.choices), batch_size, hardware, self.pad_id, f"{desc} choices")
-            result.update(choice_metrics(scores, gold, [str(c) for c in self.choices]))
+            result.update(choice_metrics(scores, gold, [str(c).strip() for c in self.choices]))  # as named, unspaced
         return result
 
     def _choice_sequences(self, split: Sequences) -> tuple[Sequences, torch.Tensor]:
