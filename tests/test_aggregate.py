@@ -606,6 +606,26 @@ def _sft_sweep(folder: Path) -> None:
         (folder / str(i) / "metrics.json").write_text(json.dumps(record))
 
 
+def test_a_task_measured_after_training_only_is_drawn_without_before_bars(tmp_path, monkeypatch):
+    from transfer.aggregate import plots
+
+    _sft_sweep(tmp_path / "sweep")
+    for record_file in (tmp_path / "sweep").glob("*/metrics.json"):
+        record = json.loads(record_file.read_text())
+        del record["eval"]["baseline"]["validation"]["accuracy"]
+        record_file.write_text(json.dumps(record))
+    figures = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.setdefault(path.stem, fig) and path)
+    jobs = read_jobs([tmp_path / "sweep"])
+    plots.write_plots(jobs, comparison(jobs), tmp_path / "tables")
+    (ax,) = figures["task_metrics"].axes
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "after" in legend and "before training" not in legend
+    assert [round(b.get_height(), 2) for b in ax.containers[0]] == [0.61, 0.58]
+    for fig in figures.values():
+        plots.plt.close(fig)
+
+
 def test_all_never_mixes_sweeps_that_measure_different_things(tmp_path, monkeypatch, capsys):
     root = tmp_path / "multirun"
     write_sweep(root / "lm")

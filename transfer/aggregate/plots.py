@@ -205,8 +205,9 @@ def _task_metrics(done: pd.DataFrame, path: Path) -> Path | None:
     x = range(len(done))
     for ax, metric in zip(axes[0], metrics, strict=True):
         before, after = f"val_{metric}_before", f"val_{metric}_after"
-        ax.bar([i - 0.2 for i in x], done[before].fillna(0), width=0.4, color="lightgrey", label="before training",
-               yerr=_errors(done, before), capsize=3)  # fmt: skip
+        if before in done and done[before].notna().any():  # a record may have none (measured after training only)
+            ax.bar([i - 0.2 for i in x], done[before].fillna(0), width=0.4, color="lightgrey", label="before training",
+                   yerr=_errors(done, before), capsize=3)  # fmt: skip
         ax.bar([i + 0.2 for i in x], done[after].fillna(0), width=0.4, color=[f"C{i % 10}" for i in x],
                label="after", yerr=_errors(done, after), capsize=3)  # fmt: skip
         if metric in ("auc", "reward_accuracy"):
