@@ -28,6 +28,13 @@ EXAMPLE_FORMATS = ("prompt_completion", "alpaca", "messages")
 PREFERENCE_FORMATS = ("pairs", "unpaired")
 
 
+def choice_metric_names(choices) -> tuple[str, ...]:
+    """What scoring a task's choices measures (evaluation/choices.py): AUC only where there are two."""
+    if not choices:
+        return ()
+    return ("accuracy", "log_loss", "auc") if len(choices) == 2 else ("accuracy", "log_loss")
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     family: str  # "lm" (blocks of text), "sft" (examples with answers) or "preference" (chosen and rejected)
@@ -49,8 +56,8 @@ class ObjectiveSpec:
         if self.preference:
             return ["loss"] if dataset.format.value == "unpaired" else ["loss", "reward_accuracy", "margin"]
         allowed = ["loss", "perplexity"]
-        if self.family == "sft" and dataset.choices:
-            allowed += ["accuracy", "log_loss"] + (["auc"] if len(dataset.choices) == 2 else [])
+        if self.family == "sft":
+            allowed += choice_metric_names(dataset.choices)
         return allowed
 
     def fields(self, dataset: DictConfig, unpaired: bool | None = None) -> list[tuple[str, ...]]:

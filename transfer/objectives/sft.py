@@ -9,7 +9,7 @@ from collections import Counter
 
 import torch
 
-from transfer.config.objective import spec
+from transfer.config.objective import choice_metric_names, spec
 from transfer.data.chat import (
     Example,
     answer_tokens,
@@ -26,12 +26,6 @@ from transfer.errors import TransferError
 from transfer.evaluation.choices import choice_metrics, choice_scores
 from transfer.evaluation.perplexity import perplexity
 from transfer.objectives.base import TokenObjective
-
-
-def choice_metric_names(choices) -> tuple[str, ...]:
-    if not choices:
-        return ()
-    return ("accuracy", "log_loss", "auc") if len(choices) == 2 else ("accuracy", "log_loss")
 
 
 class InstructionTuning(TokenObjective):
