@@ -146,7 +146,10 @@ def load(run_dir: Path, which: str | None = None, base: bool = False) -> Talker:
         model = model.unload()  # the base itself, not an adapter at its initial values
     model.to(hardware.device)
     template = getattr(build_objective(cfg, tokenizer), "template", "none")  # lm frames nothing
-    return Talker(model, tokenizer, template, hardware, _describe(record, weights))
+    described = _describe(record, weights)
+    if base:  # export's wording of step 0 says "nothing to load", which reads oddly here
+        described = f"{described.split(', strategy ')[0]}, untrained: the model the run started from (--base)"
+    return Talker(model, tokenizer, template, hardware, described)
 
 
 # ---------------------------------------------------------------- the batch form
