@@ -2,6 +2,7 @@
 during a long evaluation, a busy machine, Ctrl-C during a sweep job's evaluation."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -9,6 +10,27 @@ import sys
 import time
 
 import pytest
+
+
+def test_a_busy_machine_is_warned_of_once_before_training(monkeypatch, caplog):
+    from transfer.training import hardware
+
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(hardware, "_warned_busy", False)
+    log = logging.getLogger("transfer.test")
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 0.4, 0.0, 0.0))  # the run's own start-up: not busy
+    hardware.warn_if_busy(log)
+    assert caplog.messages == []
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 2.0, 0.0, 0.0))
+    hardware.warn_if_busy(log)
+    hardware.warn_if_busy(log)  # a sweep's next job in the same process
+    assert caplog.messages == [
+        f"the machine is busy: a load average of {cpus + 2.0:.1f} over the last minute on the {cpus} "
+        f"CPU{'' if cpus == 1 else 's'} this run may use; every speed figure of this run (tokens/s, seconds, time "
+        "left) will be slower than on an idle machine"
+    ]
+    # the record's verdict after the fact is the same
+    assert hardware.MachineLoad().summary()["contended"] is True
 
 
 @pytest.mark.slow

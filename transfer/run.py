@@ -35,7 +35,7 @@ from transfer.record import TRAINED
 from transfer.strategies import apply_strategy, check_before_loading, loading_options
 from transfer.train import train
 from transfer.training import distributed, speed
-from transfer.training.hardware import resolve
+from transfer.training.hardware import resolve, warn_if_busy
 from transfer.training.loggers import open_loggers, scalars_of
 from transfer.training.oom import MemoryPlan
 from transfer.training.restore import check_same_config, find_resume_point, load_parent
@@ -101,6 +101,7 @@ def _set_up(cfg, record: RunRecord, context: JobContext, sweep: Path | None):
     record["optimizer"] = {"name": cfg.optimizer.name, "lr": lr, "lr_from": lr_from}  # the rate the run starts at
     record["cache"] = context.use_cache(_cache_folder(cfg, sweep))  # hits and misses, filled as the job goes
     hardware = resolve(cfg.hardware)
+    warn_if_busy(log)
     hardware.reset_peak_memory()
     record["hardware"] = {"device": str(hardware.device), "precision": hardware.precision,
                           "name": _device_name(hardware.device), "processes": distributed.world_size()}  # fmt: skip
