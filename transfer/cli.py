@@ -26,7 +26,7 @@ from transfer.config import schema
 from transfer.config.compose import CONF_DIR, Plan, check_command_line
 from transfer.config.folders import AlreadyDone
 from transfer.errors import Interrupted, TransferError, reason
-from transfer.fmt import duration, quiet_known_notices
+from transfer.fmt import duration, quiet_known_notices, where
 from transfer.record import write_atomically
 from transfer.sweep import launchers
 from transfer.sweep.lock import lock_folder, unlock_all, unlock_folder
@@ -136,11 +136,12 @@ def job(cfg: DictConfig) -> None:
             )
         except TransferError as e:
             log.error("error: %s", e)
+            log.info("its record is in %s", where(out_dir))
             failed = True
         except KeyboardInterrupt:
             raise  # the record says `interrupted`; main() says how to resume
         except Exception:
-            log.exception("run failed; its record is in %s", out_dir)
+            log.exception("run failed; its record is in %s", where(out_dir))
             failed = True
         finally:
             if locked_here:
