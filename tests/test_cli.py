@@ -228,3 +228,43 @@ def test_a_sweep_over_a_hub_model_offline_is_refused_once_before_any_job(tmp_pat
         "hub is reachable: hf download Qwen/Qwen2-0.5B), or model=tiny\n"
     )
     assert not (tmp_path / "sweep").exists()  # no job folder, no failed record
+
+
+def test_help_lists_the_projects_groups_options_and_settings_without_importing_torch():
+    """`python -m transfer --help`: the conf folders' groups and options, config.yaml's defaults and settings; Hydra's
+    help composed the whole config first and listed its internal schema/ groups."""
+    import subprocess
+    import sys
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from transfer.config.compose import CONF_DIR
+
+    show = "import runpy, sys; sys.argv[1:] = ['--help']; runpy.run_module('transfer', run_name='__main__'); "
+    show += "print(sorted({'torch', 'hydra', 'omegaconf'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    *text, imported = proc.stdout.strip().splitlines()
+    assert imported == "[]"  # neither torch nor Hydra
+    sections = "\n".join(text).split("\n\n")
+    (groups,) = [s for s in sections if s.startswith("groups")]
+    listed = {line.split()[0]: line.split(None, 1)[1].split(", ") for line in groups.splitlines()[1:]
+              if not line.startswith(" " * 4)}  # fmt: skip
+    folders = {p.parent.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*/*.yaml")}
+    assert set(listed) == folders and "schema/strategy" not in listed
+    for group, options in listed.items():
+        assert [o.rstrip("*") for o in options] == sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    default = compose_config([])
+    chosen = {g: [o.rstrip("*") for o in options if o.endswith("*")] for g, options in listed.items()}
+    assert chosen["model"] == [default.model.name] and chosen["strategy"] == [default.strategy.name]
+    assert chosen["eval/probes"] == list(default.eval.probes) and chosen["experiment"] == []
+    (settings,) = [s for s in sections if s.startswith("settings")]
+    shown = dict(line.split()[0].split("=", 1) for line in settings.splitlines()[1:])
+    assert {"max_steps", "eval.weights", "checkpoint.keep", "logging.loggers"} <= set(shown)
+    assert not any(key.startswith(("hydra", "search", "defaults")) for key in shown)
+    for key, value in shown.items():  # each default as the composed config has it
+        if key != "GROUP.KEY":
+            actual = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(default, key)}), enum_to_str=True)
+            assert yaml.safe_load(value) == actual["v"], key
+
