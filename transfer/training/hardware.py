@@ -71,7 +71,7 @@ def warn_if_busy(log) -> None:
     (tokens/s, seconds, the time left), which the record says only after the fact (MachineLoad)."""
     global _warned_busy
     load, cpus = load_average(), available_cpus()
-    if _warned_busy or not contended(load, cpus):
+    if _warned_busy or not contended(load, cpus) or not distributed.is_main():  # torchrun: one process says it
         return
     _warned_busy = True
     log.warning(
