@@ -103,7 +103,8 @@ def _set_up(cfg, record: RunRecord, context: JobContext, sweep: Path | None):
     record["optimizer"] = {"name": cfg.optimizer.name, "lr": lr, "lr_from": lr_from}  # the rate the run starts at
     record["cache"] = context.use_cache(_cache_folder(cfg, sweep))  # hits and misses, filled as the job goes
     hardware = resolve(cfg.hardware)
-    warn_if_busy(log)
+    if not cfg.dry_run:  # which measures no speed
+        warn_if_busy(log)
     hardware.reset_peak_memory()
     record["hardware"] = {"device": str(hardware.device), "precision": hardware.precision,
                           "name": _device_name(hardware.device), "processes": distributed.world_size()}  # fmt: skip
