@@ -228,3 +228,106 @@ def test_a_sweep_over_a_hub_model_offline_is_refused_once_before_any_job(tmp_pat
         "hub is reachable: hf download Qwen/Qwen2-0.5B), or model=tiny\n"
     )
     assert not (tmp_path / "sweep").exists()  # no job folder, no failed record
+
+
+def test_help_lists_the_projects_groups_options_and_settings_without_importing_torch():
+    """`python -m transfer --help`: the conf folders' groups and options, config.yaml's defaults and settings; Hydra's
+    help composed the whole config first and listed its internal schema/ groups."""
+    import subprocess
+    import sys
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from transfer.config.compose import CONF_DIR
+
+    show = "import runpy, sys; sys.argv[1:] = ['--help']; runpy.run_module('transfer', run_name='__main__'); "
+    show += "print(sorted({'torch', 'hydra', 'omegaconf'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    *text, imported = proc.stdout.strip().splitlines()
+    assert imported == "[]"  # neither torch nor Hydra
+    sections = "\n".join(text).split("\n\n")
+    (groups,) = [s for s in sections if s.startswith("groups")]
+    listed = {line.split()[0]: line.split(None, 1)[1].split(", ") for line in groups.splitlines()[1:]
+              if not line.startswith(" " * 4)}  # fmt: skip
+    folders = {p.parent.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*/*.yaml")}
+    assert set(listed) == folders and "schema/strategy" not in listed
+    for group, options in listed.items():
+        assert [o.rstrip("*") for o in options] == sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    default = compose_config([])
+    chosen = {g: [o.rstrip("*") for o in options if o.endswith("*")] for g, options in listed.items()}
+    assert chosen["model"] == [default.model.name] and chosen["strategy"] == [default.strategy.name]
+    assert chosen["eval/probes"] == list(default.eval.probes) and chosen["experiment"] == []
+    (settings,) = [s for s in sections if s.startswith("settings")]
+    shown = dict(line.split()[0].split("=", 1) for line in settings.splitlines()[1:])
+    assert {"max_steps", "eval.weights", "checkpoint.keep", "logging.loggers"} <= set(shown)
+    assert not any(key.startswith(("hydra", "search", "defaults")) for key in shown)
+    for key, value in shown.items():  # each default as the composed config has it
+        if key != "GROUP.KEY":
+            actual = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(default, key)}), enum_to_str=True)
+            assert yaml.safe_load(value) == actual["v"], key
+
+
+OWN_PRESET = """\
+# @package _global_
+defaults:
+  - override /strategy: lora
+max_steps: 20
+strategy:
+  {key}: 4
+"""
+
+
+@pytest.mark.parametrize(
+    "key,args,message",
+    [
+        ("rank", ["+experiment=mine"], "error: own/experiment/mine.yaml: unknown key 'strategy.rank'; allowed keys "
+         "there: name, lr, r, alpha, dropout, target_modules, use_rslora, modules_to_save"),
+        ("r: abc\n  alpha", ["+experiment=mine"],
+         "error: own/experiment/mine.yaml: strategy.r: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("r", ["+experiment=mien"], "error: unknown experiment 'mien'; allowed: mine, replay_sweep, smoke, "
+         "strategy_comparison"),
+        ("r", ["--config-name", "top"], "error: own/top.yaml: unknown key 'eval.bogus'; allowed keys there: probes, "
+         "max_tokens, max_new_tokens, weights, cka, cka_blocks"),
+        ("r", ["-m", "+experiment=mine", "seed=1,2", "max_steps=-1"],
+         "error: max_steps=-1 must be at least 1 (or null to train by epochs)"),
+    ],
+)  # fmt: skip
+def test_a_bad_key_in_your_own_config_files_is_one_line_naming_the_file(tmp_path, monkeypatch, key, args, message):
+    """--config-dir and --config-name: Hydra reported a bad key there in several lines, without the file's path."""
+    from transfer.cli import _check
+
+    (tmp_path / "own" / "experiment").mkdir(parents=True)
+    (tmp_path / "own" / "experiment" / "mine.yaml").write_text(OWN_PRESET.format(key=key))
+    (tmp_path / "own" / "top.yaml").write_text("defaults:\n  - config\n  - _self_\neval:\n  bogus: 1\n")
+    monkeypatch.chdir(tmp_path)
+    assert _check(["--config-dir", "own", *args]) == (2, message)
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_the_own_configs_page_works_as_written(tmp_path, monkeypatch):
+    """docs/own-configs.md: its files, written where it says, compose; its example error is what the check says."""
+    import re
+
+    from transfer.cli import check_own_configs
+    from transfer.errors import TransferError
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "own-configs.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    for block in re.findall(r"```yaml\n(.*?)```", page, re.S):
+        path = tmp_path / re.search(r"^# (\S+\.yaml)", block, re.M)[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(block)
+    commands = re.findall(r"^python -m transfer (--config-dir .*?)(?:\s+#.*)?$", page, re.M)
+    assert len(commands) == 5
+    for command in commands:
+        check_own_configs(command.split())
+    preset = tmp_path / "my_configs" / "experiment" / "lora_quick.yaml"
+    preset.write_text(preset.read_text().replace("  r: 4", "  rank: 4"))
+    with pytest.raises(TransferError) as e:
+        check_own_configs(["--config-dir", "my_configs", "+experiment=lora_quick"])
+    assert f"error: {e.value}" in page
+    with pytest.raises(TransferError) as e:
+        check_own_configs(["--config-dir", "my_configs", "+experiment=lora_quik"])
+    assert f"error: {e.value}" in page

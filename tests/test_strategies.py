@@ -406,7 +406,8 @@ def test_sweep_of_every_cpu_strategy_on_tiny(tmp_path):
     # the project's own lines: no warning or error of its own on a sweep of defaults (what libraries log is theirs,
     # and changes with their versions), and each job's summary with the counts derived by hand
     own = [line for line in output.splitlines() if line.startswith("[") and "][transfer" in line.split(" - ")[0]]
-    assert [line for line in own if "][WARNING]" in line or "][ERROR]" in line] == []
+    busy = "the machine is busy"  # of the machine, not of the sweep: a loaded runner says so (hardware.warn_if_busy)
+    assert [line for line in own if ("][WARNING]" in line or "][ERROR]" in line) and busy not in line] == []
     assert "\r" not in output  # no progress bars in a log: plain lines
     tiny = compose_config([]).model.tiny
     counts = qwen2_counts(tiny.hidden_size, tiny.num_layers, tiny.hidden_size // tiny.num_heads * tiny.num_kv_heads,

@@ -2,7 +2,10 @@
 that would hide them."""
 
 import logging
+import math
+import time
 import warnings
+from pathlib import Path
 
 
 def duration(seconds: float) -> str:
@@ -14,9 +17,48 @@ def duration(seconds: float) -> str:
     return f"{hours} h {m} min" if hours else f"{m} min {s} s" if m else f"{s} s"
 
 
+def number(value: float) -> str:
+    """'2.276', '124,712', '3.755e-5': four significant digits, big numbers whole with thousands separators, tiny ones
+    with a short exponent; for people only (records keep the value as it is)."""
+    if not math.isfinite(value) or value == 0:
+        return f"{value:g}"
+    if 1e4 <= abs(value) < 1e15:  # where 4 significant digits would turn to an exponent that few read at a glance
+        return f"{value:,.0f}"
+    mantissa, _, exponent = f"{value:.4g}".partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else mantissa
+
+
+PROGRESS_EVERY_S = 30.0  # a log line this often in a long loop without a progress bar (progress_lines)
+
+
+def progress_lines(items, total: int, doing: str, unit: str, log: logging.Logger, every_s: float | None = None,
+                   clock=time.monotonic):  # fmt: skip
+    """`items`, with a log line every `every_s` seconds (PROGRESS_EVERY_S) while they are consumed: how many of
+    `total` are done and the time left at the pace so far. For a log file or a console without progress bars, where a
+    long loop would say nothing for minutes."""
+    every_s = PROGRESS_EVERY_S if every_s is None else every_s
+    start = last = clock()
+    for done, item in enumerate(items):
+        now = clock() if done else start
+        if now - last >= every_s and done:
+            last = now
+            left = (now - start) / done * (total - done)
+            log.info("%s: %d of %d %s, about %s left", doing, done, total, unit, duration(left))
+        yield item
+
+
 def describe_metrics(result: dict) -> str:
     """'loss 2.31, perplexity 10.1, auc 0.612': the metrics of an evaluation, for a log line."""
-    return ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
+    return ", ".join(f"{k} {number(v)}" for k, v in result.items() if isinstance(v, float))
+
+
+def where(folder) -> str:
+    """A folder as a user finds it: relative to the working directory when it lies below it, else absolute."""
+    folder = Path(folder).absolute()
+    try:
+        return str(folder.relative_to(Path.cwd()))
+    except ValueError:
+        return str(folder)
 
 
 def quiet_known_notices() -> None:

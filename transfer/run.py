@@ -26,7 +26,7 @@ from transfer.config import checks, folders
 from transfer.config.optimizer import learning_rate
 from transfer.data import probes
 from transfer.errors import TransferError
-from transfer.fmt import describe_metrics
+from transfer.fmt import describe_metrics, duration, number, where
 from transfer.job import JobContext, RunRecord
 from transfer.models.anatomy import parameter_report
 from transfer.models.load import context_length, load_model_and_tokenizer
@@ -35,7 +35,7 @@ from transfer.record import TRAINED
 from transfer.strategies import apply_strategy, check_before_loading, loading_options
 from transfer.train import train
 from transfer.training import distributed, speed
-from transfer.training.hardware import resolve
+from transfer.training.hardware import resolve, warn_if_busy
 from transfer.training.loggers import open_loggers, scalars_of
 from transfer.training.oom import MemoryPlan
 from transfer.training.restore import check_same_config, find_resume_point, load_parent
@@ -61,11 +61,13 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     if resume_from is not None:
         check_same_config(resume_from, cfg)
     with RunRecord(out_dir, cfg, choices, overrides) as record:
+        log.info("output folder: %s (metrics.json, transfer.log)", where(out_dir))
         checks.check_config(cfg)
         hardware = _set_up(cfg, record, context, sweep)
         model, tokenizer, placed = _load_and_adapt(cfg, hardware, record, choices)
         if cfg.dry_run:
             record["status"] = "dry_run"
+            log.info("dry run: its record is in %s", where(out_dir))
             return record.data
         subject = _data(cfg, model, tokenizer, placed, hardware, record)
         # a resumed run's curves go on from its checkpoint's step (what the killed run logged after it is hidden)
@@ -101,6 +103,8 @@ def _set_up(cfg, record: RunRecord, context: JobContext, sweep: Path | None):
     record["optimizer"] = {"name": cfg.optimizer.name, "lr": lr, "lr_from": lr_from}  # the rate the run starts at
     record["cache"] = context.use_cache(_cache_folder(cfg, sweep))  # hits and misses, filled as the job goes
     hardware = resolve(cfg.hardware)
+    if not cfg.dry_run:  # which measures no speed
+        warn_if_busy(log)
     hardware.reset_peak_memory()
     record["hardware"] = {"device": str(hardware.device), "precision": hardware.precision,
                           "name": _device_name(hardware.device), "processes": distributed.world_size()}  # fmt: skip
@@ -218,12 +222,13 @@ def _final(subject: evaluation.Subject, before: dict, record: RunRecord, logger,
 def _log_outcome(record: RunRecord) -> None:
     baseline, final = record["eval"]["baseline"], record["eval"]["final"]
     log.info(
-        "validation %s -> %s%s in %.3g s of training",
+        "validation %s -> %s%s in %s of training",
         describe_metrics(baseline["validation"]), describe_metrics(final["validation"]),
-        "".join(f"; {name} perplexity {baseline[name]['perplexity']:.4g} -> {final[name]['perplexity']:.4g}"
+        "".join(f"; {name} perplexity {number(baseline[name]['perplexity'])} -> {number(final[name]['perplexity'])}"
                 for name in record["eval"]["probes"]),
-        record["train"]["seconds"],
+        duration(record["train"]["seconds"]),
     )  # fmt: skip
+    log.info("%s: its record, log and curves are in %s", record["status"], where(record.out_dir))
 
 
 def data_warnings(objective, splits, cfg) -> list[str]:

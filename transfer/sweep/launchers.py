@@ -67,7 +67,8 @@ def requeue_when_preempted():
 
     The training loop then stops at the end of a step with a checkpoint (elsewhere the run stops at
     once), the record says `interrupted`, and only then does submitit's own handler requeue the job
-    and exit; called again in the same folder, the job continues from that checkpoint.
+    and exit; called again in the same folder, the job continues from that checkpoint. SIGTERM itself (a
+    stopped sweep's cancel_jobs, a cluster's) stops the job as it does a run outside submitit, which ignores it.
     """
     if "SUBMITIT_EXECUTOR" not in os.environ or threading.current_thread() is not threading.main_thread():
         yield
@@ -76,17 +77,23 @@ def requeue_when_preempted():
 
     warning = getattr(signal, "SIG" + JobEnvironment.USR_SIG)
     requeue = signal.getsignal(warning)  # submitit's: saves the call for the next attempt, requeues, exits
-    outside_training = signal.getsignal(signal.SIGTERM)
+    bypass = signal.getsignal(signal.SIGTERM)  # submitit's: logs the signal and ignores it
     warned = []
+
+    def terminate(signum, frame):
+        raise Interrupted("SIGTERM")
 
     def stop(signum, frame):
         warned.append(frame)
         handler = signal.getsignal(signal.SIGTERM)
-        if handler is not outside_training and callable(handler):
+        if handler is not terminate and callable(handler):
             handler(signal.SIGTERM, frame)  # the training loop's: it stops after this step
         else:
             raise Interrupted("SIGTERM")
 
+    # A stopped sweep (Ctrl-C, cancel_jobs) sends its local jobs SIGTERM: submitit's handler ignored it outside
+    # training (loading, the baseline evaluation), and the job ran on until the cancel after cancel_jobs' grace.
+    signal.signal(signal.SIGTERM, terminate)
     signal.signal(warning, stop)
     try:
         yield
@@ -96,6 +103,7 @@ def requeue_when_preempted():
         raise
     finally:
         signal.signal(warning, requeue)
+        signal.signal(signal.SIGTERM, bypass)
 
 
 def exit_status(plan: Plan) -> int:

@@ -30,12 +30,13 @@ class MachineLoad:
         self.sample()
 
     def sample(self) -> None:
-        if hasattr(os, "getloadavg"):
-            self.loads.append(os.getloadavg()[0])
+        load = load_average()
+        if load is not None:
+            self.loads.append(load)
 
     def summary(self) -> dict:
         self.sample()
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cpus = available_cpus()
         load = max(self.loads) if self.loads else None
         return {
             "cpu_seconds": time.process_time() - self.cpu,
@@ -43,8 +44,41 @@ class MachineLoad:
             "cpus": cpus,
             "torch_threads": torch.get_num_threads(),
             "load_average_max": load,
-            "contended": load is not None and load > cpus + 0.5,
+            "contended": contended(load, cpus),
         }
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable tasks); None where the system gives none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def contended(load: float | None, cpus: int) -> bool:
+    """More runnable tasks than CPUs, by more than this run's own start-up or a passing blip."""
+    return load is not None and load > cpus + 0.5
+
+
+_warned_busy = False
+
+
+def warn_if_busy(log) -> None:
+    """Once a process, before training: a machine busier than its CPUs makes every speed figure of the run slow
+    (tokens/s, seconds, the time left), which the record says only after the fact (MachineLoad)."""
+    global _warned_busy
+    load, cpus = load_average(), available_cpus()
+    if _warned_busy or not contended(load, cpus) or not distributed.is_main():  # torchrun: one process says it
+        return
+    _warned_busy = True
+    log.warning(
+        "the machine is busy: a load average of %.1f over the last minute on the %d CPU%s this run may use; every "
+        "speed figure of this run (tokens/s, seconds, time left) will be slower than on an idle machine",
+        load, cpus, "" if cpus == 1 else "s",
+    )  # fmt: skip
 
 
 @dataclass
