@@ -4,7 +4,7 @@ PYTHON ?= python
 SHARED := $(abspath $(wildcard ../shared))
 export TRANSFER_SHARED ?= $(SHARED)
 
-.PHONY: help install lock run sweep smoke tables bench bench-tables test lint format tensorboard clean
+.PHONY: help install lock run sweep smoke tables bench bench-tables test docs lint format tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,7 +55,16 @@ TEST_WORKERS ?= 2
 test:  ## run the test suite (TEST_WORKERS=N workers, 2 by default)
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
-lint:  ## ruff (lint and formatting), and the import layers of README "Layout" (import-linter)
+# Offline: the theme's fonts are off in mkdocs.yml (Material would fetch them from Google), and a page that loads a
+# stylesheet, script or font from elsewhere fails the target. --strict makes a broken link, anchor or image an error.
+# NO_MKDOCS_2_WARNING: Material's banner about its successor, printed on every build, is not this project's news.
+docs:  ## build the documentation site (docs/, mkdocs.yml) offline into site/; a broken link fails
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
+	@if grep -rlE '<(link|script|img)[^>]+(href|src)="(https?:)?//' site --include='*.html'; then \
+		echo "error: the pages above load something from the network; the site must read offline"; exit 1; fi
+	@echo "site/index.html: the documentation site"
+
+lint:  ## ruff (lint and formatting), and the import layers of docs/layout.md (import-linter)
 	$(PYTHON) -m ruff check transfer tests benchmarks hydra_plugins
 	$(PYTHON) -m ruff format --check transfer tests benchmarks hydra_plugins
 	lint-imports

@@ -1,7 +1,7 @@
 """The install: constraints.txt pins what `.[dev]` brings, and the environment the tests run in is the pinned one.
 
 A fresh clone must pass its own tests whatever the registry serves that day, so `make install` and CI install at
-the versions of constraints.txt, and `make lock` alone moves them (README: Set up and run).
+the versions of constraints.txt, and `make lock` alone moves them (docs/index.md: Set up and run).
 """
 
 import importlib.metadata

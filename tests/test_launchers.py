@@ -7,7 +7,6 @@ runs the same jobs one after another in the launching process. The plugins are e
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cache_every_hub_model, run_cli, run_ok
+from docs_pages import section, transfer_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 # four jobs of the tiny model, a few steps each, one thread each: two run side by side on two cores
@@ -284,16 +284,7 @@ def test_ray_asking_for_a_gpu_on_a_machine_without_one_is_refused(ray, monkeypat
     check_command_line(["-m", *RAY, "hydra.launcher.ray.remote.num_gpus=0.5", "hydra.launcher.ray.init.num_gpus=1"])
 
 
-def readme_launcher_commands() -> list[list[str]]:
-    """Every `python -m transfer` command of the README's launcher section, as arguments."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### Parallel and cluster sweeps", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
-    blocks = [b.split("```", 1)[0] for b in section.split("```bash\n")[1:]]
-    lines = " ".join(blocks).replace("\\\n", " ").splitlines()
-    return [shlex.split(line.split("#", 1)[0])[3:] for line in lines if line.strip().startswith("python -m transfer")]
-
-
-def test_the_readme_launcher_commands_are_accepted(ray, submitit, monkeypatch, tmp_path):
+def test_the_documented_launcher_commands_are_accepted(ray, submitit, monkeypatch, tmp_path):
     """They need GPUs or a SLURM cluster to run; here each is checked as `python -m transfer` checks it first."""
     from transfer.config import preflight
     from transfer.config.compose import check_command_line
@@ -302,8 +293,8 @@ def test_the_readme_launcher_commands_are_accepted(ray, submitit, monkeypatch, t
     # whose hub models are there to load (here: in a cache of their config.json alone, offline)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache_every_hub_model(tmp_path / "hub")))
-    commands = readme_launcher_commands()
-    assert len(commands) >= 4
+    commands = transfer_arguments(section("docs/scaling.md", "Parallel and cluster sweeps"))
+    assert len(commands) == 5
     for argv in commands:
         plan = check_command_line(argv)
         assert plan is not None and plan.multirun, argv

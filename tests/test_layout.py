@@ -1,4 +1,4 @@
-"""The house's rules, as README "Layout" states them: the import layers (import-linter's contracts in
+"""The house's rules, as docs/layout.md states them: the import layers (import-linter's contracts in
 pyproject.toml, which `make lint` runs too), and the sizes that keep a module one job and a function one read."""
 
 import ast
@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "transfer"
-# "about 400 lines a module, about 80 a function" (README: Layout); the margin is the "about"
+# "about 400 lines a module, about 80 a function" (docs/layout.md); the margin is the "about"
 MODULE_LINES, FUNCTION_LINES = 430, 90
 
 

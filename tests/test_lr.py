@@ -121,7 +121,7 @@ def test_a_model_other_than_tiny_without_optimizer_lr_gets_a_warning():
     assert not [w for w in data_warnings(objective, splits, cfg) if "optimizer.lr" in w]  # tiny: its rates
     other = compose_config(["strategy=lora", "block_size=64", "model.name_or_path=/models/big"])
     assert [w for w in data_warnings(objective, splits, other) if "optimizer.lr" in w] == [
-        f"optimizer.lr is unset: strategy.lr={own_rate('lora')} was chosen on the tiny model (README: Strategies); "
+        f"optimizer.lr is unset: strategy.lr={own_rate('lora')} was chosen on the tiny model (docs/strategies.md); "
         "set optimizer.lr for /models/big"
     ]
     given = compose_config(["strategy=lora", "block_size=64", "model.name_or_path=/models/big", "optimizer.lr=1e-4"])

@@ -237,7 +237,7 @@ def data_warnings(objective, splits, cfg) -> list[str]:
     lr, lr_from = learning_rate(cfg)
     if lr_from == "strategy" and cfg.model.name_or_path is not None:  # rates shrink as models widen
         warnings.append(
-            f"optimizer.lr is unset: strategy.lr={lr} was chosen on the tiny model (README: Strategies); "
+            f"optimizer.lr is unset: strategy.lr={lr} was chosen on the tiny model (docs/strategies.md); "
             f"set optimizer.lr for {cfg.model.name_or_path}"
         )
     per_step, units = cfg.micro_batch_size * cfg.grad_accum_steps, objective.units(splits["train"])

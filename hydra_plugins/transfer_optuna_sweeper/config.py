@@ -1,4 +1,4 @@
-"""The sweeper's settings, registered as `hydra/sweeper=optuna` (README: "Hyper-parameter search (Optuna)")."""
+"""The sweeper's settings, registered as `hydra/sweeper=optuna` (docs/scaling.md: "Hyper-parameter search (Optuna)")."""
 
 from dataclasses import dataclass, field
 from typing import Any
