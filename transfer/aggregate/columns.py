@@ -1,7 +1,8 @@
 """What a column of the tables is called, which way it sorts, and how its numbers are written.
 
 Every evaluation metric of every split gets a column `<split>_<metric>_<before|after>` (val_ppl_after,
-test_auc_before) and each split its change `<split>_change_pct`; forgetting probes are the `ref_` splits.
+test_auc_before) and each split its change `<split>_change_pct`; forgetting probes are the `ref_` splits, standard
+benchmarks the `bench_` ones.
 The direction of a metric is the objective table's (transfer.config.objective.DIRECTION).
 """
 
@@ -43,6 +44,14 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
 def probe_columns(frame: pd.DataFrame) -> list[str]:
     """The forgetting probes' change columns: `ref_change_pct` (one reference corpus) or `ref_<probe>_change_pct`."""
     return [c for c in frame.columns if c.startswith("ref_") and c.endswith("_change_pct")]
+
+
+def benchmark_columns(frame: pd.DataFrame) -> list[str]:
+    """The benchmarks' accuracy before and after and its paired change in points (evaluation/benchmarks.py):
+    `bench_<name>_acc_before`, `..._acc_after`, `..._acc_change_points_after`, each benchmark's together."""
+    ends = ("_acc_before", "_acc_after", "_acc_change_points_after")
+    found = [c for c in frame.columns if c.startswith("bench_") and c.endswith(ends)]
+    return sorted(found, key=lambda c: next((c.removesuffix(e), i) for i, e in enumerate(ends) if c.endswith(e)))
 
 
 def probe_name(change_column: str) -> str:

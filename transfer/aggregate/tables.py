@@ -11,6 +11,7 @@ import math
 import pandas as pd
 
 from transfer.aggregate.columns import (
+    benchmark_columns,
     default_sort,
     formatter,
     key_text,
@@ -85,8 +86,9 @@ def default_group_keys(jobs: pd.DataFrame) -> list[str]:
 
 
 # The comparison table's columns after the grouping keys, when none are asked for; PROBES stands for
-# every forgetting probe's change column (ref_change_pct, or ref_<probe>_change_pct each).
-PROBES = "<probes>"
+# every forgetting probe's change column (ref_change_pct, or ref_<probe>_change_pct each), BENCHMARKS for every
+# benchmark's accuracy before and after and its change in points (bench_<name>_acc_...).
+PROBES, BENCHMARKS = "<probes>", "<benchmarks>"
 DEFAULT_COLUMNS = [
     "seeds", "trainable_params", "total_params", "trainable_pct", "val_ppl_before", "val_ppl_after",
     "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_majority_accuracy_after",
@@ -94,7 +96,7 @@ DEFAULT_COLUMNS = [
     "val_reward_accuracy_before", "val_reward_accuracy_after", "val_loss_before", "val_loss_after", "val_margin_after",
     "val_token_kl_after", "test_ppl_before", "test_ppl_after", "test_auc_after", "test_accuracy_after",
     "test_majority_accuracy_after", "test_max_predicted_share_after", "test_reward_accuracy_after", "test_loss_before",
-    "test_loss_after", "ref_ppl_before", "ref_ppl_after", PROBES,
+    "test_loss_after", "ref_ppl_before", "ref_ppl_after", PROBES, BENCHMARKS,
     "train_seconds", "warmup_seconds", "tokens_per_second", "steady_tokens_per_second", "contended", "peak_memory_mb",
     "estimated_peak_mb", "checkpoint_mb", "best_step", "status", "error",
 ]  # fmt: skip
@@ -144,8 +146,9 @@ def for_people(table: pd.DataFrame, columns: list[str] | None = None) -> pd.Data
 
 
 def default_columns(table: pd.DataFrame) -> list[str]:
-    """DEFAULT_COLUMNS with the probes' change columns in place, less those no row fills."""
-    wanted = [c for name in DEFAULT_COLUMNS for c in (probe_columns(table) if name == PROBES else [name])]
+    """DEFAULT_COLUMNS with the probes' change columns and the benchmarks' in place, less those no row fills."""
+    placed = {PROBES: probe_columns(table), BENCHMARKS: benchmark_columns(table)}
+    wanted = [c for name in DEFAULT_COLUMNS for c in placed.get(name, [name])]
     filled = lambda c: c in table and table[c].notna().any()  # noqa: E731
     return [c for c in dict.fromkeys(wanted)
             if c in ("seeds", "status") or (filled(c) and filled(ONLY_BESIDE.get(c, c)))]  # fmt: skip
