@@ -25,6 +25,7 @@ import logging
 import time
 
 from transfer.config.benchmarks import TASKS_DIR
+from transfer.errors import TransferError
 
 PREFIX = "bench_"  # a benchmark's name in eval.baseline / eval.final, and its columns: bench_arc_easy_acc_after
 METRICS = ("acc", "acc_norm")
@@ -82,6 +83,13 @@ def harness(model, tokenizer, bench, batch_size: int, hardware) -> dict:
             task.set_fewshot_seed(seed=evaluator.DEFAULT_OTHER_SEED)
         with hardware.autocast():
             return evaluator.evaluate(lm=lm, task_dict=loaded, limit=bench.limit, log_samples=True)
+    except AssertionError:
+        if any(len(lm.tok_encode(r.args[1])) > lm.max_length for t in loaded["tasks"].values() for r in t.instances):
+            raise TransferError(
+                f"benchmark task {bench.task}: an answer is longer than the model's context ({lm.max_length} tokens), "
+                "which lm-evaluation-harness cannot score; allowed: a limit before that item, or a longer-context model"
+            ) from None
+        raise
     finally:
         model.train(was_training)
 
