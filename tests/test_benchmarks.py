@@ -126,8 +126,10 @@ def test_a_run_records_each_benchmark_before_and_after_with_the_paired_change_an
     assert set(record["eval"]["change"]["bench_arc_easy"]) == {"acc", "acc_norm"}  # no change of a standard error
     table = pd.DataFrame([eval_columns(record["eval"])])
     shown = [c for c in default_columns(table) if c.startswith("bench_")]
-    assert shown == ["bench_arc_easy_acc_before", "bench_arc_easy_acc_after", "bench_arc_easy_acc_change_points_after"]
+    assert shown == ["bench_arc_easy_acc_before", "bench_arc_easy_acc_after", "bench_arc_easy_acc_change_points_after",
+                     "bench_arc_easy_acc_change_points_stderr_after"]  # fmt: skip
     assert table["bench_arc_easy_acc_after"][0] == after["acc"]
+    assert table["bench_arc_easy_acc_change_points_stderr_after"][0] == after["acc_change_points_stderr"]
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,8 @@ def default_group_keys(jobs: pd.DataFrame) -> list[str]:
 
 # The comparison table's columns after the grouping keys, when none are asked for; PROBES stands for
 # every forgetting probe's change column (ref_change_pct, or ref_<probe>_change_pct each), BENCHMARKS for every
-# benchmark's accuracy before and after and its change in points (bench_<name>_acc_...).
+# benchmark's accuracy before and after, its change in points and that change's paired standard error
+# (bench_<name>_acc_...).
 PROBES, BENCHMARKS = "<probes>", "<benchmarks>"
 DEFAULT_COLUMNS = [
     "seeds", "trainable_params", "total_params", "trainable_pct", "val_ppl_before", "val_ppl_after",
@@ -115,6 +116,14 @@ PREFERENCE_NOTE = (
     "`reward_accuracy` counts the pairs whose chosen answer gets the higher reward, `loss` is the objective's own on "
     "the same pairs (DPO's untrained loss is log 2 = 0.693): the accuracy can rise while the loss grows, when the "
     "pairs still ordered wrong are ordered far more wrong."
+)
+# What a benchmark's change and its standard error mean, and which error is which; said under a table showing them.
+BENCHMARK_NOTE = (
+    "`bench_<name>_acc_change_points_after` is the change of the benchmark's accuracy in points (after - before, "
+    "x 100) on the same items; `_stderr_after` beside it is that change's paired standard error over the items (of "
+    "the mean per-item difference: how far another draw of items could move it; with several seeds, the mean of "
+    "theirs, shown without ±). The ± on the change itself is the 95 % confidence interval over seeds; with one seed "
+    "the standard error is the only uncertainty shown."
 )
 # What ± means in every table that shows it; printed and written under them.
 CI_NOTE = (
@@ -170,13 +179,14 @@ def _cell(value, ci, col: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     fmt = formatter(col)
-    if ci is None or math.isnan(ci) or ci == 0:  # one seed, or a value no seed changes
+    # one seed, or a value no seed changes; a standard error's spread over seeds says nothing a reader needs
+    if ci is None or math.isnan(ci) or ci == 0 or "_stderr_" in col:
         return fmt(value)
     return f"{fmt(value)} ± {formatter(col.replace('change_', ''))(ci)}"
 
 
 def under_table(table: pd.DataFrame, shown=None) -> str:
-    """What the comparison table's ± means, what its task and preference columns mean where `shown` (its columns as
+    """What the comparison table's ± means, what its task, preference and benchmark columns mean where `shown` (its columns as
     printed; by default the default ones) has them, and the notes of its reading (a duplicated job, a metric left out)."""
     shown = list(shown) if shown is not None else default_columns(table)
     meaning = [CI_NOTE]
@@ -184,5 +194,7 @@ def under_table(table: pd.DataFrame, shown=None) -> str:
         meaning.append(TASK_NOTE)
     if any("_reward_accuracy_" in c for c in shown) and any(c in ONLY_BESIDE for c in shown):
         meaning.append(PREFERENCE_NOTE)
+    if any(c.startswith("bench_") and "_change_points_" in c for c in shown):
+        meaning.append(BENCHMARK_NOTE)
     notes = table.attrs.get("notes") or []
     return " ".join(meaning) + ("\n\n" + "\n".join(f"- {note}" for note in notes) if notes else "")
