@@ -4,6 +4,8 @@ A row holds the mean ± the half-width of its 95 % Student-t confidence interval
 CSV keeps the standard deviation too). Failed jobs stay in the table with their status. Forgetting is measured on
 probes: old records have one reference corpus (split `reference`, columns `ref_ppl_before`, `ref_change_pct`),
 newer ones several named probes (`ref_<probe>`, columns `ref_<probe>_ppl_before`, `ref_<probe>_change_pct`).
+A standard benchmark's change in points (`bench_<name>_acc_change_points_after`) has its paired standard error over
+the items beside it, a column of its own: the ± of a table is over seeds, a different uncertainty (BENCHMARK_NOTE).
 """
 
 import math
@@ -186,8 +188,9 @@ def _cell(value, ci, col: str) -> str:
 
 
 def under_table(table: pd.DataFrame, shown=None) -> str:
-    """What the comparison table's ± means, what its task, preference and benchmark columns mean where `shown` (its columns as
-    printed; by default the default ones) has them, and the notes of its reading (a duplicated job, a metric left out)."""
+    """What the comparison table's ± means, what its task, preference and benchmark columns mean where `shown` (its
+    columns as printed; by default the default ones) has them, and the notes of its reading (a duplicated job, a metric
+    left out)."""
     shown = list(shown) if shown is not None else default_columns(table)
     meaning = [CI_NOTE]
     if any(c.endswith(("_majority_accuracy_after", "_max_predicted_share_after")) for c in shown):
