@@ -676,3 +676,56 @@ def test_a_whole_number_key_prints_whole(tmp_path, capsys):
     assert pd.read_csv(out / "comparison.csv")["max_steps"].dropna().tolist() == [2.0] * 4  # the CSV keeps numbers
     assert pd.read_csv(out / "best_per_strategy.csv")["picked"].tolist() == ["optimizer.lr=0.001, max_steps=2"] * 2
     assert "max_steps=2.0" not in printed
+
+
+# a benchmark's change of accuracy in points and its paired standard error per strategy, seeds 1, 2, 3 (issue 27)
+BENCH = {"full": ([4.0, 6.0, 1.0], [3.0, 3.2, 2.9]), "lora": ([3.0, 2.0, 3.0], [2.5, 2.6, 2.7])}
+
+
+def bench_record(strategy: str, seed: int) -> dict:
+    """A record as run.py writes one with eval.benchmarks: the harness's numbers, the items, the paired change."""
+    change, stderr = BENCH[strategy][0][seed - 1], BENCH[strategy][1][seed - 1]
+    items = {"per_item": {"acc": [0, 1]}, "harness": {"version": "0.4.13", "items": 100}}  # no columns of theirs
+    before = {"validation": {"perplexity": 10.0}, "bench_arc_easy": {"acc": 0.24, "acc_stderr": 0.043, **items}}
+    after = {"validation": {"perplexity": 6.0 + seed}, "bench_arc_easy": {
+        "acc": 0.24 + change / 100, "acc_stderr": 0.044, **items,
+        "acc_change_points": change, "acc_change_points_stderr": stderr}}  # fmt: skip
+    return {"status": "completed", "overrides": [f"strategy={strategy}", f"seed={seed}"],
+            "choices": {"strategy": strategy, "model": "tiny", "dataset": "rust_concepts"}, "config": {"seed": seed},
+            "params": {"trainable": 10, "total": 20}, "train": {"seconds": 1.0},
+            "eval": {"baseline": before, "final": after}}  # fmt: skip
+
+
+def test_a_benchmark_change_shows_its_paired_standard_error_and_is_paired_across_seeds(tmp_path):
+    """The comparison table shows each benchmark's change with its paired standard error beside it (± over seeds on
+    the change only, which the note under it tells apart); the paired tests and best-per-strategy take the change like
+    a probe's."""
+    from transfer.aggregate.contrasts import best_per, paired, paired_for_people
+    from transfer.aggregate.tables import BENCHMARK_NOTE, under_table
+
+    for i, (strategy, seed) in enumerate((s, seed) for s in BENCH for seed in (1, 2, 3)):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps(bench_record(strategy, seed)))
+    jobs = read_jobs([tmp_path])
+    change, stderr = "bench_arc_easy_acc_change_points_after", "bench_arc_easy_acc_change_points_stderr_after"
+    table = comparison(jobs).set_index("strategy", drop=False)
+    shown = for_people(table)
+    bench = [c for c in shown.columns if c.startswith("bench_")]
+    assert bench == ["bench_arc_easy_acc_before", "bench_arc_easy_acc_after", change, stderr]
+    changes, errors = BENCH["full"]
+    half = t_quantile(0.975, 2) * statistics.stdev(changes) / math.sqrt(3)
+    assert shown.at["full", change] == f"+{statistics.mean(changes):.3g} ± {half:.3g}" == "+3.67 ± 6.25"
+    assert shown.at["full", stderr] == f"{statistics.mean(errors):.3g}" == "3.03"  # no ± over seeds on an error
+    assert BENCHMARK_NOTE in under_table(table, shown.columns) and CI_NOTE in under_table(table, shown.columns)
+    one = for_people(comparison(jobs[jobs["seed"] == 1])).set_index("strategy")
+    assert one.loc["full", [change, stderr]].tolist() == ["+4", "3"]
+    assert BENCHMARK_NOTE not in under_table(table, ["strategy", "bench_arc_easy_acc_after"])
+
+    numbers = paired(jobs, table.reset_index(drop=True), "strategy=full")
+    d = [a - b for a, b in zip(BENCH["lora"][0], changes, strict=True)]  # -1, -4, +2: seed by seed
+    t = statistics.mean(d) / (statistics.stdev(d) / math.sqrt(3))
+    assert numbers.at[0, f"{change}_n"] == 3 and numbers.at[0, f"{change}_diff"] == pytest.approx(-1.0)
+    assert numbers.at[0, f"{change}_p"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)  # df 2
+    assert paired_for_people(numbers).at[0, f"Δ {change}"].startswith("-1 ± ")
+    best = best_per(jobs, table.reset_index(drop=True), "strategy")
+    assert best.attrs["shown"][-2:] == [change, stderr]

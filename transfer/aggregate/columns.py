@@ -1,7 +1,8 @@
 """What a column of the tables is called, which way it sorts, and how its numbers are written.
 
 Every evaluation metric of every split gets a column `<split>_<metric>_<before|after>` (val_ppl_after,
-test_auc_before) and each split its change `<split>_change_pct`; forgetting probes are the `ref_` splits.
+test_auc_before) and each split its change `<split>_change_pct`; forgetting probes are the `ref_` splits, standard
+benchmarks the `bench_` ones.
 The direction of a metric is the objective table's (transfer.config.objective.DIRECTION).
 """
 
@@ -43,6 +44,24 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
 def probe_columns(frame: pd.DataFrame) -> list[str]:
     """The forgetting probes' change columns: `ref_change_pct` (one reference corpus) or `ref_<probe>_change_pct`."""
     return [c for c in frame.columns if c.startswith("ref_") and c.endswith("_change_pct")]
+
+
+# a benchmark's change of accuracy in points, and its paired standard error over the items (evaluation/benchmarks.py)
+CHANGE_POINTS, CHANGE_POINTS_STDERR = "_acc_change_points_after", "_acc_change_points_stderr_after"
+
+
+def benchmark_columns(frame: pd.DataFrame) -> list[str]:
+    """The benchmarks' accuracy before and after, its paired change in points and that change's standard error:
+    `bench_<name>_acc_before`, `..._acc_after`, `..._acc_change_points_after`, `..._acc_change_points_stderr_after`,
+    each benchmark's together."""
+    ends = ("_acc_before", "_acc_after", CHANGE_POINTS, CHANGE_POINTS_STDERR)
+    found = [c for c in frame.columns if c.startswith("bench_") and c.endswith(ends)]
+    return sorted(found, key=lambda c: next((c.removesuffix(e), i) for i, e in enumerate(ends) if c.endswith(e)))
+
+
+def benchmark_changes(frame: pd.DataFrame) -> list[str]:
+    """The benchmarks' forgetting columns, as probe_columns are the probes': `bench_<name>_acc_change_points_after`."""
+    return [c for c in frame.columns if c.startswith("bench_") and c.endswith(CHANGE_POINTS)]
 
 
 def probe_name(change_column: str) -> str:
@@ -88,6 +107,8 @@ def formatter(col: str):
         return lambda v: f"{v:,.0f}"
     if col.endswith("_pct"):
         return lambda v: f"{v:+.3g}" if "change" in col else f"{v:.3g}"
+    if col.endswith(CHANGE_POINTS):
+        return lambda v: f"{v:+.3g}"
     if col.endswith(("tokens_per_second", "samples_per_second", "_seconds", "_mb")):
         return lambda v: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
     return lambda v: f"{v:.3g}"  # perplexities, losses, accuracies

@@ -5,7 +5,17 @@
 
 import pandas as pd
 
-from transfer.aggregate.columns import default_sort, formatter, key_text, lower_is_better, main_metric, probe_columns
+from transfer.aggregate.columns import (
+    CHANGE_POINTS,
+    CHANGE_POINTS_STDERR,
+    benchmark_changes,
+    default_sort,
+    formatter,
+    key_text,
+    lower_is_better,
+    main_metric,
+    probe_columns,
+)
 from transfer.aggregate.stats import paired_t_test
 from transfer.aggregate.tables import CI_NOTE, for_people, shown_columns
 from transfer.errors import TransferError
@@ -13,10 +23,12 @@ from transfer.errors import TransferError
 
 def main_metrics(jobs: pd.DataFrame) -> list[str]:
     """What the paired table compares: the main validation metric and its test counterpart, validation and
-    test perplexity after training, and every forgetting probe's change; those some completed job fills.
+    test perplexity after training, every forgetting probe's change and every benchmark's change of accuracy in
+    points (higher is better, as an accuracy); those some completed job fills.
     """
     select = main_metric(jobs)
-    wanted = [select, select.replace("val_", "test_", 1), "val_ppl_after", "test_ppl_after", *probe_columns(jobs)]
+    forgetting = [*probe_columns(jobs), *benchmark_changes(jobs)]
+    wanted = [select, select.replace("val_", "test_", 1), "val_ppl_after", "test_ppl_after", *forgetting]
     done = jobs[jobs["status"] == "completed"]
     return [c for c in dict.fromkeys(wanted) if c in done and pd.to_numeric(done[c], errors="coerce").notna().any()]
 
@@ -117,7 +129,8 @@ def paired_note(numbers: pd.DataFrame) -> str:
     return (
         f"Δ: this row minus {numbers.attrs['baseline']}, seed by seed, over the seeds both completed (pairs); "
         "± is the half-width of the 95 % t interval of the mean difference; p: two-sided paired t-test; "
-        "n.s.: not significant, the interval contains 0 (p ≥ 0.05). A change_pct's Δ is in percentage points."
+        "n.s.: not significant, the interval contains 0 (p ≥ 0.05). A change_pct's Δ is in percentage points, a "
+        "benchmark's change_points' in points of accuracy."
     )
 
 
@@ -169,7 +182,9 @@ def best_per(jobs: pd.DataFrame, table: pd.DataFrame, key: str) -> pd.DataFrame:
     out = out.reset_index(drop=True)
     filled = [c for c in shown_columns(out) if out[c].notna().any()]
     tests = [c for c in filled if c.startswith("test_") and c.endswith("_after")]
-    probes = [c for c in probe_columns(out) if c in filled]
+    # a benchmark's change with its paired standard error beside it, as the comparison table shows them
+    benches = [b for c in benchmark_changes(out) for b in (c, c.removesuffix(CHANGE_POINTS) + CHANGE_POINTS_STDERR)]
+    probes = [c for c in [*probe_columns(out), *benches] if c in filled]
     judged = [c for c in dict.fromkeys([metric, main_metric(jobs)]) if c in filled]  # loss selects; perplexity too
     out.attrs.update(
         group_keys=[key], select=metric, shown=[key, "picked", "candidates", "seeds", *judged, *tests, *probes]

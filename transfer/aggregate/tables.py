@@ -4,6 +4,8 @@ A row holds the mean ± the half-width of its 95 % Student-t confidence interval
 CSV keeps the standard deviation too). Failed jobs stay in the table with their status. Forgetting is measured on
 probes: old records have one reference corpus (split `reference`, columns `ref_ppl_before`, `ref_change_pct`),
 newer ones several named probes (`ref_<probe>`, columns `ref_<probe>_ppl_before`, `ref_<probe>_change_pct`).
+A standard benchmark's change in points (`bench_<name>_acc_change_points_after`) has its paired standard error over
+the items beside it, a column of its own: the ± of a table is over seeds, a different uncertainty (BENCHMARK_NOTE).
 """
 
 import math
@@ -11,6 +13,7 @@ import math
 import pandas as pd
 
 from transfer.aggregate.columns import (
+    benchmark_columns,
     default_sort,
     formatter,
     key_text,
@@ -85,8 +88,10 @@ def default_group_keys(jobs: pd.DataFrame) -> list[str]:
 
 
 # The comparison table's columns after the grouping keys, when none are asked for; PROBES stands for
-# every forgetting probe's change column (ref_change_pct, or ref_<probe>_change_pct each).
-PROBES = "<probes>"
+# every forgetting probe's change column (ref_change_pct, or ref_<probe>_change_pct each), BENCHMARKS for every
+# benchmark's accuracy before and after, its change in points and that change's paired standard error
+# (bench_<name>_acc_...).
+PROBES, BENCHMARKS = "<probes>", "<benchmarks>"
 DEFAULT_COLUMNS = [
     "seeds", "trainable_params", "total_params", "trainable_pct", "val_ppl_before", "val_ppl_after",
     "val_change_pct", "val_auc_before", "val_auc_after", "val_accuracy_after", "val_majority_accuracy_after",
@@ -94,7 +99,7 @@ DEFAULT_COLUMNS = [
     "val_reward_accuracy_before", "val_reward_accuracy_after", "val_loss_before", "val_loss_after", "val_margin_after",
     "val_token_kl_after", "test_ppl_before", "test_ppl_after", "test_auc_after", "test_accuracy_after",
     "test_majority_accuracy_after", "test_max_predicted_share_after", "test_reward_accuracy_after", "test_loss_before",
-    "test_loss_after", "ref_ppl_before", "ref_ppl_after", PROBES,
+    "test_loss_after", "ref_ppl_before", "ref_ppl_after", PROBES, BENCHMARKS,
     "train_seconds", "warmup_seconds", "tokens_per_second", "steady_tokens_per_second", "contended", "peak_memory_mb",
     "estimated_peak_mb", "checkpoint_mb", "best_step", "status", "error",
 ]  # fmt: skip
@@ -113,6 +118,14 @@ PREFERENCE_NOTE = (
     "`reward_accuracy` counts the pairs whose chosen answer gets the higher reward, `loss` is the objective's own on "
     "the same pairs (DPO's untrained loss is log 2 = 0.693): the accuracy can rise while the loss grows, when the "
     "pairs still ordered wrong are ordered far more wrong."
+)
+# What a benchmark's change and its standard error mean, and which error is which; said under a table showing them.
+BENCHMARK_NOTE = (
+    "`bench_<name>_acc_change_points_after` is the change of the benchmark's accuracy in points (after - before, "
+    "x 100) on the same items; `_stderr_after` beside it is that change's paired standard error over the items (of "
+    "the mean per-item difference: how far another draw of items could move it; with several seeds, the mean of "
+    "theirs, shown without ±). The ± on the change itself is the 95 % confidence interval over seeds; with one seed "
+    "the standard error is the only uncertainty shown."
 )
 # What ± means in every table that shows it; printed and written under them.
 CI_NOTE = (
@@ -144,8 +157,9 @@ def for_people(table: pd.DataFrame, columns: list[str] | None = None) -> pd.Data
 
 
 def default_columns(table: pd.DataFrame) -> list[str]:
-    """DEFAULT_COLUMNS with the probes' change columns in place, less those no row fills."""
-    wanted = [c for name in DEFAULT_COLUMNS for c in (probe_columns(table) if name == PROBES else [name])]
+    """DEFAULT_COLUMNS with the probes' change columns and the benchmarks' in place, less those no row fills."""
+    placed = {PROBES: probe_columns(table), BENCHMARKS: benchmark_columns(table)}
+    wanted = [c for name in DEFAULT_COLUMNS for c in placed.get(name, [name])]
     filled = lambda c: c in table and table[c].notna().any()  # noqa: E731
     return [c for c in dict.fromkeys(wanted)
             if c in ("seeds", "status") or (filled(c) and filled(ONLY_BESIDE.get(c, c)))]  # fmt: skip
@@ -167,19 +181,23 @@ def _cell(value, ci, col: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     fmt = formatter(col)
-    if ci is None or math.isnan(ci) or ci == 0:  # one seed, or a value no seed changes
+    # one seed, or a value no seed changes; a standard error's spread over seeds says nothing a reader needs
+    if ci is None or math.isnan(ci) or ci == 0 or "_stderr_" in col:
         return fmt(value)
     return f"{fmt(value)} ± {formatter(col.replace('change_', ''))(ci)}"
 
 
 def under_table(table: pd.DataFrame, shown=None) -> str:
-    """What the comparison table's ± means, what its task and preference columns mean where `shown` (its columns as
-    printed; by default the default ones) has them, and the notes of its reading (a duplicated job, a metric left out)."""
+    """What the comparison table's ± means, what its task, preference and benchmark columns mean where `shown` (its
+    columns as printed; by default the default ones) has them, and the notes of its reading (a duplicated job, a metric
+    left out)."""
     shown = list(shown) if shown is not None else default_columns(table)
     meaning = [CI_NOTE]
     if any(c.endswith(("_majority_accuracy_after", "_max_predicted_share_after")) for c in shown):
         meaning.append(TASK_NOTE)
     if any("_reward_accuracy_" in c for c in shown) and any(c in ONLY_BESIDE for c in shown):
         meaning.append(PREFERENCE_NOTE)
+    if any(c.startswith("bench_") and "_change_points_" in c for c in shown):
+        meaning.append(BENCHMARK_NOTE)
     notes = table.attrs.get("notes") or []
     return " ".join(meaning) + ("\n\n" + "\n".join(f"- {note}" for note in notes) if notes else "")

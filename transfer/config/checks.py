@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from transfer.config import data, folders, hardware, objective, optimizer, preflight, strategy
+from transfer.config import benchmarks, data, folders, hardware, objective, optimizer, preflight, strategy
 from transfer.config.model import model_difference, model_shape
 from transfer.config.objective import OBJECTIVES
 from transfer.config.strategy import STRATEGIES
@@ -222,6 +222,7 @@ def check_inputs(cfg: DictConfig) -> None:
             list(cfg.dataset.replay_source), "dataset.replay_source", [(cfg.dataset.text_field,)]
         )
     data.check_probes(cfg.eval.probes)
+    benchmarks.check_benchmarks(cfg.eval.benchmarks)
     # a dry run reads no weights; a 4-bit strategy's does (QLoRA's 4-bit layers come from real weights)
     weights = not cfg.dry_run or STRATEGIES[cfg.strategy.name].four_bit
     depth, context = model_shape(cfg.model, weights=weights)

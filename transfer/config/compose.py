@@ -218,8 +218,9 @@ def check_keys(node: DictConfig, prefix: str = "") -> None:
 def explain(e: BaseException) -> str:
     """One line naming the bad key or value and what is allowed."""
     if isinstance(e, MissingConfigException):
-        m = re.search(r"Could not find '(.+)/([^/']+)'", str(e))
-        if m and (CONF_DIR / m.group(1)).is_dir():
+        # "find" for one option, "load" for one of a list (eval/probes=[...], eval/benchmarks=[...])
+        m = re.search(r"Could not (?:find|load) '(.+)/([^/']+)'", str(e))
+        if m and (CONF_DIR / m.group(1)).is_dir() and m.group(2) not in group_options(m.group(1)):
             group, value = m.groups()
             return f"unknown {group} '{value}'; allowed: {', '.join(group_options(group))}"
         if m and m.group(1) == "hydra/launcher" and missing_launcher(m.group(2)):  # chosen in a config file

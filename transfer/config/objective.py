@@ -14,14 +14,17 @@ from omegaconf import MISSING, DictConfig
 
 from transfer.errors import TransferError
 
-# Which way each metric improves: picking the best weights, early stopping, sorting tables and plots.
+# Which way each metric improves: picking the best weights, early stopping, sorting tables and plots (acc, acc_norm:
+# a benchmark's, evaluation/benchmarks.py).
 DIRECTION = {"loss": "min", "perplexity": "min", "accuracy": "max", "auc": "max", "log_loss": "min",
-             "reward_accuracy": "max", "margin": "max"}  # fmt: skip
+             "reward_accuracy": "max", "margin": "max", "acc": "max", "acc_norm": "max"}  # fmt: skip
 # What a task's record holds beside its metrics and that has no better direction: what a constant answer scores
 # (each choice's, and the majority class's; the gold shares) and how the model's answers spread over the choices
 # (evaluation/choices.py). Kept out of eval.change and never selected: a model that answers one choice always is no
 # better or worse for it, it is seen by it.
-DESCRIPTIVE = ("constant_accuracy", "majority_accuracy", "predicted_share", "max_predicted_share")
+# A benchmark's standard errors (evaluation/benchmarks.py) describe its accuracies: no change of theirs is a result.
+DESCRIPTIVE = ("constant_accuracy", "majority_accuracy", "predicted_share", "max_predicted_share", "acc_stderr",
+               "acc_norm_stderr")  # fmt: skip
 
 # instruction tuning's example formats (data/chat.py), and a preference objective's
 EXAMPLE_FORMATS = ("prompt_completion", "alpaca", "messages")

@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from transfer.config import data, hardware, model, objective, optimizer, strategy
+from transfer.config.benchmarks import BenchmarkConfig
 from transfer.config.data import DatasetConfig, ProbeConfig
 from transfer.config.hardware import HardwareConfig
 from transfer.config.model import ModelConfig
@@ -43,6 +44,9 @@ class EvalConfig:
     # Forgetting probes by name, each scored before and after training: the group eval/probes, a list
     # (eval/probes=[python_docs,wikitext,instructions]); record and tables call each ref_<name>.
     probes: dict[str, ProbeConfig] = field(default_factory=dict)
+    # Standard benchmarks by name, each scored before and after training through lm-evaluation-harness: the group
+    # eval/benchmarks, a list (eval/benchmarks=[arc_easy,piqa]); record and tables call each bench_<name>.
+    benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
     # Score only the first N tokens of the validation and test splits (the same ones before,
     # during and after training), for quick checks on big splits; null = every token.
     max_tokens: int | None = None

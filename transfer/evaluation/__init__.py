@@ -6,8 +6,9 @@ scores the choices of the sft objective. An evaluator that scores gives {split o
 which the record keeps as eval.baseline and eval.final and compares as eval.change (the tables find its
 columns by themselves); another keeps its final result under its own name in the record.
 
-A new evaluator (lm-evaluation-harness, a benchmark) is its module, an entry in `EVALUATORS` and its
-settings in the config (what it reads from cfg; with none asked for, it gives {}).
+Standard benchmarks through lm-evaluation-harness (benchmarks.py, eval.benchmarks) score as bench_<name>.
+A new evaluator is its module, an entry in `EVALUATORS` and its settings in the config (what it reads from cfg; with
+none asked for, it gives {}).
 
 Which way each metric improves is config.objective.DIRECTION; the descriptive numbers that have none, DESCRIPTIVE.
 """
@@ -187,6 +188,19 @@ def _diagnostics(subject: Subject, when: str, before=None):
     return found
 
 
+def _benchmarks(subject: Subject, when: str, before=None) -> dict:
+    """Standard benchmarks through lm-evaluation-harness (eval.benchmarks), bench_<name>; none asked for: {}."""
+    from transfer.evaluation import benchmarks
+
+    return benchmarks.run(subject, when, before) if subject.cfg.eval.benchmarks else {}
+
+
+def _benchmark_settings(subject: Subject) -> dict | None:
+    from transfer.evaluation import benchmarks
+
+    return benchmarks.settings(subject) if subject.cfg.eval.benchmarks else None
+
+
 def _sample_settings(subject: Subject) -> str:
     from transfer import cache
 
@@ -196,6 +210,7 @@ def _sample_settings(subject: Subject) -> str:
 EVALUATORS = {
     "objective": Evaluator(_objective),
     "probes": Evaluator(_probes),
+    "benchmarks": Evaluator(_benchmarks, key=_benchmark_settings),
     "samples": Evaluator(_samples, scores=False, key=_sample_settings),
     "diagnostics": Evaluator(_diagnostics, scores=False, cached=False),
 }
