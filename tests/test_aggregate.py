@@ -729,3 +729,15 @@ def test_a_benchmark_change_shows_its_paired_standard_error_and_is_paired_across
     assert paired_for_people(numbers).at[0, f"Δ {change}"].startswith("-1 ± ")
     best = best_per(jobs, table.reset_index(drop=True), "strategy")
     assert best.attrs["shown"][-2:] == [change, stderr]
+
+
+def test_markdown_tables_keep_the_sign_of_a_change_and_right_align_numbers():
+    """tabulate reads `+16` back as 16: a forgetting probe's or a benchmark's change lost its sign in comparison.md."""
+    from transfer.aggregate.tables import markdown
+
+    cells = pd.DataFrame({"strategy": ["full", "lora"], "ref_change_pct": ["+16", "-3.5"], "n": ["1,024", ""]})
+    lines = markdown(cells).splitlines()
+    assert "+16" in lines[2] and "-3.5" in lines[3]
+    rule = [cell.strip() for cell in lines[1].strip("|").split("|")]
+    assert [cell.startswith(":") for cell in rule] == [True, False, False]  # left, right, right
+    assert [cell.endswith(":") for cell in rule] == [False, True, True]

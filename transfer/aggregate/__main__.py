@@ -17,7 +17,7 @@ from pathlib import Path
 from transfer.aggregate.contrasts import extra_tables
 from transfer.aggregate.jobs import DEFAULT_ROOT, TABLES, comparable_sets, find_sweeps, kind_folder, read_jobs
 from transfer.aggregate.output import write_tables
-from transfer.aggregate.tables import check_columns, comparison, for_people, shown_columns, under_table
+from transfer.aggregate.tables import check_columns, comparison, for_people, markdown, shown_columns, under_table
 from transfer.errors import TransferError
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,9 @@ def _report(args, jobs, sweeps: list, out: Path) -> None:
     extras = extra_tables(jobs, table, args.baseline, args.best_per)
     files = write_tables(jobs, table, out, columns, extras)
     pretty = for_people(table, columns)
-    print(pretty.to_markdown(index=False) + f"\n\n{under_table(table, pretty.columns)}")
+    print(markdown(pretty) + f"\n\n{under_table(table, pretty.columns)}")
     for name, (_, cells, note) in extras.items():
-        print(f"\n{name.replace('_', ' ')}:\n\n{cells.to_markdown(index=False)}\n\n{note}")
+        print(f"\n{name.replace('_', ' ')}:\n\n{markdown(cells)}\n\n{note}")
     counts = jobs["status"].value_counts().to_dict()
     print(
         f"\n{len(jobs)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}) from {len(sweeps)} sweep(s); tables in {out}"

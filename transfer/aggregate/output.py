@@ -15,7 +15,7 @@ import pandas as pd
 from transfer.aggregate.contrasts import extra_tables
 from transfer.aggregate.jobs import read_jobs
 from transfer.aggregate.plots import write_plots
-from transfer.aggregate.tables import comparison, for_people, under_table
+from transfer.aggregate.tables import comparison, for_people, markdown, under_table
 from transfer.errors import TransferError, reason
 
 
@@ -54,7 +54,7 @@ def _write_all(jobs: pd.DataFrame, table: pd.DataFrame, pretty: pd.DataFrame, fo
         folder / f
         for f in ("comparison.md", "comparison.csv", "comparison.tex", "comparison.html", "jobs.csv", "jobs.parquet")
     ]
-    written[0].write_text(pretty.to_markdown(index=False) + f"\n\n{under_table(table, pretty.columns)}\n")
+    written[0].write_text(markdown(pretty) + f"\n\n{under_table(table, pretty.columns)}\n")
     table.to_csv(written[1], index=False)
     written[2].write_text(pretty.to_latex(index=False, escape=True))
     written[3].write_text(pretty.to_html(index=False, na_rep=""))
@@ -63,7 +63,7 @@ def _write_all(jobs: pd.DataFrame, table: pd.DataFrame, pretty: pd.DataFrame, fo
     flat.astype({c: "string" for c in flat.columns if flat[c].dtype == object}).to_parquet(written[5], index=False)
     for name, (numbers, cells, note) in extras.items():
         written += [folder / f"{name}.md", folder / f"{name}.csv"]
-        written[-2].write_text(cells.to_markdown(index=False) + f"\n\n{note}\n")
+        written[-2].write_text(markdown(cells) + f"\n\n{note}\n")
         numbers.to_csv(written[-1], index=False)
     return written + write_plots(jobs, table, folder)
 

@@ -9,6 +9,7 @@ the items beside it, a column of its own: the ± of a table is over seeds, a dif
 """
 
 import math
+import re
 
 import pandas as pd
 
@@ -154,6 +155,17 @@ def for_people(table: pd.DataFrame, columns: list[str] | None = None) -> pd.Data
         else:
             out[col] = table[col].map(key_text)
     return out
+
+
+def markdown(cells: pd.DataFrame) -> str:
+    """Written cells (for_people, a contrast table) as a Markdown table, each cell exactly as written: tabulate would
+    read `+4` back as the number 4 and drop the sign a change needs. Columns of numbers are right-aligned."""
+    number = lambda v: v in ("", None) or _NUMBER.fullmatch(str(v)) is not None  # noqa: E731
+    align = ["right" if all(number(v) for v in cells[c]) else "left" for c in cells.columns]
+    return cells.to_markdown(index=False, disable_numparse=True, colalign=align)
+
+
+_NUMBER = re.compile(r"[+-]?[\d,]*\.?\d+(e[+-]?\d+)?|nan")
 
 
 def default_columns(table: pd.DataFrame) -> list[str]:

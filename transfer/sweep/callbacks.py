@@ -18,13 +18,13 @@ class TablesCallback(Callback):
         if not config.get("tables_after_sweep", True):
             return
         from transfer.aggregate.output import aggregate
-        from transfer.aggregate.tables import for_people, under_table
+        from transfer.aggregate.tables import for_people, markdown, under_table
 
         sweep = Path(config.hydra.sweep.dir)
         try:
             _, table, _ = aggregate([sweep])
             pretty = for_people(table)
-            print(pretty.to_markdown(index=False) + f"\n\n{under_table(table, pretty.columns)}")
+            print(markdown(pretty) + f"\n\n{under_table(table, pretty.columns)}")
             print(f"\ntables and plots in {sweep / 'tables'}")
         except TransferError as e:
             log.warning("no tables for %s: %s", sweep, e)
