@@ -22,7 +22,6 @@ from transfer.aggregate.columns import lower_is_better, main_metric, probe_colum
 from transfer.aggregate.readable import bars_note, interval, labels, log_axis, plain, words  # noqa: E402
 
 MARKERS = "osD^vP*Xh<>p"
-PER_GROUP = "one {}: a group of jobs that differ only by seed, the mean over its seeds"
 
 
 def write_plots(jobs: pd.DataFrame, table: pd.DataFrame, folder: Path) -> list[Path]:
@@ -71,6 +70,7 @@ def _perplexity_vs_trainable(done: pd.DataFrame, path: Path) -> Path | None:
         if row["val_ppl_after"] < best:
             best = row["val_ppl_after"]
             front.append((row["trainable_params"], best))
+    front.append((data["trainable_params"].max(), best))  # on to the right edge: nothing there does better
     ax.step(*zip(*front, strict=True), where="post", color="grey", linestyle="--", linewidth=1, label="Pareto front")
     log_axis(ax, "x")
     return _finished(
@@ -79,7 +79,7 @@ def _perplexity_vs_trainable(done: pd.DataFrame, path: Path) -> Path | None:
         "trainable parameters (log scale)",
         "validation perplexity after training (lower is better)",
         "Domain perplexity against trainable parameters",
-        _caption(done, PER_GROUP.format("point"), bars_note("val_ppl_after")),
+        _caption(done, *_one(done, "point", "val_ppl_after")),
         path,
     )
 
@@ -96,9 +96,7 @@ def _gain_vs_forgetting(done: pd.DataFrame, probes: dict, path: Path) -> Path | 
     for ax, column in zip(axes[0], columns, strict=True):
         _probe_panel(ax, _rows_with(done, "val_change_pct", column), column, probes.get(probe_name(column)) or {})
     title = "What a strategy gained in the domain against what happened on each forgetting probe"
-    caption = _caption(done, PER_GROUP.format("point"), bars_note("val_change_pct"), width=120)
-    fig.suptitle(f"{title}\n{caption}", fontsize=10)
-    return _save(fig, path)
+    return _titled(fig, title, _caption(done, *_one(done, "point", "val_change_pct")), path)
 
 
 def _probe_panel(ax, data: pd.DataFrame, column: str, about: dict) -> None:
@@ -140,7 +138,7 @@ def _with_interval(done: pd.DataFrame, metric: str, path: Path) -> Path | None:
     ax.set_yticks(range(len(data)), texts, fontsize=8)
     ax.invert_yaxis()  # the table's order: best first
     ax.set_xlabel(f"{words(metric)} ({'lower' if lower_is_better(metric) else 'higher'} is better)")
-    caption = _caption(done, PER_GROUP.format("row"), bars_note(metric, "Student t, n - 1 degrees of freedom"))
+    caption = _caption(done, *_one(done, "row", metric, "Student t, n - 1 degrees of freedom"))
     ax.grid(True, axis="x", alpha=0.3)
     return _titled(fig, f"{words(metric).capitalize()}, per group", caption, path)
 
@@ -174,7 +172,8 @@ def _validation_curves(jobs: pd.DataFrame, keys: list[str], order: dict, path: P
     if metric == "perplexity":
         log_axis(ax, "y")
     direction = "higher" if metric == "reward_accuracy" else "lower"
-    what = PER_GROUP.format("line") + " at each validation (step 0: before training)"
+    single = all(len(group) == 1 for _, group in groups)
+    what = _one(single, "line")[0] + " at each validation (step 0: before training)"
     return _finished(
         fig,
         ax,
@@ -202,7 +201,7 @@ def _cost(done: pd.DataFrame, path: Path) -> Path | None:
         ax.set_xticks(list(x), data["label"], rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
         ax.grid(True, axis="y", alpha=0.3)
-    caption = _caption(done, PER_GROUP.format("bar"), bars_note("train_seconds"), width=130)
+    caption = _caption(done, *_one(done, "bar", "train_seconds"))
     return _titled(fig, "What the training cost", caption, path)
 
 
@@ -234,7 +233,7 @@ def _task_metrics(done: pd.DataFrame, path: Path) -> Path | None:
         ax.set_title(f"Validation {name}, before and after")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    caption = _caption(done, PER_GROUP.format("bar"), bars_note("val_accuracy_after"), width=65 * len(metrics))
+    caption = _caption(done, *_one(done, "bar", "val_accuracy_after"))
     return _titled(fig, "The task, before and after", caption, path)
 
 
@@ -250,11 +249,21 @@ def _errors(data: pd.DataFrame, col: str) -> list[list[float]] | None:
     return [list(side) for side in zip(*reach, strict=True)] if any(b or a for b, a in reach) else None
 
 
-def _caption(common, *parts: str, width: int = 95) -> str:
-    """What one point is, and what every group shares (a frame's attrs["common"] or the text itself), wrapped."""
+def _one(rows: pd.DataFrame | bool, thing: str, col: str | None = None, how: str = "") -> list[str]:
+    """What one point (`thing`) of a plot is, and its error bars of `col`: `rows` (the groups drawn, or whether each
+    group is a single job) say whether the groups are means over seeds or single jobs, which have no interval."""
+    single = rows if isinstance(rows, bool) else bool((rows["seeds"] <= 1).all())
+    if single:
+        return [f"one {thing}: a job (one seed each, so no interval)" if col else f"one {thing}: a job"]
+    return [f"one {thing}: a group of jobs that differ only by seed, the mean over its seeds"] + (
+        [bars_note(col, how)] if col else []
+    )
+
+
+def _caption(common, *parts: str) -> str:
+    """What one point is, and what every group shares (a frame's attrs["common"] or the text itself)."""
     shared = common.attrs.get("common", "") if isinstance(common, pd.DataFrame) else common
-    text = "; ".join(parts) + (f". Every group: {shared}" if shared else "")
-    return textwrap.fill(text, width)
+    return "; ".join(parts) + (f". Same in all: {shared}" if shared else "")
 
 
 def _finished(fig, ax, xlabel: str, ylabel: str, title: str, caption: str, path: Path) -> Path:
@@ -267,7 +276,8 @@ def _finished(fig, ax, xlabel: str, ylabel: str, title: str, caption: str, path:
 
 
 def _titled(fig, title: str, caption: str, path: Path) -> Path:
-    fig.suptitle(f"{title}\n{caption}", fontsize=10)
+    """The title, and under it the caption in lines as wide as the figure (about 12 characters an inch at 10 pt)."""
+    fig.suptitle(f"{title}\n{textwrap.fill(caption, int(fig.get_figwidth() * 12))}", fontsize=10)
     return _save(fig, path)
 
 
@@ -297,7 +307,7 @@ def weight_change(jobs: pd.DataFrame, folder: Path, keys: list[str] | None = Non
         smallest = min([smallest, *mean[mean > 0]])
         ax.plot(mean.index, mean.values, label=label, markersize=5, **_style((order or {}).get(label, i)))
         frozen = frozen or bool((mean == 0).any())
-    what = PER_GROUP.format("line")
+    what = _one(all(len(group) == 1 for _, group in groups), "line")[0]
     if (
         frozen
     ):  # log from the decade of the smallest change, linear below it: frozen blocks (exactly 0) stay on the plot
