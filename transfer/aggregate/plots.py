@@ -73,11 +73,14 @@ def _perplexity_vs_trainable(done: pd.DataFrame, path: Path) -> Path | None:
     front.append((data["trainable_params"].max(), best))  # on to the right edge: nothing there does better
     ax.step(*zip(*front, strict=True), where="post", color="grey", linestyle="--", linewidth=1, label="Pareto front")
     log_axis(ax, "x")
+    spread = data["val_ppl_after"].max() / data["val_ppl_after"].min() > 4  # a model from scratch, say, far above
+    if spread:
+        log_axis(ax, "y")
     return _finished(
         fig,
         ax,
         "trainable parameters (log scale)",
-        "validation perplexity after training (lower is better)",
+        "validation perplexity after training (lower is better)" + (", log scale" if spread else ""),
         "Domain perplexity against trainable parameters",
         _caption(done, *_one(done, "point", "val_ppl_after")),
         path,
@@ -173,7 +176,7 @@ def _validation_curves(jobs: pd.DataFrame, keys: list[str], order: dict, path: P
         log_axis(ax, "y")
     direction = "higher" if metric == "reward_accuracy" else "lower"
     single = all(len(group) == 1 for _, group in groups)
-    what = _one(single, "line")[0] + " at each validation (step 0: before training)"
+    what = _one(single, "line")[0] + ", measured at each validation (step 0: before training)"
     return _finished(
         fig,
         ax,

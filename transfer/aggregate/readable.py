@@ -89,15 +89,17 @@ def ci(row, col: str) -> float:
 
 
 def log_axis(ax, axis: str) -> None:
-    """A log scale ("x" or "y") labelled in plain numbers, set once the data is drawn. Within about a decade, round
-    ticks (5, 6, 8, 10), not matplotlib's 6×10^0 on half steps; up to three decades 1, 2 and 5 of each; wider, the
-    powers of ten."""
+    """A log scale ("x" or "y") labelled in plain numbers, set once the data is drawn: within a factor of 3, round
+    ticks spaced evenly in value (5.5, 6, 6.5, 7), not matplotlib's 6×10^0 on half steps; within 30, 1, 1.5, 2, 3, 5
+    and 7 of each decade; within three decades 1, 2 and 5; wider, the powers of ten."""
     (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
     which = ax.xaxis if axis == "x" else ax.yaxis
     low, high = ax.get_xlim() if axis == "x" else ax.get_ylim()
-    if high / low <= 20:
+    if high / low <= 3:
         ticks = MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(low, high)
         which.set_major_locator(FixedLocator([t for t in ticks if low <= t <= high]))
+    elif high / low <= 30:
+        which.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 5, 7)))
     elif high / low <= 1000:
         which.set_major_locator(LogLocator(subs=(1, 2, 5)))
     which.set_major_formatter(FuncFormatter(lambda v, _: plain(v)))
