@@ -141,3 +141,12 @@ def test_aggregate_help_prints_without_pandas_matplotlib_or_torch(flag):
     imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert len(imported) > 10  # -X importtime did report
     assert not imported & {"pandas", "matplotlib", "numpy", "torch", "yaml"}
+
+
+def test_a_plot_of_single_jobs_says_so_and_promises_no_interval():
+    single, mixed = pd.DataFrame({"seeds": [1, 1]}), pd.DataFrame({"seeds": [3, 1]})
+    assert plots._one(single, "point", "val_ppl_after") == ["one point: a job (one seed each, so no interval)"]
+    assert plots._one(mixed, "bar", "train_seconds") == [
+        "one bar: a group of jobs that differ only by seed, the mean over its seeds",
+        "bars: 95 % t-interval of that mean (cut at 0: it is never negative)",
+    ]
