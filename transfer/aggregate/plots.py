@@ -95,10 +95,11 @@ def _gain_vs_forgetting(done: pd.DataFrame, probes: dict, path: Path) -> Path | 
     columns = [c for c in probe_columns(done) if not _rows_with(done, "val_change_pct", c).empty]
     if not columns:
         return None
-    fig, axes = plt.subplots(1, len(columns), figsize=(6.5 * len(columns), 5.4), squeeze=False)
+    rows = math.ceil(len(done) / 2) + 1  # the legend's, under each panel
+    fig, axes = plt.subplots(1, len(columns), figsize=(6.5 * len(columns), 5.4 + 0.2 * rows), squeeze=False)
     for ax, column in zip(axes[0], columns, strict=True):
         _probe_panel(ax, _rows_with(done, "val_change_pct", column), column, probes.get(probe_name(column)) or {})
-    title = "What a strategy gained in the domain against what happened on each forgetting probe"
+    title = "What each group gained in the domain against what happened on each forgetting probe"
     return _titled(fig, title, _caption(done, *_one(done, "point", "val_change_pct")), path)
 
 
@@ -123,7 +124,8 @@ def _probe_panel(ax, data: pd.DataFrame, column: str, about: dict) -> None:
     details = ", ".join(str(about[k]) for k in ("genre", "format") if about.get(k))
     ax.set_title(f"probe: {shown}" + (f" ({details})" if details else ""), fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    # under the panel, where it hides no point nor interval
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
 
 
 def _with_interval(done: pd.DataFrame, metric: str, path: Path) -> Path | None:
@@ -240,9 +242,12 @@ def _task_metrics(done: pd.DataFrame, path: Path) -> Path | None:
     return _titled(fig, "The task, before and after", caption, path)
 
 
-def _bar(row, col: str, sign: int = 1) -> list[list[float]]:
-    """A point's error bar as errorbar takes it; sign -1 for an axis that shows -col (the gain, -change)."""
+def _bar(row, col: str, sign: int = 1) -> list[list[float]] | None:
+    """A point's error bar as errorbar takes it, none without an interval (one seed: no cross drawn through the
+    marker); sign -1 for an axis that shows -col (the gain, -change)."""
     below, above = interval(row, col)
+    if not (below or above):
+        return None
     return [[below], [above]] if sign > 0 else [[above], [below]]
 
 
