@@ -75,10 +75,11 @@ def test_legends_name_their_keys_with_rounded_values_and_say_once_what_all_share
 def test_labels_keep_apart_values_that_two_digits_would_merge():
     frame = pd.DataFrame({
         "strategy": ["lora", "dora", "lora"], "dataset.replay": [0.125, 0.12, math.nan], "search.trial": [0, 1, 2],
-        "hardware": ["cpu", "cpu", "cpu"],
+        "hardware": ["cpu", "cpu", "cpu"], "block_size": [512.0, 4096.0, 512.0],
     })  # fmt: skip
-    rows, common = labels(frame, ["strategy", "dataset.replay", "search.trial", "hardware"])
-    assert rows == ["lora · replay=0.125 · trial 0", "dora · replay=0.12 · trial 1", "lora · trial 2"]
+    rows, common = labels(frame, ["strategy", "dataset.replay", "search.trial", "hardware", "block_size"])
+    assert rows == ["lora · replay=0.125 · trial 0 · block_size=512", "dora · replay=0.12 · trial 1 · block_size=4096",
+                    "lora · trial 2 · block_size=512"]  # fmt: skip
     assert common == "hardware=cpu"
 
 

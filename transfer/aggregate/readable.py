@@ -36,7 +36,8 @@ def _rounded(values: pd.Series) -> list[str]:
 
 
 def _number(value: float, digits: int) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 10**digits else f"{value:.{digits}g}"
+    """Whole numbers whole (block_size=512, not 5.1e+02), others to `digits` significant figures."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.{digits}g}"
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:
