@@ -540,7 +540,7 @@ def test_plots_draw_intervals_and_every_probe(probe_sweep, tmp_path, monkeypatch
         (x0, _), (x1, _) = bars.lines[2][0].get_segments()[0]
         assert (x1 - x0) / 2 == pytest.approx(table.at[i, "val_ppl_after_ci95"])
         assert (x0 + x1) / 2 == pytest.approx(table.at[i, "val_ppl_after"])
-    assert [t.get_text() for t in ax.get_yticklabels()][-1] == "lora · 0.0001 (n = 2)"
+    assert [t.get_text() for t in ax.get_yticklabels()][-1] == "lora · lr=0.0001 (n = 2)"
     # gain against forgetting: a panel per probe; the one in the training data's genre hollow, and said why
     panels = {a.get_title(): a for a in figures["gain_vs_forgetting"].axes}
     assert set(panels) == {"probe: python_docs (prose, text)", "probe: rust (rust, text)"}

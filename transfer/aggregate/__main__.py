@@ -14,24 +14,39 @@ import logging
 import sys
 from pathlib import Path
 
-from transfer.aggregate.contrasts import extra_tables
-from transfer.aggregate.jobs import DEFAULT_ROOT, TABLES, comparable_sets, find_sweeps, kind_folder, read_jobs
-from transfer.aggregate.output import write_tables
-from transfer.aggregate.tables import check_columns, comparison, for_people, markdown, shown_columns, under_table
 from transfer.errors import TransferError
+
+# pandas, matplotlib and what reads records are imported in main, after the arguments parse: --help and a
+# misspelt option answer at once, without the second that those imports take
 
 log = logging.getLogger(__name__)
 
 
+EXAMPLES = """examples:
+  python -m transfer.aggregate                              the newest sweep under multirun/
+  python -m transfer.aggregate multirun/lora_search         a sweep by its folder (several: one table)
+  python -m transfer.aggregate --all                        every sweep under multirun/, a table per kind
+  python -m transfer.aggregate --baseline strategy=full     the other strategies against full, paired by seed
+  python -m transfer.aggregate --sort train_seconds --group-by strategy --columns strategy,seeds,val_ppl_after
+
+writes comparison.{md,csv,tex,html}, jobs.{csv,parquet}, the contrasts asked for and the plots (PNG) into
+<sweep>/tables/; docs/plots.md says what each plot shows."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m transfer.aggregate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m transfer.aggregate",
+        description=__doc__.splitlines()[0],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("sweeps", nargs="*", help="sweep folders (default: the newest under multirun/)")
     parser.add_argument(
         "--all",
         action="store_true",
         help="every sweep under --root: a table per kind (objective and dataset) in <root>/tables/<kind>/",
     )
-    parser.add_argument("--root", default=str(DEFAULT_ROOT), help="where sweeps live (default: multirun)")
+    parser.add_argument("--root", help="where sweeps live (default: multirun)")
     parser.add_argument(
         "--sort", help="column to sort by, best first (default: the metric the jobs selected by, else val_ppl_after)"
     )
@@ -57,8 +72,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from transfer.aggregate.jobs import DEFAULT_ROOT, TABLES, comparable_sets, find_sweeps, kind_folder, read_jobs
+
+    root = Path(args.root) if args.root else DEFAULT_ROOT
     try:
-        sweeps = find_sweeps(args.sweeps, args.all, Path(args.root))
+        sweeps = find_sweeps(args.sweeps, args.all, root)
         jobs = read_jobs(sweeps)
         kinds = comparable_sets(jobs)
         if len(kinds) > 1 and not args.all:
@@ -70,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.all:
             _report(args, jobs, sweeps, Path(args.out) if args.out else sweeps[-1] / TABLES)
             return 0
-        base = Path(args.out) if args.out else Path(args.root) / TABLES
+        base = Path(args.out) if args.out else root / TABLES
         if len(kinds) > 1:
             print(
                 f"{len(sweeps)} sweeps measure {len(kinds)} different things (objective and dataset; dry runs and "
@@ -88,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(args, jobs, sweeps: list, out: Path) -> None:
     """One table of comparable sweeps: checked, grouped, written into `out` and printed."""
+    from transfer.aggregate.contrasts import extra_tables
+    from transfer.aggregate.output import write_tables
+    from transfer.aggregate.tables import check_columns, comparison, for_people, markdown, shown_columns, under_table
+
     split = lambda s: [c.strip() for c in s.split(",") if c.strip()] if s else None  # noqa: E731
     group_by, columns = split(args.group_by), split(args.columns)
     check_columns(group_by or [], [c for c in jobs.columns if c != "validation_curve"], "column")
