@@ -151,3 +151,20 @@ def test_a_plot_of_single_jobs_says_so_and_promises_no_interval():
         "one bar: a group of jobs that differ only by seed, the mean over its seeds",
         "bars: 95 % t-interval of that mean (cut at 0: it is never negative)",
     ]
+
+
+def test_the_gain_against_forgetting_plot_has_a_panel_per_benchmark_with_its_change_in_points(tmp_path):
+    """A benchmark is forgotten like a probe (issue 27): its accuracy change, in points, against the domain gain."""
+    jobs = _jobs()
+    jobs["ref_python_docs_change_pct"] = [10.0, 11.0, 12.0, 20.0, 21.0, 22.0]
+    jobs["bench_arc_easy_acc_change_points_after"] = [-2.0, -1.0, 0.0, -6.0, -5.0, -4.0]
+    drawn = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plots, "_save", lambda fig, path: drawn.setdefault(path.name, fig) and path)
+        plots.write_plots(jobs, comparison(jobs), tmp_path)
+    probe, bench = drawn["gain_vs_forgetting.png"].axes
+    assert probe.get_title().startswith("probe: python_docs") and bench.get_title() == "benchmark: arc_easy"
+    assert bench.get_ylabel().startswith("arc_easy accuracy change, points")
+    means = sorted(bars.lines[0].get_ydata()[0] for bars in bench.containers)
+    assert means == pytest.approx([-5.0, -1.0])  # each group's mean over its seeds
+    plots.plt.close(drawn["gain_vs_forgetting.png"])

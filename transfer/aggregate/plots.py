@@ -18,7 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from transfer.aggregate.columns import lower_is_better, main_metric, probe_columns, probe_name  # noqa: E402
+from transfer.aggregate.columns import (  # noqa: E402
+    CHANGE_POINTS,
+    benchmark_changes,
+    lower_is_better,
+    main_metric,
+    probe_columns,
+    probe_name,
+)
 from transfer.aggregate.readable import bars_note, interval, labels, log_axis, plain, words  # noqa: E402
 
 MARKERS = "osD^vP*Xh<>p"
@@ -91,21 +98,24 @@ SAME_GENRE = "same genre as the training data: a fall is transfer, not absence o
 
 
 def _gain_vs_forgetting(done: pd.DataFrame, probes: dict, path: Path) -> Path | None:
-    """Domain gain against every forgetting probe's perplexity change, a panel per probe."""
-    columns = [c for c in probe_columns(done) if not _rows_with(done, "val_change_pct", c).empty]
+    """Domain gain against every forgetting probe's perplexity change and every benchmark's accuracy change, a panel
+    each."""
+    changes = [*probe_columns(done), *benchmark_changes(done)]
+    columns = [c for c in changes if not _rows_with(done, "val_change_pct", c).empty]
     if not columns:
         return None
     rows = math.ceil(len(done) / 2) + 1  # the legend's, under each panel
     fig, axes = plt.subplots(1, len(columns), figsize=(6.5 * len(columns), 5.4 + 0.2 * rows), squeeze=False)
     for ax, column in zip(axes[0], columns, strict=True):
         _probe_panel(ax, _rows_with(done, "val_change_pct", column), column, probes.get(probe_name(column)) or {})
-    title = "What each group gained in the domain against what happened on each forgetting probe"
+    title = "What each group gained in the domain against what happened on each forgetting probe and benchmark"
     return _titled(fig, title, _caption(done, *_one(done, "point", "val_change_pct")), path)
 
 
 def _probe_panel(ax, data: pd.DataFrame, column: str, about: dict) -> None:
-    """One probe. A row whose jobs trained on the probe's genre is hollow: its probe may improve by transfer."""
-    name = probe_name(column)
+    """One probe, or one benchmark. A row whose jobs trained on the probe's genre is hollow: its probe may improve by
+    transfer."""
+    name = column.removesuffix(CHANGE_POINTS) if column.startswith("bench_") else probe_name(column)
     flag = f"{name}_same_genre"
     same = data[flag].eq(True) if flag in data else pd.Series(False, index=data.index)
     for index, row in data.iterrows():
@@ -118,11 +128,15 @@ def _probe_panel(ax, data: pd.DataFrame, column: str, about: dict) -> None:
             [], [], marker="o", linestyle="none", color="grey", markerfacecolor="none", label=f"hollow: {SAME_GENRE}"
         )
     ax.axhline(0, color="grey", linewidth=0.8)
-    shown = "reference corpus" if name == "ref" else name.removeprefix("ref_")
+    shown = "reference corpus" if name == "ref" else name.removeprefix("ref_").removeprefix("bench_")
     ax.set_xlabel("domain gain: validation perplexity drop, % (right: the domain improved)")
-    ax.set_ylabel(f"{shown} perplexity change, %\n(above 0: forgetting; below 0: the probe improved too)")
-    details = ", ".join(str(about[k]) for k in ("genre", "format") if about.get(k))
-    ax.set_title(f"probe: {shown}" + (f" ({details})" if details else ""), fontsize=10)
+    if name.startswith("bench_"):  # an accuracy: forgetting is below 0, as the perplexity's is above
+        ax.set_ylabel(f"{shown} accuracy change, points\n(below 0: forgetting; above 0: the benchmark improved)")
+        ax.set_title(f"benchmark: {shown}", fontsize=10)
+    else:
+        ax.set_ylabel(f"{shown} perplexity change, %\n(above 0: forgetting; below 0: the probe improved too)")
+        details = ", ".join(str(about[k]) for k in ("genre", "format") if about.get(k))
+        ax.set_title(f"probe: {shown}" + (f" ({details})" if details else ""), fontsize=10)
     ax.grid(True, alpha=0.3)
     # under the panel, where it hides no point nor interval
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
