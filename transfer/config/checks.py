@@ -61,7 +61,9 @@ def check_trackers(settings: DictConfig) -> None:
     for kind in settings.loggers:
         name = getattr(kind, "value", kind)  # an Enum of the schema
         if name in TRACKER_EXTRAS and not preflight.installed(TRACKER_EXTRAS[name]):
-            raise TransferError(f'logging.loggers names {name}, which needs the {name} extra: pip install -e ".[{name}]"')
+            raise TransferError(
+                f'logging.loggers names {name}, which needs the {name} extra: pip install -e ".[{name}]"'
+            )
 
 
 def check_counts(cfg: DictConfig) -> None:

@@ -257,7 +257,9 @@ def log_sweep_tables(cfg, sweep: Path, cwd: Path) -> None:
         experiment = _experiment(client, experiment_name(cfg.logging, sweep, cwd))
         found = client.search_runs([experiment], "tags.`transfer.tables` = 'true'", max_results=1)
         tags = {"transfer.tables": "true", "transfer.folder": str(sweep.absolute())}
-        run_id = found[0].info.run_id if found else client.create_run(experiment, run_name="tables", tags=tags).info.run_id
+        run_id = (
+            found[0].info.run_id if found else client.create_run(experiment, run_name="tables", tags=tags).info.run_id
+        )
     client.log_artifacts(run_id, str(sweep / "tables"), "tables")
     client.set_terminated(run_id)
 
@@ -274,7 +276,7 @@ class WandB:
         self.run = wandb.init(
             dir=str(job.folder), id=(kept or {}).get("id"), resume="allow" if kept else None,
             project=settings.wandb.project, entity=settings.wandb.entity, name=job.name(cwd), config=job.params,
-            group=experiment_name(settings, job.sweep, cwd) if job.sweep is not None else None,
+            group=_shown(job.sweep, cwd) if job.sweep is not None else None,
             mode=None if os.environ.get("WANDB_MODE") else "offline",
             settings=wandb.Settings(console="off", silent=True),  # the run's own log has what it prints
         )  # fmt: skip
