@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SHORT, made_once, run_ok, skip_or_fail
+from omegaconf import OmegaConf
 
 from transfer.config.compose import check_command_line, compose_config
 from transfer.errors import TransferError
@@ -305,3 +306,15 @@ def test_mlflow_ui_in_chromium_shows_the_sweeps_runs_and_their_curves(tracked_sw
     assert struct.unpack(">II", shot.read_bytes()[16:24]) == (1800, 1050)
     if os.environ.get("MLFLOW_UI_SCREENSHOT"):  # how docs/figures/mlflow_ui.png is made
         shutil.copy(shot, os.environ["MLFLOW_UI_SCREENSHOT"])
+
+
+def test_resume_compares_no_tracker_setting():
+    """Where curves go does not change what is trained: a checkpoint saved before the trackers' settings existed, or
+    with other trackers, resumes."""
+    from transfer.config.folders import config_differences
+
+    cfg = compose_config([ALL, "logging.mlflow.tracking_uri=http://127.0.0.1:5000"])
+    older = OmegaConf.to_container(compose_config([]), resolve=True, enum_to_str=True)
+    older["logging"] = {"loggers": ["tensorboard"]}  # as records and checkpoints wrote it before
+    assert config_differences(older, cfg) == []
+    assert config_differences(older, compose_config(["max_steps=7"])) == [("max_steps", 200, 7)]
