@@ -255,8 +255,10 @@ def log_sweep_tables(cfg, sweep: Path, cwd: Path) -> None:
     client = MlflowClient(tracking_uri=mlflow_uri(cfg.logging, cwd))
     with _store_lock(client.tracking_uri):
         experiment = _experiment(client, experiment_name(cfg.logging, sweep, cwd))
-        found = client.search_runs([experiment], "tags.`transfer.tables` = 'true'", max_results=1)
-        tags = {"transfer.tables": "true", "transfer.folder": str(sweep.absolute())}
+        # this sweep's, as named where it ran (logging.mlflow.experiment may put several sweeps in one experiment)
+        tags = {"transfer.tables": "true", "transfer.sweep": _shown(sweep, cwd)}
+        found = client.search_runs([experiment], " and ".join(f"tags.`{k}` = {v!r}" for k, v in tags.items()))
+        tags["transfer.folder"] = str(sweep.absolute())
         run_id = (
             found[0].info.run_id if found else client.create_run(experiment, run_name="tables", tags=tags).info.run_id
         )
