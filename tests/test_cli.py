@@ -98,8 +98,8 @@ def test_each_logger_named_in_the_config_gets_every_call_and_unknown_ones_are_on
     assert "samples/0/text_summary" in events.Tags()["tensors"]
     assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
     with pytest.raises(TransferError) as e:
-        check_command_line(["logging.loggers=[wandb]"])
-    assert str(e.value) == "logging.loggers[0]: Invalid value 'wandb', expected one of [tensorboard]"
+        check_command_line(["logging.loggers=[comet]"])
+    assert str(e.value) == "logging.loggers[0]: Invalid value 'comet', expected one of [tensorboard, mlflow, wandb]"
 
 
 def test_two_job_sweep(two_job_sweep):

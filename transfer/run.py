@@ -60,7 +60,8 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
     resume_from = distributed.from_rank_zero(lambda: find_resume_point(cfg.resume, out_dir))
     if resume_from is not None:
         check_same_config(resume_from, cfg)
-    with RunRecord(out_dir, cfg, choices, overrides) as record:
+    # the loggers close after the record's last write, so that the trackers keep the record as the run ended
+    with contextlib.ExitStack() as closing, RunRecord(out_dir, cfg, choices, overrides) as record:
         log.info("output folder: %s (metrics.json, transfer.log)", where(out_dir))
         checks.check_config(cfg)
         hardware = _set_up(cfg, record, context, sweep)
@@ -72,12 +73,13 @@ def run_experiment(cfg: DictConfig, out_dir: Path, choices: dict, overrides: lis
         subject = _data(cfg, model, tokenizer, placed, hardware, record)
         # a resumed run's curves go on from its checkpoint's step (what the killed run logged after it is hidden)
         resumed_step = int(resume_from.name.split("-")[-1]) if resume_from is not None else None
-        with open_loggers(cfg, out_dir, resumed_step) as logger:
-            before = _baseline(subject, record, logger, log_step_zero=resumed_step is None, started=started)
-            record["train"] = train(model, subject.objective, subject.splits, cfg, hardware, logger, run_dir=out_dir,
-                                    resume_from=resume_from, baseline=record["eval"]["baseline"]["validation"],
-                                    plan=subject.plan, trainee=subject.trainee)  # fmt: skip
-            _final(subject, before, record, logger, context, choices, overrides)
+        params = _hparams(record.data, choices, overrides)
+        logger = closing.enter_context(open_loggers(cfg, out_dir, resumed_step, params, overrides, sweep))
+        before = _baseline(subject, record, logger, log_step_zero=resumed_step is None, started=started)
+        record["train"] = train(model, subject.objective, subject.splits, cfg, hardware, logger, run_dir=out_dir,
+                                resume_from=resume_from, baseline=record["eval"]["baseline"]["validation"],
+                                plan=subject.plan, trainee=subject.trainee)  # fmt: skip
+        _final(subject, before, record, logger, context, params)
         record["status"] = "pruned" if record["train"]["stop_reason"] == "pruned" else "completed"
         _log_outcome(record)
     return record.data
@@ -199,8 +201,8 @@ def _baseline(subject: evaluation.Subject, record: RunRecord, logger, log_step_z
     return results
 
 
-def _final(subject: evaluation.Subject, before: dict, record: RunRecord, logger, context: JobContext, choices: dict,
-           overrides: list[str]) -> None:  # fmt: skip
+def _final(subject: evaluation.Subject, before: dict, record: RunRecord, logger, context: JobContext,
+           params: dict) -> None:  # fmt: skip
     """Every evaluator again, on the weights eval.weights chose; what changed; the end's measures and summaries."""
     results = evaluation.at_final(subject, before)
     baseline, final = record["eval"]["baseline"], evaluation.scores(results)
@@ -216,7 +218,7 @@ def _final(subject: evaluation.Subject, before: dict, record: RunRecord, logger,
     record["hardware"]["device_at_end"] = str(subject.hardware.device)
     if distributed.is_main():
         _write_samples(record.out_dir, logger, record["samples"])
-    _log_final(logger, record.data, choices, overrides)
+    _log_final(logger, record.data, params)
 
 
 def _log_outcome(record: RunRecord) -> None:
@@ -321,7 +323,15 @@ def _write_samples(out_dir: Path, logger, samples: list[dict]) -> None:
         logger.text(f"samples/{i}", text)
 
 
-def _log_final(logger, record: dict, choices: dict, overrides: list[str]) -> None:
+def _hparams(record: dict, choices: dict, overrides: list[str]) -> dict:
+    """The job's choices and overrides (not Hydra's own) and its trainable parameters: what trackers compare runs by."""
+    hp = {group: str(choice) for group, choice in choices.items()}
+    hp.update({o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o and not o.startswith("hydra")})
+    hp["trainable_params"] = record["params"]["trainable"]
+    return hp
+
+
+def _log_final(logger, record: dict, params: dict) -> None:
     """Final scalars, and the hyper-parameters against the results (TensorBoard's HParams dashboard)."""
     steps = record["train"]["steps"]
     metrics = {}
@@ -331,10 +341,7 @@ def _log_final(logger, record: dict, choices: dict, overrides: list[str]) -> Non
         metrics.update({f"final/{name}_{k}": v for k, v in result.items() if isinstance(v, float) and k != "loss"})
     metrics["final/train_seconds"] = record["train"]["seconds"]
     metrics["final/trainable_pct"] = record["params"]["trainable_pct"]
-    hp = {group: str(choice) for group, choice in choices.items()}
-    hp.update({o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o and not o.startswith("hydra")})
-    hp["trainable_params"] = record["params"]["trainable"]
-    logger.hparams(hp, metrics)
+    logger.hparams(params, metrics)
     logger.scalars(metrics, steps)
 
 

@@ -48,6 +48,22 @@ def check_config(cfg: DictConfig, processes: int | None = None) -> None:
     check_cache_folders(cfg)
     hardware.check_hardware(cfg)
     check_inputs(cfg)
+    check_trackers(cfg.logging)
+
+
+# the trackers of logging.loggers that install as extras of ours: name -> the module it imports
+TRACKER_EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}
+
+
+def check_trackers(settings: DictConfig) -> None:
+    """A tracker whose library is not installed is refused in one line naming its extra, before anything runs (it
+    would fail only when the run opens its loggers, after the model loaded)."""
+    for kind in settings.loggers:
+        name = getattr(kind, "value", kind)  # an Enum of the schema
+        if name in TRACKER_EXTRAS and not preflight.installed(TRACKER_EXTRAS[name]):
+            raise TransferError(
+                f'logging.loggers names {name}, which needs the {name} extra: pip install -e ".[{name}]"'
+            )
 
 
 def check_counts(cfg: DictConfig) -> None:

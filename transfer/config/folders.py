@@ -20,7 +20,7 @@ STATE_FILE = "trainer_state.pt"
 FREE_ON_RESUME = (
     "resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval",
     "hardware.loss_chunk_tokens", "hardware.attention", "hardware.compile", "hardware.compile_mode", "hardware.kernels",
-    "distributed", "search", "eval.cka", "eval.cka_blocks", "cache", "hardware.memory_check",
+    "distributed", "search", "eval.cka", "eval.cka_blocks", "cache", "hardware.memory_check", "logging",
 )  # fmt: skip
 
 

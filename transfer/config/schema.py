@@ -114,12 +114,30 @@ class CacheConfig:
 # ---------------------------------------------------------------- logging
 class Logger(Enum):  # transfer.training.loggers.LOGGERS: the class of each
     tensorboard = "tensorboard"
+    mlflow = "mlflow"  # the mlflow extra
+    wandb = "wandb"  # the wandb extra
+
+
+@dataclass
+class MlflowConfig:
+    # null: sqlite:///mlflow.db in the folder `python -m transfer` ran in (MLflow's own default, which `mlflow ui`
+    # started there opens); or a server (http://host:5000) or another store
+    tracking_uri: str | None = None
+    experiment: str | None = None  # null: the sweep's folder for a sweep's jobs, "single runs" for the others
+
+
+@dataclass
+class WandbConfig:  # offline unless WANDB_MODE says otherwise; `wandb sync` uploads later
+    project: str = "transfer"
+    entity: str | None = None
 
 
 @dataclass
 class LoggingConfig:
     # Where curves and summaries go, rank 0 only: several at once, or [] for none (metrics.json is always written).
     loggers: list[Logger] = field(default_factory=lambda: [Logger.tensorboard])
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 # ---------------------------------------------------------------- the run

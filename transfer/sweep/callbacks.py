@@ -26,10 +26,25 @@ class TablesCallback(Callback):
             pretty = for_people(table)
             print(markdown(pretty) + f"\n\n{under_table(table, pretty.columns)}")
             print(f"\ntables and plots in {sweep / 'tables'}")
+            _to_trackers(config, sweep)
         except TransferError as e:
             log.warning("no tables for %s: %s", sweep, e)
         except Exception as e:  # the jobs' records stand; `python -m transfer.aggregate` can try again
             log.warning("no tables for %s: %s: %s (python -m transfer.aggregate %s)", sweep, type(e).__name__, e, sweep)
+
+
+def _to_trackers(config, sweep: Path) -> None:
+    """The tables as artifacts of the sweep's MLflow experiment, when logging.loggers names mlflow; a store that
+    cannot take them leaves the tables in the sweep's folder, said in one line."""
+    if "mlflow" not in [getattr(kind, "value", kind) for kind in config.logging.loggers]:
+        return
+    from transfer.training.loggers import log_sweep_tables
+
+    cwd = Path(config.hydra.runtime.cwd)
+    try:
+        log_sweep_tables(config, cwd / sweep, cwd)
+    except Exception as e:
+        log.warning("the tables are not in MLflow: %s: %s", type(e).__name__, str(e).splitlines()[0])
 
 
 # the submitit plugin's launchers, and ours in their place (hydra_plugins/transfer_submitit_launcher)
