@@ -121,7 +121,7 @@ def _squared(t: torch.Tensor | None) -> float:
     """The squared Frobenius norm, each row's in float32 and their sum in float64: within 1e-6 relative of a float64
     sum for float32 weights, 1e-5 for bf16 ones (tests/test_diagnostics.py).
 
-    One float32 sum over a whole matrix drifts (4 % on Qwen2-0.5B's embedding matrix); a float64 one is exact
+    One float32 sum over a whole matrix drifts (4 % on Qwen2.5-Coder-0.5B's embedding matrix); a float64 one is exact
     enough but ten times slower on a CPU, which made it most of a minute of every run at that size (docs/qwen.md).
     """
     if t is None:
