@@ -109,13 +109,7 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
             training["peak"] += weights
             notes.append("a preference objective's frozen reference copy")
         if fake_device.type == "cpu" and not hasattr(model, "peft_config"):
-            # the weight-change diagnostics' copy of what trains (evaluation/diagnostics.snapshot), held on the CPU
-            # from the baseline to the end: this process's memory on a CPU (the host's, not the GPU's, beside one)
-            copy = _bytes(p for p in model.parameters() if p.requires_grad)
-            for found in (training, evaluating):
-                found["snapshot"] = copy
-                found["peak"] += copy
-            notes.append("the weight-change diagnostics' CPU copy of the weights that train")
+            _add_snapshot(model, (training, evaluating), notes)
         if objective.rows_per_example == 2:
             notes.append("a pair's two answers as two rows")
         if objective.family == "sft":
@@ -128,6 +122,16 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
         "weights_bytes": weights,
         "notes": notes,
     }
+
+
+def _add_snapshot(model, parts: tuple[dict, ...], notes: list[str]) -> None:
+    """The weight-change diagnostics' copy of what trains (evaluation/diagnostics.snapshot), held on the CPU from the
+    baseline to the end: in this process's memory on a CPU (the host's, not the GPU's, beside one)."""
+    copy = _bytes(p for p in model.parameters() if p.requires_grad)
+    for found in parts:
+        found["snapshot"] = copy
+        found["peak"] += copy
+    notes.append("the weight-change diagnostics' CPU copy of the weights that train")
 
 
 class _LiveBytes(TorchDispatchMode):
