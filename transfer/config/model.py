@@ -56,6 +56,9 @@ class ModelConfig:
     # Dtype of the weights in memory; mixed precision is hardware.precision.
     dtype: WeightDtype = WeightDtype.float32
     tiny: TinyModelConfig | None = None
+    # How to get a folder that a preset names but the machine may lack (a model built by a make target): said
+    # at start-up when the folder is missing.
+    build_hint: str | None = None
 
 
 # options of the group -> the schema class their YAML names (schema/model/<option>)
@@ -94,6 +97,8 @@ def model_shape(model_cfg, weights: bool) -> tuple[int | None, int | None]:
     if model_cfg.name_or_path is None:
         return model_cfg.tiny.num_layers, model_cfg.tiny.max_position_embeddings
     folder = Path(model_cfg.name_or_path).expanduser()
+    if not folder.is_dir() and model_cfg.get("build_hint"):
+        raise TransferError(f"model.name_or_path={model_cfg.name_or_path!r} does not exist; {model_cfg.build_hint}")
     if not folder.is_dir():
         check_hub_model(model_cfg.name_or_path, model_cfg.revision)
         return None, None  # the loader reads a hub model's shape

@@ -7,7 +7,9 @@ What runs is the run's own step: the model built from its config with the strate
 transforms applied, the objective's token loss (the fused head loss, in chunks), the optimizer's
 first and then a tracked second step (its state exists from the first on), under the run's
 autocast. On a CUDA machine the fake tensors are CUDA tensors, so CUDA's kernels (flash attention)
-decide what is kept; elsewhere the CPU's, and the record says which. Not counted: the CUDA context
+decide what is kept; elsewhere the CPU's, and the record says which. On a CPU the weight-change
+diagnostics' copy of the weights that train is counted too: it is in the same memory there (2 GB
+for Qwen2-0.5B's full fine-tuning, docs/qwen.md). Not counted: the CUDA context
 and the allocator's reserve (`torch.cuda.max_memory_allocated` does not count them either).
 
 Approximations, said in the record: instruction tuning's masked positions are counted as scored
@@ -106,6 +108,8 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
             training["reference"] = weights  # the frozen copy of the initial model
             training["peak"] += weights
             notes.append("a preference objective's frozen reference copy")
+        if fake_device.type == "cpu" and not hasattr(model, "peft_config"):
+            _add_snapshot(model, (training, evaluating), notes)
         if objective.rows_per_example == 2:
             notes.append("a pair's two answers as two rows")
         if objective.family == "sft":
@@ -118,6 +122,16 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
         "weights_bytes": weights,
         "notes": notes,
     }
+
+
+def _add_snapshot(model, parts: tuple[dict, ...], notes: list[str]) -> None:
+    """The weight-change diagnostics' copy of what trains (evaluation/diagnostics.snapshot), held on the CPU from the
+    baseline to the end: in this process's memory on a CPU (the host's, not the GPU's, beside one)."""
+    copy = _bytes(p for p in model.parameters() if p.requires_grad)
+    for found in parts:
+        found["snapshot"] = copy
+        found["peak"] += copy
+    notes.append("the weight-change diagnostics' CPU copy of the weights that train")
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -290,11 +304,17 @@ def refusal(cfg, found: dict, limit: int, device: torch.device) -> str | None:
 def _at_batch_of_one(cfg, found: dict) -> int:
     """The estimated peak once halving has brought the micro-batch and the evaluation batch down to 1."""
     training, evaluating = found["training"], found["evaluation"]
-    fixed = training["weights"] + training["gradients"] + training["optimizer"] + training.get("reference", 0)
+    fixed = _held(training)
     at_one = [fixed + (training["peak"] - fixed) / cfg.micro_batch_size]
-    fixed = evaluating["weights"] + evaluating["optimizer"]
+    fixed = _held(evaluating)
     at_one.append(fixed + (evaluating["peak"] - fixed) / cfg.eval_batch_size)
     return round(max(at_one))
+
+
+def _held(part: dict) -> int:
+    """What a step or an evaluation batch holds whatever the batch size: weights, gradients, optimizer state, and
+    the copies beside them (a reference model, the diagnostics' snapshot)."""
+    return sum(part.get(kind, 0) for kind in ("weights", "gradients", "optimizer", "reference", "snapshot"))
 
 
 def _fixes(cfg, found: dict, limit: int) -> list[str]:
@@ -302,7 +322,7 @@ def _fixes(cfg, found: dict, limit: int) -> list[str]:
     fixes = []
     training, evaluating = found["training"], found["evaluation"]
     if training["peak"] > limit:
-        fixed = training["weights"] + training["gradients"] + training["optimizer"] + training.get("reference", 0)
+        fixed = _held(training)
         micro = _halved_to_fit(cfg.micro_batch_size, fixed, training["peak"] - fixed, limit)
         if micro:
             accum = cfg.grad_accum_steps * cfg.micro_batch_size // micro
@@ -312,7 +332,7 @@ def _fixes(cfg, found: dict, limit: int) -> list[str]:
         if fixed > limit:
             fixes.append("a strategy that trains less (lora, qlora)")
     if evaluating["peak"] > limit:
-        fixed = evaluating["weights"] + evaluating["optimizer"]
+        fixed = _held(evaluating)
         size = _halved_to_fit(cfg.eval_batch_size, fixed, evaluating["peak"] - fixed, limit)
         if size:
             fixes.append(f"eval_batch_size={size}")
