@@ -288,7 +288,7 @@ strategy:
          "error: own/experiment/mine.yaml: strategy.r: Value 'abc' of type 'str' could not be converted to Integer"),
         ("r", ["+experiment=mien"], "error: unknown experiment 'mien'; allowed: mine, replay_sweep, smoke, "
          "strategy_comparison"),
-        ("r", ["--config-name", "top"], "error: own/top.yaml: unknown key 'eval.bogus'; allowed keys there: probes, "
+        ("r", ["--config-name", "top"], "error: own/top.yaml: unknown key 'eval.bogus'; allowed keys there: probes, benchmarks, "
          "max_tokens, max_new_tokens, weights, cka, cka_blocks"),
         ("r", ["-m", "+experiment=mine", "seed=1,2", "max_steps=-1"],
          "error: max_steps=-1 must be at least 1 (or null to train by epochs)"),
