@@ -117,7 +117,8 @@ def test_ctrl_c_during_a_submitit_jobs_evaluation_stops_it_at_once(tmp_path):
     cancel that follows 30 s later (SIGINT through submitit's controller, with its traceback). Now it stops on the
     SIGTERM: its record says so, and no traceback is printed."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the submitit plugin is not installed")
-    args = ["-m", "max_steps=2", "eval.max_tokens=512", "eval_batch_size=1", "eval.max_new_tokens=2", "hardware=cpu",
+    # blocks of 32 tokens one at a time: the probe's baseline takes seconds more than the stop needs on a busy machine
+    args = ["-m", "max_steps=2", "eval.max_tokens=512", "block_size=32", "eval_batch_size=1", "eval.max_new_tokens=2", "hardware=cpu",
             "hardware.num_threads=1", "hardware.estimate_memory=false", "hydra/launcher=submitit_local",
             "hydra.sweep.dir=sweep"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
