@@ -30,6 +30,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from transfer import fmt
 from transfer.config.strategy import STRATEGIES
 from transfer.errors import TransferError, first_line
 
@@ -232,11 +233,6 @@ def _write(model, tokenizer, tmp: Path, out: Path, merge: bool, peft: bool) -> d
     return {"parameters": count(model), "class": type(model).__name__}
 
 
-def shown(path: Path) -> str:
-    """A path as a line shows it: relative to the working folder when inside it (paths in export.json are whole)."""
-    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
-
-
 def count(model) -> int:
     """Parameters, a tied matrix once (as `parameters()` yields it)."""
     return sum(p.numel() for p in model.parameters())
@@ -258,7 +254,7 @@ def _write_atomically(out: Path, write) -> None:
 def _describe(record: dict, weights: dict) -> str:
     cfg = record["config"]
     model = (record.get("model") or {}).get("name_or_path") or cfg["model"].get("name_or_path") or cfg["model"]["name"]
-    where = f" from {shown(weights['folder'])}" if weights["folder"] else " (the untrained model: nothing to load)"
+    where = f" from {fmt.where(weights['folder'])}" if weights["folder"] else " (the untrained model: nothing to load)"
     return f"{model}, strategy {cfg['strategy']['name']}, {weights['which']} weights of step {weights['step']}{where}"
 
 
@@ -391,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"an adapter of {info['adapter_parameters']:,} parameters over its base, "
                 f"{ADAPTER_BASE}/ ({info['class']}, {info['parameters']:,} parameters)"
             )
-        print(f"wrote {shown(Path(info['out']))}: {what}", flush=True)
+        print(f"wrote {fmt.where(info['out'])}: {what}", flush=True)  # export.json keeps the whole path
         if args.check:
             result = check_export(Path(info["out"]), args.tolerance)
             print(describe_check(result))
