@@ -123,7 +123,7 @@ class Talker:
 def load(run_dir: Path, which: str | None = None, base: bool = False) -> Talker:
     """The run's model with the chosen weights (or the one it started from) on the device its hardware settings pick."""
     from transfer.config.strategy import STRATEGIES
-    from transfer.export import _describe, pick_weights, read_run, rebuild, run_config
+    from transfer.export import describe_weights, pick_weights, read_run, rebuild, run_config
 
     run_dir = Path(run_dir).resolve()
     record = read_run(run_dir)  # a bad RUN is named before torch is imported
@@ -146,7 +146,7 @@ def load(run_dir: Path, which: str | None = None, base: bool = False) -> Talker:
         model = model.unload()  # the base itself, not an adapter at its initial values
     model.to(hardware.device)
     template = getattr(build_objective(cfg, tokenizer), "template", "none")  # lm frames nothing
-    described = _describe(record, weights)
+    described = describe_weights(record, weights)
     if base:  # export's wording of step 0 says "nothing to load", which reads oddly here
         described = f"{described.split(', strategy ')[0]}, untrained: the model the run started from (--base)"
     return Talker(model, tokenizer, template, hardware, described)
@@ -155,7 +155,7 @@ def load(run_dir: Path, which: str | None = None, base: bool = False) -> Talker:
 # ---------------------------------------------------------------- the batch form
 def read_prompts(path: Path, system: str | None) -> list[list[dict]]:
     """Each prompt as the conversation it opens: a line of text, or a .jsonl row's prompt or messages."""
-    from transfer.data.chat import _messages
+    from transfer.data.chat import parse_messages
 
     if not path.is_file():
         raise TransferError(f"--prompts {path}: no such file; allowed: a text file (one prompt a line) or a .jsonl")
@@ -175,7 +175,7 @@ def read_prompts(path: Path, system: str | None) -> list[list[dict]]:
         value = row.get("messages", row.get("prompt")) if isinstance(row, dict) else None
         if not isinstance(value, str | list):
             raise TransferError(f'{where}: allowed: {{"prompt": text}} or {{"messages": [{{role, content}}, ...]}}')
-        messages = _messages(value, where)
+        messages = parse_messages(value, where)
         if messages[-1]["role"] != "user" or any(not isinstance(m["content"], str) for m in messages):
             raise TransferError(f"{where}: the conversation must end with a user's turn, every message with text")
         conversations.append([*opening, *messages] if messages[0]["role"] != "system" else messages)
@@ -284,9 +284,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    from transfer.export import _quiet
+    from transfer.export import quiet_libraries
 
-    _quiet()
+    quiet_libraries()
     try:
         run_dir = Path(args.run).resolve()
         if args.prompts:  # the prompts and where they go are checked before the model loads

@@ -178,7 +178,7 @@ def export(run_dir: Path, merge: bool = False, out: Path | None = None, which: s
     check_out(out)
     weights = pick_weights(record, run_dir, which)
     cfg = run_config(record, run_dir)
-    print(f"rebuilding {run_dir.name}: {_describe(record, weights)}", flush=True)
+    print(f"rebuilding {run_dir.name}: {describe_weights(record, weights)}", flush=True)
     model, tokenizer = rebuild(cfg, weights)
     _check_same_shape(model, record, run_dir)
     peft = hasattr(model, "peft_config")
@@ -251,7 +251,7 @@ def _write_atomically(out: Path, write) -> None:
         raise
 
 
-def _describe(record: dict, weights: dict) -> str:
+def describe_weights(record: dict, weights: dict) -> str:
     cfg = record["config"]
     model = (record.get("model") or {}).get("name_or_path") or cfg["model"].get("name_or_path") or cfg["model"]["name"]
     where = f" from {fmt.where(weights['folder'])}" if weights["folder"] else " (the untrained model: nothing to load)"
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
         parser.error(f"--tolerance {args.tolerance}: allowed: a finite number >= 0")
-    _quiet()
+    quiet_libraries()
     try:
         info = export(Path(args.run), args.merge, Path(args.out) if args.out else None, args.weights)
         what = f"{info['class']} {'merged model' if info['merged'] else 'model'}, {info['parameters']:,} parameters"
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _quiet() -> None:
+def quiet_libraries() -> None:
     """The library notices a run silences, and the progress bars of loading a few small files."""
     import transformers
 

@@ -182,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     colour = args.colour == "always" or (args.colour == "auto" and sys.stdout.isatty())
     try:
         cfg = compose(args.overrides)
-        from transfer.export import _quiet
+        from transfer.export import quiet_libraries
 
-        _quiet()
+        quiet_libraries()
         lines = report(cfg, args.n, args.split, colour)
     except TransferError as e:
         print(f"error: {e}", file=sys.stderr)

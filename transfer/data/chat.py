@@ -80,7 +80,7 @@ def to_example(row: dict, fmt: str, cfg, where: str) -> Example:
     value = row.get(name)
     if not isinstance(value, list):
         raise TransferError(f"{where}: {name!r} is {_said(value)}; allowed: a list of messages")
-    return _checked(_messages(value, where), where)
+    return _checked(parse_messages(value, where), where)
 
 
 def to_pair(row: dict, cfg, where: str) -> tuple[Example, Example]:
@@ -125,11 +125,11 @@ def _answered(prompt, answer, where: str) -> Example:
     if isinstance(prompt, str) and isinstance(answer, str):
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         return Example(_checked(messages, where).messages, raw=(prompt, answer), where=where)
-    answers = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else _messages(answer, where)
-    return _checked([*_messages(prompt, where), *answers], where)
+    answers = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else parse_messages(answer, where)
+    return _checked([*parse_messages(prompt, where), *answers], where)
 
 
-def _messages(value, where: str) -> list[dict]:
+def parse_messages(value, where: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list):
