@@ -286,8 +286,8 @@ strategy:
          "there: name, lr, r, alpha, dropout, target_modules, use_rslora, modules_to_save"),
         ("r: abc\n  alpha", ["+experiment=mine"],
          "error: own/experiment/mine.yaml: strategy.r: Value 'abc' of type 'str' could not be converted to Integer"),
-        ("r", ["+experiment=mien"], "error: unknown experiment 'mien'; allowed: mine, replay_sweep, smoke, "
-         "strategy_comparison"),
+        ("r", ["+experiment=mien"], "error: unknown experiment 'mien'; allowed: mine, qwen_strategies, replay_sweep, "
+         "smoke, strategy_comparison"),
         ("r", ["--config-name", "top"], "error: own/top.yaml: unknown key 'eval.bogus'; allowed keys there: probes, benchmarks, "
          "max_tokens, max_new_tokens, weights, cka, cka_blocks"),
         ("r", ["-m", "+experiment=mine", "seed=1,2", "max_steps=-1"],

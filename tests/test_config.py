@@ -298,7 +298,8 @@ def test_sweep_params_of_an_experiment_are_checked():
     with pytest.raises(TransferError, match="unknown key 'strategy.frozen_blocks'"):
         check_command_line(["-m", "+experiment=smoke", "strategy.frozen_blocks=3"])  # full has no frozen_blocks
     with pytest.raises(
-        TransferError, match="unknown experiment 'smok'; allowed: replay_sweep, smoke, strategy_comparison"
+        TransferError,
+        match="unknown experiment 'smok'; allowed: qwen_strategies, replay_sweep, smoke, strategy_comparison",
     ):
         check_command_line(["-m", "+experiment=smok"])
 

@@ -205,7 +205,7 @@ CONFIG_CASES = [
          "model.name_or_path='Qwen/Qwen2-0.5B' is not in the local Hugging Face cache, and the hub is unreachable "
          "(HF_HUB_OFFLINE is set)"),
     Case("text_files without files", ["dataset=text_files"], "dataset.train_files must be set"),
-    Case("unknown experiment", ["-m", "+experiment=smok"], "unknown experiment 'smok'; allowed: replay_sweep, smoke,"),
+    Case("unknown experiment", ["-m", "+experiment=smok"], "unknown experiment 'smok'; allowed: qwen_strategies, replay_sweep,"),
     # ranges and combinations
     Case("no steps", ["max_steps=0"], "max_steps=0 must be at least 1"),
     Case("neither steps nor epochs", ["max_steps=null", "epochs=null"], "max_steps and epochs are both null"),
