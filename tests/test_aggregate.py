@@ -13,7 +13,7 @@ from conftest import copy_run, run_cli
 
 from transfer.aggregate.__main__ import main
 from transfer.aggregate.jobs import find_sweeps, read_jobs, sweeps_under
-from transfer.aggregate.stats import paired_t_test, t_cdf, t_quantile, t_two_sided_p
+from transfer.aggregate.stats import PairedTest, paired_t_test, t_cdf, t_quantile, t_two_sided_p
 from transfer.aggregate.tables import CI_NOTE, comparison, for_people
 
 STEPS = ["max_steps=6", "eval_interval=3", "block_size=64", "micro_batch_size=4", "eval.max_tokens=2048", "eval.probes.python_docs.max_tokens=2048",
@@ -368,6 +368,26 @@ def test_paired_t_test_against_its_formula():
     assert paired_t_test([5.0, 5.1, 4.9]).significant
     one = paired_t_test([4.0])
     assert one.n == 1 and math.isnan(one.p) and math.isnan(one.half_width) and not one.significant
+
+
+def test_values_equal_up_to_float_rounding_have_no_interval(tmp_path):
+    """Three seeds' val_ppl_before of 7.58 each: their sum over 3 is 7.580000000000001, whose pandas std is 1.1e-15,
+    and the table showed `7.58 ± 2.7e-15`; an interval of float noise in the markdown, the CSV and the plots' bars."""
+    from transfer.aggregate.readable import interval
+
+    for seed in (1, 2, 3):
+        record = fake_record("full", "1e-3", seed, 10.0 + seed, 20.0)
+        record["eval"]["baseline"]["validation"]["perplexity"] = 7.58
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "metrics.json").write_text(json.dumps(record))
+    table = comparison(read_jobs([tmp_path]))
+    assert table.at[0, "val_ppl_before"] == pytest.approx(7.58, rel=1e-15)
+    assert table.at[0, "val_ppl_before_std"] == 0.0 and table.at[0, "val_ppl_before_ci95"] == 0.0
+    assert interval(table.iloc[0], "val_ppl_before") == (0.0, 0.0)
+    shown = for_people(table)
+    assert shown.at[0, "val_ppl_before"] == "7.58"
+    assert shown.at[0, "val_ppl_after"] == f"12 ± {t_quantile(0.975, 2) / math.sqrt(3):.3g}"  # 11, 12, 13: a spread
+    assert paired_t_test([0.1 + 0.2, 0.3, 0.3]) == PairedTest(3, pytest.approx(0.3), 0.0, 0.0)  # one difference
 
 
 PROBES = {
