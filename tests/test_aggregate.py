@@ -160,7 +160,7 @@ def test_newest_sweep_by_default(sweep, tmp_path, monkeypatch, capsys):
 def test_sweeps_that_vary_different_overrides_share_one_table(sweep, two_job_sweep, tmp_path, capsys):
     """strategy and seed vary in one sweep, optimizer.lr in the other: each row lacks the other's keys."""
     assert main([str(sweep), str(two_job_sweep), "--out", str(tmp_path)]) == 0
-    assert "9 jobs (6 completed, 1 failed, 1 incomplete, 1 unreadable) from 2 sweep(s)" in capsys.readouterr().out
+    assert "9 jobs (6 completed, 1 failed, 1 incomplete, 1 unreadable) from 2 sweeps" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "comparison.csv")
     completed = table[table["status"] == "completed"]
     assert sorted(completed["optimizer.lr"].dropna()) == [1e-4, 1e-3]
@@ -193,7 +193,7 @@ def test_a_copied_job_is_one_seed_and_a_metric_that_is_no_number_is_named(two_jo
     ]
     assert main([str(sweep)]) == 0
     printed = capsys.readouterr().out
-    assert "3 jobs (2 completed, 1 duplicate) from 1 sweep(s)" in printed
+    assert "3 jobs (2 completed, 1 duplicate) from 1 sweep" in printed
     assert "".join(f"\n- {note}" for note in notes) in printed
     md = (sweep / "tables" / "comparison.md").read_text()
     assert md.endswith(f"{CI_NOTE}\n\n" + "\n".join(f"- {note}" for note in notes) + "\n")
@@ -601,7 +601,7 @@ def test_the_newest_sweep_is_found_by_its_records_and_tables_is_never_one(tmp_pa
     _aged(dated, 60)
     _aged(root / "lora_search", 10)
     assert main([]) == 0
-    assert capsys.readouterr().out.endswith("from 1 sweep(s); tables in multirun/lora_search/tables\n")
+    assert capsys.readouterr().out.endswith("from 1 sweep; tables in multirun/lora_search/tables\n")
     _aged(dated, 0)  # a job of the dated sweep wrote its record last (resumed, say)
     assert find_sweeps([], False) == [Path("multirun/2026-01-01/00-00-00")]
     assert find_sweeps([], True) == [Path("multirun/lora_search"), Path("multirun/2026-01-01/00-00-00")]
@@ -664,9 +664,9 @@ def test_all_never_mixes_sweeps_that_measure_different_things(tmp_path, monkeypa
     )
     for kind, folder, jobs in (("lm on rust_concepts", "lm-rust_concepts", 11), ("sft on movielens", "sft-movielens", 2),
                                ("lm on rust_concepts (dry run)", "lm-rust_concepts-dry-run", 1)):  # fmt: skip
-        assert f"## {kind}: 1 sweep(s)" in printed
+        assert f"## {kind}: 1 sweep" in printed
         out = Path("multirun/tables") / folder
-        assert f"from 1 sweep(s); tables in {out}\n" in printed
+        assert f"from 1 sweep; tables in {out}\n" in printed
         assert len(pd.read_csv(out / "jobs.csv")) == jobs
     assert set(pd.read_csv(root / "tables" / "sft-movielens" / "jobs.csv")["sweep"]) == {"multirun/movielens"}
     assert not (root / "lm" / "tables").exists()  # --all writes its own tables, never over a sweep's

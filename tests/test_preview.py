@@ -171,3 +171,13 @@ def test_a_bad_override_is_one_line(capsys):
     assert main(["objective=sft", "dataset=nowhere"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown dataset 'nowhere'; allowed: " in err
+
+
+def test_one_of_a_kind_is_counted_in_the_singular(tmp_path, capsys):
+    """A split of one row printed `1 rows read -> 1 sequences`."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(INSTRUCTIONS.read_text().splitlines()[0] + "\n")
+    files = [f"dataset.{s}_files=[{one}]" for s in ("train", "validation", "test")]
+    out = preview(["--n", "1", "objective=sft", "dataset=text_files", *files], capsys)
+    counts = [line for line in out.splitlines() if line.startswith(("train: ", "validation: ", "test: "))]
+    assert len(counts) == 3 and all(re.search(r": 1 row read -> 1 sequence, \d+ tokens", line) for line in counts)

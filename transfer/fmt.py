@@ -28,6 +28,12 @@ def number(value: float) -> str:
     return f"{mantissa}e{int(exponent)}" if exponent else mantissa
 
 
+def count(n: int, word: str, plural: str | None = None) -> str:
+    """'1 row', '2 rows', '1,024 rows': a number of things, the word in the plural unless there is one (`plural`
+    where adding an s is wrong: 'entries')."""
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
+
+
 PROGRESS_EVERY_S = 30.0  # a log line this often in a long loop without a progress bar (progress_lines)
 
 
