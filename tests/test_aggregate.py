@@ -512,6 +512,20 @@ def test_paired_with_one_pair_says_so_rather_than_a_p_value():
     assert paired_for_people(numbers).at[0, "Δ val_ppl_after"] == "+3 (1 pair: too few for an interval or a test)"
 
 
+def test_aggregate_piped_into_a_reader_that_leaves_ends_quietly(probe_sweep, tmp_path):
+    """`python -m transfer.aggregate SWEEP | head` ended in a BrokenPipeError traceback; its tables are written first."""
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader leaves before the first line
+    command = [sys.executable, "-m", "transfer.aggregate", str(probe_sweep), "--out", str(tmp_path / "tables")]
+    with os.fdopen(write, "w") as closed:
+        proc = subprocess.run(command, stdout=closed, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (1, "")
+    assert (tmp_path / "tables" / "comparison.csv").is_file()
+
+
 def test_bad_baselines_say_what_is_allowed(probe_sweep, tmp_path, capsys):
     assert main([str(probe_sweep), "--baseline", "strategy=nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -331,3 +331,60 @@ def test_the_own_configs_page_works_as_written(tmp_path, monkeypatch):
     with pytest.raises(TransferError) as e:
         check_own_configs(["--config-dir", "my_configs", "+experiment=lora_quik"])
     assert f"error: {e.value}" in page
+
+
+def test_a_reader_that_leaves_ends_a_command_quietly(monkeypatch, capsys):
+    """`python -m transfer.aggregate | head` ended in a BrokenPipeError traceback; a run logging to the console, in a
+    `--- Logging error ---` traceback a line. Printing stops at the closed pipe with status 1; logging goes on."""
+    import logging
+    import os
+    import sys
+
+    from transfer.fmt import reader_may_leave
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has left before the first line
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write, "w"))
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    printed = []
+
+    def report() -> int:
+        for line in ("a", "b"):
+            print(line, flush=True)
+            printed.append(line)
+        return 0
+
+    assert reader_may_leave(report) == 1 and printed == []
+    read, write = os.pipe()
+    os.close(read)
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write, "w"))
+    log = logging.getLogger("test_reader_left")
+    logged = []
+
+    def run() -> None:
+        handler = logging.StreamHandler(sys.stdout)  # as Hydra's console handler takes it, once the job starts
+        log.addHandler(handler)
+        try:
+            for step in range(3):
+                log.warning("step %d", step)
+                logged.append(step)
+        finally:
+            log.removeHandler(handler)
+        sys.exit(3)
+
+    assert reader_may_leave(run) == 3 and logged == [0, 1, 2]
+    assert "Logging error" not in capsys.readouterr().err
+
+
+def test_every_command_line_entry_point_ends_quietly_when_its_reader_leaves():
+    """Each `if __name__ == "__main__":` of the package and the benchmarks runs its main through reader_may_leave."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    mains = {p: p.read_text().split('if __name__ == "__main__":')[1:] for p in [*root.glob("transfer/**/*.py"),
+                                                                             *root.glob("benchmarks/*.py")]}  # fmt: skip
+    entry_points = {p.relative_to(root).as_posix(): parts[0] for p, parts in mains.items() if parts}
+    assert len(entry_points) == 13, sorted(entry_points)  # 7 of the package's, 6 benchmarks
+    for path, block in entry_points.items():
+        calls = re.findall(r"sys\.exit\(((?:fmt\.)?reader_may_leave)\(", block)
+        assert calls and len(calls) == block.count("sys.exit("), f"{path}: {block}"

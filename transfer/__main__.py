@@ -88,9 +88,10 @@ def help_text() -> str:
 
 
 if __name__ == "__main__":
-    if {"--help", "-h"} & set(sys.argv[1:]):
-        print(help_text())
-    else:
-        from transfer.cli import main
+    from transfer.fmt import reader_may_leave
 
-        main()
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        sys.exit(reader_may_leave(lambda: print(help_text())))
+    from transfer.cli import main
+
+    sys.exit(reader_may_leave(main))

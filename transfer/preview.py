@@ -27,7 +27,7 @@ from itertools import groupby
 
 from transfer.data.sources import SPLITS
 from transfer.errors import TransferError
-from transfer.fmt import count
+from transfer.fmt import count, reader_may_leave
 
 SCORED = ("[[", "]]")  # the plain marking of scored tokens
 ANSI = {"scored": "\x1b[1;32m", "masked": "\x1b[2m", "end": "\x1b[0m"}  # bold green; dim
@@ -195,4 +195,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(reader_may_leave(main))

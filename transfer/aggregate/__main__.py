@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from transfer.errors import TransferError
-from transfer.fmt import count
+from transfer.fmt import count, reader_may_leave
 
 # pandas, matplotlib and what reads records are imported in main, after the arguments parse: --help and a
 # misspelt option answer at once, without the second that those imports take
@@ -132,4 +132,4 @@ def _report(args, jobs, sweeps: list, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(reader_may_leave(main))
