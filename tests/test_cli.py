@@ -310,7 +310,7 @@ def test_the_own_configs_page_works_as_written(tmp_path, monkeypatch):
     """docs/own-configs.md: its files, written where it says, compose; its example error is what the check says."""
     import re
 
-    from transfer.cli import check_own_configs
+    from transfer.config.compose import check_command_line
     from transfer.errors import TransferError
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "own-configs.md").read_text()
@@ -322,14 +322,20 @@ def test_the_own_configs_page_works_as_written(tmp_path, monkeypatch):
     commands = re.findall(r"^python -m transfer (--config-dir .*?)(?:\s+#.*)?$", page, re.M)
     assert len(commands) == 5
     for command in commands:
-        check_own_configs(command.split())
+        check_command_line(command.split())
     preset = tmp_path / "my_configs" / "experiment" / "lora_quick.yaml"
     preset.write_text(preset.read_text().replace("  r: 4", "  rank: 4"))
     with pytest.raises(TransferError) as e:
-        check_own_configs(["--config-dir", "my_configs", "+experiment=lora_quick"])
+        check_command_line(["--config-dir", "my_configs", "+experiment=lora_quick"])
     assert f"error: {e.value}" in page
     with pytest.raises(TransferError) as e:
-        check_own_configs(["--config-dir", "my_configs", "+experiment=lora_quik"])
+        check_command_line(["--config-dir", "my_configs", "+experiment=lora_quik"])
+    assert f"error: {e.value}" in page
+    preset.write_text(
+        preset.read_text().replace("  rank: 4", "  r: 4") + "hydra:\n  sweeper:\n    params:\n      strategy.r: 4,abc\n"
+    )
+    with pytest.raises(TransferError) as e:
+        check_command_line(["--config-dir", "my_configs", "-m", "+experiment=lora_quick"])
     assert f"error: {e.value}" in page
 
 
@@ -388,3 +394,42 @@ def test_every_command_line_entry_point_ends_quietly_when_its_reader_leaves():
     for path, block in entry_points.items():
         calls = re.findall(r"sys\.exit\(((?:fmt\.)?reader_may_leave)\(", block)
         assert calls and len(calls) == block.count("sys.exit("), f"{path}: {block}"
+
+
+@pytest.mark.parametrize(
+    "preset,args,message",
+    [
+        ("hydra:\n  sweeper:\n    params:\n      strategy.r: 4,abc\n", [],
+         "error: own/experiment/mine.yaml: hydra.sweeper.params strategy.r=4,abc: strategy.r: Value 'abc' of type "
+         "'str' could not be converted to Integer"),
+        ("", ["strategy.r=4,abc"], "error: strategy.r: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("", ["strategy=lora,lorra"], "error: unknown strategy 'lorra'; allowed: adapter, dora, freeze_embeddings, "
+         "freeze_lower, full, ia3, loha, lora, qlora, scratch"),
+    ],
+)  # fmt: skip
+def test_a_sweep_over_your_own_preset_is_checked_at_start_up(tmp_path, monkeypatch, preset, args, message):
+    """A sweep's values, and those of a preset's hydra.sweeper.params, were checked only in each job with --config-dir:
+    the sweep started, and each bad job failed in Hydra's lines without the preset's file."""
+    from transfer.cli import _check
+
+    (tmp_path / "own" / "experiment").mkdir(parents=True)
+    (tmp_path / "own" / "experiment" / "mine.yaml").write_text(OWN_PRESET.format(key="r") + preset)
+    monkeypatch.chdir(tmp_path)
+    assert _check(["--config-dir", "own", "-m", "+experiment=mine", *args]) == (2, message)
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_an_unknown_option_chosen_in_your_own_preset_names_the_preset(tmp_path, monkeypatch):
+    from transfer.cli import _check
+
+    (tmp_path / "own" / "experiment").mkdir(parents=True)
+    (tmp_path / "own" / "experiment" / "mine.yaml").write_text(OWN_PRESET.format(key="r").replace("lora", "lorra"))
+    monkeypatch.chdir(tmp_path)
+    assert _check(["--config-dir", "own", "+experiment=mine"]) == (
+        2,
+        "error: own/experiment/mine.yaml: unknown strategy 'lorra'; allowed: adapter, dora, freeze_embeddings, "
+        "freeze_lower, full, ia3, loha, lora, qlora, scratch",
+    )
+    assert _check(["--config-dir", "own", "--config-name", "mine"]) == (
+        2, "error: --config-name mine: no such config; allowed: config"
+    )  # fmt: skip
