@@ -11,6 +11,7 @@ from test_chat import INSTRUCTIONS, chat_model
 
 from transfer.config.compose import compose_config
 from transfer.data.sequences import IGNORE
+from transfer.fmt import count
 from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
 from transfer.preview import ANSI, main
@@ -153,7 +154,7 @@ def test_truncation_counts_and_lengths_are_those_of_the_data_cut_to_block_size(t
     else:
         lengths, dropped = [min(t, block) for t in totals], 0
     kept = len(lengths)
-    assert lines[at].startswith(f"train: 12 rows read -> {kept} sequences, {sum(lengths):,} tokens")
+    assert lines[at].startswith(f"train: 12 rows read -> {count(kept, 'sequence')}, {sum(lengths):,} tokens")
     assert lines[at + 1] == (
         f"  truncated {prompt + response} (prompt {prompt}, response {response}); dropped {dropped} "
         f"(too long {dropped}, no answer left 0)"
