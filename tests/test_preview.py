@@ -166,6 +166,24 @@ def test_truncation_counts_and_lengths_are_those_of_the_data_cut_to_block_size(t
     )
     bars = lines[at + 3 : lines.index(next(line for line in lines if line.startswith("validation: ")))]
     assert sum(int(bar.split()[-1]) for bar in bars) == kept
+    # those longer than 64: a run warns once, with the block_size that keeps 95 % whole (of 12, the 12th shortest)
+    does = {"truncate": "cuts", "drop": "drops"}[truncation]
+    assert f"warning: {too_long} of 12 training examples are longer than block_size={block}, which {does} them; " \
+           f"block_size={sorted(totals)[-(-95 * 12 // 100) - 1]} would keep 95 % of them whole" in lines  # fmt: skip
+
+
+def test_a_block_size_past_the_models_context_is_not_what_the_cut_warning_advises():
+    """Self-Instruct through the tiny model's template: 145 of 155 cut at 128, and 95 % whole would take 1263 tokens,
+    past tiny's 1024; here lengths of that shape."""
+    from transfer.run import _cut_examples
+
+    cfg = compose_config(["objective=sft"])
+    whole = [100] * 10 + [500] * 137 + [2000] * 8  # the 148th shortest of 155 (95 %, nearest rank) is 2000
+    assert _cut_examples(whole, cfg) == (
+        "145 of 155 training examples are longer than block_size=128, which cuts them; keeping 95 % of them whole "
+        "would take block_size=2000, past the model's context of 1024 tokens (at 1024, 8 are still cut)"
+    )
+    assert _cut_examples([100] * 95 + [129] * 5, cfg) is None  # 5 % cut: 95 % whole already
 
 
 def test_a_bad_override_is_one_line(capsys):

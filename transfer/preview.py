@@ -102,12 +102,6 @@ def show_examples(split_name: str, split, n: int, tokenizer, colour: bool) -> li
 
 
 # ---------------------------------------------------------------- counts and lengths
-def percentile(values: list[int], q: float) -> int:
-    """The nearest-rank percentile: a length some sequence has."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 def histogram(lengths: list[int], bins: int = 8) -> list[str]:
     """Equal-width bins from the shortest length to the longest, each with a bar and its count."""
     low, high = min(lengths), max(lengths)
@@ -124,6 +118,8 @@ def histogram(lengths: list[int], bins: int = 8) -> list[str]:
 
 
 def describe_split(name: str, split, block_size: int) -> list[str]:
+    from transfer.data.sequences import percentile
+
     summary = split.summary()
     lengths = split.seqs.lengths().tolist() if hasattr(split, "seqs") else split.lengths().tolist()
     read = summary.get("examples", summary.get("rows", summary["documents"]))
