@@ -91,7 +91,10 @@ if __name__ == "__main__":
     from transfer.fmt import reader_may_leave
 
     if {"--help", "-h"} & set(sys.argv[1:]):
-        sys.exit(reader_may_leave(lambda: print(help_text())))
-    from transfer.cli import main
+        status = reader_may_leave(lambda: print(help_text()))
+    else:
+        from transfer.cli import main
 
-    sys.exit(reader_may_leave(main))
+        status = reader_may_leave(main)
+    if status:  # 0 returns: a caller through runpy (a test of what --help imports) goes on
+        sys.exit(status)
