@@ -10,6 +10,7 @@ are timed separately. Nothing is asserted: the figures go into docs/benchmarks.m
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,4 +94,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from transfer.fmt import reader_may_leave
+
+    sys.exit(reader_may_leave(main))

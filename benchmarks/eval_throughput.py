@@ -85,4 +85,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from transfer.fmt import reader_may_leave
+
+    sys.exit(reader_may_leave(main))

@@ -138,4 +138,6 @@ def resident(hardware) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    from transfer.fmt import reader_may_leave
+
+    sys.exit(reader_may_leave(main))

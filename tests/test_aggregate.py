@@ -13,7 +13,7 @@ from conftest import copy_run, run_cli
 
 from transfer.aggregate.__main__ import main
 from transfer.aggregate.jobs import find_sweeps, read_jobs, sweeps_under
-from transfer.aggregate.stats import paired_t_test, t_cdf, t_quantile, t_two_sided_p
+from transfer.aggregate.stats import PairedTest, paired_t_test, t_cdf, t_quantile, t_two_sided_p
 from transfer.aggregate.tables import CI_NOTE, comparison, for_people
 
 STEPS = ["max_steps=6", "eval_interval=3", "block_size=64", "micro_batch_size=4", "eval.max_tokens=2048", "eval.probes.python_docs.max_tokens=2048",
@@ -160,7 +160,7 @@ def test_newest_sweep_by_default(sweep, tmp_path, monkeypatch, capsys):
 def test_sweeps_that_vary_different_overrides_share_one_table(sweep, two_job_sweep, tmp_path, capsys):
     """strategy and seed vary in one sweep, optimizer.lr in the other: each row lacks the other's keys."""
     assert main([str(sweep), str(two_job_sweep), "--out", str(tmp_path)]) == 0
-    assert "9 jobs (6 completed, 1 failed, 1 incomplete, 1 unreadable) from 2 sweep(s)" in capsys.readouterr().out
+    assert "9 jobs (6 completed, 1 failed, 1 incomplete, 1 unreadable) from 2 sweeps" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "comparison.csv")
     completed = table[table["status"] == "completed"]
     assert sorted(completed["optimizer.lr"].dropna()) == [1e-4, 1e-3]
@@ -193,7 +193,7 @@ def test_a_copied_job_is_one_seed_and_a_metric_that_is_no_number_is_named(two_jo
     ]
     assert main([str(sweep)]) == 0
     printed = capsys.readouterr().out
-    assert "3 jobs (2 completed, 1 duplicate) from 1 sweep(s)" in printed
+    assert "3 jobs (2 completed, 1 duplicate) from 1 sweep" in printed
     assert "".join(f"\n- {note}" for note in notes) in printed
     md = (sweep / "tables" / "comparison.md").read_text()
     assert md.endswith(f"{CI_NOTE}\n\n" + "\n".join(f"- {note}" for note in notes) + "\n")
@@ -370,6 +370,26 @@ def test_paired_t_test_against_its_formula():
     assert one.n == 1 and math.isnan(one.p) and math.isnan(one.half_width) and not one.significant
 
 
+def test_values_equal_up_to_float_rounding_have_no_interval(tmp_path):
+    """Three seeds' val_ppl_before of 7.58 each: their sum over 3 is 7.580000000000001, whose pandas std is 1.1e-15,
+    and the table showed `7.58 ± 2.7e-15`; an interval of float noise in the markdown, the CSV and the plots' bars."""
+    from transfer.aggregate.readable import interval
+
+    for seed in (1, 2, 3):
+        record = fake_record("full", "1e-3", seed, 10.0 + seed, 20.0)
+        record["eval"]["baseline"]["validation"]["perplexity"] = 7.58
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "metrics.json").write_text(json.dumps(record))
+    table = comparison(read_jobs([tmp_path]))
+    assert table.at[0, "val_ppl_before"] == pytest.approx(7.58, rel=1e-15)
+    assert table.at[0, "val_ppl_before_std"] == 0.0 and table.at[0, "val_ppl_before_ci95"] == 0.0
+    assert interval(table.iloc[0], "val_ppl_before") == (0.0, 0.0)
+    shown = for_people(table)
+    assert shown.at[0, "val_ppl_before"] == "7.58"
+    assert shown.at[0, "val_ppl_after"] == f"12 ± {t_quantile(0.975, 2) / math.sqrt(3):.3g}"  # 11, 12, 13: a spread
+    assert paired_t_test([0.1 + 0.2, 0.3, 0.3]) == PairedTest(3, pytest.approx(0.3), 0.0, 0.0)  # one difference
+
+
 PROBES = {
     "ref_python_docs": {"genre": "prose", "same_genre_as_training": False, "format": "text"},
     "ref_rust": {"genre": "rust", "same_genre_as_training": True, "format": "text"},
@@ -492,6 +512,20 @@ def test_paired_with_one_pair_says_so_rather_than_a_p_value():
     assert paired_for_people(numbers).at[0, "Δ val_ppl_after"] == "+3 (1 pair: too few for an interval or a test)"
 
 
+def test_aggregate_piped_into_a_reader_that_leaves_ends_quietly(probe_sweep, tmp_path):
+    """`python -m transfer.aggregate SWEEP | head` ended in a BrokenPipeError traceback; its tables are written first."""
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader leaves before the first line
+    command = [sys.executable, "-m", "transfer.aggregate", str(probe_sweep), "--out", str(tmp_path / "tables")]
+    with os.fdopen(write, "w") as closed:
+        proc = subprocess.run(command, stdout=closed, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (1, "")
+    assert (tmp_path / "tables" / "comparison.csv").is_file()
+
+
 def test_bad_baselines_say_what_is_allowed(probe_sweep, tmp_path, capsys):
     assert main([str(probe_sweep), "--baseline", "strategy=nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -581,7 +615,7 @@ def test_the_newest_sweep_is_found_by_its_records_and_tables_is_never_one(tmp_pa
     _aged(dated, 60)
     _aged(root / "lora_search", 10)
     assert main([]) == 0
-    assert capsys.readouterr().out.endswith("from 1 sweep(s); tables in multirun/lora_search/tables\n")
+    assert capsys.readouterr().out.endswith("from 1 sweep; tables in multirun/lora_search/tables\n")
     _aged(dated, 0)  # a job of the dated sweep wrote its record last (resumed, say)
     assert find_sweeps([], False) == [Path("multirun/2026-01-01/00-00-00")]
     assert find_sweeps([], True) == [Path("multirun/lora_search"), Path("multirun/2026-01-01/00-00-00")]
@@ -644,9 +678,9 @@ def test_all_never_mixes_sweeps_that_measure_different_things(tmp_path, monkeypa
     )
     for kind, folder, jobs in (("lm on rust_concepts", "lm-rust_concepts", 11), ("sft on movielens", "sft-movielens", 2),
                                ("lm on rust_concepts (dry run)", "lm-rust_concepts-dry-run", 1)):  # fmt: skip
-        assert f"## {kind}: 1 sweep(s)" in printed
+        assert f"## {kind}: 1 sweep" in printed
         out = Path("multirun/tables") / folder
-        assert f"from 1 sweep(s); tables in {out}\n" in printed
+        assert f"from 1 sweep; tables in {out}\n" in printed
         assert len(pd.read_csv(out / "jobs.csv")) == jobs
     assert set(pd.read_csv(root / "tables" / "sft-movielens" / "jobs.csv")["sweep"]) == {"multirun/movielens"}
     assert not (root / "lm" / "tables").exists()  # --all writes its own tables, never over a sweep's

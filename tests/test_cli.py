@@ -310,7 +310,7 @@ def test_the_own_configs_page_works_as_written(tmp_path, monkeypatch):
     """docs/own-configs.md: its files, written where it says, compose; its example error is what the check says."""
     import re
 
-    from transfer.cli import check_own_configs
+    from transfer.config.compose import check_command_line
     from transfer.errors import TransferError
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "own-configs.md").read_text()
@@ -322,12 +322,113 @@ def test_the_own_configs_page_works_as_written(tmp_path, monkeypatch):
     commands = re.findall(r"^python -m transfer (--config-dir .*?)(?:\s+#.*)?$", page, re.M)
     assert len(commands) == 5
     for command in commands:
-        check_own_configs(command.split())
+        check_command_line(command.split())
     preset = tmp_path / "my_configs" / "experiment" / "lora_quick.yaml"
     preset.write_text(preset.read_text().replace("  r: 4", "  rank: 4"))
     with pytest.raises(TransferError) as e:
-        check_own_configs(["--config-dir", "my_configs", "+experiment=lora_quick"])
+        check_command_line(["--config-dir", "my_configs", "+experiment=lora_quick"])
     assert f"error: {e.value}" in page
     with pytest.raises(TransferError) as e:
-        check_own_configs(["--config-dir", "my_configs", "+experiment=lora_quik"])
+        check_command_line(["--config-dir", "my_configs", "+experiment=lora_quik"])
     assert f"error: {e.value}" in page
+    preset.write_text(
+        preset.read_text().replace("  rank: 4", "  r: 4") + "hydra:\n  sweeper:\n    params:\n      strategy.r: 4,abc\n"
+    )
+    with pytest.raises(TransferError) as e:
+        check_command_line(["--config-dir", "my_configs", "-m", "+experiment=lora_quick"])
+    assert f"error: {e.value}" in page
+
+
+def test_a_reader_that_leaves_ends_a_command_quietly(monkeypatch, capsys):
+    """`python -m transfer.aggregate | head` ended in a BrokenPipeError traceback; a run logging to the console, in a
+    `--- Logging error ---` traceback a line. Printing stops at the closed pipe with status 1; logging goes on."""
+    import logging
+    import os
+    import sys
+
+    from transfer.fmt import reader_may_leave
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has left before the first line
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write, "w"))
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    printed = []
+
+    def report() -> int:
+        for line in ("a", "b"):
+            print(line, flush=True)
+            printed.append(line)
+        return 0
+
+    assert reader_may_leave(report) == 1 and printed == []
+    read, write = os.pipe()
+    os.close(read)
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write, "w"))
+    log = logging.getLogger("test_reader_left")
+    logged = []
+
+    def run() -> None:
+        handler = logging.StreamHandler(sys.stdout)  # as Hydra's console handler takes it, once the job starts
+        log.addHandler(handler)
+        try:
+            for step in range(3):
+                log.warning("step %d", step)
+                logged.append(step)
+        finally:
+            log.removeHandler(handler)
+        sys.exit(3)
+
+    assert reader_may_leave(run) == 3 and logged == [0, 1, 2]
+    assert "Logging error" not in capsys.readouterr().err
+
+
+def test_every_command_line_entry_point_ends_quietly_when_its_reader_leaves():
+    """Each `if __name__ == "__main__":` of the package and the benchmarks runs its main through reader_may_leave."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    mains = {p: p.read_text().split('if __name__ == "__main__":')[1:] for p in [*root.glob("transfer/**/*.py"),
+                                                                             *root.glob("benchmarks/*.py")]}  # fmt: skip
+    entry_points = {p.relative_to(root).as_posix(): parts[0] for p, parts in mains.items() if parts}
+    assert len(entry_points) == 13, sorted(entry_points)  # 7 of the package's, 6 benchmarks
+    for path, block in entry_points.items():
+        assert "reader_may_leave(" in block and not re.search(r"\bmain\(\)", block), f"{path}: {block}"
+
+
+@pytest.mark.parametrize(
+    "preset,args,message",
+    [
+        ("hydra:\n  sweeper:\n    params:\n      strategy.r: 4,abc\n", [],
+         "error: own/experiment/mine.yaml: hydra.sweeper.params strategy.r=4,abc: strategy.r: Value 'abc' of type "
+         "'str' could not be converted to Integer"),
+        ("", ["strategy.r=4,abc"], "error: strategy.r: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("", ["strategy=lora,lorra"], "error: unknown strategy 'lorra'; allowed: adapter, dora, freeze_embeddings, "
+         "freeze_lower, full, ia3, loha, lora, qlora, scratch"),
+    ],
+)  # fmt: skip
+def test_a_sweep_over_your_own_preset_is_checked_at_start_up(tmp_path, monkeypatch, preset, args, message):
+    """A sweep's values, and those of a preset's hydra.sweeper.params, were checked only in each job with --config-dir:
+    the sweep started, and each bad job failed in Hydra's lines without the preset's file."""
+    from transfer.cli import _check
+
+    (tmp_path / "own" / "experiment").mkdir(parents=True)
+    (tmp_path / "own" / "experiment" / "mine.yaml").write_text(OWN_PRESET.format(key="r") + preset)
+    monkeypatch.chdir(tmp_path)
+    assert _check(["--config-dir", "own", "-m", "+experiment=mine", *args]) == (2, message)
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_an_unknown_option_chosen_in_your_own_preset_names_the_preset(tmp_path, monkeypatch):
+    from transfer.cli import _check
+
+    (tmp_path / "own" / "experiment").mkdir(parents=True)
+    (tmp_path / "own" / "experiment" / "mine.yaml").write_text(OWN_PRESET.format(key="r").replace("lora", "lorra"))
+    monkeypatch.chdir(tmp_path)
+    assert _check(["--config-dir", "own", "+experiment=mine"]) == (
+        2,
+        "error: own/experiment/mine.yaml: unknown strategy 'lorra'; allowed: adapter, dora, freeze_embeddings, "
+        "freeze_lower, full, ia3, loha, lora, qlora, scratch",
+    )
+    assert _check(["--config-dir", "own", "--config-name", "mine"]) == (
+        2, "error: --config-name mine: no such config; allowed: config"
+    )  # fmt: skip

@@ -164,7 +164,7 @@ def test_resume_under_another_config_is_refused(short_run, tmp_path):
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 2  # refused before Hydra rewrites the folder's .hydra/
     assert proc.stderr.strip() == (
-        "error: resume: run was run with optimizer.lr=0.001, this run has optimizer.lr=0.01 (2 difference(s)); "
+        "error: resume: run was run with optimizer.lr=0.001, this run has optimizer.lr=0.01 (2 differences); "
         "repeat the interrupted command's overrides and add resume=true"
     )
     # the checkpoint keeps its own copy of the config: resume=PATH from another folder is compared with it
@@ -173,7 +173,7 @@ def test_resume_under_another_config_is_refused(short_run, tmp_path):
     assert proc.returncode == 1
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
     assert len(errors) == 1
-    assert "was made with optimizer.lr=0.001, this run has optimizer.lr=0.01 (1 difference(s))" in errors[0]
+    assert "was made with optimizer.lr=0.001, this run has optimizer.lr=0.01 (1 difference)" in errors[0]
 
 
 def test_resume_accepts_a_checkpoint_made_with_other_loss_chunks(tmp_path):
@@ -188,7 +188,7 @@ def test_resume_accepts_a_checkpoint_made_with_other_loss_chunks(tmp_path):
     check_same_config(tmp_path, cfg)  # the order of float sums is all that differs
     saved["optimizer"]["lr"] = 1.0
     (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
-    with pytest.raises(TransferError, match=r"was made with optimizer.lr=1.0, .* \(1 difference\(s\)\)"):
+    with pytest.raises(TransferError, match=r"was made with optimizer.lr=1.0, .* \(1 difference\)"):
         check_same_config(tmp_path, cfg)
 
 

@@ -11,6 +11,7 @@ from test_chat import INSTRUCTIONS, chat_model
 
 from transfer.config.compose import compose_config
 from transfer.data.sequences import IGNORE
+from transfer.fmt import count
 from transfer.models.load import load_model_and_tokenizer
 from transfer.objectives import build_objective
 from transfer.preview import ANSI, main
@@ -153,7 +154,7 @@ def test_truncation_counts_and_lengths_are_those_of_the_data_cut_to_block_size(t
     else:
         lengths, dropped = [min(t, block) for t in totals], 0
     kept = len(lengths)
-    assert lines[at].startswith(f"train: 12 rows read -> {kept} sequences, {sum(lengths):,} tokens")
+    assert lines[at].startswith(f"train: 12 rows read -> {count(kept, 'sequence')}, {sum(lengths):,} tokens")
     assert lines[at + 1] == (
         f"  truncated {prompt + response} (prompt {prompt}, response {response}); dropped {dropped} "
         f"(too long {dropped}, no answer left 0)"
@@ -165,9 +166,37 @@ def test_truncation_counts_and_lengths_are_those_of_the_data_cut_to_block_size(t
     )
     bars = lines[at + 3 : lines.index(next(line for line in lines if line.startswith("validation: ")))]
     assert sum(int(bar.split()[-1]) for bar in bars) == kept
+    # those longer than 64: a run warns once, with the block_size that keeps 95 % whole (of 12, the 12th shortest)
+    does = {"truncate": "cuts", "drop": "drops"}[truncation]
+    assert f"warning: {too_long} of 12 training examples are longer than block_size={block}, which {does} them; " \
+           f"block_size={sorted(totals)[-(-95 * 12 // 100) - 1]} would keep 95 % of them whole" in lines  # fmt: skip
+
+
+def test_a_block_size_past_the_models_context_is_not_what_the_cut_warning_advises():
+    """Self-Instruct through the tiny model's template: 145 of 155 cut at 128, and 95 % whole would take 1263 tokens,
+    past tiny's 1024; here lengths of that shape."""
+    from transfer.run import _cut_examples
+
+    cfg = compose_config(["objective=sft"])
+    whole = [100] * 10 + [500] * 137 + [2000] * 8  # the 148th shortest of 155 (95 %, nearest rank) is 2000
+    assert _cut_examples(whole, cfg) == (
+        "145 of 155 training examples are longer than block_size=128, which cuts them; keeping 95 % of them whole "
+        "would take block_size=2000, past the model's context of 1024 tokens (at 1024, 8 are still cut)"
+    )
+    assert _cut_examples([100] * 95 + [129] * 5, cfg) is None  # 5 % cut: 95 % whole already
 
 
 def test_a_bad_override_is_one_line(capsys):
     assert main(["objective=sft", "dataset=nowhere"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown dataset 'nowhere'; allowed: " in err
+
+
+def test_one_of_a_kind_is_counted_in_the_singular(tmp_path, capsys):
+    """A split of one row printed `1 rows read -> 1 sequences`."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(INSTRUCTIONS.read_text().splitlines()[0] + "\n")
+    files = [f"dataset.{s}_files=[{one}]" for s in ("train", "validation", "test")]
+    out = preview(["--n", "1", "objective=sft", "dataset=text_files", *files], capsys)
+    counts = [line for line in out.splitlines() if line.startswith(("train: ", "validation: ", "test: "))]
+    assert len(counts) == 3 and all(re.search(r": 1 row read -> 1 sequence, \d+ tokens", line) for line in counts)

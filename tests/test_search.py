@@ -297,7 +297,7 @@ def test_an_emptied_study_file_on_resume_is_refused(tmp_path):
     with pytest.raises(TransferError) as e:
         check_command_line([*SEARCH, f"hydra.sweep.dir={db.parent}", "resume=true"])
     assert str(e.value) == (
-        f"resume: {db.parent} holds 1 trial(s) of study 'transfer', and {db} holds no such study; allowed: the "
+        f"resume: {db.parent} holds 1 trial of study 'transfer', and {db} holds no such study; allowed: the "
         "optuna.db that search wrote, or another hydra.sweep.dir to start afresh"
     )
 

@@ -88,9 +88,13 @@ def help_text() -> str:
 
 
 if __name__ == "__main__":
+    from transfer.fmt import reader_may_leave
+
     if {"--help", "-h"} & set(sys.argv[1:]):
-        print(help_text())
+        status = reader_may_leave(lambda: print(help_text()))
     else:
         from transfer.cli import main
 
-        main()
+        status = reader_may_leave(main)
+    if status:  # 0 returns: a caller through runpy (a test of what --help imports) goes on
+        sys.exit(status)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transfer.errors import TransferError, first_line
+from transfer.fmt import reader_may_leave
 
 CHAT_FOLDER = "chat"  # where the batch form writes, inside the run
 UNTRAINED = {"which": "untrained (--base)", "step": 0, "folder": None}
@@ -311,4 +312,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(reader_may_leave(main))

@@ -8,7 +8,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import shlex
 import signal
 import sys
@@ -26,7 +25,7 @@ from transfer import STARTED
 from transfer.config import schema
 from transfer.config.compose import CONF_DIR, Plan, check_command_line
 from transfer.config.folders import AlreadyDone
-from transfer.errors import Interrupted, TransferError, first_line, reason
+from transfer.errors import Interrupted, TransferError, reason
 from transfer.fmt import duration, quiet_known_notices, where
 from transfer.record import write_atomically
 from transfer.sweep import launchers
@@ -185,80 +184,10 @@ def resume_command(argv: list[str], plan: Plan) -> str:
     return shlex.join(["python", "-m", "transfer", *kept, "resume=true", f"{key}={plan.out_dir}"])
 
 
-def check_own_configs(argv: list[str]) -> None:
-    """A command line that reads config files of the user's own (--config-dir, --config-name): a bad key or value in
-    one of them is one line naming the file and the key and what is allowed, not Hydra's error of several lines.
-
-    check_command_line leaves such a tree to Hydra; here the overrides that sweep nothing are composed as Hydra will
-    (the user's folder searched after the project's own, as --config-dir does) and every key and value is checked as
-    a run's are; the values of a sweep, in each job."""
-    from hydra import compose, version
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path, get_args_parser
-    from hydra.core.config_search_path import SearchPathQuery
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    from transfer.config.checks import check_config
-    from transfer.config.compose import check_keys
-
-    args = get_args_parser().parse_args(argv)
-    if args.config_path or not (args.config_dir or args.config_name) or args.help or args.hydra_help or args.cfg:
-        return
-    search = create_config_search_path(str(CONF_DIR))
-    own = Path(args.config_dir).absolute() if args.config_dir else None
-    if own is not None:
-        if not own.is_dir():
-            raise TransferError(f"--config-dir {args.config_dir}: no such folder")
-        search.prepend(provider="command-line", path=f"file://{own}", anchor=SearchPathQuery(provider="schema"))
-    try:
-        parsed = OverridesParser.create().parse_overrides(args.overrides)
-    except Exception as e:  # Hydra's grammar errors
-        raise TransferError(f"cannot parse overrides {args.overrides}: {reason(e)}") from None
-    backup = get_gh_backup()
-    try:
-        version.setbase("1.3")
-        Hydra.create_main_hydra2(task_name="transfer", config_search_path=search)
-        cfg = compose(args.config_name or "config", [o.input_line for o in parsed if not o.is_sweep_override()])
-    except Exception as e:
-        raise TransferError(_in_which_file(e, [own, CONF_DIR])) from None
-    finally:
-        restore_gh_from_backup(backup)
-    check_keys(cfg)
-    check_config(cfg)
-
-
-def _in_which_file(e: Exception, folders: list[Path | None]) -> str:
-    """Hydra's error while composing a config tree of the user's own, as one line: the file it names ('In
-    experiment/x'), the key and what is allowed there, or the unknown option and the options of every folder."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-    from transfer.config.compose import explain, unknown_key
-
-    chain = [e]
-    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    keyed = next((x for x in chain if getattr(x, "full_key", None)), None)
-    missing = re.search(r"Could not find '(.+)/([^/']+)'\n\nAvailable options in '[^']+':\n((?:\t.*\n?)+)", str(e))
-    if isinstance(keyed, (ConfigAttributeError, ConfigKeyError)):
-        line = unknown_key(keyed.full_key, keyed.object_type)
-    elif keyed is not None:
-        line = f"{keyed.full_key}: {first_line(keyed)}"
-    elif missing:  # Hydra says which config's defaults chose it, not where the choice was written
-        return f"unknown {missing[1]} '{missing[2]}'; allowed: {', '.join(missing[3].split())}"
-    else:
-        line = explain(e)
-    named = re.match(r"In '([^']+)'", str(e))
-    files = [f / f"{named[1]}.yaml" for f in folders if f is not None] if named else []
-    found = next((f for f in files if f.is_file()), None)
-    return f"{where(found)}: {line.removeprefix(named[0] + ': ')}" if found else line
-
-
 def _check(argv: list[str]) -> tuple[int, str] | None:
     """The command line checked and its output folder locked and judged: None to go on, else (exit code, line)."""
     global _plan
     try:
-        check_own_configs(argv)
         _plan = check_command_line(argv)
         if _plan is not None and distributed.is_main():  # one writer: under torchrun, rank 0
             lock_folder(_plan.out_dir, "sweep" if _plan.multirun else "run")

@@ -409,4 +409,4 @@ def quiet_libraries() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(fmt.reader_may_leave(main))

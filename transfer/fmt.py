@@ -3,8 +3,11 @@ that would hide them."""
 
 import logging
 import math
+import os
+import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -26,6 +29,12 @@ def number(value: float) -> str:
         return f"{value:,.0f}"
     mantissa, _, exponent = f"{value:.4g}".partition("e")
     return f"{mantissa}e{int(exponent)}" if exponent else mantissa
+
+
+def count(n: int, word: str, plural: str | None = None) -> str:
+    """'1 row', '2 rows', '1,024 rows': a number of things, the word in the plural unless there is one (`plural`
+    where adding an s is wrong: 'entries')."""
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
 
 
 PROGRESS_EVERY_S = 30.0  # a log line this often in a long loop without a progress bar (progress_lines)
@@ -67,3 +76,55 @@ def quiet_known_notices() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # peft asks transformers for a renamed attribute; nothing for a user to change
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def reader_may_leave(main: Callable[[], int | None]) -> int | str | None:
+    """`main()` of a command whose output its reader may stop reading (`python -m transfer.aggregate | head`): where
+    the reader leaves, the command ends quietly with status 1, as in Python's recipe
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe), not in a BrokenPipeError traceback. What it
+    printed stops there; a log line has no error to stop at (logging never raises), so a run logging to the console
+    goes on to its end without one, and its log file and record are whole. Its status otherwise is main's."""
+    sys.stdout = _Console(sys.stdout)
+    try:
+        try:
+            code = main()
+        except SystemExit as e:
+            code = e.code
+        sys.stdout.flush()  # what is still buffered meets the closed pipe here, not in Python's flush at exit
+    except BrokenPipeError:
+        _reader_left(sys.stdout)
+        return 1
+    return code
+
+
+class _Console:
+    """Standard output that, once its reader has left, is /dev/null (reader_may_leave)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _reader_left(self._stream)
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _reader_left(self._stream)
+            raise
+
+
+def _reader_left(stream) -> None:
+    # the lines still to come, and the rest of the buffer, go nowhere instead of to a closed pipe; logging's report
+    # of its own failed write (a traceback a line) would only say that again
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    logging.raiseExceptions = False

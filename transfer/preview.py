@@ -27,6 +27,7 @@ from itertools import groupby
 
 from transfer.data.sources import SPLITS
 from transfer.errors import TransferError
+from transfer.fmt import count, reader_may_leave
 
 SCORED = ("[[", "]]")  # the plain marking of scored tokens
 ANSI = {"scored": "\x1b[1;32m", "masked": "\x1b[2m", "end": "\x1b[0m"}  # bold green; dim
@@ -95,18 +96,12 @@ def show_examples(split_name: str, split, n: int, tokenizer, colour: bool) -> li
     lines = []
     for number, unit in enumerate(units(split, n), start=1):
         for what, ids, scored in unit:
-            title = f"{split_name} #{number}{f' {what}' if what else ''} · {len(ids):,} tokens, {sum(scored):,} scored"
+            title = f"{split_name} #{number}{f' {what}' if what else ''} · {count(len(ids), 'token')}, {sum(scored):,} scored"
             lines += [f"── {title} " + "─" * max(3, 76 - len(title)), marked(ids, scored, tokenizer, colour)]
     return lines
 
 
 # ---------------------------------------------------------------- counts and lengths
-def percentile(values: list[int], q: float) -> int:
-    """The nearest-rank percentile: a length some sequence has."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 def histogram(lengths: list[int], bins: int = 8) -> list[str]:
     """Equal-width bins from the shortest length to the longest, each with a bar and its count."""
     low, high = min(lengths), max(lengths)
@@ -123,14 +118,16 @@ def histogram(lengths: list[int], bins: int = 8) -> list[str]:
 
 
 def describe_split(name: str, split, block_size: int) -> list[str]:
+    from transfer.data.sequences import percentile
+
     summary = split.summary()
     lengths = split.seqs.lengths().tolist() if hasattr(split, "seqs") else split.lengths().tolist()
     read = summary.get("examples", summary.get("rows", summary["documents"]))
-    what = f"{summary['pairs']:,} pairs, " if summary.get("pairs") else ""
+    what = f"{count(summary['pairs'], 'pair')}, " if summary.get("pairs") else ""
     share = summary["scored_tokens"] / summary["tokens"] if summary["tokens"] else 0
     lines = [
-        f"{name}: {read:,} {'rows' if 'examples' in summary or 'rows' in summary else 'documents'} read -> {what}"
-        f"{summary['sequences']:,} sequences, {summary['tokens']:,} tokens, {summary['scored_tokens']:,} scored "
+        f"{name}: {count(read, 'row' if 'examples' in summary or 'rows' in summary else 'document')} read -> {what}"
+        f"{count(summary['sequences'], 'sequence')}, {count(summary['tokens'], 'token')}, {summary['scored_tokens']:,} scored "
         f"({share:.1%})"
     ]
     if "truncated_prompt" in summary:  # examples, not blocks of text
@@ -194,4 +191,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(reader_may_leave(main))

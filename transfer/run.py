@@ -23,8 +23,10 @@ from omegaconf import DictConfig
 
 from transfer import STARTED, cache, evaluation
 from transfer.config import checks, folders
+from transfer.config.model import model_shape
 from transfer.config.optimizer import learning_rate
 from transfer.data import probes
+from transfer.data.sequences import percentile
 from transfer.errors import TransferError
 from transfer.fmt import describe_metrics, duration, number, where
 from transfer.job import JobContext, RunRecord
@@ -248,6 +250,8 @@ def data_warnings(objective, splits, cfg) -> list[str]:
             f"the training split holds {units} examples, fewer than one step's {per_step} "
             f"(micro_batch_size x grad_accum_steps): every step repeats examples"
         )
+    cut = _cut_examples(getattr(objective, "whole_lengths", {}).get("train"), cfg)
+    warnings += [cut] if cut else []
     for name in ("train", "validation", "test"):
         summary = splits[name].summary()
         same = summary.get("identical_after_truncation", 0)
@@ -261,6 +265,23 @@ def data_warnings(objective, splits, cfg) -> list[str]:
                 "as written in the data"
             )
     return warnings
+
+
+def _cut_examples(whole: list[int] | None, cfg, keep: float = 95.0) -> str | None:
+    """More than 5 % of the training examples longer than block_size: how many, and the block_size that keeps 95 %
+    whole, or that the model's context cannot (a block_size is not a dataset's to choose: it depends on the tokenizer,
+    and every split, probe and memory figure of a run follows it)."""
+    if not whole or percentile(whole, keep) <= cfg.block_size:
+        return None
+    over, needed = sum(n > cfg.block_size for n in whole), percentile(whole, keep)
+    does, done = ("drops", "dropped") if cfg.objective.truncation.value == "drop" else ("cuts", "cut")
+    line = f"{over} of {len(whole)} training examples are longer than block_size={cfg.block_size}, which {does} them"
+    _, context = model_shape(cfg.model, weights=False)
+    if context is not None and needed > context:
+        still = sum(n > context for n in whole)
+        return (f"{line}; keeping {keep:g} % of them whole would take block_size={needed}, past the model's context "
+                f"of {context} tokens (at {context}, {still} are still {done})")  # fmt: skip
+    return f"{line}; block_size={needed} would keep {keep:g} % of them whole"
 
 
 def _memory_estimate(cfg, hardware, record: dict) -> None:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from transfer.errors import TransferError
+from transfer.fmt import count, reader_may_leave
 
 # pandas, matplotlib and what reads records are imported in main, after the arguments parse: --help and a
 # misspelt option answer at once, without the second that those imports take
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sweeps with no finished job apart): a table for each, never one mixing them\n"
             )
         for i, (kind, members) in enumerate(kinds.items()):
-            print(("\n" if i else "") + f"## {kind}: {len(members)} sweep(s)\n")
+            print(("\n" if i else "") + f"## {kind}: {count(len(members), 'sweep')}\n")
             found = jobs if len(kinds) == 1 else read_jobs([Path(s) for s in members])
             _report(args, found, members, base / kind_folder(kind))
     except TransferError as e:
@@ -124,10 +125,11 @@ def _report(args, jobs, sweeps: list, out: Path) -> None:
         print(f"\n{name.replace('_', ' ')}:\n\n{markdown(cells)}\n\n{note}")
     counts = jobs["status"].value_counts().to_dict()
     print(
-        f"\n{len(jobs)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}) from {len(sweeps)} sweep(s); tables in {out}"
+        f"\n{count(len(jobs), 'job')} ({', '.join(f'{n} {s}' for s, n in counts.items())}) from "
+        f"{count(len(sweeps), 'sweep')}; tables in {out}"
     )
     log.debug("wrote %s", files)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(reader_may_leave(main))

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 _TINY = 1e-300  # keeps the continued fraction's denominators off zero (Lentz's method)
+# values whose spread is below this share of their size are one value: a mean of equal values summed in another order
+# differs from them in the last bits (7.58 three times has a pandas std of 1.1e-15), which is no spread over seeds
+ROUNDING = 1e-9
 
 
 def betainc(a: float, b: float, x: float) -> float:
@@ -72,6 +75,19 @@ def t_quantile(q: float, df: float) -> float:
     return (low + high) / 2.0
 
 
+def sample_std(values) -> float:
+    """The sample standard deviation (n - 1) of the values; NaN for fewer than two, 0 where they are equal up to
+    float rounding (ROUNDING): a table shows no interval for them, as for values that are equal."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n < 2:
+        return math.nan
+    if max(values) - min(values) <= ROUNDING * max(abs(v) for v in values):
+        return 0.0
+    mean = math.fsum(values) / n
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+
+
 def ci95_half_width(std: float, n: int) -> float:
     """Half-width of the 95 % t confidence interval of a mean of n values with sample std `std`; NaN for n < 2."""
     if n < 2 or std is None or math.isnan(std):
@@ -98,13 +114,14 @@ def paired_t_test(differences: list[float]) -> PairedTest:
     """Mean difference, its 95 % t interval and the two-sided p-value of H0: mean difference = 0.
 
     With fewer than two pairs there is no spread to test against: half-width and p are NaN.
-    Differences that are all equal have no spread either: p is 0 when they are not 0, 1 when they are.
+    Differences that are all equal (up to float rounding, sample_std) have no spread either: p is 0 when they are
+    not 0, 1 when they are.
     """
     n = len(differences)
     mean = math.fsum(differences) / n if n else math.nan
     if n < 2:
         return PairedTest(n, mean, math.nan, math.nan)
-    std = math.sqrt(math.fsum((d - mean) ** 2 for d in differences) / (n - 1))
+    std = sample_std(differences)
     if std == 0.0:
         return PairedTest(n, mean, 0.0, 1.0 if mean == 0.0 else 0.0)
     t = mean / (std / math.sqrt(n))

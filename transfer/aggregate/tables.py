@@ -23,14 +23,15 @@ from transfer.aggregate.columns import (
     numeric,
     probe_columns,
 )
-from transfer.aggregate.stats import ci95_half_width
+from transfer.aggregate.stats import ci95_half_width, sample_std
 from transfer.errors import TransferError
 from transfer.record import FINISHED
 
 
 def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str | None = None) -> pd.DataFrame:
     """Jobs that differ only by seed, grouped: the seed count, and of every metric the mean, the std
-    (`<m>_std`) and the half-width of the mean's 95 % Student-t confidence interval (`<m>_ci95`).
+    (`<m>_std`) and the half-width of the mean's 95 % Student-t confidence interval (`<m>_ci95`); both 0 where the
+    seeds' values are equal up to float rounding (stats.sample_std), NaN for one seed.
 
     Completed runs and dry runs are grouped apart (a dry run has counts, no perplexities).
     """
@@ -46,7 +47,7 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
         for m in metrics:
             values = pd.to_numeric(group[m], errors="coerce").dropna()
             row[m] = values.mean() if len(values) else math.nan
-            row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+            row[f"{m}_std"] = sample_std(values)
             row[f"{m}_ci95"] = ci95_half_width(row[f"{m}_std"], len(values))
         for flag in [c for c in group.columns if c.endswith("_same_genre")]:
             row[flag] = bool(group[flag].eq(True).any())

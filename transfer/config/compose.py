@@ -4,21 +4,26 @@
 (each combination of a sweep, or every value an Optuna search may draw), so a typo in
 the last value of a sweep stops the sweep at start-up, not an hour in. Hydra's and
 OmegaConf's multi-line errors are turned into one line that names the bad key or value
-and what is allowed. The Plan it returns says where the command writes (config.folders
+and what is allowed; in config files of the user's own (--config-dir, --config-path), the file too. The Plan it returns says where the command writes (config.folders
 decides whether it may). Torch-free: it runs in well under a second.
 """
 
+import contextlib
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, version
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra._internal.utils import get_args_parser
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import compute_search_path_dir, create_config_search_path, get_args_parser
+from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from hydra.errors import MissingConfigException
+from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
@@ -27,8 +32,10 @@ from transfer.config.checks import check_config, torchrun_processes
 from transfer.config.folders import check_run_dir, check_sweep_dir
 from transfer.config.strategy import RENAMED
 from transfer.errors import TransferError, first_line
+from transfer.fmt import where
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+TASK_MODULE = "transfer.cli"  # hydra.main's task function's: a relative --config-path is a package path beside it
 MAX_SWEEP_JOBS_CHECKED = 512
 # Hydra's launcher plugins that install as extras of ours: launcher -> (extra, the modules it brings)
 LAUNCHER_EXTRAS = {
@@ -44,6 +51,64 @@ OPEN_LAUNCHER_DICTS = ("hydra.launcher.ray.init.", "hydra.launcher.ray.remote.",
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a command line's configs are read, as Hydra reads them: the project's conf/ or a --config-path in its
+    place (`primary`), a --config-dir searched after it (`own`), and the top-level config's `name`."""
+
+    primary: Path = CONF_DIR
+    own: Path | None = None
+    name: str = "config"
+
+    @classmethod
+    def of(cls, args) -> "Source":
+        """The command line's (Hydra's parsed arguments); a folder it names that is not there is one line."""
+        own = Path(args.config_dir).absolute() if args.config_dir else None
+        if own is not None and not own.is_dir():
+            raise TransferError(f"--config-dir {args.config_dir}: no such folder")
+        primary = CONF_DIR
+        if args.config_path:
+            found = compute_search_path_dir(None, TASK_MODULE, args.config_path)
+            primary = Path(found.replace("pkg://", f"{CONF_DIR.parents[1]}/", 1)).absolute()
+            if not primary.is_dir():
+                raise TransferError(f"--config-path {args.config_path}: no such folder ({primary})")
+        return cls(primary, own, args.config_name or "config")
+
+    @property
+    def users(self) -> list[Path]:
+        """The folders of the user's own, searched first for a file an error names."""
+        return [f for f in (self.own, self.primary) if f is not None and f != CONF_DIR]
+
+    def is_group(self, key: str) -> bool:
+        return any((f / key.lstrip("+~")).is_dir() for f in (*self.users, CONF_DIR))
+
+    @contextlib.contextmanager
+    def initialized(self):
+        """Hydra set up to compose from here, as `python -m transfer` with these flags sets it up."""
+        search = create_config_search_path(str(self.primary))
+        if self.own is not None:  # after the primary folder, as Hydra's --config-dir
+            search.prepend(
+                provider="command-line", path=f"file://{self.own}", anchor=SearchPathQuery(provider="schema")
+            )
+        backup = get_gh_backup()
+        try:
+            version.setbase("1.3")
+            Hydra.create_main_hydra2(task_name="app", config_search_path=search)
+            yield
+        finally:
+            restore_gh_from_backup(backup)
+
+    def explain(self, e: BaseException) -> str:
+        """Hydra's error in one line; in a tree of the user's own, naming the file (in_which_file)."""
+        if isinstance(e, MissingConfigException) and str(e).startswith("Cannot find primary config"):
+            names = sorted({p.stem for f in (*self.users, self.primary) for p in f.glob("*.yaml")})
+            return f"--config-name {self.name}: no such config; allowed: {', '.join(names) or 'none'}"
+        return in_which_file(e, self) if self.users else explain(e)
+
+
+PROJECT = Source()
 
 
 @dataclass
@@ -76,8 +141,8 @@ def check_command_line(argv: list[str]) -> Plan | None:
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
         return None
-    if args.config_path or args.config_dir or args.config_name not in (None, "config"):
-        return None  # a config tree of the user's own: Hydra reports on it
+    source = Source.of(args)
+    compose_job = functools.partial(compose_config, source=source)
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(args.overrides)
@@ -99,21 +164,22 @@ def check_command_line(argv: list[str]) -> Plan | None:
     # One composition for what Hydra itself reads (output folders, a preset's sweep params).
     # It takes group choices and hydra settings only: a key of a group the command line sweeps
     # (strategy=lora,dora strategy.r=8) is judged in each job, against that job's option.
-    preliminary = [o.input_line for o in parsed if not o.is_sweep_override() and _is_group_or_hydra(o)]
-    run = compose_config(preliminary, with_hydra=True)
+    preliminary = [o.input_line for o in parsed if not o.is_sweep_override() and _is_group_or_hydra(o, source)]
+    run = compose_job(preliminary, with_hydra=True)
     check_ray_gpus(run)
     jobs = [list(args.overrides)]
     swept = []
     searching = search.is_search(run)
     if searching:  # hydra/sweeper=optuna draws the trials' values as it runs: every value it may draw is checked
-        parsed, jobs, swept = search.check_command_line(run, parsed, args.multirun, compose_config, _is_group)
+        parsed, jobs, swept = search.check_command_line(run, parsed, args.multirun, compose_job, source.is_group)
     elif args.multirun:  # sweeps set in a config (hydra.sweeper.params) count as much as the command line's
         given = {o.get_key_element() for o in parsed}
-        params = run.hydra.sweeper.get("params") or {}
-        overrides = parser.parse_overrides([f"{k}={v}" for k, v in params.items() if k not in given] + args.overrides)
+        params = {k: v for k, v in (run.hydra.sweeper.get("params") or {}).items() if k not in given}
+        overrides = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + args.overrides)
         jobs = BasicSweeper.split_arguments(overrides, None)[0]
-        swept = [o.key_or_group for o in overrides if o.is_sweep_override() and _is_group_or_hydra(o)]
-    configs = [compose_config(overrides) for overrides in jobs[:MAX_SWEEP_JOBS_CHECKED]]
+        swept = [o.key_or_group for o in overrides if o.is_sweep_override() and _is_group_or_hydra(o, source)]
+        compose_job = functools.partial(_compose_swept, params=params, run=run, source=source)
+    configs = [compose_job(overrides) for overrides in jobs[:MAX_SWEEP_JOBS_CHECKED]]
     processes = processes_per_job(run)
     for cfg in configs:
         check_config(cfg, processes)
@@ -181,24 +247,84 @@ def _adds_launcher_key(o) -> bool:
     return o.type == OverrideType.CHANGE and o.key_or_group.startswith(OPEN_LAUNCHER_DICTS)
 
 
-def _is_group_or_hydra(o) -> bool:
+def _is_group_or_hydra(o, source: Source) -> bool:
     key = o.key_or_group
-    return key.startswith("hydra") or _is_group(key)
+    return key.startswith("hydra") or source.is_group(key)
 
 
-def _is_group(key: str) -> bool:
-    return (CONF_DIR / key.lstrip("+~")).is_dir()
-
-
-def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+def compose_config(overrides: list[str], with_hydra: bool = False, source: Source = PROJECT) -> DictConfig:
     """Compose the run config as `python -m transfer` would, with one-line errors; every key must be in the schema."""
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    with source.initialized():
         try:
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+            cfg = compose(source.name, overrides=list(overrides), return_hydra_config=with_hydra)
         except Exception as e:
-            raise TransferError(explain(e)) from None
+            raise TransferError(source.explain(e)) from None
     check_keys(cfg)
     return cfg
+
+
+def _compose_swept(overrides: list[str], params: dict, run: DictConfig, source: Source) -> DictConfig:
+    """A job of a sweep that a config's hydra.sweeper.params makes: a bad value of those names the file it is in."""
+    try:
+        return compose_config(overrides, source=source)
+    except TransferError as e:
+        job = dict(o.split("=", 1) for o in overrides if "=" in o)
+        bad = next((k for k in params if k in str(e) and f"'{job.get(k)}'" in str(e)), None)
+        files = [*_chosen_files(run, source)] if bad else []
+        found = next((f for f in files if bad in (_loaded(f).get("hydra", {}).get("sweeper", {}).get("params") or {})),
+                     None)  # fmt: skip
+        if found is None:
+            raise
+        raise TransferError(f"{where(found)}: hydra.sweeper.params {bad}={params[bad]}: {e}") from None
+
+
+def _chosen_files(run: DictConfig, source: Source):
+    """The files of the options a composed config chose, and its top-level config's: the user's first."""
+    choices = [f"{g}/{o}" for g, o in run.hydra.runtime.choices.items() if isinstance(o, str)]
+    for name in (*choices, source.name):
+        yield from (f / f"{name}.yaml" for f in (*source.users, CONF_DIR) if (f / f"{name}.yaml").is_file())
+
+
+def _loaded(path: Path) -> dict:
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path)) or {}
+    except Exception:  # a file Hydra read already; one it could not is reported where it read it
+        return {}
+
+
+def in_which_file(e: Exception, source: Source) -> str:
+    """Hydra's error while composing a config tree of the user's own, as one line: the file it names ('In
+    experiment/x'), the key and what is allowed there, or the unknown option, the file of the user's own whose defaults
+    chose it, and the options of every folder."""
+    chain = [e]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    keyed = next((x for x in chain if getattr(x, "full_key", None)), None)
+    missing = re.search(r"Could not find '(.+)/([^/']+)'\n\nAvailable options in '[^']+':\n((?:\t.*\n?)+)", str(e))
+    if isinstance(keyed, (ConfigAttributeError, ConfigKeyError)):
+        line = unknown_key(keyed.full_key, keyed.object_type)
+    elif keyed is not None:
+        line = f"{keyed.full_key}: {first_line(keyed)}"
+    elif missing:  # Hydra says which config's defaults chose it, not where the choice was written
+        line = f"unknown {missing[1]} '{missing[2]}'; allowed: {', '.join(missing[3].split())}"
+        chose = next((f for u in source.users for f in sorted(u.rglob("*.yaml")) if _chooses(f, *missing.groups()[:2])),
+                     None)  # fmt: skip
+        return f"{where(chose)}: {line}" if chose else line
+    else:
+        line = explain(e)
+    named = re.match(r"In '([^']+)'", str(e))
+    files = [f / f"{named[1]}.yaml" for f in source.users] if named else []
+    found = next((f for f in files if f.is_file()), None)
+    return f"{where(found)}: {line.removeprefix(named[0] + ': ')}" if found else line
+
+
+def _chooses(path: Path, group: str, option: str) -> bool:
+    """Whether a config file's defaults list chooses `option` of `group` (`override /strategy: lorra`)."""
+    for entry in _loaded(path).get("defaults") or []:
+        for key, value in entry.items() if isinstance(entry, dict) else []:
+            if key.split()[-1].lstrip("/") == group and option in (value if isinstance(value, list) else [value]):
+                return True
+    return False
 
 
 def check_keys(node: DictConfig, prefix: str = "") -> None:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer.config.optimizer import learning_rate
 from transfer.errors import TransferError
+from transfer.fmt import count
 from transfer.record import read_record
 
 # a checkpoint folder's trainer state (optimizer, scheduler, RNG, progress): transfer.training.checkpoint writes it
@@ -86,7 +87,7 @@ def refuse_differences(saved: dict, cfg: DictConfig, then: str, now: str) -> Non
     if found:
         key, old, new = found[0]
         raise TransferError(
-            f"{then} {key}={old!r}, {now} {key}={new!r} ({len(found)} difference(s)); "
+            f"{then} {key}={old!r}, {now} {key}={new!r} ({count(len(found), 'difference')}); "
             "repeat the interrupted command's overrides and add resume=true"
         )
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from transfer.config.objective import DIRECTION
 from transfer.config.preflight import installed
 from transfer.errors import TransferError, first_line
+from transfer.fmt import count
 from transfer.record import job_folders, lookup, read_record
 
 SWEEPER_TARGET = "hydra_plugins.transfer_optuna_sweeper.sweeper.OptunaSweeper"
@@ -303,7 +304,7 @@ def check_study(sweeper, space: dict[str, Param], sweep_dir: Path, resume: bool)
             trials = _search_jobs(sweep_dir, sweeper.study_name) if resume else 0
             if trials:  # an emptied or replaced file: a new study would start over beside the old trials' folders
                 raise TransferError(
-                    f"resume: {sweep_dir} holds {trials} trial(s) of study {sweeper.study_name!r}, and {path} holds "
+                    f"resume: {sweep_dir} holds {count(trials, 'trial')} of study {sweeper.study_name!r}, and {path} holds "
                     "no such study; allowed: the optuna.db that search wrote, or another hydra.sweep.dir to start afresh"
                 )
             return

@@ -332,14 +332,16 @@ def fit(ids: list[int], labels: list[int], block_size: int) -> tuple[list[int], 
 
 
 def fitted_examples(items, tokenizer, template: str, train_on_prompt: bool, block_size: int, drop: bool,
-                    max_tokens: int | None) -> tuple[list[list[int]], list[list[int]], list, dict]:  # fmt: skip
+                    max_tokens: int | None, whole: list[int] | None = None,
+                    ) -> tuple[list[list[int]], list[list[int]], list, dict]:  # fmt: skip
     """fitted_tokens of each (example, extra) of `items`, in order, until the next kept one would pass max_tokens
     tokens in all: (ids, labels, the kept examples' extras, counts of what was cut or dropped). `items` may be a
-    generator: nothing after the example that ends it is read."""
+    generator: nothing after the example that ends it is read. `whole`, if given, gets each example's length before
+    any cut."""
     counts = {"truncated_prompt": 0, "truncated_response": 0, "dropped_too_long": 0, "dropped_no_answer": 0}
     ids_list, labels_list, kept, total = [], [], [], 0
     for example, extra in items:
-        tokens = fitted_tokens(example, tokenizer, template, train_on_prompt, block_size, drop, counts)
+        tokens = fitted_tokens(example, tokenizer, template, train_on_prompt, block_size, drop, counts, whole)
         if tokens is None:
             continue
         if max_tokens is not None and ids_list and total + len(tokens[0]) > max_tokens:
@@ -352,10 +354,13 @@ def fitted_examples(items, tokenizer, template: str, train_on_prompt: bool, bloc
 
 
 def fitted_tokens(example: Example, tokenizer, template: str, train_on_prompt: bool, block_size: int, drop: bool,
-                  counts: dict) -> tuple[list[int], list[int]] | None:  # fmt: skip
-    """training_tokens cut to block_size by `fit`, or None for an example dropped; `counts` says what was cut or dropped."""
+                  counts: dict, whole: list[int] | None = None) -> tuple[list[int], list[int]] | None:  # fmt: skip
+    """training_tokens cut to block_size by `fit`, or None for an example dropped; `counts` says what was cut or dropped,
+    `whole` (if given) gets the length before the cut."""
     with naming_the_row(example):
         ids, labels = training_tokens(example, tokenizer, template, train_on_prompt)
+    if whole is not None:
+        whole.append(len(ids))
     if len(ids) > block_size and drop:
         counts["dropped_too_long"] += 1
         return None

@@ -8,6 +8,7 @@ its normaliser, the number of targets it scores, so that the loop can divide by 
 optimizer step's count: the update is then the same under any split into micro-batches.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,12 @@ class Sequences:
     def content(self) -> tuple:
         """What a score of the split depends on: the tokens and which of them are scored (the sweep cache's key)."""
         return self.ids, self.labels, self.starts
+
+
+def percentile(values: list[int], q: float) -> int:
+    """The nearest-rank percentile: a length some sequence has."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 @dataclass

@@ -40,6 +40,7 @@ class InstructionTuning(TokenObjective):
         self._forms: list[Counter] = [Counter() for _ in self.choices or ()]  # how the data writes each choice
         self.scored_choices = self.choices  # as the data writes them, once prepare() has read it
         self.notes: list[str] = []  # where they differ
+        self.whole_lengths: dict[str, list[int]] = {}  # each split's examples' lengths before block_size cut them
 
     def prepare(self, max_eval_tokens):
         rows = load_rows(self.dataset_cfg, spec(self.name).fields(self.dataset_cfg))
@@ -75,9 +76,10 @@ class InstructionTuning(TokenObjective):
                 example = to_example(row, self.format, self.dataset_cfg, where)
                 yield example, {"example": example, "gold": self._gold(row, example, where)}
 
+        self.whole_lengths[split] = []
         ids_list, labels_list, meta, counts = fitted_examples(
             items(), self.tokenizer, self.template, self.cfg.train_on_prompt, self.block_size,
-            self.cfg.truncation.value == "drop", max_tokens,
+            self.cfg.truncation.value == "drop", max_tokens, self.whole_lengths[split],
         )  # fmt: skip
         if not ids_list:
             raise TransferError(

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from transfer.config.compose import Plan
 from transfer.config.folders import read_previous
 from transfer.errors import Interrupted, first_line
+from transfer.fmt import count
 from transfer.record import FINISHED, job_outcomes, read_record
 from transfer.training import distributed
 
@@ -192,7 +193,7 @@ def cancel_jobs(jobs: list, grace_s: float = 30.0, wait_s: float = 30.0) -> None
     running = [job for job in jobs if not job.done()]
     if not running:
         return
-    log.warning("stopping %d job(s) still running: %s", len(running), ", ".join(job.job_id for job in running))
+    log.warning("stopping %s still running: %s", count(len(running), "job"), ", ".join(job.job_id for job in running))
     for job in running:
         if type(job).__name__ == "LocalJob":
             with contextlib.suppress(ProcessLookupError):

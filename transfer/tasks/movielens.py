@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from transfer.errors import TransferError
+from transfer.fmt import reader_may_leave
 
 INSTRUCTION = (
     'Given the movies a user liked and the movies the user disliked, answer "Yes" if the user will '
@@ -192,4 +193,4 @@ def _checked_build(args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(reader_may_leave(main))

@@ -24,6 +24,7 @@ import torch
 from transfer.config.model import TinyModelConfig
 from transfer.data.blocks import text_blocks
 from transfer.data.sources import python_docs_prose
+from transfer.fmt import reader_may_leave
 from transfer.models.load import TINY_MANIFEST, TINY_WEIGHTS, build_model, byte_tokenizer, tiny_config
 
 SHAKESPEARE = "datasets/tiny_shakespeare/train.jsonl"
@@ -120,4 +121,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(reader_may_leave(main))

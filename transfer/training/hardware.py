@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from transfer.errors import TransferError
+from transfer.fmt import count
 from transfer.training import distributed
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,9 +76,9 @@ def warn_if_busy(log) -> None:
         return
     _warned_busy = True
     log.warning(
-        "the machine is busy: a load average of %.1f over the last minute on the %d CPU%s this run may use; every "
+        "the machine is busy: a load average of %.1f over the last minute on the %s this run may use; every "
         "speed figure of this run (tokens/s, seconds, time left) will be slower than on an idle machine",
-        load, cpus, "" if cpus == 1 else "s",
+        load, count(cpus, "CPU"),
     )  # fmt: skip
 
 

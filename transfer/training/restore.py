@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transfer.config.checks import init_from_chain
 from transfer.config.folders import config_differences
 from transfer.errors import TransferError, first_line
+from transfer.fmt import count
 from transfer.training import distributed
 from transfer.training.checkpoint import CONFIG_FILE, STATE_FILE, check_fit, damage, load_weights, step_folders
 
@@ -38,7 +39,7 @@ def check_same_config(folder: Path, cfg) -> None:
         key, old, new = differences[0]
         raise TransferError(
             f"resume: checkpoint {folder} was made with {key}={old!r}, this run has {key}={new!r} "
-            f"({len(differences)} difference(s)); repeat the interrupted run's overrides and add resume=true"
+            f"({count(len(differences), 'difference')}); repeat the interrupted run's overrides and add resume=true"
         )
 
 
