@@ -207,6 +207,39 @@ def test_the_launcher_waits_for_every_job_and_cancels_the_rest_when_stopped():
     assert [job.cancelled for job in jobs] == [False, True] and not jobs[1].running
 
 
+def test_a_submitit_job_is_stopped_by_sigterm_from_its_start(submitit, monkeypatch):
+    """In the job's process submitit's handler lets SIGTERM pass; a SIGTERM while the plugin composes the job's
+    config (before transfer's code ran) was let pass, and the job ran on. The launcher's job stops on it from its
+    start, ends its process with 130 and no traceback, and leaves submitit's handlers as they were."""
+    from hydra_plugins.transfer_submitit_launcher import launcher
+
+    passed, composed = [], []
+
+    def composing(self, *args):  # the plugin's job: Hydra composes the config, then runs the job
+        os.kill(os.getpid(), signal.SIGTERM)
+        composed.append(args)
+        return "the job's return"
+
+    def bypass(signum, frame):  # submitit's: logs the signal and lets it pass
+        passed.append(signum)
+
+    def requeue(signum, frame):
+        raise AssertionError("requeued on SIGTERM")
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setattr(launcher.plugin.BaseSubmititLauncher, "__call__", composing)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, bypass),
+                signal.SIGUSR2: signal.signal(signal.SIGUSR2, requeue)}  # fmt: skip
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            launcher.LocalLauncher()(["seed=1"], "hydra.sweep.dir", 0, "job_id_for_0", {})
+        assert stopped.value.code == 130 and passed == [] and composed == []
+        assert signal.getsignal(signal.SIGTERM) is bypass and signal.getsignal(signal.SIGUSR2) is requeue
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 @pytest.mark.slow
 def test_a_failed_job_fails_the_sweep_through_another_process(submitit, tmp_path):
     """The job fails in a submitit process; the launching process learns it from the job's record."""

@@ -9,6 +9,7 @@ transfer.sweep.callbacks.LauncherCallback puts them in the plugin's place when a
 """
 
 import logging
+import sys
 from pathlib import Path
 
 from hydra.core.singleton import Singleton
@@ -53,10 +54,26 @@ def launch(self, job_overrides, initial_job_idx: int):
     return wait_for_jobs(jobs, job_overrides, initial_job_idx)
 
 
+def job(self, *args):
+    """The plugin's job, in the job's process: a stop (SIGTERM) interrupts it from here on, before Hydra composes
+    its config. submitit's own handler, in place until then, let SIGTERM pass: a job stopped while it started ran
+    on until the cancel cancel_jobs sends after 30 s. The job's record says it was interrupted; its process ends
+    with 130, without KeyboardInterrupt's traceback in its submitit log (a requeue ends it as submitit does)."""
+    from transfer.sweep.launchers import requeue_when_preempted
+
+    try:
+        with requeue_when_preempted():
+            return plugin.BaseSubmititLauncher.__call__(self, *args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
 if plugin is not None:
 
     class LocalLauncher(plugin.LocalLauncher):
         launch = launch
+        __call__ = job
 
     class SlurmLauncher(plugin.SlurmLauncher):
         launch = launch
+        __call__ = job
