@@ -197,14 +197,45 @@ def test_the_launcher_waits_for_every_job_and_cancels_the_rest_when_stopped():
 
     died = UncompletedJobError("Job 8 (task: 0) with path /x/8_0_result.pkl\nhas not produced any output")
     jobs = [FakeJob("7", result="job 0's return"), FakeJob("8", error=died), FakeJob("9", result="job 2's return")]
-    returns = wait_for_jobs(jobs, [["seed=1"], ["seed=2"], ["seed=3"]], 0, poll_s=0)
+    returns = wait_for_jobs(lambda: jobs, [["seed=1"], ["seed=2"], ["seed=3"]], 0, poll_s=0)
     assert returns[0] == "job 0's return" and returns[2] == "job 2's return"  # the jobs after a dead one count
     assert returns[1].overrides == ["seed=2"] and returns[1].status == JobStatus.COMPLETED  # its record tells
     assert returns[1].return_value is None and not any(job.cancelled for job in jobs)
     jobs = [FakeJob("10", result="done"), FakeJob("11", interrupts=True)]
     with pytest.raises(KeyboardInterrupt):
-        wait_for_jobs(jobs, [["seed=1"], ["seed=2"]], 0, poll_s=0)
+        wait_for_jobs(lambda: jobs, [["seed=1"], ["seed=2"]], 0, poll_s=0)
     assert [job.cancelled for job in jobs] == [False, True] and not jobs[1].running
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")  # as the command's handler does (cli.main)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_while_the_jobs_are_submitted_cancels_them_once_they_exist(signum):
+    """SIGTERM, or the terminal's hangup, after submitit has started the jobs but before it has returned them: the
+    stop acts then, and the jobs are cancelled. It used to stop the submission, and the jobs it had started trained on
+    to their end after the command had returned (a Ctrl-C does the same: this test sends what no test runner ignores)."""
+    from transfer.sweep.launchers import wait_for_jobs
+
+    jobs = [FakeJob("14"), FakeJob("15")]
+    for job in jobs:
+        job.running = True
+
+    def submit() -> list:
+        os.kill(os.getpid(), signum)
+        return jobs
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt),
+                signal.SIGHUP: signal.signal(signal.SIGHUP, signal.SIG_DFL)}  # fmt: skip
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            wait_for_jobs(submit, [["seed=1"], ["seed=2"]], 0, poll_s=0)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # put back: it stops the jobs only while they run
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert [job.cancelled for job in jobs] == [True, True]
 
 
 def test_a_submitit_job_is_stopped_by_sigterm_from_its_start(submitit, monkeypatch):

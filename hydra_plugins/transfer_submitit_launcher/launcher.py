@@ -50,8 +50,11 @@ def launch(self, job_overrides, initial_job_idx: int):
     for number, overrides in enumerate(job_overrides, start=initial_job_idx):
         log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
         job_params.append((list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state()))
-    jobs = executor.map_array(self, *zip(*job_params, strict=True))
-    return wait_for_jobs(jobs, job_overrides, initial_job_idx)
+
+    def submit() -> list:
+        return executor.map_array(self, *zip(*job_params, strict=True))
+
+    return wait_for_jobs(submit, job_overrides, initial_job_idx)
 
 
 def job(self, *args):
