@@ -5,6 +5,7 @@ runs the same jobs one after another in the launching process. The plugins are e
 (`.[ray]`, `.[slurm]`, both in `.[dev]`); each test skips when its plugin is absent.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -165,6 +166,41 @@ def test_a_killed_submitit_job_leaves_the_other_jobs_tables_and_one_line(submiti
     table = pd.read_csv(sweep / "tables" / "comparison.csv")
     assert table["status"].tolist() == ["completed", "incomplete"] and table["seeds"].tolist() == [1, 0]
     assert table["val_ppl_after"][0] == records(sweep)[1]["eval"]["final"]["validation"]["perplexity"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_the_terminal_stops_a_submitit_sweep_and_its_job(submitit, tmp_path):
+    """Ctrl-C at the terminal (SIGINT to the command's process group) once the job has started (its record says
+    running): the command stops its job with SIGTERM and exits 130 with one line, the job's record says interrupted.
+    The job's controller was in that group: it printed its KeyboardInterrupt traceback, passed the SIGINT on and
+    killed the job 1 s later; and the job took the SIGINT and the SIGTERM as two Ctrl-Cs (one stops at once)."""
+    args = ["-m", *[a for a in TINY if not a.startswith("max_steps=")], "max_steps=100000",  # it cannot end first
+            "hydra/launcher=submitit_local", "hydra.sweep.dir=sweep"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # as a terminal starts a command: in a process group of its own, with SIGINT not ignored (a suite started in the
+    # background by a script inherits SIGINT ignored, and Python keeps ignoring it: the sweep ran on and exited 0)
+    proc = subprocess.Popen([sys.executable, "-m", "transfer", *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    sweep = tmp_path / "sweep"
+    try:
+        deadline = time.time() + 240
+        while not (sweep / "0" / "metrics.json").is_file():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        for controller in (sweep / ".submitit").glob("[0-9]*") if running_in(sweep) else []:  # left by a failure
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(controller.name), signal.SIGKILL)  # its session: the controller and its task
+    assert proc.returncode == 130 and "Traceback" not in out + err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C); continue with: python -m transfer -m ")
+    assert running_in(sweep) == []
+    record = records(sweep)[0]  # stopped by the command's SIGTERM alone, the terminal's SIGINT did not reach it
+    assert record["status"] == "interrupted" and record["error"] == "interrupted (SIGTERM); resume it with resume=true"
+    assert not any("Traceback" in log.read_text() for log in (sweep / ".submitit").glob("*/*_log.err"))
 
 
 class FakeJob:

@@ -6,9 +6,17 @@ traceback, no tables for the jobs that finished, no exit line, and the jobs stil
 train after the command has returned. These launch the same jobs the same way, then wait for them
 all (transfer.sweep.launchers.wait_for_jobs); how each ended is read from its record, as for any launcher.
 transfer.sweep.callbacks.LauncherCallback puts them in the plugin's place when a sweep starts.
+
+A stop reaches the jobs from the launching process alone: it sends each SIGTERM (cancel_jobs), which a
+job obeys from the first line of its own code (job()). A local job's controller starts in a session of its
+own, so that a Ctrl-C at the terminal does not reach it and its job too: the controller printed its
+KeyboardInterrupt traceback there, passed the SIGINT on and killed the job 1 s later, and a job in training
+took the SIGINT and the sweep's SIGTERM as a second Ctrl-C and stopped without its checkpoint.
 """
 
+import contextlib
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,7 +60,8 @@ def launch(self, job_overrides, initial_job_idx: int):
         job_params.append((list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state()))
 
     def submit() -> list:
-        return executor.map_array(self, *zip(*job_params, strict=True))
+        with _own_sessions() if self._EXECUTOR == "local" else contextlib.nullcontext():
+            return executor.map_array(self, *zip(*job_params, strict=True))
 
     return wait_for_jobs(submit, job_overrides, initial_job_idx)
 
@@ -69,6 +78,30 @@ def job(self, *args):
             return plugin.BaseSubmititLauncher.__call__(self, *args)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+class _NewSession:
+    """The subprocess module, as submitit's local executor sees it: what it starts begins a session of its own."""
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args, **kwargs):  # noqa: N802 (subprocess's name)
+        return subprocess.Popen(*args, **{**kwargs, "start_new_session": True})
+
+
+@contextlib.contextmanager
+def _own_sessions():
+    """The local jobs' controllers started in sessions of their own (submitit starts them with subprocess.Popen,
+    which takes no other option from its caller)."""
+    from submitit.local import local
+
+    local.subprocess = _NewSession()
+    try:
+        yield
+    finally:
+        local.subprocess = subprocess
 
 
 if plugin is not None:
