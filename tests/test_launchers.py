@@ -5,6 +5,7 @@ runs the same jobs one after another in the launching process. The plugins are e
 (`.[ray]`, `.[slurm]`, both in `.[dev]`); each test skips when its plugin is absent.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -167,6 +168,41 @@ def test_a_killed_submitit_job_leaves_the_other_jobs_tables_and_one_line(submiti
     assert table["val_ppl_after"][0] == records(sweep)[1]["eval"]["final"]["validation"]["perplexity"]
 
 
+@pytest.mark.slow
+def test_ctrl_c_at_the_terminal_stops_a_submitit_sweep_and_its_job(submitit, tmp_path):
+    """Ctrl-C at the terminal (SIGINT to the command's process group) once the job has started (its record says
+    running): the command stops its job with SIGTERM and exits 130 with one line, the job's record says interrupted.
+    The job's controller was in that group: it printed its KeyboardInterrupt traceback, passed the SIGINT on and
+    killed the job 1 s later; and the job took the SIGINT and the SIGTERM as two Ctrl-Cs (one stops at once)."""
+    args = ["-m", *[a for a in TINY if not a.startswith("max_steps=")], "max_steps=100000",  # it cannot end first
+            "hydra/launcher=submitit_local", "hydra.sweep.dir=sweep"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # as a terminal starts a command: in a process group of its own, with SIGINT not ignored (a suite started in the
+    # background by a script inherits SIGINT ignored, and Python keeps ignoring it: the sweep ran on and exited 0)
+    proc = subprocess.Popen([sys.executable, "-m", "transfer", *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    sweep = tmp_path / "sweep"
+    try:
+        deadline = time.time() + 240
+        while not (sweep / "0" / "metrics.json").is_file():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        for controller in (sweep / ".submitit").glob("[0-9]*") if running_in(sweep) else []:  # left by a failure
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(controller.name), signal.SIGKILL)  # its session: the controller and its task
+    assert proc.returncode == 130 and "Traceback" not in out + err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C); continue with: python -m transfer -m ")
+    assert running_in(sweep) == []
+    record = records(sweep)[0]  # stopped by the command's SIGTERM alone, the terminal's SIGINT did not reach it
+    assert record["status"] == "interrupted" and record["error"] == "interrupted (SIGTERM); resume it with resume=true"
+    assert not any("Traceback" in log.read_text() for log in (sweep / ".submitit").glob("*/*_log.err"))
+
+
 class FakeJob:
     """A submitit job as the launcher sees it: done or not, a result or submitit's error, cancellable."""
 
@@ -197,14 +233,78 @@ def test_the_launcher_waits_for_every_job_and_cancels_the_rest_when_stopped():
 
     died = UncompletedJobError("Job 8 (task: 0) with path /x/8_0_result.pkl\nhas not produced any output")
     jobs = [FakeJob("7", result="job 0's return"), FakeJob("8", error=died), FakeJob("9", result="job 2's return")]
-    returns = wait_for_jobs(jobs, [["seed=1"], ["seed=2"], ["seed=3"]], 0, poll_s=0)
+    returns = wait_for_jobs(lambda: jobs, [["seed=1"], ["seed=2"], ["seed=3"]], 0, poll_s=0)
     assert returns[0] == "job 0's return" and returns[2] == "job 2's return"  # the jobs after a dead one count
     assert returns[1].overrides == ["seed=2"] and returns[1].status == JobStatus.COMPLETED  # its record tells
     assert returns[1].return_value is None and not any(job.cancelled for job in jobs)
     jobs = [FakeJob("10", result="done"), FakeJob("11", interrupts=True)]
     with pytest.raises(KeyboardInterrupt):
-        wait_for_jobs(jobs, [["seed=1"], ["seed=2"]], 0, poll_s=0)
+        wait_for_jobs(lambda: jobs, [["seed=1"], ["seed=2"]], 0, poll_s=0)
     assert [job.cancelled for job in jobs] == [False, True] and not jobs[1].running
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")  # as the command's handler does (cli.main)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_while_the_jobs_are_submitted_cancels_them_once_they_exist(signum):
+    """SIGTERM, or the terminal's hangup, after submitit has started the jobs but before it has returned them: the
+    stop acts then, and the jobs are cancelled. It used to stop the submission, and the jobs it had started trained on
+    to their end after the command had returned (a Ctrl-C does the same: this test sends what no test runner ignores)."""
+    from transfer.sweep.launchers import wait_for_jobs
+
+    jobs = [FakeJob("14"), FakeJob("15")]
+    for job in jobs:
+        job.running = True
+
+    def submit() -> list:
+        os.kill(os.getpid(), signum)
+        return jobs
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt),
+                signal.SIGHUP: signal.signal(signal.SIGHUP, signal.SIG_DFL)}  # fmt: skip
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            wait_for_jobs(submit, [["seed=1"], ["seed=2"]], 0, poll_s=0)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # put back: it stops the jobs only while they run
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert [job.cancelled for job in jobs] == [True, True]
+
+
+def test_a_submitit_job_is_stopped_by_sigterm_from_its_start(submitit, monkeypatch):
+    """In the job's process submitit's handler lets SIGTERM pass; a SIGTERM while the plugin composes the job's
+    config (before transfer's code ran) was let pass, and the job ran on. The launcher's job stops on it from its
+    start, ends its process with 130 and no traceback, and leaves submitit's handlers as they were."""
+    from hydra_plugins.transfer_submitit_launcher import launcher
+
+    passed, composed = [], []
+
+    def composing(self, *args):  # the plugin's job: Hydra composes the config, then runs the job
+        os.kill(os.getpid(), signal.SIGTERM)
+        composed.append(args)
+        return "the job's return"
+
+    def bypass(signum, frame):  # submitit's: logs the signal and lets it pass
+        passed.append(signum)
+
+    def requeue(signum, frame):
+        raise AssertionError("requeued on SIGTERM")
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setattr(launcher.plugin.BaseSubmititLauncher, "__call__", composing)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, bypass),
+                signal.SIGUSR2: signal.signal(signal.SIGUSR2, requeue)}  # fmt: skip
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            launcher.LocalLauncher()(["seed=1"], "hydra.sweep.dir", 0, "job_id_for_0", {})
+        assert stopped.value.code == 130 and passed == [] and composed == []
+        assert signal.getsignal(signal.SIGTERM) is bypass and signal.getsignal(signal.SIGUSR2) is requeue
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @pytest.mark.slow

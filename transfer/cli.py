@@ -119,8 +119,9 @@ def job(cfg: DictConfig) -> None:
     _log_sweep_position(hc)
     locked_here = failed = False
     # the job's undo work (Liger's patches, the compile watch, the cache folder, device memory) is done once its
-    # error is reported and dropped: what the error's frames held is freed then
-    with launchers.requeue_when_preempted(), JobContext() as context:
+    # error is reported and dropped: what the error's frames held is freed then. Under submitit, SIGTERM and its
+    # warning signal already stop the job (hydra_plugins/transfer_submitit_launcher: launchers.requeue_when_preempted)
+    with JobContext() as context:
         try:
             if unwritten:
                 raise TransferError(

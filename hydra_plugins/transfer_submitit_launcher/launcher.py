@@ -6,9 +6,18 @@ traceback, no tables for the jobs that finished, no exit line, and the jobs stil
 train after the command has returned. These launch the same jobs the same way, then wait for them
 all (transfer.sweep.launchers.wait_for_jobs); how each ended is read from its record, as for any launcher.
 transfer.sweep.callbacks.LauncherCallback puts them in the plugin's place when a sweep starts.
+
+A stop reaches the jobs from the launching process alone: it sends each SIGTERM (cancel_jobs), which a
+job obeys from the first line of its own code (job()). A local job's controller starts in a session of its
+own, so that a Ctrl-C at the terminal does not reach it and its job too: the controller printed its
+KeyboardInterrupt traceback there, passed the SIGINT on and killed the job 1 s later, and a job in training
+took the SIGINT and the sweep's SIGTERM as a second Ctrl-C and stopped without its checkpoint.
 """
 
+import contextlib
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra.core.singleton import Singleton
@@ -49,14 +58,58 @@ def launch(self, job_overrides, initial_job_idx: int):
     for number, overrides in enumerate(job_overrides, start=initial_job_idx):
         log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
         job_params.append((list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state()))
-    jobs = executor.map_array(self, *zip(*job_params, strict=True))
-    return wait_for_jobs(jobs, job_overrides, initial_job_idx)
+
+    def submit() -> list:
+        with _own_sessions() if self._EXECUTOR == "local" else contextlib.nullcontext():
+            return executor.map_array(self, *zip(*job_params, strict=True))
+
+    return wait_for_jobs(submit, job_overrides, initial_job_idx)
+
+
+def job(self, *args):
+    """The plugin's job, in the job's process: a stop (SIGTERM) interrupts it from here on, before Hydra composes
+    its config. submitit's own handler, in place until then, let SIGTERM pass: a job stopped while it started ran
+    on until the cancel cancel_jobs sends after 30 s. The job's record says it was interrupted; its process ends
+    with 130, without KeyboardInterrupt's traceback in its submitit log (a requeue ends it as submitit does)."""
+    from transfer.sweep.launchers import requeue_when_preempted
+
+    try:
+        with requeue_when_preempted():
+            return plugin.BaseSubmititLauncher.__call__(self, *args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+class _NewSession:
+    """The subprocess module, as submitit's local executor sees it: what it starts begins a session of its own."""
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args, **kwargs):  # noqa: N802 (subprocess's name)
+        return subprocess.Popen(*args, **{**kwargs, "start_new_session": True})
+
+
+@contextlib.contextmanager
+def _own_sessions():
+    """The local jobs' controllers started in sessions of their own (submitit starts them with subprocess.Popen,
+    which takes no other option from its caller)."""
+    from submitit.local import local
+
+    local.subprocess = _NewSession()
+    try:
+        yield
+    finally:
+        local.subprocess = subprocess
 
 
 if plugin is not None:
 
     class LocalLauncher(plugin.LocalLauncher):
         launch = launch
+        __call__ = job
 
     class SlurmLauncher(plugin.SlurmLauncher):
         launch = launch
+        __call__ = job

@@ -145,22 +145,28 @@ def search_failure(sweep) -> str | None:
     return summary.get("error") if isinstance(summary, dict) and summary.get("best") is None else None
 
 
-def wait_for_jobs(jobs: list, overrides: list, first_number: int = 0, poll_s: float = 1.0) -> list:
-    """The submitit jobs' returns (hydra JobReturn) once every one has ended, however it ended.
+def wait_for_jobs(submit, overrides: list, first_number: int = 0, poll_s: float = 1.0) -> list:
+    """The jobs that `submit()` starts (submitit's), and their returns (hydra JobReturn) once every one has ended.
 
     A job that died (killed, out of memory, cancelled on the cluster) or raised returns an empty
     JobReturn: Hydra's sweepers raise on a failed one, and how the job ended is in its record, which
-    exit_status reads. Stopped while it waits (Ctrl-C, SIGTERM), it cancels the jobs still running and
-    waits for them to end: none goes on training after the command has returned.
+    exit_status reads. Stopped while it waits (Ctrl-C, SIGTERM, its terminal closed), it cancels the jobs
+    still running and waits for them to end: none goes on training after the command has returned. A stop
+    while the jobs are being submitted acts once submit() has returned them, so that those started by then
+    are stopped too (they trained on to their end after the command had returned).
     """
     from hydra.core.utils import JobReturn, JobStatus
 
-    try:
-        while not all(job.done() for job in jobs):
-            time.sleep(poll_s)
-    except BaseException:
-        cancel_jobs(jobs)
-        raise
+    jobs = []
+    with _hangup_stops():
+        try:
+            with _held(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                jobs = submit()
+            while not all(job.done() for job in jobs):
+                time.sleep(poll_s)
+        except BaseException:
+            cancel_jobs(jobs)
+            raise
     returns = []
     for number, (job, job_overrides) in enumerate(zip(jobs, overrides, strict=True), start=first_number):
         why = _no_result(job)
@@ -173,6 +179,40 @@ def wait_for_jobs(jobs: list, overrides: list, first_number: int = 0, poll_s: fl
         log.warning("job %d (submitit job %s) ended without a result: %s", number, job.job_id, why)
         returns.append(JobReturn(overrides=list(job_overrides), status=JobStatus.COMPLETED))
     return returns
+
+
+@contextlib.contextmanager
+def _held(*signums):
+    """The signals that arrive in the block are delivered when it ends, to the handlers in place before it; one that
+    this process ignores (a background job of a shell without job control ignores SIGINT) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    arrived = []
+    held = [s for s in signums if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for signum in dict.fromkeys(arrived):
+        signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def _hangup_stops():
+    """A closed terminal (SIGHUP) stops the jobs as SIGTERM does: they run in sessions of their own
+    (hydra_plugins/transfer_submitit_launcher), which the terminal's hangup does not reach, and would train
+    on without a command waiting for them. Where SIGHUP is ignored (nohup), the jobs go on as the command does."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGHUP) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def _no_result(job) -> str | None:
