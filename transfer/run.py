@@ -35,7 +35,7 @@ from transfer.record import TRAINED
 from transfer.strategies import apply_strategy, check_before_loading, loading_options
 from transfer.train import train
 from transfer.training import distributed, speed
-from transfer.training.hardware import resolve, warn_if_busy
+from transfer.training.hardware import resolve, return_freed_memory, warn_if_busy
 from transfer.training.loggers import open_loggers, scalars_of
 from transfer.training.oom import MemoryPlan
 from transfer.training.restore import check_same_config, find_resume_point, load_parent
@@ -105,6 +105,7 @@ def _set_up(cfg, record: RunRecord, context: JobContext, sweep: Path | None):
     record["optimizer"] = {"name": cfg.optimizer.name, "lr": lr, "lr_from": lr_from}  # the rate the run starts at
     record["cache"] = context.use_cache(_cache_folder(cfg, sweep))  # hits and misses, filled as the job goes
     hardware = resolve(cfg.hardware)
+    return_freed_memory()  # the host's memory, whatever the device: what the run frees is not held to its end
     if not cfg.dry_run:  # which measures no speed
         warn_if_busy(log)
     hardware.reset_peak_memory()
@@ -293,6 +294,9 @@ def _memory_estimate(cfg, hardware, record: dict) -> None:
         t["activations"] / gib, t["activations_per_block"] / gib, t["head_and_loss"] / gib,
         found["evaluation"]["peak"] / gib,
     )  # fmt: skip
+    if "resident_peak_bytes" in found:  # on a CPU: what VmHWM, the record's `memory`, will be compared with
+        log.info("with the process's own %.3g GiB when estimated (libraries, the tokenizer): a resident set of %.3g "
+                 "GiB at the peak", found["process_bytes"] / gib, found["resident_peak_bytes"] / gib)  # fmt: skip
     if distributed.active():
         log.info("the estimate is %s", found["notes"][-1])
     limit = memory_limit(cfg, hardware.device)
