@@ -56,7 +56,7 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
     from transfer.models.anatomy import base_model
     from transfer.strategies import apply_strategy
     from transfer.training import loss
-    from transfer.training.hardware import AUTOCAST_DTYPES, resident_bytes
+    from transfer.training.hardware import AUTOCAST_DTYPES
     from transfer.training.optim import build_optimizer
     from transfer.training.speed import apply_transforms
 
@@ -129,14 +129,23 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
         "weights_bytes": weights,
         "notes": notes,
     }
-    # the libraries the estimate imported (peft's 0.28 GB among them) and what the fake run leaves stay to the run's end
-    process = resident_bytes() if device.type == "cpu" else None
-    if process is not None:
-        found["process_bytes"] = process
-        found["resident_peak_bytes"] = found["peak_bytes"] + process
-        notes.append("the resident set's peak: the peak with the process's own memory when estimated (its "
-                     "libraries, the tokenizer) besides")  # fmt: skip
+    if device.type == "cpu":
+        _add_process(found)
     return found
+
+
+def _add_process(found: dict) -> None:
+    """The resident set's peak, which a CPU run measures: the tensors' and the process's own memory as the estimate
+    ends, whose libraries (peft's 0.28 GB among them), tokenizer and fake run's leftovers stay to the run's end."""
+    from transfer.training.hardware import resident_bytes
+
+    process = resident_bytes()
+    if process is None:  # not Linux: no resident set to read
+        return
+    found["process_bytes"] = process
+    found["resident_peak_bytes"] = found["peak_bytes"] + process
+    found["notes"].append("the resident set's peak: the peak with the process's own memory when estimated (its "
+                          "libraries, the tokenizer) besides")  # fmt: skip
 
 
 def _add_snapshot(model, parts: tuple[dict, ...], notes: list[str]) -> None:
