@@ -14,7 +14,7 @@ and the allocator's reserve (`torch.cuda.max_memory_allocated` does not count th
 
 On a CPU the measured peak is the process's resident set (VmHWM), which holds the interpreter, the libraries and
 the tokenizer besides the tensors: 0.64 GB of it for Qwen2.5-Coder-0.5B's LoRA once estimated, 0.26 GB of that
-torch and transformers, 0.28 GB peft. `resident_peak_bytes` adds the resident set measured as the estimate ends
+torch and transformers, the rest the tokenizer, the model's code and peft. `resident_peak_bytes` adds the resident set measured as the estimate ends
 to the tensors' `peak_bytes`; what the run imports and reads after it (the data, its libraries, the tokenizer
 loaded again) is not counted: 0.1 to 0.2 GB on that model. `peak_bytes` stays the tensors' alone, the figure a GPU's allocator counts, and the one
 judged against what is free (MemAvailable leaves out what this process holds already).
@@ -136,7 +136,7 @@ def estimate(cfg, shapes, device: torch.device, precision: str) -> dict:
 
 def _add_process(found: dict) -> None:
     """The resident set's peak, which a CPU run measures: the tensors' and the process's own memory as the estimate
-    ends, whose libraries (peft's 0.28 GB among them), tokenizer and fake run's leftovers stay to the run's end."""
+    ends, whose libraries (peft among them), tokenizer and fake run's leftovers stay to the run's end."""
     from transfer.training.hardware import resident_bytes
 
     process = resident_bytes()
