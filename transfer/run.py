@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from transfer import STARTED, cache, evaluation
 from transfer.config import checks, folders
+from transfer.config.hardware import RETURN_FREED_FROM
 from transfer.config.optimizer import learning_rate
 from transfer.data import probes
 from transfer.errors import TransferError
@@ -105,7 +106,6 @@ def _set_up(cfg, record: RunRecord, context: JobContext, sweep: Path | None):
     record["optimizer"] = {"name": cfg.optimizer.name, "lr": lr, "lr_from": lr_from}  # the rate the run starts at
     record["cache"] = context.use_cache(_cache_folder(cfg, sweep))  # hits and misses, filled as the job goes
     hardware = resolve(cfg.hardware)
-    return_freed_memory()  # the host's memory, whatever the device: what the run frees is not held to its end
     if not cfg.dry_run:  # which measures no speed
         warn_if_busy(log)
     hardware.reset_peak_memory()
@@ -149,6 +149,7 @@ def _load_and_adapt(cfg, hardware, record: RunRecord, choices: dict):
         model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
     record["transforms"] = speed.apply_transforms(model, cfg)
     record["params"] = parameter_report(model)
+    _return_freed_memory(cfg, hardware, record["params"]["total"], record)
     log.info(_summary(record.data, choices))
     return model, tokenizer, loading["placed"]
 
@@ -308,6 +309,16 @@ def _memory_estimate(cfg, hardware, record: dict) -> None:
         raise TransferError(refused)  # the record keeps the estimate that refused it
     if advice:
         log.warning("%s", advice)
+
+
+def _return_freed_memory(cfg, hardware, parameters: int, record: RunRecord) -> None:
+    """hardware.return_freed_memory, set before the baseline, the first to free tensors of a batch's size. It is the
+    process's: the later jobs of a sweep run in one process keep it."""
+    wanted = cfg.hardware.return_freed_memory
+    if wanted is None:
+        wanted = hardware.device.type == "cpu" and parameters >= RETURN_FREED_FROM
+    if wanted and not cfg.dry_run:
+        record["hardware"]["return_freed_memory"] = return_freed_memory()
 
 
 def _cache_folder(cfg, sweep: Path | None) -> Path | None:
