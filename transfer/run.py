@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from transfer import STARTED, cache, evaluation
 from transfer.config import checks, folders
+from transfer.config.hardware import RETURN_FREED_FROM
 from transfer.config.model import model_shape
 from transfer.config.optimizer import learning_rate
 from transfer.data import probes
@@ -37,7 +38,7 @@ from transfer.record import TRAINED
 from transfer.strategies import apply_strategy, check_before_loading, loading_options
 from transfer.train import train
 from transfer.training import distributed, speed
-from transfer.training.hardware import resolve, warn_if_busy
+from transfer.training.hardware import resolve, return_freed_memory, warn_if_busy
 from transfer.training.loggers import open_loggers, scalars_of
 from transfer.training.oom import MemoryPlan
 from transfer.training.restore import check_same_config, find_resume_point, load_parent
@@ -150,6 +151,7 @@ def _load_and_adapt(cfg, hardware, record: RunRecord, choices: dict):
         model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
     record["transforms"] = speed.apply_transforms(model, cfg)
     record["params"] = parameter_report(model)
+    _return_freed_memory(cfg, hardware, record["params"]["total"], record)
     log.info(_summary(record.data, choices))
     return model, tokenizer, loading["placed"]
 
@@ -314,6 +316,9 @@ def _memory_estimate(cfg, hardware, record: dict) -> None:
         t["activations"] / gib, t["activations_per_block"] / gib, t["head_and_loss"] / gib,
         found["evaluation"]["peak"] / gib,
     )  # fmt: skip
+    if "resident_peak_bytes" in found:  # on a CPU: what VmHWM, the record's `memory`, will be compared with
+        log.info("with the process's own %.3g GiB when estimated (libraries, the tokenizer): a resident set of %.3g "
+                 "GiB at the peak", found["process_bytes"] / gib, found["resident_peak_bytes"] / gib)  # fmt: skip
     if distributed.active():
         log.info("the estimate is %s", found["notes"][-1])
     limit = memory_limit(cfg, hardware.device)
@@ -325,6 +330,16 @@ def _memory_estimate(cfg, hardware, record: dict) -> None:
         raise TransferError(refused)  # the record keeps the estimate that refused it
     if advice:
         log.warning("%s", advice)
+
+
+def _return_freed_memory(cfg, hardware, parameters: int, record: RunRecord) -> None:
+    """hardware.return_freed_memory, set before the baseline, the first to free tensors of a batch's size. It is the
+    process's: the later jobs of a sweep run in one process keep it."""
+    wanted = cfg.hardware.return_freed_memory
+    if wanted is None:
+        wanted = hardware.device.type == "cpu" and parameters >= RETURN_FREED_FROM
+    if wanted and not cfg.dry_run:
+        record["hardware"]["return_freed_memory"] = return_freed_memory()
 
 
 def _cache_folder(cfg, sweep: Path | None) -> Path | None:
