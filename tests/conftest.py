@@ -86,6 +86,22 @@ def run_ok(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complet
     return proc
 
 
+def run_here(args: list[str], out: Path, sweep: Path | None = None) -> dict:
+    """The job of `python -m transfer ARGS`, run in this process into `out` with what the CLI's job() hands
+    run_experiment (the chosen group options, the overrides; the sweep's folder for a sweep's job): its record.
+
+    For a test of what a run computes and records; the command line's own behaviour (its output, exit status,
+    folder lock, Hydra's files) needs run_cli. A process start saved: each costs seconds of imports."""
+    from transfer.config.compose import compose_config
+    from transfer.config.schema import GROUPS
+    from transfer.run import run_experiment
+
+    choices = compose_config(args, with_hydra=True).hydra.runtime.choices
+    cfg = compose_config(args)
+    chosen = {g: choices.get(g) for g in GROUPS} | {"probes": ",".join(cfg.eval.probes) or "none"}
+    return run_experiment(cfg, out, chosen, list(args), sweep=sweep)
+
+
 def loss_and_grads(model, ids, labels, chunk_tokens: int, scale: float = 1.0, autocast=None, liger: bool = False):
     """summed_lm_loss (Liger's fused loss with `liger`) and a backward pass scaled by `scale` (as the mean over tokens
     and accumulation scale it), under autocast to that dtype if given: (loss, scored tokens, each trainable
