@@ -43,10 +43,27 @@ def shared_folder() -> Path:
     return Path(value).resolve()  # tests run the CLI in other folders: a relative path would break there
 
 
-# The longest modules first: with two workers, the suite ends when the later one does, and a long test met last keeps
-# one core busy while the other waits (test_combinations is one test of two minutes; torchrun and launcher tests start
-# several processes). The rest keep their order.
-LONGEST_FIRST = ("test_combinations.py", "test_distributed.py", "test_launchers.py")
+# `make test` hands each worker of pytest-xdist whole modules (--dist loadfile): a module-scoped fixture (the config
+# cases' driver, a sweep of test_aggregate, the runs of test_export) is then made once, where a split module made it
+# in both workers. The longest modules go first, so that what is left at the end is short: with two workers, the
+# suite ends when the later one does. Seconds are each module's total in a run of the whole suite (approximate).
+LONGEST_FIRST = (
+    "test_reliability.py",  # 150: the config cases' driver, faults that start and kill runs
+    "test_launchers.py",  # 140: Ray and submitit sweeps
+    "test_distributed.py",  # 95: torchrun
+    "test_bench.py",  # 75: each benchmark script in processes of its own
+    "test_combinations.py",  # 70
+    "test_strategies.py",  # 65
+    "test_evaluation.py",  # 60
+    "test_trackers.py",  # 55
+    "test_search.py",  # 45
+    "test_preference.py",  # 35
+    "test_aggregate.py",  # 30
+    "test_qwen.py",  # 30, where the Qwen model is built
+    "test_speed.py",  # 30
+    "test_memory.py",  # 25
+    "test_cli.py",  # 20
+)
 
 
 def pytest_collection_modifyitems(items):
