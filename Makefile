@@ -57,10 +57,12 @@ bench-tables:  ## time the aggregator on 1,000 generated job folders
 
 # The suite is CPU-bound and its models are tiny: one torch thread per worker, and as many workers as
 # cores, keeps every core busy (on the project's 2-core machine: 408 s against 644 s in one process).
+# Whole modules to a worker, in the order tests/conftest.py gives them (longest first): a module's fixtures are made
+# once, not once in each worker that runs some of its tests.
 TEST_WORKERS ?= 2
 
 test:  ## run the test suite (TEST_WORKERS=N workers, 2 by default)
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Offline: the theme's fonts are off in mkdocs.yml (Material would fetch them from Google), and a page that loads a
 # stylesheet, script or font from elsewhere fails the target. --strict makes a broken link, anchor or image an error.

@@ -43,10 +43,27 @@ def shared_folder() -> Path:
     return Path(value).resolve()  # tests run the CLI in other folders: a relative path would break there
 
 
-# The longest modules first: with two workers, the suite ends when the later one does, and a long test met last keeps
-# one core busy while the other waits (test_combinations is one test of two minutes; torchrun and launcher tests start
-# several processes). The rest keep their order.
-LONGEST_FIRST = ("test_combinations.py", "test_distributed.py", "test_launchers.py")
+# `make test` hands each worker of pytest-xdist whole modules (--dist loadfile): a module-scoped fixture (the config
+# cases' driver, a sweep of test_aggregate, the runs of test_export) is then made once, where a split module made it
+# in both workers. The longest modules go first, so that what is left at the end is short: with two workers, the
+# suite ends when the later one does. Seconds are each module's total in a run of the whole suite (approximate).
+LONGEST_FIRST = (
+    "test_reliability.py",  # 150: the config cases' driver, faults that start and kill runs
+    "test_launchers.py",  # 140: Ray and submitit sweeps
+    "test_distributed.py",  # 95: torchrun
+    "test_bench.py",  # 75: each benchmark script in processes of its own
+    "test_combinations.py",  # 70
+    "test_strategies.py",  # 65
+    "test_evaluation.py",  # 60
+    "test_trackers.py",  # 55
+    "test_search.py",  # 45
+    "test_preference.py",  # 35
+    "test_aggregate.py",  # 30
+    "test_qwen.py",  # 30, where the Qwen model is built
+    "test_speed.py",  # 30
+    "test_memory.py",  # 25
+    "test_cli.py",  # 20
+)
 
 
 def pytest_collection_modifyitems(items):
@@ -84,6 +101,22 @@ def run_ok(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complet
     proc = run_cli(args, cwd, timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def run_here(args: list[str], out: Path, sweep: Path | None = None) -> dict:
+    """The job of `python -m transfer ARGS`, run in this process into `out` with what the CLI's job() hands
+    run_experiment (the chosen group options, the overrides; the sweep's folder for a sweep's job): its record.
+
+    For a test of what a run computes and records; the command line's own behaviour (its output, exit status,
+    folder lock, Hydra's files) needs run_cli. A process start saved: each costs seconds of imports."""
+    from transfer.config.compose import compose_config
+    from transfer.config.schema import GROUPS
+    from transfer.run import run_experiment
+
+    choices = compose_config(args, with_hydra=True).hydra.runtime.choices
+    cfg = compose_config(args)
+    chosen = {g: choices.get(g) for g in GROUPS} | {"probes": ",".join(cfg.eval.probes) or "none"}
+    return run_experiment(cfg, out, chosen, list(args), sweep=sweep)
 
 
 def loss_and_grads(model, ids, labels, chunk_tokens: int, scale: float = 1.0, autocast=None, liger: bool = False):

@@ -16,6 +16,9 @@ computation of it:
 - export: each job's model, exported and merged, gives the run's recorded validation figures (--check).
 
 One test, so that its runs are made once in one process of the suite; it prints the matrix with each cell's result.
+The runs are made in this process, as the CLI's job() makes each (a sweep's jobs one after another, sharing the sweep's
+cache), except the run that is killed: killing needs a process of its own. What the command line and Hydra's
+launcher add to a sweep is tested in test_cache.py and test_launchers.py.
 """
 
 import json
@@ -23,7 +26,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import kill_after_first_checkpoint, run_ok
+from conftest import kill_after_first_checkpoint, run_here
 
 from transfer.export import main as export_main
 from transfer.record import read_record
@@ -73,12 +76,13 @@ def matrix(tmp_path_factory):
             parent, job = PARENT[family]
             args.append(f"init_from={runs[parent]['sweep'] / str(job)}")
         sweep = root / f"{family}-sweep"
-        run_ok(["-m", "strategy=full,lora", *args, f"hydra.sweep.dir={sweep}"], root)
+        for job, strategy in enumerate(("full", "lora")):  # -m strategy=full,lora
+            run_here([f"strategy={strategy}", *args], sweep / str(job), sweep=sweep)
         single = root / f"{family}-single"
         single.mkdir()
         kill_after_first_checkpoint(["strategy=lora", *args, "hydra.run.dir=run"], single)
         killed = read_record(single / "run")
-        run_ok(["strategy=lora", *args, "resume=true", "hydra.run.dir=run"], single)
+        run_here(["strategy=lora", *args, "resume=true"], single / "run")
         runs[family] = {"sweep": sweep, "single": single / "run", "killed_status": killed["status"]}
     return root, runs
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, SHORT, SWEEP, copy_run, run_cli, run_ok
+from conftest import FAST, SHORT, SWEEP, copy_run, run_cli, run_here
 
 from transfer.config.compose import compose_config
 from transfer.errors import TransferError
@@ -42,8 +42,9 @@ def overfit_args(tmp_path: Path) -> list[str]:
 def early_stopped(tmp_path_factory) -> dict[str, dict]:
     """The overfitting run stopped early, once evaluated on the best weights and once on the last."""
     root = tmp_path_factory.mktemp("early")
-    args = ["-m", *overfit_args(root), "early_stopping.patience=3", "eval.weights=best,last", "hydra.sweep.dir=sweep"]
-    run_ok(args, root)
+    args = [*overfit_args(root), "early_stopping.patience=3"]
+    for job, weights in enumerate(("best", "last")):  # -m eval.weights=best,last
+        run_here([*args, f"eval.weights={weights}"], root / "sweep" / str(job), sweep=root / "sweep")
     records = [record_of(root / "sweep" / job) for job in ("0", "1")]
     return {r["config"]["eval"]["weights"]: r for r in records}
 
@@ -150,7 +151,7 @@ LORA = [*(a for a in FAST if not a.startswith("eval.probes.")), "max_steps=40", 
 def lora_run(tmp_path_factory) -> Path:
     """A LoRA run straight through."""
     root = tmp_path_factory.mktemp("lora")
-    run_ok([*LORA, "hydra.run.dir=straight"], root)
+    run_here(LORA, root / "straight")
     return root / "straight"
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_ok
+from conftest import FAST, run_here
 from omegaconf import OmegaConf
 
 from transfer.config.compose import CONF_DIR, check_command_line, compose_config, group_options
@@ -101,8 +101,8 @@ def test_resume_compares_the_rate_used_however_it_was_given(tmp_path):
 def lora_run(tmp_path_factory) -> Path:
     """Three steps of LoRA at a constant rate, optimizer.lr unset."""
     root = tmp_path_factory.mktemp("lr")
-    run_ok([*FAST, "strategy=lora", "max_steps=3", "eval_interval=0", "checkpoint.enabled=false",
-            "optimizer.schedule=constant", "optimizer.warmup_ratio=0", "hydra.run.dir=run"], root)  # fmt: skip
+    run_here([*FAST, "strategy=lora", "max_steps=3", "eval_interval=0", "checkpoint.enabled=false",
+              "optimizer.schedule=constant", "optimizer.warmup_ratio=0"], root / "run")  # fmt: skip
     return root / "run"
 
 

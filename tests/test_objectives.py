@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_ok
+from conftest import run_here
 
 from transfer.config.compose import compose_config
 from transfer.data.chat import Example, encode, fit, render, template_of, to_example, training_tokens
@@ -300,7 +300,7 @@ def parity_task(folder: Path) -> list[str]:
 def sft_run(tmp_path_factory) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("sft")
     args = parity_task(root)
-    run_ok([*args, "hydra.run.dir=run"], root)
+    run_here(args, root / "run")
     return root, args
 
 

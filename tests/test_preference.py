@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_ok
+from conftest import run_here
 
 from transfer.config.compose import compose_config
 from transfer.data.sequences import padded_batch
@@ -238,7 +238,7 @@ def dpo_run(tmp_path_factory) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("dpo")
     args = [*preference_task(root), "objective=dpo", "objective.select=reward_accuracy", "micro_batch_size=8",
             "max_steps=30", "eval_interval=10", "checkpoint.interval=10", "log_interval=1", "optimizer.lr=1e-3"]  # fmt: skip
-    run_ok([*args, "hydra.run.dir=run"], root)
+    run_here(args, root / "run")
     return root, args
 
 
@@ -263,7 +263,7 @@ def test_a_run_starts_from_another_runs_final_weights(short_run, tmp_path):
     parent = json.loads((short_run / "metrics.json").read_text())
     args = [*preference_task(tmp_path, n=16, held_out=8), "objective=dpo", "strategy=lora", "max_steps=2", "eval_interval=0",
             "checkpoint.enabled=false", f"init_from={short_run}"]  # fmt: skip
-    run_ok([*args, "hydra.run.dir=child"], tmp_path)
+    run_here(args, tmp_path / "child")
     child = json.loads((tmp_path / "child" / "metrics.json").read_text())
     assert child["init_from"] == {"run": str(short_run), "weights": "last", "step": parent["train"]["steps"],
                                   "strategy": "full", "objective": "lm",

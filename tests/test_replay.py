@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, assert_same_training, kill_after_first_checkpoint, run_ok
+from conftest import FAST, assert_same_training, kill_after_first_checkpoint, run_here
 
 from transfer.config.compose import check_command_line, compose_config
 from transfer.data.blocks import separator_id, tokenize
@@ -155,7 +155,7 @@ REPLAY = [*FAST, "max_steps=20", "eval_interval=10", "checkpoint.interval=5", "l
 @pytest.fixture(scope="module")
 def replay_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("replay")
-    run_ok([*REPLAY, "hydra.run.dir=run"], root)
+    run_here(REPLAY, root / "run")
     return root / "run"
 
 
@@ -172,7 +172,7 @@ def test_a_run_with_replay_completes_and_records_it(replay_run):
 
 def test_a_run_with_replay_resumes_exactly(replay_run, tmp_path):
     kill_after_first_checkpoint([*REPLAY, "hydra.run.dir=run"], tmp_path)
-    run_ok([*REPLAY, "resume=true", "hydra.run.dir=run"], tmp_path)
+    run_here([*REPLAY, "resume=true"], tmp_path / "run")
     resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert resumed["train"]["resumed_from_step"] in range(5, 20, 5)
     assert_same_training(resumed, json.loads((replay_run / "metrics.json").read_text()))

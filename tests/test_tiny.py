@@ -6,7 +6,7 @@ import platform
 
 import pytest
 import torch
-from conftest import run_ok
+from conftest import run_here
 
 from transfer.config.compose import compose_config
 from transfer.data.probes import probe_splits
@@ -65,10 +65,10 @@ def test_pretrained_tiny_refuses_another_shape():
 
 def test_default_run_shows_domain_gain_and_forgetting(shared, tmp_path):
     """Fine-tuning on Rust prose: the domain's perplexity falls, held-out general text's rises."""
-    run_ok(["eval/probes=[python_docs,shakespeare]", "max_steps=40", "eval_interval=0", "eval.max_tokens=4096",
-            "eval.probes.python_docs.max_tokens=4096", "eval.probes.shakespeare.max_tokens=4096",
-            "eval.max_new_tokens=4", "checkpoint.enabled=false", "hardware.estimate_memory=false",
-            "hydra.run.dir=run"], tmp_path)  # fmt: skip
+    run_here(["eval/probes=[python_docs,shakespeare]", "max_steps=40", "eval_interval=0", "eval.max_tokens=4096",
+              "eval.probes.python_docs.max_tokens=4096", "eval.probes.shakespeare.max_tokens=4096",
+              "eval.max_new_tokens=4", "checkpoint.enabled=false", "hardware.estimate_memory=false"],
+             tmp_path / "run")  # fmt: skip
     r = read_record(tmp_path / "run")
     change = r["eval"]["change_pct"]
     assert change["validation"] < -25 and change["test"] < -20  # domain gain
