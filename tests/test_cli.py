@@ -432,3 +432,18 @@ def test_an_unknown_option_chosen_in_your_own_preset_names_the_preset(tmp_path, 
     assert _check(["--config-dir", "own", "--config-name", "mine"]) == (
         2, "error: --config-name mine: no such config; allowed: config"
     )  # fmt: skip
+
+
+def test_a_config_path_in_a_package_is_read_from_where_the_package_is():
+    """--config-path pkg://a.b names an installed package's folder, as Hydra reads it (dots or slashes)."""
+    import argparse
+
+    from transfer.config.compose import CONF_DIR, Source
+    from transfer.errors import TransferError
+
+    def source(path):
+        return Source.of(argparse.Namespace(config_dir=None, config_path=path, config_name=None))
+
+    assert source("pkg://transfer.conf").primary == source("pkg://transfer/conf").primary == CONF_DIR
+    with pytest.raises(TransferError, match=r"^--config-path pkg://nosuch\.conf: no such folder"):
+        source("pkg://nosuch.conf")

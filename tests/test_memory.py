@@ -458,3 +458,19 @@ def test_on_oom_cpu_casts_half_precision_weights_to_the_fp32_it_records():
     step()  # fused AdamW takes parameters and moments of one dtype only
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_run_resumes_with_the_memory_settings_changed():
+    """A CPU run that ran short of memory is resumed with return_freed_memory=true: how memory is held and estimated
+    does not change what is trained; a checkpoint from before the option existed resumes too."""
+    from omegaconf import OmegaConf
+
+    from transfer.config.folders import config_differences
+
+    older = OmegaConf.to_container(compose_config([]), resolve=True, enum_to_str=True)
+    del older["hardware"]["return_freed_memory"]
+    changed = compose_config(["hardware.return_freed_memory=true", "hardware.estimate_memory=false"])
+    assert config_differences(older, changed) == []
+    assert config_differences(older, compose_config(["hardware.precision=bf16"])) == [
+        ("hardware.precision", "auto", "bf16")
+    ]

@@ -179,11 +179,13 @@ def test_a_block_size_past_the_models_context_is_not_what_the_cut_warning_advise
 
     cfg = compose_config(["objective=sft"])
     whole = [100] * 10 + [500] * 137 + [2000] * 8  # the 148th shortest of 155 (95 %, nearest rank) is 2000
-    assert _cut_examples(whole, cfg) == (
+    assert _cut_examples(whole, cfg, None) == (  # the context from the model's config: tiny's 1024
         "145 of 155 training examples are longer than block_size=128, which cuts them; keeping 95 % of them whole "
         "would take block_size=2000, past the model's context of 1024 tokens (at 1024, 8 are still cut)"
     )
-    assert _cut_examples([100] * 95 + [129] * 5, cfg) is None  # 5 % cut: 95 % whole already
+    # a loaded model's context (a hub model's config is known only then) is the one that counts
+    assert _cut_examples(whole, cfg, 4096).endswith("; block_size=2000 would keep 95 % of them whole")
+    assert _cut_examples([100] * 95 + [129] * 5, cfg, None) is None  # 5 % cut: 95 % whole already
 
 
 def test_a_bad_override_is_one_line(capsys):

@@ -173,7 +173,7 @@ def _data(cfg, model, tokenizer, placed: bool, hardware, record: RunRecord) -> e
         trainee = distributed.Trainee(model, hardware.device, cfg.distributed.name)
         record["hardware"]["distributed"] = trainee.kind
         record["objective"] = {**objective.describe(), **attached}
-        record["warnings"] = data_warnings(objective, splits, cfg)
+        record["warnings"] = data_warnings(objective, splits, cfg, record["model"]["context"])
         for warning in record["warnings"]:
             log.warning("%s", warning)
         sample_inputs, record["samples_from"] = objective.sample_inputs(splits, list(cfg.dataset.prompts))
@@ -237,8 +237,9 @@ def _log_outcome(record: RunRecord) -> None:
     log.info("%s: its record, log and curves are in %s", record["status"], where(record.out_dir))
 
 
-def data_warnings(objective, splits, cfg) -> list[str]:
-    """What makes a result mean less than it seems: too few examples for a step, pairs truncated into sameness."""
+def data_warnings(objective, splits, cfg, context: int | None = None) -> list[str]:
+    """What makes a result mean less than it seems: too few examples for a step, pairs truncated into sameness.
+    `context`: the loaded model's (a hub model's is known only then); else what its config folder says."""
     warnings = objective.data_warnings()
     lr, lr_from = learning_rate(cfg)
     if lr_from == "strategy" and cfg.model.name_or_path is not None:  # rates shrink as models widen
@@ -252,7 +253,7 @@ def data_warnings(objective, splits, cfg) -> list[str]:
             f"the training split holds {units} examples, fewer than one step's {per_step} "
             f"(micro_batch_size x grad_accum_steps): every step repeats examples"
         )
-    cut = _cut_examples(getattr(objective, "whole_lengths", {}).get("train"), cfg)
+    cut = _cut_examples(getattr(objective, "whole_lengths", {}).get("train"), cfg, context)
     warnings += [cut] if cut else []
     for name in ("train", "validation", "test"):
         summary = splits[name].summary()
@@ -269,7 +270,7 @@ def data_warnings(objective, splits, cfg) -> list[str]:
     return warnings
 
 
-def _cut_examples(whole: list[int] | None, cfg, keep: float = 95.0) -> str | None:
+def _cut_examples(whole: list[int] | None, cfg, context: int | None, keep: float = 95.0) -> str | None:
     """More than 5 % of the training examples longer than block_size: how many, and the block_size that keeps 95 %
     whole, or that the model's context cannot (a block_size is not a dataset's to choose: it depends on the tokenizer,
     and every split, probe and memory figure of a run follows it)."""
@@ -278,7 +279,8 @@ def _cut_examples(whole: list[int] | None, cfg, keep: float = 95.0) -> str | Non
     over, needed = sum(n > cfg.block_size for n in whole), percentile(whole, keep)
     does, done = ("drops", "dropped") if cfg.objective.truncation.value == "drop" else ("cuts", "cut")
     line = f"{over} of {len(whole)} training examples are longer than block_size={cfg.block_size}, which {does} them"
-    _, context = model_shape(cfg.model, weights=False)
+    if context is None:
+        _, context = model_shape(cfg.model, weights=False)
     if context is not None and needed > context:
         still = sum(n > context for n in whole)
         return (f"{line}; keeping {keep:g} % of them whole would take block_size={needed}, past the model's context "

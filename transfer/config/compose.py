@@ -53,6 +53,18 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def _package_folder(package: str) -> Path | None:
+    """An installed package's folder (pkg://a.b or pkg://a/b, as Hydra reads them); None if there is none."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package.replace("/", "."))
+    except (ModuleNotFoundError, ValueError):  # a parent package that is not there
+        return None
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(folders[0]) if folders else None
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a command line's configs are read, as Hydra reads them: the project's conf/ or a --config-path in its
@@ -71,8 +83,8 @@ class Source:
         primary = CONF_DIR
         if args.config_path:
             found = compute_search_path_dir(None, TASK_MODULE, args.config_path)
-            primary = Path(found.replace("pkg://", f"{CONF_DIR.parents[1]}/", 1)).absolute()
-            if not primary.is_dir():
+            primary = _package_folder(found[len("pkg://") :]) if found.startswith("pkg://") else Path(found).absolute()
+            if primary is None or not primary.is_dir():
                 raise TransferError(f"--config-path {args.config_path}: no such folder ({primary})")
         return cls(primary, own, args.config_name or "config")
 

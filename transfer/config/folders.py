@@ -21,7 +21,8 @@ STATE_FILE = "trainer_state.pt"
 FREE_ON_RESUME = (
     "resume", "tables_after_sweep", "checkpoint", "dry_run", "eval_batch_size", "log_interval",
     "hardware.loss_chunk_tokens", "hardware.attention", "hardware.compile", "hardware.compile_mode", "hardware.kernels",
-    "distributed", "search", "eval.cka", "eval.cka_blocks", "cache", "hardware.memory_check", "logging",
+    "distributed", "search", "eval.cka", "eval.cka_blocks", "cache", "hardware.memory_check", "hardware.estimate_memory",
+    "hardware.return_freed_memory", "logging",
 )  # fmt: skip
 
 

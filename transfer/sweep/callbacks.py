@@ -24,11 +24,13 @@ class TablesCallback(Callback):
         try:
             _, table, _ = aggregate([sweep])
             pretty = for_people(table)
+            _to_trackers(config, sweep)  # before printing: a reader that has left (| head) ends the printing
             print(markdown(pretty) + f"\n\n{under_table(table, pretty.columns)}")
             print(f"\ntables and plots in {sweep / 'tables'}")
-            _to_trackers(config, sweep)
         except TransferError as e:
             log.warning("no tables for %s: %s", sweep, e)
+        except BrokenPipeError:  # the tables are written; only their printing found no reader
+            pass
         except Exception as e:  # the jobs' records stand; `python -m transfer.aggregate` can try again
             log.warning("no tables for %s: %s: %s (python -m transfer.aggregate %s)", sweep, type(e).__name__, e, sweep)
 

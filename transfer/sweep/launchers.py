@@ -193,11 +193,11 @@ def _held(*signums):
     previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in held}
     try:
         yield
-    finally:
+    finally:  # also when the block raises: a Ctrl-C that made sbatch fail is the stop, not the failure
         for s, handler in previous.items():
             signal.signal(s, handler)
-    for signum in dict.fromkeys(arrived):
-        signal.raise_signal(signum)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
@@ -233,6 +233,11 @@ def cancel_jobs(jobs: list, grace_s: float = 30.0, wait_s: float = 30.0) -> None
     running = [job for job in jobs if not job.done()]
     if not running:
         return
+    with _held(signal.SIGINT):  # a second Ctrl-C would leave the jobs finishing their step while the folder unlocks
+        _cancel(running, grace_s, wait_s)
+
+
+def _cancel(running: list, grace_s: float, wait_s: float) -> None:
     log.warning("stopping %s still running: %s", count(len(running), "job"), ", ".join(job.job_id for job in running))
     for job in running:
         if type(job).__name__ == "LocalJob":
