@@ -59,11 +59,17 @@ def test_the_readme_commands_are_accepted_as_written(monkeypatch):
     """What a newcomer runs first: each run and sweep of the landing page passes the start-up checks, unchanged."""
     from transfer.config.compose import check_command_line
 
+    from transfer.errors import TransferError
+
     monkeypatch.chdir(ROOT)
     commands = transfer_arguments((ROOT / "README.md").read_text())
-    assert len(commands) == 4
+    assert len(commands) == 5
     for argv in commands:
-        plan = check_command_line(argv)
+        try:
+            plan = check_command_line(argv)
+        except TransferError as e:  # the real Qwen2 is built by `make qwen`, which CI does not run
+            assert "+experiment=qwen_strategies" in argv and "build it with `make qwen`" in str(e), (argv, e)
+            continue
         assert plan is not None and plan.multirun == ("-m" in argv), argv
 
 
