@@ -250,20 +250,22 @@ def test_the_estimate_counts_what_each_strategy_and_objective_keeps():
     assert sft["notes"][0] == "every position counted as scored: an upper bound on the head's share"
 
 
-def test_on_a_cpu_the_estimate_adds_the_process_own_memory_that_the_measured_peak_holds(tmp_path):
+def test_on_a_cpu_the_estimate_adds_the_process_own_memory_that_the_measured_peak_holds(tmp_path, monkeypatch):
     """A CPU run's measured peak is its resident set (VmHWM): the libraries and the tokenizer besides the tensors. On
     the tiny model they are nearly all of it; on Qwen2.5-Coder-0.5B 0.64 GB, without which LoRA's measured peak was
-    1.2x the estimate (docs/benchmarks.md)."""
+    1.2x the estimate (docs/benchmarks.md). The process's part is its resident set as the estimate ends (not compared
+    with the measured peak: on the tiny model the fake run's leftovers can exceed what training later holds)."""
+    import transfer.training.hardware as hardware
     from transfer.run import run_experiment
-    from transfer.training.hardware import resident_bytes
 
+    read, real = [], hardware.resident_bytes
+    monkeypatch.setattr(hardware, "resident_bytes", lambda: read.append(real()) or read[-1])
     overrides = ["strategy=lora", "block_size=64", "micro_batch_size=2", "eval_batch_size=2", "max_steps=1",
                  "eval_interval=0", "eval.max_tokens=128", "eval/probes=[]", "eval.max_new_tokens=1",
                  "checkpoint.enabled=false"]  # fmt: skip
-    before = resident_bytes()
     record = run_experiment(compose_config(overrides), tmp_path / "run", {"model": "tiny"})
     found, measured = record["memory_estimate"], record["memory"]
-    assert measured["kind"] == "cpu_peak_rss" and before <= found["process_bytes"] <= measured["bytes"]
+    assert measured["kind"] == "cpu_peak_rss" and found["process_bytes"] in read and found["process_bytes"] > 0
     assert found["resident_peak_bytes"] == found["peak_bytes"] + found["process_bytes"]
     assert measured["bytes"] > 2 * found["peak_bytes"]  # the tensors' estimate alone is far under what was measured
     assert found["notes"][-1].startswith("the resident set's peak: the peak with the process's own memory")
