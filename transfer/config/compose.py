@@ -85,7 +85,8 @@ class Source:
             found = compute_search_path_dir(None, TASK_MODULE, args.config_path)
             primary = _package_folder(found[len("pkg://") :]) if found.startswith("pkg://") else Path(found).absolute()
             if primary is None or not primary.is_dir():
-                raise TransferError(f"--config-path {args.config_path}: no such folder ({primary})")
+                found = primary or f"no installed package {found[len('pkg://') :]}"
+                raise TransferError(f"--config-path {args.config_path}: no such folder ({found})")
         return cls(primary, own, args.config_name or "config")
 
     @property
