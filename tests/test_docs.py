@@ -58,7 +58,6 @@ def test_every_module_and_make_target_the_docs_name_exists():
 def test_the_readme_commands_are_accepted_as_written(monkeypatch):
     """What a newcomer runs first: each run and sweep of the landing page passes the start-up checks, unchanged."""
     from transfer.config.compose import check_command_line
-
     from transfer.errors import TransferError
 
     monkeypatch.chdir(ROOT)
