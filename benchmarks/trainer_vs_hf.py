@@ -6,6 +6,7 @@
     python benchmarks/trainer_vs_hf.py --device cuda hardware.compile=true    # a speed lever of ours (--hf-compile: HF's)
     python benchmarks/trainer_vs_hf.py --device cuda hardware.kernels=liger --hf-liger   # Liger's kernels in both
     python benchmarks/trainer_vs_hf.py --shape cpu-small --model ../shared/models/stories260k   # a real pretrained model
+    python benchmarks/trainer_vs_hf.py --model <qwen folder> --rows lora --hf-return-freed   # the allocator in both
 
 Same model (Qwen2 widths, random weights, seed 0; or a real pretrained one), same token blocks in the same
 order, micro-batch, sequence length, precision, optimizer (AdamW, torch's fused kernel
@@ -107,7 +108,7 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
     from transfer.objectives import build_objective
     from transfer.strategies import apply_strategy
     from transfer.train import train
-    from transfer.training.hardware import resolve
+    from transfer.training.hardware import resolve, return_freed_memory_if_wanted
     from transfer.training.speed import apply_transforms
 
     device, profile = args.device, args.profile
@@ -124,6 +125,12 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
     torch.manual_seed(0)  # LoRA's A matrices start random: the same in both trainers' processes
     model, _ = apply_strategy(base, cfg.strategy, seed=0)
     params = parameter_report(model)
+    # ours as a run sets it (hardware.return_freed_memory: null = on for a CPU and 100M parameters or more);
+    # HF's only when asked, to tell the allocator's share from the trainer's
+    freed = return_freed_memory_if_wanted(
+        cfg.hardware.return_freed_memory if impl == "ours" else bool(args.hf_return_freed), hardware.device,
+        params["total"],
+    )  # fmt: skip
     transforms = apply_transforms(model, cfg)  # ours' hardware.compile / attention / kernels / checkpointing
     model.to(hardware.device)
     n_blocks = shape["steps"] * shape["micro"]
@@ -156,7 +163,7 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
         "final_loss": clock.losses[last], "trainable": params["trainable"], "total": params["total"],
         "loss_chunk_tokens": cfg.hardware.loss_chunk_tokens, "transforms": transforms,
         # from calling the trainer to its first step's end: set-up, allocations, kernel choices, compiling
-        "first_step_seconds": clock.times[1] - started, "shape": shape,
+        "first_step_seconds": clock.times[1] - started, "shape": shape, "return_freed_memory": bool(freed),
     }  # fmt: skip
     if profiler is not None:
         by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
@@ -213,7 +220,7 @@ def hf_train(model, blocks, order, cfg, shape, clock, hf_compile: bool, hf_liger
 def measure(impl: str, row: str, shape: str, args, profile: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--row", row, "--shape", shape, "--device", args.device,
            *(["--micro", str(args.micro)] if args.micro else []), *(["--hf-compile"] if args.hf_compile else []),
-           *(["--hf-liger"] if args.hf_liger else []),
+           *(["--hf-liger"] if args.hf_liger else []), *(["--hf-return-freed"] if args.hf_return_freed else []),
            *(["--model", args.model] if args.model else []),
            "--profile", str(profile), *args.ours_overrides]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -236,6 +243,8 @@ def main() -> None:
     parser.add_argument("--hf-compile", action="store_true", help="HF's Trainer with torch_compile=True (whole model)")
     parser.add_argument("--hf-liger", action="store_true",
                         help="HF's Trainer with use_liger_kernel=True (ours: the override hardware.kernels=liger)")  # fmt: skip
+    parser.add_argument("--hf-return-freed", action="store_true",
+                        help="HF's process with glibc's fixed mmap threshold too (ours: hardware.return_freed_memory)")  # fmt: skip
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N",
         help="then one more run of each under torch's profiler: its N most time-consuming operations",
@@ -261,11 +270,13 @@ def main() -> None:
 
     s = results[rows[0], "ours"][0]["shape"]  # the model's widths, with --model
     chunks = results[rows[0], "ours"][0]["loss_chunk_tokens"]
+    freed = {impl: "on" if results[rows[0], impl][0]["return_freed_memory"] else "off" for impl in ("ours", "hf")}
     ours_extra = (
-        f" · ours: loss_chunk_tokens={chunks}"
+        f" · ours: loss_chunk_tokens={chunks}, freed memory returned {freed['ours']}"
         + (f", overrides {' '.join(args.ours_overrides)}" if args.ours_overrides else "")
         + (" · HF: torch_compile=True" if args.hf_compile else "")
         + (" · HF: use_liger_kernel=True" if args.hf_liger else "")
+        + f" · HF: freed memory returned {freed['hf']}"
     )
     print(
         f"# {date.today()} · device {args.device} · shape {shape}: {s}"

@@ -22,8 +22,10 @@ def test_trainer_benchmark_on_a_real_pretrained_model_agrees_and_profiles(shared
     both trainers, and one more run of each under torch's profiler."""
     model = shared / "models" / "stories260k"  # Llama, 260,032 parameters, tied embeddings
     out = _run("trainer_vs_hf.py", "--shape", "tiny", "--repeats", "1", "--rows", "lora", "--model", str(model),
-               "--profile", "1000")  # fmt: skip
+               "--profile", "1000", "--hf-return-freed", "hardware.return_freed_memory=true")  # fmt: skip
     assert f"model {model} (pretrained)" in out and "'layers': 5, 'vocab': 512" in out
+    # the allocator setting reaches both processes when asked (by default: ours from 100M parameters on a CPU)
+    assert "ours: loss_chunk_tokens=4096, freed memory returned on" in out and "HF: freed memory returned on" in out
     (row,) = [line.split("|") for line in out.splitlines() if line.startswith("| lora")]
     assert row[2].strip() == "92,480"  # LoRA r=16 on the 7 projections of 5 blocks of width 64
     ours, hf = float(row[9]), float(row[10])  # LoRA's A starts alike in both processes: the same losses

@@ -315,9 +315,10 @@ def test_freed_memory_goes_back_by_default_for_models_where_it_pays(monkeypatch,
     """The tiny model trained 40 % slower with the fixed threshold (page faults for every batch's tensors), Qwen's
     0.5B a few per cent for 1.2 GB less at its peak: null sets it from RETURN_FREED_FROM parameters on a CPU."""
     import transfer.run as run
+    import transfer.training.hardware as hw
 
     called = []
-    monkeypatch.setattr(run, "return_freed_memory", lambda: called.append(1) or True)
+    monkeypatch.setattr(hw, "return_freed_memory", lambda: called.append(1) or True)
     cfg = compose_config([f"hardware.return_freed_memory={'null' if option is None else option}"])
     record = {"hardware": {}}
     run._return_freed_memory(cfg, types.SimpleNamespace(device=torch.device(device)), parameters, record)

@@ -23,7 +23,6 @@ from omegaconf import DictConfig
 
 from transfer import STARTED, cache, evaluation
 from transfer.config import checks, folders
-from transfer.config.hardware import RETURN_FREED_FROM
 from transfer.config.model import model_shape
 from transfer.config.optimizer import learning_rate
 from transfer.data import probes
@@ -38,7 +37,7 @@ from transfer.record import TRAINED
 from transfer.strategies import apply_strategy, check_before_loading, loading_options
 from transfer.train import train
 from transfer.training import distributed, speed
-from transfer.training.hardware import resolve, return_freed_memory, warn_if_busy
+from transfer.training.hardware import resolve, return_freed_memory_if_wanted, warn_if_busy
 from transfer.training.loggers import open_loggers, scalars_of
 from transfer.training.oom import MemoryPlan
 from transfer.training.restore import check_same_config, find_resume_point, load_parent
@@ -337,11 +336,10 @@ def _memory_estimate(cfg, hardware, record: dict) -> None:
 def _return_freed_memory(cfg, hardware, parameters: int, record: RunRecord) -> None:
     """hardware.return_freed_memory, set before the baseline, the first to free tensors of a batch's size. It is the
     process's: the later jobs of a sweep run in one process keep it."""
-    wanted = cfg.hardware.return_freed_memory
-    if wanted is None:
-        wanted = hardware.device.type == "cpu" and parameters >= RETURN_FREED_FROM
-    if wanted and not cfg.dry_run:
-        record["hardware"]["return_freed_memory"] = return_freed_memory()
+    if not cfg.dry_run:
+        took = return_freed_memory_if_wanted(cfg.hardware.return_freed_memory, hardware.device, parameters)
+        if took is not None:
+            record["hardware"]["return_freed_memory"] = took
 
 
 def _cache_folder(cfg, sweep: Path | None) -> Path | None:
