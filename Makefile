@@ -61,8 +61,8 @@ bench-tables:  ## time the aggregator on 1,000 generated job folders
 # once, not once in each worker that runs some of its tests.
 TEST_WORKERS ?= 2
 
-test:  ## run the test suite (TEST_WORKERS=N workers, 2 by default)
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+test:  ## run the test suite (TEST_WORKERS=N workers, 2 by default) and name its 15 slowest tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # Offline: the theme's fonts are off in mkdocs.yml (Material would fetch them from Google), and a page that loads a
 # stylesheet, script or font from elsewhere fails the target. --strict makes a broken link, anchor or image an error.
