@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_ok
+from conftest import run_here, run_ok
 
 from transfer import cache
 from transfer.config.compose import compose_config
@@ -15,6 +15,7 @@ from transfer.record import read_record
 from transfer.strategies import apply_strategy
 from transfer.training.hardware import resolve
 
+HIT, MISS = {"hits": 1, "misses": 0}, {"hits": 0, "misses": 1}  # of one entry, in the record's `cache`
 TEXTS = ["Ownership moves a value.", "Borrowing lends it.", "Lifetimes say for how long."]
 
 
@@ -62,16 +63,56 @@ SWEEP = ["max_steps=4", "eval_interval=0", "block_size=64", "eval.max_tokens=204
 def test_a_sweep_scores_each_baseline_once_and_reuses_it_exactly(tmp_path):
     run_ok(["-m", "strategy=full,lora,scratch", *SWEEP, "tables_after_sweep=false", "hydra.sweep.dir=sweep"], tmp_path)
     full, lora, scratch = (read_record(tmp_path / "sweep" / str(i)) for i in range(3))
-    assert full["cache"] == {"tokens": {"hits": 0, "misses": 4}, "baseline": {"hits": 0, "misses": 1}}
-    assert lora["cache"] == {"tokens": {"hits": 4, "misses": 0}, "baseline": {"hits": 1, "misses": 0}}
-    assert scratch["cache"]["baseline"] == {"hits": 0, "misses": 1}  # another function: scored anew
+    evaluators = ("objective", "probes", "samples")  # benchmarks: none asked for, nothing kept
+    assert full["cache"] == {"tokens": {"hits": 0, "misses": 4}, "baseline": dict.fromkeys(evaluators, MISS)}
+    assert lora["cache"] == {"tokens": {"hits": 4, "misses": 0}, "baseline": dict.fromkeys(evaluators, HIT)}
+    assert scratch["cache"]["baseline"] == dict.fromkeys(evaluators, MISS)  # another function: scored anew
     assert (
         scratch["eval"]["baseline"]["validation"]["perplexity"]
         > 10 * full["eval"]["baseline"]["validation"]["perplexity"]
     )
     # that a reused baseline is the one a job measures without the cache, to the bit: tests/test_combinations.py
     keys = list((tmp_path / "sweep" / ".cache").glob("baseline-*.key.json"))
-    assert len(keys) == 2 and all("function" in json.loads(k.read_text()) for k in keys)
+    assert len(keys) == 2 * len(evaluators) and all("function" in json.loads(k.read_text()) for k in keys)
+
+
+JOB = ["max_steps=1", "eval_interval=0", "block_size=64", "eval.max_tokens=1024", "eval.max_new_tokens=2",
+       "hardware.estimate_memory=false", "checkpoint.enabled=false", "logging.loggers=[]"]  # fmt: skip
+
+
+def test_each_evaluator_keeps_its_own_baseline_so_a_probe_added_or_changed_reuses_the_objectives(tmp_path):
+    """Jobs sharing a cache that differ in their probes: the objective's and the samples' baselines are found, the
+    probes' scored; and what was found is what a job without the cache measures, to the bit."""
+    cache_dir = f"cache.dir={tmp_path / 'cache'}"
+    probe = ["eval/probes=[python_docs]", "eval.probes.python_docs.max_tokens=1024"]
+    none = run_here([*JOB, "eval/probes=[]", cache_dir], tmp_path / "none")
+    added = run_here([*JOB, *probe, cache_dir], tmp_path / "added")
+    changed = run_here([*JOB, *probe, "eval.probes.python_docs.max_tokens=512", cache_dir], tmp_path / "changed")
+    alone = run_here([*JOB, *probe], tmp_path / "alone")
+    assert none["cache"]["baseline"] == {"objective": MISS, "samples": MISS}  # no probe: nothing of them kept
+    assert (
+        added["cache"]["baseline"] == changed["cache"]["baseline"] == {"objective": HIT, "probes": MISS, "samples": HIT}
+    )
+    assert alone["cache"] == {}
+    assert added["eval"]["baseline"] == alone["eval"]["baseline"] and added["samples"] == alone["samples"]
+    assert added["eval"]["baseline"]["validation"] == none["eval"]["baseline"]["validation"]
+    # scored with its own setting: blocks of 64 tokens, 63 predicted in each
+    assert changed["eval"]["baseline"]["ref_python_docs"]["tokens"] == 512 // 64 * 63
+    assert added["eval"]["baseline"]["ref_python_docs"]["tokens"] == 1024 // 64 * 63
+    entries = sorted(p.name.split("-")[1] for p in (tmp_path / "cache").glob("baseline-*[0-9a-f].json"))
+    assert entries == ["objective", "probes", "probes", "samples"]
+
+
+def test_a_benchmark_added_reuses_the_other_baselines(tmp_path, shared):
+    """What the real runs met: a job that only added a benchmark scored validation, test and the probes again."""
+    cache_dir, probe = f"cache.dir={tmp_path / 'cache'}", "eval.probes.python_docs.max_tokens=512"
+    bench = ["eval/benchmarks=[arc_easy]", "eval.benchmarks.arc_easy.limit=2",
+             f"eval.benchmarks.arc_easy.data={shared}/datasets/benchmarks"]  # fmt: skip
+    plain = run_here([*JOB, probe, cache_dir], tmp_path / "plain")
+    added = run_here([*JOB, probe, *bench, cache_dir], tmp_path / "added")
+    assert plain["cache"]["baseline"] == {"objective": MISS, "probes": MISS, "samples": MISS}
+    assert added["cache"]["baseline"] == {"objective": HIT, "probes": HIT, "benchmarks": MISS, "samples": HIT}
+    assert added["eval"]["baseline"]["bench_arc_easy"]["harness"]["items"] == 2
 
 
 def test_the_cache_is_the_sweeps_unless_turned_off_or_moved(tmp_path):
@@ -98,16 +139,19 @@ def test_a_baseline_edited_on_disk_is_computed_again_with_a_warning(tmp_path, ca
         return {"validation": {"loss": 1.25, "perplexity": 3.49}}
 
     with cache.use(tmp_path) as stats:
-        first, kept = cache.baseline(key, compute)
-        (entry,) = tmp_path.glob("baseline-*[0-9a-f].json")
+        first, kept = cache.baseline(key, compute, "objective")
+        assert cache.baseline(key, lambda: ["other"], "samples") == (["other"], False)  # the same key, another entry
+        (entry,) = tmp_path.glob("baseline-objective-*[0-9a-f].json")
         entry.write_text(entry.read_text().replace("1.25", "0.5"))  # the loss edited, its checksum not
-        again, kept_again = cache.baseline(key, compute)
+        again, kept_again = cache.baseline(key, compute, "objective")
         assert again == first and (kept, kept_again) == (False, False) and len(calls) == 2
-        assert stats["baseline"] == {"hits": 0, "misses": 2, "damaged": 1}
+        assert stats["baseline"] == {"objective": {"hits": 0, "misses": 2, "damaged": 1}, "samples": MISS}
         assert f"cache entry {entry} is damaged (its content differs from the checksum written with it)" in caplog.text
         entry.write_text(entry.read_text()[:20])  # cut short
-        assert cache.baseline(key, compute) == (first, False) and stats["baseline"]["damaged"] == 2
-        assert cache.baseline(key, compute) == (first, True)  # the entry written again is trusted again
+        assert cache.baseline(key, compute, "objective") == (first, False)
+        assert stats["baseline"]["objective"]["damaged"] == 2
+        assert cache.baseline(key, compute, "objective") == (first, True)  # the entry written again is trusted again
+        assert cache.baseline(key, lambda: ["other"], "samples") == (["other"], True)  # the other one never damaged
 
 
 def test_token_entries_cut_short_or_pickled_are_computed_again_and_run_nothing(tmp_path, caplog):

@@ -6,12 +6,14 @@ result is kept on disk under a key that hashes everything it depends on, so it i
 when nothing that affects it changed:
 
 - tokens: the texts themselves, the tokenizer's whole definition and the separator;
-- the baseline (every split's metrics before training, and the samples before it): the tokens
-  scored, the objective and evaluation settings, the device and precision, and the model's
-  *function*: its logits on the first sequence of every split, bit for bit, after the strategy
-  was applied. LoRA starts as the base model plus exact zeros and shares the baseline of full
-  fine-tuning; `scratch`, DoRA (whose norm is recomputed in another order) or another `init_from`
-  compute their own.
+- a baseline (one evaluator's result before training: the objective's metrics, the probes', the
+  samples ...): one entry per evaluator, under a key that evaluation/__init__.py makes of what
+  that evaluator depends on (the tokens it scores, its settings, the objective's, the device and
+  precision) and of the model's *function*: its logits on the first sequence of each split it
+  reads and of the objective's, bit for bit, after the strategy was applied. LoRA starts as the
+  base model plus exact zeros and shares the baseline of full fine-tuning; `scratch`, DoRA (whose
+  norm is recomputed in another order) or another `init_from` compute their own. One evaluator's
+  settings changed, the others' entries are still found.
 
 Entries are written atomically, each writer through a temporary file of its own (parallel jobs
 may race to write the same one; either copy is right), and read with `torch.load(weights_only=True)`
@@ -29,6 +31,7 @@ import logging
 import platform
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -146,47 +149,49 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest(*(x for name in sorted(tensors) for x in (name, tensors[name])))
 
 
-def damaged(path: Path, kind: str, why: str) -> None:
+def damaged(path: Path, kind: str | tuple, why: str) -> None:
     log.warning("cache entry %s is damaged (%s): computing it again", path, why)
     _count(kind, "damaged")
     return None
 
 
 @torch.no_grad()
-def model_function(model, splits: dict, hardware, length: int = 64) -> str:
-    """What the model computes, as a hash: its logits on the first `length` tokens of each split's first sequence."""
+def model_function(model, splits: dict, hardware, length: int = 64) -> dict[str, str]:
+    """What the model computes, as a hash per split: its logits on the first `length` tokens of the split's first
+    sequence (each entry's key takes those of the splits it reads)."""
     was_training = model.training
     model.eval()
-    h = []
+    h = {}
     for name in sorted(splits):
         if name == "train" or not len(splits[name]):
             continue
         ids = splits[name].get(0)[0][:length].unsqueeze(0).to(hardware.device)
         with hardware.autocast():
             # no cache: one built layer by layer would make compiled blocks (hardware.compile) compile once a layer
-            h.append(digest(model(input_ids=ids, use_cache=False).logits.float()))
+            h[name] = digest(model(input_ids=ids, use_cache=False).logits.float())
     model.train(was_training)
-    return digest(h)
+    return h
 
 
-def baseline(key: dict, compute) -> tuple[dict, bool]:
-    """compute() -> a JSON-able result, or the one an earlier job kept under the same key; and whether it was kept."""
+def baseline(key: dict, compute, part: str) -> tuple[Any, bool]:
+    """compute() -> a JSON-able result, or the one an earlier job kept under the same key; and whether it was kept.
+    `part` (which evaluator's) names the entry's file and where its hits and misses are counted: baseline.<part>."""
     if _folder is None:
         return compute(), False
-    path = _folder / f"baseline-{digest(key)}.json"
-    kept = _load_json(path, "baseline")
+    path = _folder / f"baseline-{part}-{digest(part, key)}.json"
+    kept = _load_json(path, ("baseline", part))
     if kept is not None:
-        _count("baseline", "hits")
+        _count(("baseline", part), "hits")
         return kept, True
     result = compute()
     _write(path, lambda f: f.write(json.dumps({CHECKSUM: digest(result), "result": result}).encode()))
     key_file = _folder / f"{path.stem}.key.json"  # what it depends on, for people
     _write(key_file, lambda f: f.write(json.dumps(key, indent=1, default=str).encode()))
-    _count("baseline", "misses")
+    _count(("baseline", part), "misses")
     return result, False
 
 
-def _load_json(path: Path, kind: str):
+def _load_json(path: Path, kind: str | tuple):
     """A JSON entry's result, or None: none kept, or one whose content differs from its digest (a warning)."""
     if not path.is_file():
         return None
@@ -213,9 +218,12 @@ def environment() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}  # fmt: skip
 
 
-def _count(kind: str, outcome: str) -> None:
-    """Hits and misses of a kind of entry (and, where there were any, entries found damaged)."""
-    counts = _stats.setdefault(kind, {})
+def _count(kind: str | tuple, outcome: str) -> None:
+    """Hits and misses of a kind of entry (and, where there were any, entries found damaged); a tuple kind counts
+    within its first part: ("baseline", "probes") as {"baseline": {"probes": {...}}}."""
+    counts = _stats
+    for level in (kind,) if isinstance(kind, str) else kind:
+        counts = counts.setdefault(level, {})
     if outcome != "damaged":
         counts.setdefault("hits", 0)
         counts.setdefault("misses", 0)

@@ -188,9 +188,10 @@ def _baseline(subject: evaluation.Subject, record: RunRecord, logger, log_step_z
         key = evaluation.cache_key(subject) if cache.active() else None
         results, kept = evaluation.at_baseline(subject, key)
         baseline = record["eval"]["baseline"] = evaluation.scores(results)
-        if kept:
-            log.info("baseline: %s (from this sweep's cache: same tokens, same function)",
-                     "; ".join(f"{name} {describe_metrics(m)}" for name, m in baseline.items()))  # fmt: skip
+        if kept:  # what was computed here said itself as it was
+            found = evaluation.scores({name: results[name] for name in kept})
+            log.info("baseline of %s (from this sweep's cache: same tokens, same function)%s", ", ".join(kept),
+                     "".join(f"; {name} {describe_metrics(m)}" for name, m in found.items()))  # fmt: skip
         for name, result in baseline.items() if log_step_zero else ():  # a resumed run logged them then
             logger.scalars(scalars_of(name, result), 0)
     # from the job's start to its first training step, less the parts measured above: imports, config, set-up

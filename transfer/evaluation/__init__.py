@@ -8,7 +8,8 @@ columns by themselves); another keeps its final result under its own name in the
 
 Standard benchmarks through lm-evaluation-harness (benchmarks.py, eval.benchmarks) score as bench_<name>.
 A new evaluator is its module, an entry in `EVALUATORS` and its settings in the config (what it reads from cfg; with
-none asked for, it gives {}).
+none asked for, it gives {}). Its baseline is a sweep cache entry of its own, keyed on what it says it depends on (the
+splits it `reads`, its settings as `key` gives them): one evaluator's settings changed, the others' are still found.
 
 Which way each metric improves is config.objective.DIRECTION; the descriptive numbers that have none, DESCRIPTIVE.
 """
@@ -60,22 +61,30 @@ class Evaluator:
     # run(subject, "baseline" or "final", its own baseline result at the final, else None) -> its result
     run: Callable[[Subject, str, Any], Any]
     scores: bool = True  # {name: {metric: value}}: the record's eval.<when>; else the record's <evaluator name>
-    # its baseline may come from a sweep's cache: a function of the model's function, the evaluated tokens, the
-    # objective, the hardware and what `key` gives (its own settings)
+    # its baseline may come from a sweep's cache, an entry of its own (entry_key): a function of the model's function,
+    # the objective, the hardware, the tokens of the splits it `reads` (None: every split but train, for one that does
+    # not say) and what `key` gives (its own settings). One that reads no split and has no settings (no key, or None
+    # from it) was asked for nothing: its baseline is computed, not kept.
     cached: bool = True
     key: Callable[[Subject], Any] | None = None
+    reads: Callable[[Subject], list[str]] | None = None
+    batched: bool = True  # it scores in batches of eval_batch_size, which then enters its key
 
 
-def at_baseline(subject: Subject, cache_key: dict | None) -> tuple[dict, bool]:
-    """Every evaluator's result on the untrained model, by name; and whether the cached ones came from the cache
-    (cache_key None: computed here)."""
+def at_baseline(subject: Subject, common: dict | None) -> tuple[dict, list[str]]:
+    """Every evaluator's result on the untrained model, by name; and the names of those that came from the cache.
+    common: cache_key(subject), or None where there is no cache (all computed here)."""
     from transfer import cache
 
-    kept = {name: e for name, e in EVALUATORS.items() if e.cached}
-    compute = lambda: {name: e.run(subject, "baseline", None) for name, e in kept.items()}  # noqa: E731
-    results, from_cache = cache.baseline(cache_key, compute)
-    results.update({name: e.run(subject, "baseline", None) for name, e in EVALUATORS.items() if not e.cached})
-    return results, from_cache
+    results, kept = {}, []
+    for name, e in EVALUATORS.items():
+        key = entry_key(subject, e, common) if e.cached and common is not None else None
+        if key is None:
+            results[name] = e.run(subject, "baseline", None)
+            continue
+        results[name], found = cache.baseline(key, lambda e=e: e.run(subject, "baseline", None), name)
+        kept += [name] if found else []
+    return results, kept
 
 
 def at_final(subject: Subject, baseline: dict) -> dict:
@@ -109,8 +118,9 @@ def changes(baseline: dict, final: dict) -> tuple[dict, dict]:
 
 
 def cache_key(subject: Subject) -> dict:
-    """Everything the untrained model's cached results depend on; the model enters as what it computes, the objective
-    as its settings and what it made of the data (its template, the choices as scored, its reference)."""
+    """What the untrained model's cached results depend on, for entry_key to take each evaluator's part of: the model
+    as what it computes on each split, each split's tokens, the objective as its settings and what it made of the data
+    (its template, the choices as scored, its reference), the hardware, the code and libraries."""
     from omegaconf import OmegaConf
 
     from transfer import cache
@@ -123,13 +133,30 @@ def cache_key(subject: Subject) -> dict:
         "objective_as_built": subject.objective.baseline_key(),
         "choices": list(cfg.dataset.get("choices") or []),
         "eval_batch_size": cfg.eval_batch_size,
-        "evaluators": {name: e.key(subject) if e.key else None for name, e in EVALUATORS.items() if e.cached},
         "hardware": {
             "device": hardware.device.type,
             "precision": hardware.precision,
             "loss_chunk_tokens": cfg.hardware.loss_chunk_tokens,
         },
         "environment": cache.environment(),
+    }
+
+
+def entry_key(subject: Subject, evaluator: Evaluator, common: dict) -> dict | None:
+    """The key of one evaluator's cached baseline: of `common` (cache_key's), what it depends on: the tokens of the
+    splits it reads, the model's function on those and on the objective's splits (which every entry holds, so that
+    one that reads none still knows the model), eval_batch_size where it batches; and its own settings. None: it was
+    asked for nothing."""
+    reads = evaluator.reads(subject) if evaluator.reads else list(common["splits"])
+    settings = evaluator.key(subject) if evaluator.key else None
+    if not reads and settings is None:
+        return None
+    on = {*reads, *_objective_splits(subject)}
+    return {
+        **{k: v for k, v in common.items() if k != "eval_batch_size" or evaluator.batched},
+        "function": {name: f for name, f in common["function"].items() if name in on},
+        "splits": {name: common["splits"][name] for name in reads},
+        "settings": settings,
     }
 
 
@@ -149,20 +176,29 @@ def _score(subject: Subject, when: str, names: list[str], evaluate) -> dict:
     return results
 
 
+def _objective_splits(subject: Subject) -> list[str]:
+    return [n for n in EVAL_SPLITS if n in subject.splits]
+
+
 def _objective(subject: Subject, when: str, before=None) -> dict:
     """Validation and test, by the objective's own evaluator."""
-    return _score(subject, when, [n for n in EVAL_SPLITS if n in subject.splits], subject.objective.evaluate)
+    return _score(subject, when, _objective_splits(subject), subject.objective.evaluate)
+
+
+def _probe_splits(subject: Subject) -> list[str]:
+    from transfer.data.probes import PREFIX
+
+    return [n for n in subject.splits if n.startswith(PREFIX)]
 
 
 def _probes(subject: Subject, when: str, before=None) -> dict:
     """The forgetting probes (ref_<name>): perplexity, whatever the objective."""
-    from transfer.data.probes import PREFIX
     from transfer.evaluation.perplexity import perplexity
 
     def evaluate(model, split, batch_size, hardware, desc):
         return perplexity(model, split, batch_size, hardware, subject.objective.pad_id, desc)
 
-    return _score(subject, when, [n for n in subject.splits if n.startswith(PREFIX)], evaluate)
+    return _score(subject, when, _probe_splits(subject), evaluate)
 
 
 def _samples(subject: Subject, when: str, before=None) -> list[dict]:
@@ -207,10 +243,14 @@ def _sample_settings(subject: Subject) -> str:
     return cache.digest(subject.sample_inputs, subject.cfg.eval.max_new_tokens)
 
 
+def _none(subject: Subject) -> list[str]:
+    return []
+
+
 EVALUATORS = {
-    "objective": Evaluator(_objective),
-    "probes": Evaluator(_probes),
-    "benchmarks": Evaluator(_benchmarks, key=_benchmark_settings),
-    "samples": Evaluator(_samples, scores=False, key=_sample_settings),
+    "objective": Evaluator(_objective, reads=_objective_splits),
+    "probes": Evaluator(_probes, reads=_probe_splits),
+    "benchmarks": Evaluator(_benchmarks, key=_benchmark_settings, reads=_none),  # its data: in its settings
+    "samples": Evaluator(_samples, scores=False, key=_sample_settings, reads=_none, batched=False),  # its prompts
     "diagnostics": Evaluator(_diagnostics, scores=False, cached=False),
 }
