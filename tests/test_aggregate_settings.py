@@ -71,9 +71,7 @@ def test_two_spellings_of_the_same_settings_are_one_group(tmp_path):
     assert sorted(apart["seeds"].tolist()) == [1] * 4 + [2] * 4
 
 
-def test_a_value_given_by_a_preset_or_a_strategy_groups_with_the_same_value_given_on_the_command_line(
-    tmp_path, capsys
-):
+def test_a_value_given_by_a_preset_or_a_strategy_groups_with_the_same_value_given_on_the_command_line(tmp_path, capsys):
     """block_size from the preset in one sweep, on the command line (128 and 256) in the other; lora's rate from its
     strategy file (optimizer.lr null) in one, optimizer.lr=3e-3 in the other: grouped by value, and best_per_strategy
     names the values the picked group ran with, never `(default)`."""
@@ -90,7 +88,7 @@ def test_a_value_given_by_a_preset_or_a_strategy_groups_with_the_same_value_give
     capsys.readouterr()
     table = pd.read_csv(out / "comparison.csv")
     assert list(table.columns[:3]) == ["strategy", "optimizer.lr", "block_size"]
-    seeds = dict(zip(zip(table["strategy"], table["optimizer.lr"], table["block_size"]), table["seeds"], strict=True))
+    seeds = table.set_index(["strategy", "optimizer.lr", "block_size"])["seeds"].to_dict()
     assert seeds == {("lora", 3e-3, 128): 3, ("lora", 3e-3, 256): 1, ("full", 1e-4, 128): 3, ("full", 1e-4, 256): 1,
                      ("full", 1e-3, 128): 1, ("full", 1e-3, 256): 1}  # fmt: skip
     best = pd.read_csv(out / "best_per_strategy.csv").set_index("strategy")

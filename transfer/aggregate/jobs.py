@@ -1,12 +1,12 @@
 """Reading a sweep's records into the jobs frame: one row per job folder of `multirun/<date>/<time>/<job>/`.
 
 A row holds the job's settings, then what its `metrics.json` says. The settings are the keys that some job read was
-given (on its command line or in its sweep), each with the value the job ran with, however it was given: from the
-record's resolved config (block_size from a preset `+experiment=...`, optimizer.lr as the rate used where a strategy's
-file gives it), a config group's choice (strategy=lora), else the override itself (a preset's name, a record
-without config); `overrides` keeps what the job was given, as a command line. Two spellings of the same settings so
-read as one, and `config_id` says which jobs ran the same config but for the seed (tables.default_group_keys). Failed jobs and folders without a
-finished record stay, with their status; nothing is dropped silently. A record that says finished without what a
+given, each with the value this job ran with however it was given: a config group's choice (strategy=lora), else the
+record's resolved config (block_size set by a preset `+experiment=...`; optimizer.lr as the rate used, which a
+strategy's file gives where optimizer.lr is null), else the override itself (a preset's name; a record without
+config). Two spellings of the same settings so read alike; `overrides` keeps what the job was given, as a command
+line, and `config_id` which jobs ran the same config but for the seed (tables.default_group_keys). Failed jobs and
+folders without a finished record stay, with their status; nothing is dropped silently. A record that says finished without what a
 finished job writes is `unreadable`; a job that ran the config and seed of another (a copied folder, a sweep run
 twice) is `duplicate` and counted once; a metric that is no number is left out. The last two become notes
 (`frame.attrs["notes"]`), said under the tables and on the terminal. Trials that an Optuna search pruned show as
@@ -153,8 +153,9 @@ def job_row(sweep: Path, job: Path) -> dict:
     row["_given"] = _overrides(given)
     # an unreadable record's config may be as damaged as the rest: its overrides say what it was given
     usable = record is not None and row["status"] != "unreadable"
-    row["_config"] = _ran_with(record.get("config") or {}) if usable else {}
-    row["_choices"] = (record.get("choices") or {}) if usable else {}
+    config, choices = (record.get("config"), record.get("choices")) if usable else (None, None)
+    row["_config"] = _ran_with(config) if isinstance(config, dict) else {}
+    row["_choices"] = choices if isinstance(choices, dict) else {}
     row["config_id"] = _config_id(row["_config"])
     return row
 
@@ -314,21 +315,25 @@ def _config_id(config: dict) -> str | None:
 
 
 def _typed(key: str, text: str):
-    """An override's value as Hydra reads it (1e-3 a number, true a boolean, null None; a list as its text); the
-    text itself where Hydra's grammar does not read it."""
+    """An override's value as Hydra reads it (1e-3 a number, true a boolean, null None; a list written as a config's
+    list is, `['q', 'v']`); the text itself where Hydra reads no single value (a sweep, a typo)."""
+    parser, error = _override_parser()
     try:
-        value = _override_parser().parse_override(f"{key}={text}").value()
-    except Exception:  # noqa: BLE001 - any override Hydra cannot read stays the text it is
+        value = parser.parse_override(f"{key}={text}").value()
+    except error:
         return text
-    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+    if isinstance(value, (list, dict)):
+        return str(value)
+    return value if isinstance(value, (str, int, float, bool)) or value is None else text
 
 
 @functools.cache
 def _override_parser():
     # imported only for a job whose record lacks a key it was given: Hydra's parser takes a third of a second
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
-    return OverridesParser.create()
+    return OverridesParser.create(), HydraException
 
 
 def _hydra_overrides(job: Path) -> list[str]:
