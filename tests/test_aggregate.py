@@ -158,12 +158,15 @@ def test_newest_sweep_by_default(sweep, tmp_path, monkeypatch, capsys):
 
 
 def test_sweeps_that_vary_different_overrides_share_one_table(sweep, two_job_sweep, tmp_path, capsys):
-    """strategy and seed vary in one sweep, optimizer.lr in the other: each row lacks the other's keys."""
+    """strategy and seed vary in one sweep, optimizer.lr in the other: each row holds the value its job ran with for
+    the other's keys too, the first sweep's jobs the rate their strategy gave (optimizer.lr null)."""
     assert main([str(sweep), str(two_job_sweep), "--out", str(tmp_path)]) == 0
     assert "9 jobs (6 completed, 1 failed, 1 incomplete, 1 unreadable) from 2 sweeps" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "comparison.csv")
     completed = table[table["status"] == "completed"]
-    assert sorted(completed["optimizer.lr"].dropna()) == [1e-4, 1e-3]
+    assert {r["config"]["optimizer"]["lr"] for r in records(sweep)} == {None}
+    rates = {r["choices"]["strategy"]: r["config"]["strategy"]["lr"] for r in records(sweep)}
+    assert sorted(completed["optimizer.lr"]) == sorted([1e-4, 1e-3, rates["full"], rates["lora"]])
     assert completed["seeds"].tolist().count(2) == 2  # full and lora, over seeds 1 and 2
     pngs = {p.stem for p in tmp_path.glob("*.png")}
     mine = {"perplexity_vs_trainable", "gain_vs_forgetting", "validation_curves", "time_and_memory", "ci_val_ppl_after"}

@@ -175,7 +175,8 @@ def best_per(jobs: pd.DataFrame, table: pd.DataFrame, key: str) -> pd.DataFrame:
     rows = []
     for _, group in done.groupby(key, dropna=False, sort=False):
         best = group.sort_values(metric, ascending=lower_is_better(metric), kind="stable").iloc[0].to_dict()
-        # a key some sweeps did not override ran with its configured default
+        # a key whose value no record of the group holds (an earlier version's config lacks it; a preset the
+        # jobs were not given) ran with its configured default; every other value is the one the jobs ran with
         picked = ", ".join(f"{k}={'(default)' if pd.isna(best[k]) else key_text(best[k])}" for k in others)
         rows.append({**best, "picked": picked or "(nothing else varies)", "candidates": len(group)})
     out = pd.DataFrame(rows).sort_values(metric, ascending=lower_is_better(metric), kind="stable")

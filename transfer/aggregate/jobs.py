@@ -1,22 +1,31 @@
 """Reading a sweep's records into the jobs frame: one row per job folder of `multirun/<date>/<time>/<job>/`.
 
-A row holds the job's overrides as columns, then what its `metrics.json` says. Failed jobs and folders without a
-finished record stay, with their status; nothing is dropped silently. A record that says finished without what a
+A row holds the job's settings, then what its `metrics.json` says. The settings are the keys that some job read was
+given, each with the value this job ran with however it was given: a config group's choice (strategy=lora), else the
+record's resolved config (block_size set by a preset `+experiment=...`; optimizer.lr as the rate used, which a
+strategy's file gives where optimizer.lr is null), else the override itself (a preset's name; a record without
+config). Two spellings of the same settings so read alike; `overrides` keeps what the job was given, as a command
+line, and `config_id` which jobs ran the same config but for the seed (tables.default_group_keys). Failed jobs and
+folders without a finished record stay, with their status; nothing is dropped silently. A record that says finished without what a
 finished job writes is `unreadable`; a job that ran the config and seed of another (a copied folder, a sweep run
 twice) is `duplicate` and counted once; a metric that is no number is left out. The last two become notes
 (`frame.attrs["notes"]`), said under the tables and on the terminal. Trials that an Optuna search pruned show as
 `pruned`, with the metrics they had when they stopped.
 """
 
+import functools
+import hashlib
 import json
 import re
 import reprlib
+import shlex
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from transfer.aggregate.columns import NOT_METRICS, SPLIT_SHORT, column, numeric
+from transfer.config.optimizer import learning_rate
 from transfer.errors import TransferError
 from transfer.record import FINISHED, RECORD_NAME, job_folders, lookup, missing_fields, read_record
 
@@ -102,7 +111,8 @@ def kind_folder(kind: str) -> str:
 
 
 def read_jobs(sweeps: list[Path]) -> pd.DataFrame:
-    """One row per job of every sweep: override columns first, then the record's numbers."""
+    """One row per job of every sweep: the settings some job was given first (each job's value), then the
+    record's numbers."""
     rows = [job_row(sweep, job) for sweep in sweeps for job in job_folders(sweep)]
     if not rows:
         raise TransferError(f"no job folders in {', '.join(str(s) for s in sweeps)}; is it a sweep folder?")
@@ -112,21 +122,21 @@ def read_jobs(sweeps: list[Path]) -> pd.DataFrame:
             probes.setdefault(name, about)
     # what the tables leave out or count once, said under them and on the terminal (main, TablesCallback)
     notes = [note for row in rows for note in row.pop("_notes", [])] + mark_duplicates(rows)
+    # every key some job was given, for every job: a setting one sweep spelt out and another took from a preset or
+    # a default has its value in each row, and groups alike
+    keys = list(dict.fromkeys(k for row in rows for k in row["_given"]))
+    for row in rows:
+        given, config, choices = row.pop("_given"), row.pop("_config"), row.pop("_choices")
+        for key in keys:
+            if row.get(key) is None:  # the record's own columns (strategy, model, seed) stand
+                row[key] = _setting(key, config, choices, given.get(key))
     frame = pd.DataFrame(rows)
-    keys = dict.fromkeys(k for row in rows for k in row.pop("_override_keys"))
-    frame = frame.drop(columns="_override_keys")
-    frame.attrs["override_keys"] = list(keys)
+    frame.attrs["override_keys"] = keys
     frame.attrs["probes"] = probes
     frame.attrs["notes"] = notes
-    # override columns first, in the order they were given
-    return frame[
-        [
-            "sweep",
-            "job",
-            *[k for k in keys if k not in ("sweep", "job")],
-            *[c for c in frame.columns if c not in keys and c not in ("sweep", "job")],
-        ]
-    ]
+    # the settings first, in the order they were given, then how each job was given them
+    first = ["sweep", "job", *[k for k in keys if k not in ("sweep", "job", "overrides")], "overrides"]
+    return frame[[*first, *[c for c in frame.columns if c not in first]]]
 
 
 def job_row(sweep: Path, job: Path) -> dict:
@@ -137,12 +147,16 @@ def job_row(sweep: Path, job: Path) -> dict:
     row = _job_record_row(sweep, job, record)
     # The overrides the job ran with, as its record keeps them: Hydra rewrites .hydra/overrides.yaml
     # whenever a sweep is launched again over the folder, even for jobs it then skips.
-    overrides = _overrides(record.get("overrides") if record and "overrides" in record else _hydra_overrides(job))
-    config = (record or {}).get("config") or {}
-    for key, value in overrides.items():
-        # the record's typed value wins over the override's text: 1e-4 and 0.0001, true and True are one value
-        row.setdefault(key, _config_value(config, key, value))
-    row["_override_keys"] = list(overrides)
+    given = (record.get("overrides") if record and "overrides" in record else _hydra_overrides(job)) or []
+    given = [o for o in given if isinstance(o, str) and not o.lstrip("+~").startswith("hydra")]
+    row["overrides"] = shlex.join(given)
+    row["_given"] = _overrides(given)
+    # an unreadable record's config may be as damaged as the rest: its overrides say what it was given
+    usable = record is not None and row["status"] != "unreadable"
+    config, choices = (record.get("config"), record.get("choices")) if usable else (None, None)
+    row["_config"] = _ran_with(config) if isinstance(config, dict) else {}
+    row["_choices"] = choices if isinstance(choices, dict) else {}
+    row["config_id"] = _config_id(row["_config"])
     return row
 
 
@@ -263,11 +277,63 @@ def same_genre_columns(probes: dict | None) -> dict:
     }
 
 
-def _config_value(config: dict, key: str, fallback):
+def _setting(key: str, config: dict, choices: dict, text: str | None):
+    """What a job ran with for `key`: a config group's choice (strategy=lora, eval/probes=[...]), else the value in
+    its resolved config (1e-4 and 0.0001, true and True are one value), else the override's own value (a preset's
+    name, +experiment=qwen_strategies; a record without config); None where nothing says."""
+    choice = choices.get(_CHOICE_OF.get(key, key))
+    if choice is not None:
+        return choice
     node = lookup(config, key, missing=_MISSING)
     if node is _MISSING:
-        return fallback
+        return None if text is None else _typed(key, text)
     return node if isinstance(node, (str, int, float, bool)) or node is None else str(node)
+
+
+_CHOICE_OF = {"eval/probes": "probes"}  # a list group: its choice is recorded under its own name (transfer.cli)
+
+
+def _ran_with(config: dict) -> dict:
+    """The record's config with optimizer.lr the rate the run used: null there means the strategy's strategy.lr
+    (transfer.config.optimizer.learning_rate), so `strategy=lora` and `strategy=lora optimizer.lr=<lora's rate>` ran
+    the same training and read alike."""
+    optimizer, strategy = config.get("optimizer"), config.get("strategy")
+    if not (isinstance(optimizer, dict) and isinstance(strategy, dict) and "lr" in strategy):
+        return config
+    return {**config, "optimizer": {**optimizer, "lr": learning_rate(config)[0]}}
+
+
+def _config_id(config: dict) -> str | None:
+    """Which config a job ran, but for its seed: the same for two jobs that differ only in how they were given it
+    (tables.default_group_keys groups by no preset that tells apart no other settings); None without a config."""
+    if not config:
+        return None
+    same = {k: v for k, v in config.items() if k not in ("seed", "resume")}
+    if isinstance(same.get("strategy"), dict):  # unused once the rate is optimizer.lr (_ran_with)
+        same["strategy"] = {k: v for k, v in same["strategy"].items() if k != "lr"}
+    return hashlib.sha1(json.dumps(same, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _typed(key: str, text: str):
+    """An override's value as Hydra reads it (1e-3 a number, true a boolean, null None; a list written as a config's
+    list is, `['q', 'v']`); the text itself where Hydra reads no single value (a sweep, a typo)."""
+    parser, error = _override_parser()
+    try:
+        value = parser.parse_override(f"{key}={text}").value()
+    except error:
+        return text
+    if isinstance(value, (list, dict)):
+        return str(value)
+    return value if isinstance(value, (str, int, float, bool)) or value is None else text
+
+
+@functools.cache
+def _override_parser():
+    # imported only for a job whose record lacks a key it was given: Hydra's parser takes a third of a second
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    return OverridesParser.create(), HydraException
 
 
 def _hydra_overrides(job: Path) -> list[str]:
@@ -279,8 +345,9 @@ def _hydra_overrides(job: Path) -> list[str]:
 
 
 def _overrides(items: list[str]) -> dict:
-    pairs = (o.split("=", 1) for o in items if isinstance(o, str) and "=" in o)
-    return {k.lstrip("+~"): v for k, v in pairs if not k.lstrip("+~").startswith("hydra")}
+    """key -> value text of a job's overrides (Hydra's own left out by the caller), the key without `+`, `++`, `~`."""
+    pairs = (o.split("=", 1) for o in items if "=" in o)
+    return {k.lstrip("+~"): v for k, v in pairs}
 
 
 def _choices(job: Path, record: dict | None) -> dict:

@@ -71,22 +71,44 @@ def comparison(jobs: pd.DataFrame, group_by: list[str] | None = None, sort: str 
 
 
 def default_group_keys(jobs: pd.DataFrame) -> list[str]:
-    """The overrides that vary across the jobs with results, seed excepted; strategy when nothing varies.
+    """The settings some job was given whose values vary across the jobs with results, seed excepted; strategy when
+    nothing varies.
 
-    Jobs scored on different validation tokens (eval.max_tokens, set by a preset, say) are
-    never averaged together: val_tokens joins the keys when it varies.
+    Each job's value is the one it ran with (jobs.read_jobs), so a setting one sweep spelt out and another took from
+    a preset, with one value everywhere, does not vary. A preset's name (+experiment=...) is a key only where it
+    tells apart jobs that ran different configs which the other keys leave together. Jobs scored on different
+    validation tokens (eval.max_tokens, set by a preset, say) are never averaged together: val_tokens joins the keys
+    when it varies.
     """
     # among the jobs with results: a failed or unreadable job's missing overrides do not make a column vary
     done = jobs[jobs["status"].isin(FINISHED)]
     done = jobs if done.empty else done
-    keys = [
-        k for k in jobs.attrs.get("override_keys", []) if k != "seed" and done[k].astype(str).nunique(dropna=False) > 1
-    ]
+    keys = [k for k in jobs.attrs.get("override_keys", []) if k != "seed" and _varies(done[k])]
     if "strategy" not in keys and "strategy" in jobs.columns:
         keys = ["strategy", *keys]
     if "val_tokens" in jobs.columns and jobs["val_tokens"].nunique() > 1:
         keys.append("val_tokens")
+    for key in [k for k in keys if k not in ("strategy", "val_tokens")]:
+        if not _tells_configs_apart(done, key, [k for k in keys if k != key]):
+            keys.remove(key)
     return keys
+
+
+def _varies(values: pd.Series) -> bool:
+    return values.map(key_text).nunique() > 1  # unset, missing and null alike; 2 and 2.0 one value
+
+
+def _tells_configs_apart(done: pd.DataFrame, key: str, others: list[str]) -> bool:
+    """Whether jobs that the other keys group together but `key` tells apart ran different configs (config_id; a
+    job without one may have). A key the config holds always does; a preset's name only where it set something
+    that no key shows."""
+    if "config_id" not in done:  # a frame made by hand, not read from records
+        return True
+    groups = done.groupby(others, dropna=False, sort=False) if others else [(None, done)]
+    return any(
+        _varies(group[key]) and (group["config_id"].isna().any() or group["config_id"].nunique() > 1)
+        for _, group in groups
+    )
 
 
 # The comparison table's columns after the grouping keys, when none are asked for; PROBES stands for
