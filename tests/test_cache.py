@@ -13,6 +13,7 @@ from transfer.errors import TransferError
 from transfer.models.load import byte_tokenizer, load_model_and_tokenizer
 from transfer.record import read_record
 from transfer.strategies import apply_strategy
+from transfer.training import restore
 from transfer.training.hardware import resolve
 
 HIT, MISS = {"hits": 1, "misses": 0}, {"hits": 0, "misses": 1}  # of one entry, in the record's `cache`
@@ -40,20 +41,31 @@ def test_tokens_are_kept_and_found_only_for_the_same_texts_and_tokenizer(tmp_pat
     assert not cache.active()  # the block ends its use
 
 
-def _function(strategy: str, cfg_overrides=()) -> str:
+def _function(strategy: str, cfg_overrides=(), adapt=lambda model: model) -> dict[str, str]:
     cfg = compose_config([f"strategy={strategy}", "block_size=32", *cfg_overrides])
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.block_size)
-    model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
+    model, _ = apply_strategy(adapt(model), cfg.strategy, seed=cfg.seed)
     split = _blocks(TEXTS, tokenizer)
-    return cache.model_function(model, {"validation": split}, resolve(cfg.hardware))
+    return cache.model_function(model, {"validation": split}, resolve(cfg.hardware), len(tokenizer))
 
 
-def test_the_model_enters_the_key_as_what_it_computes():
-    """LoRA and IA3 start as the base model exactly; a re-initialised model or other weights do not."""
+def test_the_model_enters_the_key_as_what_it_computes(tmp_path):
+    """LoRA and IA3 start as the base model exactly; a re-initialised model or other weights do not: on a split's
+    first tokens, and on the fixed ones that a benchmark's key holds in their place (no dataset's)."""
     full = _function("full")
+    assert set(full) == {"validation", cache.FIXED}
     assert _function("lora") == _function("ia3") == full
-    assert _function("scratch") != full
-    assert _function("full", ["model=tiny_random"]) != full
+
+    cfg = compose_config(["strategy=lora"])
+    adapter, _ = apply_strategy(load_model_and_tokenizer(cfg.model, 32)[0], cfg.strategy, seed=cfg.seed)
+    with torch.no_grad():  # as training leaves it: B no longer zero
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    adapter.save_pretrained(tmp_path / "parent")
+    parent = _function("full", adapt=lambda model: restore._merged_adapter(model, tmp_path / "parent"))  # init_from
+    for other in (_function("scratch"), _function("full", ["model=tiny_random"]), parent):
+        assert other["validation"] != full["validation"] and other[cache.FIXED] != full[cache.FIXED]
 
 
 SWEEP = ["max_steps=4", "eval_interval=0", "block_size=64", "eval.max_tokens=2048", "hardware.estimate_memory=false",
@@ -103,6 +115,9 @@ def test_each_evaluator_keeps_its_own_baseline_so_a_probe_added_or_changed_reuse
     assert entries == ["objective", "probes", "probes", "samples"]
 
 
+EVALUATED = ("objective", "benchmarks", "samples")
+
+
 def test_a_benchmark_added_reuses_the_other_baselines(tmp_path, shared):
     """What the real runs met: a job that only added a benchmark scored validation, test and the probes again."""
     cache_dir, probe = f"cache.dir={tmp_path / 'cache'}", "eval.probes.python_docs.max_tokens=512"
@@ -113,6 +128,31 @@ def test_a_benchmark_added_reuses_the_other_baselines(tmp_path, shared):
     assert plain["cache"]["baseline"] == {"objective": MISS, "probes": MISS, "samples": MISS}
     assert added["cache"]["baseline"] == {"objective": HIT, "probes": HIT, "benchmarks": MISS, "samples": HIT}
     assert added["eval"]["baseline"]["bench_arc_easy"]["harness"]["items"] == 2
+
+
+def test_a_benchmarks_baseline_is_found_whatever_the_objective_and_dataset(tmp_path, shared):
+    """What the real runs met: the same model and benchmark in an lm job and in an sft job of another dataset scored
+    the benchmark twice. Found now, and what the sft job scores without the cache; other weights (scratch) score
+    their own."""
+    cache_dir, bench_of = f"cache.dir={tmp_path / 'cache'}", lambda record: record["eval"]["baseline"]["bench_arc_easy"]
+    job = [*JOB, "eval/probes=[]", "eval/benchmarks=[arc_easy]", "eval.benchmarks.arc_easy.limit=2",
+           f"eval.benchmarks.arc_easy.data={shared}/datasets/benchmarks"]  # fmt: skip
+    sft = ["objective=sft", "dataset=self_instruct"]
+    lm = run_here([*job, cache_dir], tmp_path / "lm")
+    tuned = run_here([*job, *sft, cache_dir], tmp_path / "sft")
+    alone = run_here([*job, *sft], tmp_path / "alone")
+    scratch = run_here([*job, "strategy=scratch", cache_dir], tmp_path / "scratch")
+    assert lm["cache"]["baseline"] == scratch["cache"]["baseline"] == dict.fromkeys(EVALUATED, MISS)
+    assert tuned["cache"]["baseline"] == {"objective": MISS, "benchmarks": HIT, "samples": MISS}
+    assert bench_of(tuned) == bench_of(alone) and bench_of(tuned)["harness"]["items"] == 2
+    entries = sorted(p.name.split("-")[1] for p in (tmp_path / "cache").glob("baseline-*[0-9a-f].json"))
+    assert entries == ["benchmarks"] * 2 + ["objective"] * 3 + ["samples"] * 3
+    # the harness and the samples tokenize with the tokenizer: its definition is in their keys
+    tokenizer = cache.tokenizer_digest(byte_tokenizer())
+    for part in ("benchmarks", "samples"):
+        assert {
+            json.loads(k.read_text())["tokenizer"] for k in (tmp_path / "cache").glob(f"baseline-{part}-*.key.json")
+        } == {tokenizer}
 
 
 def test_the_cache_is_the_sweeps_unless_turned_off_or_moved(tmp_path):

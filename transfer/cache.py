@@ -8,12 +8,14 @@ when nothing that affects it changed:
 - tokens: the texts themselves, the tokenizer's whole definition and the separator;
 - a baseline (one evaluator's result before training: the objective's metrics, the probes', the
   samples ...): one entry per evaluator, under a key that evaluation/__init__.py makes of what
-  that evaluator depends on (the tokens it scores, its settings, the objective's, the device and
-  precision) and of the model's *function*: its logits on the first sequence of each split it
-  reads and of the objective's, bit for bit, after the strategy was applied. LoRA starts as the
-  base model plus exact zeros and shares the baseline of full fine-tuning; `scratch`, DoRA (whose
-  norm is recomputed in another order) or another `init_from` compute their own. One evaluator's
-  settings changed, the others' entries are still found.
+  that evaluator depends on (the tokens it scores, its settings, the objective's, the tokenizer
+  where it tokenizes, the device and precision) and of the model's *function*: its logits on the
+  first sequence of each split it reads and of the objective's, bit for bit, after the strategy
+  was applied; for the benchmarks, which read their own data, on fixed tokens instead, so that a
+  job of another objective or dataset finds them. LoRA starts as the base model plus exact zeros
+  and shares the baseline of full fine-tuning; `scratch` or another `init_from` compute their own
+  (DoRA, whose norm is recomputed in another order, where that order moves a bit). One
+  evaluator's settings changed, the others' entries are still found.
 
 Entries are written atomically, each writer through a temporary file of its own (parallel jobs
 may race to write the same one; either copy is right), and read with `torch.load(weights_only=True)`
@@ -155,20 +157,33 @@ def damaged(path: Path, kind: str | tuple, why: str) -> None:
     return None
 
 
+FIXED = "fixed_tokens"  # model_function's entry for the tokens no data chose (no split is so named)
+
+
 @torch.no_grad()
-def model_function(model, splits: dict, hardware, length: int = 64) -> dict[str, str]:
+def model_function(model, splits: dict, hardware, vocab: int, length: int = 64) -> dict[str, str]:
     """What the model computes, as a hash per split: its logits on the first `length` tokens of the split's first
-    sequence (each entry's key takes those of the splits it reads)."""
+    sequence (each entry's key takes those of the splits it reads); and under FIXED, on `length` token ids below
+    `vocab` drawn from a fixed seed, which depend on no dataset: the key of an evaluator that reads its own data (the
+    benchmarks), found by a job of any objective or dataset with the same model.
+
+    Two models share a hash where their logits are the same to the bit on those tokens: LoRA's or IA3's added exact
+    zeros (the base's function: rightly shared), or weights that differ only where those tokens never reach (an
+    untied embedding row of another token, a position past `length`) or by less than the precision in use keeps
+    (which the evaluators, under the same autocast, do not see either). Training, another initialisation (scratch)
+    or a parent's merged adapter (init_from) change them; DoRA's norm, recomputed in another order, where that order
+    moves a bit (on tiny on a CPU it does not)."""
+    sequences = {
+        name: splits[name].get(0)[0][:length] for name in sorted(splits) if name != "train" and len(splits[name])
+    }
+    sequences[FIXED] = torch.randint(vocab, (length,), generator=torch.Generator().manual_seed(0))
     was_training = model.training
     model.eval()
     h = {}
-    for name in sorted(splits):
-        if name == "train" or not len(splits[name]):
-            continue
-        ids = splits[name].get(0)[0][:length].unsqueeze(0).to(hardware.device)
+    for name, ids in sequences.items():
         with hardware.autocast():
             # no cache: one built layer by layer would make compiled blocks (hardware.compile) compile once a layer
-            h[name] = digest(model(input_ids=ids, use_cache=False).logits.float())
+            h[name] = digest(model(input_ids=ids.unsqueeze(0).to(hardware.device), use_cache=False).logits.float())
     model.train(was_training)
     return h
 

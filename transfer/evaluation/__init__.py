@@ -69,6 +69,11 @@ class Evaluator:
     key: Callable[[Subject], Any] | None = None
     reads: Callable[[Subject], list[str]] | None = None
     batched: bool = True  # it scores in batches of eval_batch_size, which then enters its key
+    tokenizes: bool = False  # it tokenizes or decodes text itself: the tokenizer's definition enters its key
+    # its result depends on the objective and the dataset, whose settings and the model's function on the objective's
+    # splits enter its key; else (the benchmarks: their own data and prompts) on neither, and the model enters as its
+    # function on fixed tokens (cache.model_function): found by a job of another objective or dataset
+    of_the_data: bool = True
 
 
 def at_baseline(subject: Subject, common: dict | None) -> tuple[dict, list[str]]:
@@ -119,19 +124,21 @@ def changes(baseline: dict, final: dict) -> tuple[dict, dict]:
 
 def cache_key(subject: Subject) -> dict:
     """What the untrained model's cached results depend on, for entry_key to take each evaluator's part of: the model
-    as what it computes on each split, each split's tokens, the objective as its settings and what it made of the data
-    (its template, the choices as scored, its reference), the hardware, the code and libraries."""
+    as what it computes on each split and on fixed tokens, each split's tokens, the objective as its settings and what
+    it made of the data (its template, the choices as scored, its reference), the tokenizer, the hardware, the code
+    and libraries."""
     from omegaconf import OmegaConf
 
     from transfer import cache
 
     cfg, hardware = subject.cfg, subject.hardware
     return {
-        "function": subject.trainee.use(cache.model_function, subject.splits, hardware),
+        "function": subject.trainee.use(cache.model_function, subject.splits, hardware, len(subject.tokenizer)),
         "splits": {name: cache.digest(*s.content()) for name, s in subject.splits.items() if name != "train"},
         "objective": OmegaConf.to_container(cfg.objective, resolve=True, enum_to_str=True),
         "objective_as_built": subject.objective.baseline_key(),
         "choices": list(cfg.dataset.get("choices") or []),
+        "tokenizer": cache.tokenizer_digest(subject.tokenizer),
         "eval_batch_size": cfg.eval_batch_size,
         "hardware": {
             "device": hardware.device.type,
@@ -142,18 +149,27 @@ def cache_key(subject: Subject) -> dict:
     }
 
 
+_OF_THE_DATA = ("objective", "objective_as_built", "choices")  # what only an evaluator of_the_data depends on
+
+
 def entry_key(subject: Subject, evaluator: Evaluator, common: dict) -> dict | None:
     """The key of one evaluator's cached baseline: of `common` (cache_key's), what it depends on: the tokens of the
-    splits it reads, the model's function on those and on the objective's splits (which every entry holds, so that
-    one that reads none still knows the model), eval_batch_size where it batches; and its own settings. None: it was
-    asked for nothing."""
+    splits it reads, the model's function on those and, for an evaluator of_the_data, on the objective's splits (so
+    that one that reads none still knows the model), else on fixed tokens; the objective's settings where it is
+    of_the_data, the tokenizer where it tokenizes, eval_batch_size where it batches;
+    and its own settings. None: it was asked for nothing, or it tokenizes with a tokenizer that has no definition to
+    key on (cache.tokenizer_digest), as tokens are not kept then either."""
+    from transfer.cache import FIXED
+
     reads = evaluator.reads(subject) if evaluator.reads else list(common["splits"])
     settings = evaluator.key(subject) if evaluator.key else None
-    if not reads and settings is None:
+    if (not reads and settings is None) or (evaluator.tokenizes and common["tokenizer"] is None):
         return None
-    on = {*reads, *_objective_splits(subject)}
+    on = {*reads, *_objective_splits(subject)} if evaluator.of_the_data else {*reads, FIXED}
+    wanted = {"eval_batch_size": evaluator.batched, "tokenizer": evaluator.tokenizes,
+              **dict.fromkeys(_OF_THE_DATA, evaluator.of_the_data)}  # fmt: skip
     return {
-        **{k: v for k, v in common.items() if k != "eval_batch_size" or evaluator.batched},
+        **{k: v for k, v in common.items() if wanted.get(k, True)},
         "function": {name: f for name, f in common["function"].items() if name in on},
         "splits": {name: common["splits"][name] for name in reads},
         "settings": settings,
@@ -250,7 +266,10 @@ def _none(subject: Subject) -> list[str]:
 EVALUATORS = {
     "objective": Evaluator(_objective, reads=_objective_splits),
     "probes": Evaluator(_probes, reads=_probe_splits),
-    "benchmarks": Evaluator(_benchmarks, key=_benchmark_settings, reads=_none),  # its data: in its settings
-    "samples": Evaluator(_samples, scores=False, key=_sample_settings, reads=_none, batched=False),  # its prompts
+    # its data: in its settings; batched: the harness's batches are of eval_batch_size (the plan's), whose padding
+    # and shapes may move the bits of a score, and so a near tie between choices
+    "benchmarks": Evaluator(_benchmarks, key=_benchmark_settings, reads=_none, tokenizes=True, of_the_data=False),
+    # their prompts: in their settings
+    "samples": Evaluator(_samples, scores=False, key=_sample_settings, reads=_none, batched=False, tokenizes=True),
     "diagnostics": Evaluator(_diagnostics, scores=False, cached=False),
 }
