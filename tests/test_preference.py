@@ -356,3 +356,23 @@ def test_loss_chunk_tokens_zero_means_one_pass_over_the_whole_logits(tmp_path, m
     objective.begin_step(model, batches, hw)
     objective.loss(model, batches[0], LossOptions.of(hw))
     assert hw.loss_chunk_tokens == 0 and len(asked) >= 3 and set(asked) == {0}
+
+
+def test_a_preference_evaluation_logs_its_progress_where_no_bar_shows(tmp_path, monkeypatch, caplog):
+    """On a 0.5B model a DPO evaluation of a few dozen pairs takes minutes: in a log file (no bar) it says how far it
+    is, as the perplexity and choice evaluations do."""
+    import io
+    import logging
+    import sys
+
+    from transfer import fmt
+
+    cfg, model, objective, splits, hw = prepared(tmp_path, "objective=dpo")
+    objective.attach(model, splits, cfg, hw)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # what tqdm writes to: not a terminal
+    monkeypatch.setattr(fmt, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="transfer.evaluation"):
+        result = objective.evaluate(model, splits["validation"], 8, hw, "baseline validation")
+    assert result["examples"] == 24  # pairs: 3 batches of 8
+    done = [m.split(", about ")[0] for m in caplog.messages]
+    assert done == ["baseline validation: 1 of 3 batches", "baseline validation: 2 of 3 batches"]

@@ -34,6 +34,7 @@ from transfer.data.sequences import IGNORE, ExampleStream, Sequences, padded_bat
 from transfer.data.sequences import Batch as Rows
 from transfer.data.sources import SPLITS, load_rows, origin
 from transfer.errors import TransferError
+from transfer.evaluation import shown
 from transfer.objectives.base import BaseObjective
 from transfer.objectives.preference_losses import PAIR_LOSSES, Scores, kto
 from transfer.objectives.reference import Reference
@@ -283,7 +284,7 @@ class PreferenceOptimisation(BaseObjective):
         model.eval()
         try:
             kl = self._kl_estimate(model, split, list(range(len(split))), batch_size, hardware) if self.kto else None
-            sums, rewards, logps = self._scored(model, split, batch_size, hardware, kl)
+            sums, rewards, logps = self._scored(model, split, batch_size, hardware, kl, desc)
         finally:
             model.train(was_training)
         rewards, logps = distributed.summed(rewards, "cpu"), distributed.summed(logps, "cpu")
@@ -306,7 +307,9 @@ class PreferenceOptimisation(BaseObjective):
         result["examples"] = split.units(self.kto)
         return result
 
-    def _scored(self, model, split: PreferenceSplit, batch_size: int, hardware, kl) -> tuple[dict, torch.Tensor, ...]:
+    def _scored(
+        self, model, split: PreferenceSplit, batch_size: int, hardware, kl, desc: str
+    ) -> tuple[dict, torch.Tensor, ...]:
         """This process's share of a split: the summed loss and token KL, and each answer's reward and log-probability
         (zero where another process has it)."""
         sums: dict[str, tuple[float, int]] = {}
@@ -317,7 +320,9 @@ class PreferenceOptimisation(BaseObjective):
         n_units = split.units(self.kto)
         starts = range(0, n_units, batch_size)
         units = (self._batch(split, list(range(start, min(start + batch_size, n_units)))) for start in starts)
-        for number, batch in distributed.my_batches(units, len(starts)):  # this process's share of them
+        for number, batch in shown(
+            distributed.my_batches(units, len(starts)), len(starts), desc
+        ):  # this process's share
             batch = batch.to(hardware.device)
             batch.kl, rows = kl, batch.rows
             with hardware.autocast():
