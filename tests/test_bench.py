@@ -30,6 +30,16 @@ def _load(script: str):
     return module
 
 
+def _main(monkeypatch, capsys, script: str, *args: str) -> str:
+    """The script's main() on these arguments in this process (a process start saved), and what it printed; it
+    sees the benchmarks' folder first on sys.path, as when run as a script."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    main = _load(script).main
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    main()
+    return capsys.readouterr().out
+
+
 def test_trainer_benchmark_on_a_real_pretrained_model_agrees_and_profiles(shared, monkeypatch, capsys):
     """One run of the benchmark: the real pretrained model, both trainers, and one more run of each under torch's
     profiler. Each measurement's command line is the script's own, run by the script's main() in this process (a
@@ -70,10 +80,11 @@ def test_trainer_benchmark_on_a_real_pretrained_model_agrees_and_profiles(shared
         assert calls["ProfilerStep*"] == calls["Optimizer.step#AdamW.step"] == "3", table
 
 
-def test_head_loss_benchmark_runs_and_the_ways_agree():
+def test_head_loss_benchmark_runs_and_the_ways_agree(monkeypatch, capsys):
     # Liger's kernels on a CPU in Triton's interpreter (conftest sets it where there is no GPU)
     liger = importlib.util.find_spec("liger_kernel") is not None and os.environ.get("TRITON_INTERPRET") == "1"
-    out = _run("head_loss.py", "--tokens", "64", "--vocab", "1000", "--repeats", "1", *(["--liger"] if liger else []))
+    out = _main(monkeypatch, capsys, "head_loss.py", "--tokens", "64", "--vocab", "1000", "--repeats", "1",
+                *(["--liger"] if liger else []))  # fmt: skip
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "way" not in line]
     assert rows == ["autograd", "ours", *(["liger"] if liger else [])]
     # fp32 on the CPU: the same sums in another order, so tight (the script exits non-zero otherwise)
@@ -94,9 +105,9 @@ def test_head_loss_benchmark_refuses_gradients_that_differ_by_more_than_fp32_rou
     assert str(e.value).endswith("allowed in fp32: 1e-05)")
 
 
-def test_eval_throughput_benchmark_runs_and_losses_agree():
+def test_eval_throughput_benchmark_runs_and_losses_agree(monkeypatch, capsys):
     # the script exits non-zero when our loss and the plain loop's disagree
-    out = _run("eval_throughput.py", "--shape", "tiny", "--blocks", "4", "--repeats", "1")
+    out = _main(monkeypatch, capsys, "eval_throughput.py", "--shape", "tiny", "--blocks", "4", "--repeats", "1")
     assert "| ours tok/s |" in out
 
 
