@@ -51,13 +51,13 @@ LONGEST_FIRST = (
     "test_reliability.py",  # 150: the config cases' driver, faults that start and kill runs
     "test_launchers.py",  # 140: Ray and submitit sweeps
     "test_distributed.py",  # 95: torchrun
-    "test_bench.py",  # 75: each benchmark script in processes of its own
     "test_combinations.py",  # 70
     "test_strategies.py",  # 65
     "test_evaluation.py",  # 60
     "test_trackers.py",  # 55
     "test_search.py",  # 45
     "test_preference.py",  # 35
+    "test_bench.py",  # 32 (its CPU time alone): most benchmark scripts run in the test's process
     "test_aggregate.py",  # 30
     "test_qwen.py",  # 30, where the Qwen model is built
     "test_speed.py",  # 30

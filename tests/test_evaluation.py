@@ -247,11 +247,11 @@ def test_real_model_learns_rust_and_forgetting_is_measured(shared, tmp_path):
         f"dataset.validation_files=[{book / 'validation.jsonl'}]", f"dataset.test_files=[{book / 'test.jsonl'}]",
         "eval/probes=[wikitext]", f"eval.probes.wikitext.files=[{shared / 'datasets' / 'wikitext2_raw' / 'test.jsonl'}]",
         "eval.probes.wikitext.max_tokens=20000", "max_steps=40", "eval_interval=20", "block_size=128",
-        "optimizer.lr=1e-3", "hydra.run.dir=run",
+        "optimizer.lr=1e-3", "hardware.estimate_memory=false",  # the estimate is not read here
+        "eval.max_tokens=16384",  # a third to a half of validation and test: perplexity 54 -> 13 on all of them
     ]  # fmt: skip
-    proc = run_cli(args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = record_of(tmp_path / "run")
+    r = run_here(args, tmp_path / "run")  # what the run computes and records: no process of its own needed
+    assert r["status"] == "completed", r.get("error")
     base, final = r["eval"]["baseline"], r["eval"]["final"]
     assert final["validation"]["perplexity"] < 0.8 * base["validation"]["perplexity"]
     assert final["test"]["perplexity"] < base["test"]["perplexity"]
