@@ -125,13 +125,16 @@ def read_jobs(sweeps: list[Path]) -> pd.DataFrame:
     # every key some job was given, for every job: a setting one sweep spelt out and another took from a preset or
     # a default has its value in each row, and groups alike
     keys = list(dict.fromkeys(k for row in rows for k in row["_given"]))
+    held = set()  # the keys some record's config or choices hold: settings, not a preset's name
     for row in rows:
         given, config, choices = row.pop("_given"), row.pop("_config"), row.pop("_choices")
+        held.update(k for k in keys if _held(k, config, choices))
         for key in keys:
             if row.get(key) is None:  # the record's own columns (strategy, model, seed) stand
                 row[key] = _setting(key, config, choices, given.get(key))
     frame = pd.DataFrame(rows)
     frame.attrs["override_keys"] = keys
+    frame.attrs["presets"] = [k for k in keys if k not in held]
     frame.attrs["probes"] = probes
     frame.attrs["notes"] = notes
     # the settings first, in the order they were given, then how each job was given them
@@ -288,6 +291,10 @@ def _setting(key: str, config: dict, choices: dict, text: str | None):
     if node is _MISSING:
         return None if text is None else _typed(key, text)
     return node if isinstance(node, (str, int, float, bool)) or node is None else str(node)
+
+
+def _held(key: str, config: dict, choices: dict) -> bool:
+    return choices.get(_CHOICE_OF.get(key, key)) is not None or lookup(config, key, missing=_MISSING) is not _MISSING
 
 
 _CHOICE_OF = {"eval/probes": "probes"}  # a list group: its choice is recorded under its own name (transfer.cli)

@@ -88,7 +88,7 @@ def default_group_keys(jobs: pd.DataFrame) -> list[str]:
         keys = ["strategy", *keys]
     if "val_tokens" in jobs.columns and jobs["val_tokens"].nunique() > 1:
         keys.append("val_tokens")
-    for key in [k for k in keys if k not in ("strategy", "val_tokens")]:
+    for key in [k for k in keys if k in jobs.attrs.get("presets", ())]:  # a setting's column always stays
         if not _tells_configs_apart(done, key, [k for k in keys if k != key]):
             keys.remove(key)
     return keys
@@ -99,9 +99,8 @@ def _varies(values: pd.Series) -> bool:
 
 
 def _tells_configs_apart(done: pd.DataFrame, key: str, others: list[str]) -> bool:
-    """Whether jobs that the other keys group together but `key` tells apart ran different configs (config_id; a
-    job without one may have). A key the config holds always does; a preset's name only where it set something
-    that no key shows."""
+    """Whether jobs that the other keys group together but `key` (a preset's name) tells apart ran different configs
+    (config_id; a job without one may have): only where the preset set something that no key shows."""
     if "config_id" not in done:  # a frame made by hand, not read from records
         return True
     groups = done.groupby(others, dropna=False, sort=False) if others else [(None, done)]
