@@ -108,7 +108,7 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
     from transfer.objectives import build_objective
     from transfer.strategies import apply_strategy
     from transfer.train import train
-    from transfer.training.hardware import resolve, return_freed_memory_if_wanted
+    from transfer.training.hardware import resolve, return_freed_memory
     from transfer.training.speed import apply_transforms
 
     device, profile = args.device, args.profile
@@ -125,12 +125,10 @@ def worker(impl: str, row: str, shape_name: str, args) -> dict:
     torch.manual_seed(0)  # LoRA's A matrices start random: the same in both trainers' processes
     model, _ = apply_strategy(base, cfg.strategy, seed=0)
     params = parameter_report(model)
-    # ours as a run sets it (hardware.return_freed_memory: null = on for a CPU and 100M parameters or more);
-    # HF's only when asked, to tell the allocator's share from the trainer's
-    freed = return_freed_memory_if_wanted(
-        cfg.hardware.return_freed_memory if impl == "ours" else bool(args.hf_return_freed), hardware.device,
-        params["total"],
-    )  # fmt: skip
+    # glibc's fixed mmap threshold: ours as a run sets it (hardware.return_freed_memory), HF's when asked (the same
+    # setting on both sides tells the allocator's share from the trainer's)
+    wanted = cfg.hardware.return_freed_memory if impl == "ours" else args.hf_return_freed
+    freed = return_freed_memory() if wanted else False
     transforms = apply_transforms(model, cfg)  # ours' hardware.compile / attention / kernels / checkpointing
     model.to(hardware.device)
     n_blocks = shape["steps"] * shape["micro"]

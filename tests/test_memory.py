@@ -4,7 +4,6 @@ import ctypes
 import re
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -304,25 +303,6 @@ def test_freed_tensors_go_back_to_the_system_and_not_to_the_end_of_the_run():
     In a process of its own: the setting is for the process's life, and would slow this worker's later tests."""
     done = subprocess.run([sys.executable, "-c", FREED_GO_BACK], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-
-
-@pytest.mark.parametrize(
-    ("option", "device", "parameters", "wanted"),
-    [(None, "cpu", 99_999_999, False), (None, "cpu", 100_000_000, True), (None, "cuda", 494_032_768, False),
-     (True, "cpu", 1_000, True), (False, "cpu", 494_032_768, False)],
-)  # fmt: skip
-def test_freed_memory_goes_back_by_default_for_models_where_it_pays(monkeypatch, option, device, parameters, wanted):
-    """The tiny model trained 40 % slower with the fixed threshold (page faults for every batch's tensors), Qwen's
-    0.5B a few per cent for 1.2 GB less at its peak: null sets it from RETURN_FREED_FROM parameters on a CPU."""
-    import transfer.run as run
-    import transfer.training.hardware as hw
-
-    called = []
-    monkeypatch.setattr(hw, "return_freed_memory", lambda: called.append(1) or True)
-    cfg = compose_config([f"hardware.return_freed_memory={'null' if option is None else option}"])
-    record = {"hardware": {}}
-    run._return_freed_memory(cfg, types.SimpleNamespace(device=torch.device(device)), parameters, record)
-    assert bool(called) == wanted and record["hardware"].get("return_freed_memory", False) == wanted
 
 
 def test_advice_halves_what_exceeds_the_limit_keeping_the_batch_per_step():

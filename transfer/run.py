@@ -37,7 +37,7 @@ from transfer.record import TRAINED
 from transfer.strategies import apply_strategy, check_before_loading, loading_options
 from transfer.train import train
 from transfer.training import distributed, speed
-from transfer.training.hardware import resolve, return_freed_memory_if_wanted, warn_if_busy
+from transfer.training.hardware import resolve, return_freed_memory, warn_if_busy
 from transfer.training.loggers import open_loggers, scalars_of
 from transfer.training.oom import MemoryPlan
 from transfer.training.restore import check_same_config, find_resume_point, load_parent
@@ -150,7 +150,8 @@ def _load_and_adapt(cfg, hardware, record: RunRecord, choices: dict):
         model, _ = apply_strategy(model, cfg.strategy, seed=cfg.seed)
     record["transforms"] = speed.apply_transforms(model, cfg)
     record["params"] = parameter_report(model)
-    _return_freed_memory(cfg, hardware, record["params"]["total"], record)
+    if cfg.hardware.return_freed_memory and not cfg.dry_run:  # before the baseline, the first to free a batch's tensors
+        record["hardware"]["return_freed_memory"] = return_freed_memory()  # the process's: a sweep's later jobs keep it
     log.info(_summary(record.data, choices))
     return model, tokenizer, loading["placed"]
 
@@ -332,15 +333,6 @@ def _memory_estimate(cfg, hardware, record: dict) -> None:
         raise TransferError(refused)  # the record keeps the estimate that refused it
     if advice:
         log.warning("%s", advice)
-
-
-def _return_freed_memory(cfg, hardware, parameters: int, record: RunRecord) -> None:
-    """hardware.return_freed_memory, set before the baseline, the first to free tensors of a batch's size. It is the
-    process's: the later jobs of a sweep run in one process keep it."""
-    if not cfg.dry_run:
-        took = return_freed_memory_if_wanted(cfg.hardware.return_freed_memory, hardware.device, parameters)
-        if took is not None:
-            record["hardware"]["return_freed_memory"] = took
 
 
 def _cache_folder(cfg, sweep: Path | None) -> Path | None:

@@ -90,13 +90,9 @@ class HardwareConfig:
     # Estimate the peak on fake tensors before loading the weights (a few seconds for a 0.5B model).
     estimate_memory: bool = True
     # On a CPU under glibc, give what a tensor frees back to the system at once (a fixed mmap threshold) rather
-    # than hold it to the run's end. null: on for models of RETURN_FREED_FROM parameters or more, where it pays
-    # (Qwen2.5-Coder-0.5B LoRA: peak 5.43 -> 4.19 GB for a few per cent more CPU time); off below, where the page
-    # faults cost more than the memory is worth (the tiny model trained 40 % slower with it).
-    return_freed_memory: bool | None = None
-
-
-RETURN_FREED_FROM = 100_000_000
+    # than hold it to the run's end: for a run short of memory. Its page faults cost speed: Qwen2.5-Coder-0.5B LoRA
+    # trained at 0.77x its tokens/s with it for 0.85x the peak (docs/speed.md), the tiny model 40 % slower.
+    return_freed_memory: bool = False
 
 
 # options of the group -> the schema class their YAML names (schema/hardware/<option>)

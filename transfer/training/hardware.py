@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from transfer.config.hardware import RETURN_FREED_FROM
 from transfer.errors import TransferError
 from transfer.fmt import count
 from transfer.training import distributed
@@ -148,13 +147,6 @@ class Hardware:
 # glibc's own starting threshold (128 KiB): allocations at least this large are mapped apart and unmapped when freed
 MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-
-
-def return_freed_memory_if_wanted(setting: bool | None, device: torch.device, parameters: int) -> bool | None:
-    """hardware.return_freed_memory applied: null means on for a CPU and a model of RETURN_FREED_FROM parameters or
-    more. The setting is the process's: what later runs in it keep. None: not wanted; else whether it took."""
-    wanted = setting if setting is not None else device.type == "cpu" and parameters >= RETURN_FREED_FROM
-    return return_freed_memory() if wanted else None
 
 
 def return_freed_memory() -> bool:
