@@ -26,23 +26,23 @@ log = logging.getLogger(__name__)
 
 def my_batches(seqs, batch_size: int, pad_id: int, desc: str):
     """(number, batch) of this process's share of a split's evaluation batches (all of them in one process),
-    shown as they go (shown); number None: a batch run again uncounted (distributed.my_batches)."""
+    shown as they go (my_shown_batches); number None: a batch run again uncounted (distributed.my_batches)."""
     from transfer.data.sequences import evaluation_batches
-    from transfer.training import distributed
 
     count = -(-len(seqs) // batch_size)
-    return shown(distributed.my_batches(evaluation_batches(seqs, batch_size, pad_id), count), count, desc)
+    return my_shown_batches(evaluation_batches(seqs, batch_size, pad_id), count, desc)
 
 
-def shown(mine, count: int, desc: str):
-    """`mine`, this process's share of `count` batches (distributed.my_batches), with a progress bar on rank 0, or
-    where none shows (a log file, a console that is no terminal) a log line every 30 s: an evaluation of a 0.5B
-    model on a CPU takes minutes."""
+def my_shown_batches(batches, count: int, desc: str):
+    """(number, batch) of this process's share of `count` `batches` (distributed.my_batches), with a progress bar on
+    rank 0, or where none shows (a log file, a console that is no terminal) a log line every 30 s: an evaluation of a
+    0.5B model on a CPU takes minutes."""
     from tqdm.auto import tqdm
 
     from transfer.fmt import progress_lines
     from transfer.training import distributed
 
+    mine = distributed.my_batches(batches, count)
     bar = tqdm(mine, total=distributed.share(count), desc=desc, leave=False, unit="batch",
                disable=distributed.bars_off())  # fmt: skip
     return progress_lines(bar, bar.total, desc, "batches", log) if bar.disable and distributed.is_main() else bar

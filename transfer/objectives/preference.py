@@ -34,7 +34,7 @@ from transfer.data.sequences import IGNORE, ExampleStream, Sequences, padded_bat
 from transfer.data.sequences import Batch as Rows
 from transfer.data.sources import SPLITS, load_rows, origin
 from transfer.errors import TransferError
-from transfer.evaluation import shown
+from transfer.evaluation import my_shown_batches
 from transfer.objectives.base import BaseObjective
 from transfer.objectives.preference_losses import PAIR_LOSSES, Scores, kto
 from transfer.objectives.reference import Reference
@@ -320,9 +320,7 @@ class PreferenceOptimisation(BaseObjective):
         n_units = split.units(self.kto)
         starts = range(0, n_units, batch_size)
         units = (self._batch(split, list(range(start, min(start + batch_size, n_units)))) for start in starts)
-        for number, batch in shown(
-            distributed.my_batches(units, len(starts)), len(starts), desc
-        ):  # this process's share
+        for number, batch in my_shown_batches(units, len(starts), desc):  # this process's share of them
             batch = batch.to(hardware.device)
             batch.kl, rows = kl, batch.rows
             with hardware.autocast():
